@@ -1,0 +1,86 @@
+//! Command-line arguments of tendrilctl.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use tendril_control_store::StoreArgs;
+
+/// Administer a tendril cluster.
+#[derive(Debug, Parser)]
+#[command(name = "tendrilctl", version, about, long_about = None)]
+pub struct Cli {
+    /// The cluster's name (its keys live under /tendril/<name>/).
+    #[arg(long, env = "TENDRIL_CLUSTER_NAME", global = true)]
+    pub cluster_name: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// tendrilctl commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the cluster: write its initial cluster data from a spec (or the defaults).
+    Init(InitArgs),
+    /// Print the cluster spec in effect.
+    Spec(SpecArgs),
+    /// Change the cluster spec, with a JSON merge patch or a whole new spec.
+    Update(UpdateArgs),
+    /// Read or replace the raw cluster data (recovery).
+    #[command(subcommand)]
+    Clusterdata(ClusterDataCommand),
+}
+
+/// `init` arguments.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The spec as inline JSON, e.g. '{"synchronous_replication": true}'.
+    #[arg(conflicts_with = "file")]
+    pub spec: Option<String>,
+    /// Read the spec from a file ('-' for standard input).
+    #[arg(long, short)]
+    pub file: Option<PathBuf>,
+    /// Replace an existing cluster. Every keeper re-initialises: data can be lost.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `spec` arguments.
+#[derive(Debug, Args)]
+pub struct SpecArgs {
+    /// Print the default spec instead of the stored one (no store needed).
+    #[arg(long)]
+    pub defaults: bool,
+}
+
+/// `update` arguments.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct UpdateArgs {
+    /// A JSON merge patch: fields given replace the current ones, null resets one to its
+    /// default, e.g. '{"fail_interval": "3s"}'.
+    #[arg(long, short)]
+    pub patch: Option<String>,
+    /// A whole new spec from a file ('-' for standard input); fields left out take defaults.
+    #[arg(long, short)]
+    pub file: Option<PathBuf>,
+}
+
+/// `clusterdata` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ClusterDataCommand {
+    /// Print the stored cluster data as JSON.
+    Read,
+    /// Replace the cluster data with a JSON document. It must be valid; the sentinel acts on it
+    /// at once.
+    Write {
+        /// Read the document from a file ('-' for standard input).
+        #[arg(long, short, default_value = "-")]
+        file: PathBuf,
+        /// Confirm: this overwrites whatever the sentinel wrote.
+        #[arg(long)]
+        yes: bool,
+    },
+}

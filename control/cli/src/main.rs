@@ -1,0 +1,36 @@
+//! tendrilctl: parse arguments, run the command, map the outcome to an exit code
+//! (0 ok, 1 failure, 2 usage).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tendril_control::args::Cli;
+
+fn main() -> ExitCode {
+    // clap exits with 2 on a usage error and 0 for --help/--version.
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TENDRIL_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tendrilctl: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(tendril_control::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tendrilctl: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Runs a parsed command and prints its result.
+
+use std::io::Read;
+use std::path::Path;
+
+use serde_json::Value;
+use tendril_control_model::{ClusterSpec, Keys, encode_pretty};
+use tendril_control_store::EtcdStore;
+
+use crate::args::{Cli, ClusterDataCommand, Command};
+use crate::{Ctl, CtlError, SpecChange, parse_json};
+
+/// Runs `cli`, printing results on standard output.
+pub async fn run(cli: Cli) -> Result<(), CtlError> {
+    if let Command::Spec(args) = &cli.command
+        && args.defaults
+    {
+        println!("{}", encode_pretty(&ClusterSpec::default()));
+        return Ok(());
+    }
+    let cluster = cli.cluster_name.as_deref().ok_or_else(|| {
+        CtlError::Usage("--cluster-name (or TENDRIL_CLUSTER_NAME) is required".into())
+    })?;
+    let keys = Keys::new(cluster).map_err(|e| CtlError::Usage(e.to_string()))?;
+    let config = cli.store.to_config()?;
+    let store = EtcdStore::connect(&config).await?;
+    let ctl = Ctl::new(store, cluster, keys);
+    match cli.command {
+        Command::Init(args) => {
+            let value = match (&args.spec, &args.file) {
+                (Some(text), _) => parse_json(text, "the spec")?,
+                (None, Some(path)) => parse_json(&read_input(path)?, "the spec file")?,
+                (None, None) => Value::Object(Default::default()),
+            };
+            let spec = ClusterSpec::from_json_value(&value).map_err(CtlError::Spec)?;
+            let cd = ctl.init(spec, args.force).await?;
+            println!(
+                "cluster {cluster:?} initialised (uid {}, init mode {})",
+                cd.uid,
+                cd.spec.init_mode.as_str()
+            );
+        }
+        Command::Spec(_) => {
+            let (cd, _) = ctl.read().await?;
+            println!("{}", encode_pretty(&cd.spec));
+        }
+        Command::Update(args) => {
+            let change = match (args.patch, args.file) {
+                (Some(patch), _) => SpecChange::Patch(parse_json(&patch, "the patch")?),
+                (None, Some(path)) => {
+                    SpecChange::Replace(parse_json(&read_input(&path)?, "the spec file")?)
+                }
+                (None, None) => return Err(CtlError::Usage("give --patch or --file".into())),
+            };
+            let cd = ctl.update(&change).await?;
+            println!("spec updated (cluster data generation {})", cd.generation);
+        }
+        Command::Clusterdata(ClusterDataCommand::Read) => {
+            let kv = ctl.read_raw().await?;
+            // Print what is stored even if this build cannot use it: this is the tool to look
+            // at (and then repair) bad data.
+            match serde_json::from_slice::<Value>(&kv.value) {
+                Ok(value) => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
+                ),
+                Err(_) => println!("{}", String::from_utf8_lossy(&kv.value)),
+            }
+        }
+        Command::Clusterdata(ClusterDataCommand::Write { file, yes }) => {
+            if !yes {
+                return Err(CtlError::Usage(
+                    "clusterdata write overwrites what the sentinel wrote; confirm with --yes"
+                        .into(),
+                ));
+            }
+            let text = read_input(&file)?;
+            let cd = ctl.write_cluster_data(text.as_bytes()).await?;
+            println!("cluster data written (generation {})", cd.generation);
+        }
+    }
+    Ok(())
+}
+
+fn read_input(path: &Path) -> Result<String, CtlError> {
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| CtlError::Input(format!("cannot read standard input: {e}")))?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| CtlError::Input(format!("cannot read {}: {e}", path.display())))
+}

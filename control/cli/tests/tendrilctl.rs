@@ -1,0 +1,263 @@
+//! tendrilctl as a user runs it: the real binary against a real etcd.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use tendril_testkit::{EtcdServer, free_port};
+
+struct Ctl<'a> {
+    etcd: &'a EtcdServer,
+}
+
+impl Ctl<'_> {
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_with_stdin(args, None)
+    }
+
+    fn run_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tendrilctl"))
+            .env("TENDRIL_CLUSTER_NAME", "test")
+            .env("TENDRIL_STORE_ENDPOINTS", self.etcd.endpoint())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tendrilctl");
+        let mut input = child.stdin.take().expect("stdin");
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).expect("write stdin");
+        }
+        drop(input);
+        child.wait_with_output().expect("tendrilctl output")
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_exit(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}",
+        stdout(o),
+        stderr(o)
+    );
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+}
+
+#[test]
+fn init_spec_refuse_and_invalid_update_changes_nothing() {
+    let etcd = EtcdServer::start();
+    let ctl = Ctl { etcd: &etcd };
+
+    let missing = ctl.run(&["spec"]);
+    assert_exit(&missing, 1);
+    assert!(
+        stderr(&missing).contains("does not exist"),
+        "{}",
+        stderr(&missing)
+    );
+
+    let init = ctl.run(&[
+        "init",
+        r#"{"synchronous_replication": true, "fail_interval": "3s"}"#,
+    ]);
+    assert_exit(&init, 0);
+    assert!(stdout(&init).contains("initialised"), "{}", stdout(&init));
+
+    let spec = json(&ctl.run(&["spec"]));
+    assert_eq!(spec["synchronous_replication"], true);
+    assert_eq!(spec["fail_interval"], "3s");
+    assert_eq!(spec["sleep_interval"], "1s", "defaults filled in");
+
+    let again = ctl.run(&["init"]);
+    assert_exit(&again, 1);
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(
+        json(&ctl.run(&["spec"]))["fail_interval"],
+        "3s",
+        "refused init changed the spec"
+    );
+
+    let before = ctl.run(&["clusterdata", "read"]);
+    assert_exit(&before, 0);
+    let bad = ctl.run(&[
+        "update",
+        "--patch",
+        r#"{"max_standbys": 0, "sleep_interval": "never", "init_mode": "existing", "bogus": 1}"#,
+    ]);
+    assert_exit(&bad, 1);
+    let message = stderr(&bad);
+    for field in [
+        "max_standbys",
+        "sleep_interval",
+        "init_mode",
+        "existing_config.keeper_uid",
+        "bogus",
+    ] {
+        assert!(
+            message.contains(field),
+            "{field} not reported in: {message}"
+        );
+    }
+    assert!(message.contains("nothing was changed"), "{message}");
+    let after = ctl.run(&["clusterdata", "read"]);
+    assert_eq!(
+        stdout(&before),
+        stdout(&after),
+        "invalid update changed the cluster data"
+    );
+
+    // A semantic error the patch introduces (init mode is immutable) is refused too.
+    let immutable = ctl.run(&[
+        "update",
+        "--patch",
+        r#"{"init_mode": "pitr", "pitr_config": {"data_restore_command": "true"}}"#,
+    ]);
+    assert_exit(&immutable, 1);
+    assert!(
+        stderr(&immutable).contains("init_mode"),
+        "{}",
+        stderr(&immutable)
+    );
+    assert_eq!(stdout(&before), stdout(&ctl.run(&["clusterdata", "read"])));
+
+    let good = ctl.run(&[
+        "update",
+        "--patch",
+        r#"{"fail_interval": "4s", "pg_parameters": {"work_mem": "8MB"}}"#,
+    ]);
+    assert_exit(&good, 0);
+    let spec = json(&ctl.run(&["spec"]));
+    assert_eq!(spec["fail_interval"], "4s");
+    assert_eq!(spec["pg_parameters"]["work_mem"], "8MB");
+    assert_eq!(
+        spec["synchronous_replication"], true,
+        "patch kept the other fields"
+    );
+    let data = json(&ctl.run(&["clusterdata", "read"]));
+    let generation_before = json(&before)["generation"].as_u64().unwrap();
+    assert_eq!(data["generation"].as_u64().unwrap(), generation_before + 1);
+
+    // null resets a field to its default.
+    assert_exit(
+        &ctl.run(&["update", "--patch", r#"{"fail_interval": null}"#]),
+        0,
+    );
+    assert_eq!(json(&ctl.run(&["spec"]))["fail_interval"], "5s");
+}
+
+#[test]
+fn update_from_file_replaces_the_spec_and_force_reinitialises() {
+    let etcd = EtcdServer::start();
+    let ctl = Ctl { etcd: &etcd };
+    assert_exit(&ctl.run(&["init"]), 0);
+    let uid = json(&ctl.run(&["clusterdata", "read"]))["uid"].clone();
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("spec.json");
+    std::fs::write(&file, r#"{"max_standbys": 7}"#).unwrap();
+    assert_exit(&ctl.run(&["update", "--file", file.to_str().unwrap()]), 0);
+    let spec = json(&ctl.run(&["spec"]));
+    assert_eq!(spec["max_standbys"], 7);
+
+    let from_stdin = ctl.run_with_stdin(&["update", "--file", "-"], Some(r#"{"max_standbys": 9}"#));
+    assert_exit(&from_stdin, 0);
+    assert_eq!(json(&ctl.run(&["spec"]))["max_standbys"], 9);
+
+    let forced = ctl.run(&["init", "--force", r#"{"max_standbys": 2}"#]);
+    assert_exit(&forced, 0);
+    let data = json(&ctl.run(&["clusterdata", "read"]));
+    assert_ne!(
+        data["uid"], uid,
+        "a forced init is a new cluster incarnation"
+    );
+    assert_eq!(data["spec"]["max_standbys"], 2);
+}
+
+#[test]
+fn clusterdata_write_validates_and_round_trips() {
+    let etcd = EtcdServer::start();
+    let ctl = Ctl { etcd: &etcd };
+    assert_exit(&ctl.run(&["init"]), 0);
+    let original = stdout(&ctl.run(&["clusterdata", "read"]));
+
+    let unconfirmed = ctl.run_with_stdin(&["clusterdata", "write"], Some(&original));
+    assert_exit(&unconfirmed, 2);
+
+    for garbage in [
+        "not json",
+        r#"{"format_version": 99}"#,
+        r#"{"format_version": 1}"#,
+    ] {
+        let out = ctl.run_with_stdin(&["clusterdata", "write", "--yes"], Some(garbage));
+        assert_exit(&out, 1);
+        assert_eq!(
+            stdout(&ctl.run(&["clusterdata", "read"])),
+            original,
+            "garbage was written"
+        );
+    }
+    let mut edited: serde_json::Value = serde_json::from_str(&original).unwrap();
+    edited["spec"]["max_standbys"] = 0.into();
+    let invalid = ctl.run_with_stdin(
+        &["clusterdata", "write", "--yes"],
+        Some(&edited.to_string()),
+    );
+    assert_exit(&invalid, 1);
+    assert!(
+        stderr(&invalid).contains("max_standbys"),
+        "{}",
+        stderr(&invalid)
+    );
+
+    edited["spec"]["max_standbys"] = 4.into();
+    let valid = ctl.run_with_stdin(
+        &["clusterdata", "write", "--yes"],
+        Some(&edited.to_string()),
+    );
+    assert_exit(&valid, 0);
+    assert_eq!(json(&ctl.run(&["spec"]))["max_standbys"], 4);
+}
+
+#[test]
+fn usage_and_store_errors_have_distinct_exit_codes() {
+    let etcd = EtcdServer::start();
+    let ctl = Ctl { etcd: &etcd };
+    assert_exit(&ctl.run(&["no-such-command"]), 2);
+    assert_exit(&ctl.run(&["update"]), 2);
+    assert_exit(&ctl.run(&["update", "--patch", "{}", "--file", "x"]), 2);
+    assert_exit(&ctl.run(&["--cluster-name", "a/b", "spec"]), 2);
+    assert_exit(&ctl.run(&["--store-endpoints", "nonsense", "spec"]), 2);
+    assert_exit(&ctl.run(&["init", "{not json"]), 1);
+
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let out = ctl.run(&["--store-endpoints", &dead, "spec"]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains(&dead),
+        "error must name the endpoint: {}",
+        stderr(&out)
+    );
+
+    let defaults = Command::new(env!("CARGO_BIN_EXE_tendrilctl"))
+        .args(["spec", "--defaults"])
+        .output()
+        .unwrap();
+    assert_exit(&defaults, 0);
+    assert_eq!(json(&defaults)["fail_interval"], "5s");
+}

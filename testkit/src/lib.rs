@@ -1,0 +1,40 @@
+//! Test support: real servers for integration tests, started on free loopback ports in
+//! temporary directories and stopped when dropped (also when the test panics).
+//!
+//! [`EtcdServer`] runs Debian's `etcd` (package `etcd-server`). Tests use real servers, never
+//! mocks, because the behaviour under test (leases expiring, watches resuming across a
+//! restart, compaction) only exists in the real thing.
+//!
+//! Start servers from the test's own thread: the child is told to die with the thread that
+//! spawned it (`PR_SET_PDEATHSIG`), so a test runner killed with SIGKILL leaves no etcd behind.
+
+mod etcd;
+mod port;
+
+pub use etcd::EtcdServer;
+pub use port::free_port;
+
+use std::path::PathBuf;
+
+/// Finds an executable on `PATH` or in the given directories.
+pub fn find_binary(name: &str, extra_dirs: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(extra_dirs.iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Initialises test logging once (honours `RUST_LOG`, defaults to `info`).
+pub fn init_logging() {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        // Best effort: a test binary may already have a subscriber.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}

@@ -1,0 +1,79 @@
+//! Project automation, run as `cargo xtask <command>`:
+//!
+//! - `test`: what CI runs. Installs missing system packages (as root on Debian), then checks
+//!   formatting, runs clippy with warnings denied, and runs every test.
+//! - `deps`: only the package installation step.
+//!
+//! Commands are plain `std::process::Command` calls from the workspace root, so this crate
+//! builds in seconds on a fresh machine, before anything it installs is needed.
+
+mod deps;
+mod test;
+mod tidy;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test::run(&args[1..]),
+        Some("deps") => deps::ensure(deps::Purpose::Test),
+        Some("help" | "--help" | "-h") | None => {
+            print!("{USAGE}");
+            return if args.is_empty() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+        Some(other) => {
+            eprint!("unknown command {other:?}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  test [--no-lint]   install what the tests need, then fmt check, clippy, every test
+  deps               install the system packages the tests need (root, Debian)
+";
+
+/// The workspace root.
+pub fn project_root() -> PathBuf {
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest.parent().map_or(manifest.clone(), PathBuf::from)
+}
+
+/// Runs a command from the workspace root, echoing it, and fails if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    cmd.current_dir(project_root());
+    eprintln!("$ {}", display(cmd));
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", display(cmd)))?;
+    if !status.success() {
+        anyhow::bail!("{} failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+fn display(cmd: &Command) -> String {
+    let mut text = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        text.push(' ');
+        text.push_str(&arg.to_string_lossy());
+    }
+    text
+}

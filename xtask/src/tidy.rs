@@ -1,0 +1,66 @@
+//! Repository policy, checked as tests.
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use crate::project_root;
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if path.is_dir() {
+                if name != "target" && !name.starts_with('.') {
+                    rust_files(&path, out);
+                }
+            } else if name.ends_with(".rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn every_rust_file_opens_with_a_doc_comment() {
+        let mut files = Vec::new();
+        rust_files(&project_root(), &mut files);
+        assert!(
+            files.len() > 10,
+            "found only {} files: wrong root?",
+            files.len()
+        );
+        let offenders: Vec<String> = files
+            .iter()
+            .filter(|f| {
+                let text = std::fs::read_to_string(f).unwrap_or_default();
+                !text.trim_start().starts_with("//!")
+            })
+            .map(|f| f.display().to_string())
+            .collect();
+        assert!(
+            offenders.is_empty(),
+            "files without a //! doc opening: {offenders:#?}"
+        );
+    }
+
+    #[test]
+    fn no_ignored_tests() {
+        let mut files = Vec::new();
+        rust_files(&project_root(), &mut files);
+        let marker = ["#[", "ignore"].concat();
+        let offenders: Vec<String> = files
+            .iter()
+            .filter(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap_or_default()
+                    .contains(&marker)
+            })
+            .map(|f| f.display().to_string())
+            .collect();
+        assert!(offenders.is_empty(), "ignored tests: {offenders:#?}");
+    }
+}
