@@ -2,7 +2,10 @@
 //!
 //! This test has its own `main`: run plainly it is the test; run with `TENDRIL_TEST_CAMPAIGN`
 //! set it is the leader process, which campaigns, says `ELECTED` and waits to be killed.
-#![expect(clippy::unwrap_used, reason = "a test binary with its own main: a failed step panics")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test binary with its own main: a failed step panics"
+)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
