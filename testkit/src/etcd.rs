@@ -18,6 +18,23 @@ pub struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    tls: Option<TlsMaterial>,
+}
+
+/// PEM files of a test certificate authority, and the server and client certificates it
+/// signed (for 127.0.0.1 and localhost).
+#[derive(Debug, Clone)]
+pub struct TlsMaterial {
+    /// The CA certificate.
+    pub ca_cert: PathBuf,
+    /// The server certificate.
+    pub server_cert: PathBuf,
+    /// The server key.
+    pub server_key: PathBuf,
+    /// A client certificate the server accepts.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
 }
 
 impl EtcdServer {
@@ -25,6 +42,16 @@ impl EtcdServer {
     /// missing (install Debian's `etcd-server`; `cargo xtask test` does) or etcd does not come
     /// up within 30 s.
     pub fn start() -> EtcdServer {
+        EtcdServer::start_inner(false)
+    }
+
+    /// Starts etcd serving clients over TLS only, requiring a client certificate signed by
+    /// its test CA (see [`EtcdServer::tls`]). Needs the `openssl` command.
+    pub fn start_tls() -> EtcdServer {
+        EtcdServer::start_inner(true)
+    }
+
+    fn start_inner(tls: bool) -> EtcdServer {
         let binary = find_binary("etcd", &["/usr/bin"]).unwrap_or_else(|| {
             panic!(
                 "etcd not found on PATH: install Debian's etcd-server package \
@@ -43,7 +70,11 @@ impl EtcdServer {
                 client_port: free_port(),
                 peer_port: free_port(),
                 child: None,
+                tls: None,
             };
+            if tls {
+                server.tls = Some(make_certificates(server.dir.path()));
+            }
             match server.spawn_and_wait() {
                 Ok(()) => return server,
                 Err(e) => last_error = e,
@@ -52,9 +83,15 @@ impl EtcdServer {
         panic!("etcd did not start: {last_error}");
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:41234`.
+    /// The client URL, e.g. `http://127.0.0.1:41234` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The certificates, when started with [`EtcdServer::start_tls`].
+    pub fn tls(&self) -> Option<&TlsMaterial> {
+        self.tls.as_ref()
     }
 
     /// The client port.
@@ -115,6 +152,7 @@ impl EtcdServer {
 
     fn spawn_and_wait(&mut self) -> Result<(), String> {
         let url = |port: u16| format!("http://127.0.0.1:{port}");
+        let client_url = self.endpoint();
         let log = File::options()
             .create(true)
             .append(true)
@@ -127,8 +165,8 @@ impl EtcdServer {
                 "--data-dir={}",
                 self.dir.path().join("data").display()
             ))
-            .arg(format!("--listen-client-urls={}", url(self.client_port)))
-            .arg(format!("--advertise-client-urls={}", url(self.client_port)))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
             .arg(format!("--listen-peer-urls={}", url(self.peer_port)))
             .arg(format!(
                 "--initial-advertise-peer-urls={}",
@@ -140,10 +178,14 @@ impl EtcdServer {
             ))
             .arg("--heartbeat-interval=50")
             .arg("--election-timeout=250")
-            .env_remove("ETCD_NAME")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
+            .env_remove("ETCD_NAME");
+        if let Some(tls) = &self.tls {
+            cmd.arg(format!("--cert-file={}", tls.server_cert.display()))
+                .arg(format!("--key-file={}", tls.server_key.display()))
+                .arg(format!("--trusted-ca-file={}", tls.ca_cert.display()))
+                .arg("--client-cert-auth");
+        }
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
         // SAFETY: the closure only calls prctl(2), which is async-signal-safe, between fork
         // and exec.
         unsafe {
@@ -181,8 +223,14 @@ impl EtcdServer {
         }
     }
 
-    /// Whether etcd answers its `/health` endpoint with `true`.
+    /// Whether etcd is serving: its `/health` endpoint answers `true` (plain HTTP), or its log
+    /// says it serves clients (TLS, where this check cannot speak HTTPS).
     pub fn healthy(&self) -> bool {
+        if self.tls.is_some() {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            let serving = log.matches("ready to serve client requests").count();
+            return serving > 0 && TcpStream::connect(("127.0.0.1", self.client_port)).is_ok();
+        }
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
             return false;
         };
@@ -206,5 +254,75 @@ impl EtcdServer {
 impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Creates a CA and a server and a client certificate signed by it, with the `openssl` command.
+fn make_certificates(dir: &Path) -> TlsMaterial {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run openssl (install Debian's openssl): {e}"));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=tendril-test-ca"];
+    ca.extend(key);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
+    openssl(&ca);
+    for (name, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
+        let mut req = vec!["req", "-subj"];
+        let subject = format!("/CN=tendril-test-{name}");
+        req.push(&subject);
+        req.extend(key);
+        let (key_file, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        req.extend(["-keyout", &key_file, "-out", &csr]);
+        openssl(&req);
+        std::fs::write(
+            dir.join(&ext),
+            format!("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage={usage}\n"),
+        )
+        .expect("write the certificate extensions");
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-extfile",
+            &ext,
+        ]);
+    }
+    TlsMaterial {
+        ca_cert: dir.join("ca.crt"),
+        server_cert: dir.join("server.crt"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.crt"),
+        client_key: dir.join("client.key"),
     }
 }

@@ -11,7 +11,7 @@
 mod etcd;
 mod port;
 
-pub use etcd::EtcdServer;
+pub use etcd::{EtcdServer, TlsMaterial};
 pub use port::free_port;
 
 use std::path::PathBuf;

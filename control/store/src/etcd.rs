@@ -450,6 +450,12 @@ pub(crate) fn classify(op: &'static str, endpoints: &str, e: etcd_client::Error)
                 _ if message.contains("no leader") && !message.contains("election") => {
                     unavailable(format!("{op}: {message}"))
                 }
+                // The connection broke below gRPC (TLS mismatch, reset, HTTP/2 error).
+                Code::Unknown | Code::Internal if message.contains("transport error") => {
+                    let detail = std::error::Error::source(&s)
+                        .map_or_else(|| message.clone(), |cause| format!("{message}: {cause}"));
+                    unavailable(format!("{op}: {detail}"))
+                }
                 _ => StoreError::Request {
                     op,
                     detail: message,

@@ -412,3 +412,87 @@ async fn store_reconnects_after_an_outage() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_authentication() {
+    init_logging();
+    let etcd = EtcdServer::start();
+    let mut admin = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    admin.user_add("root", "r00t-pw", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("etcd-password");
+    std::fs::write(&password_file, "r00t-pw\n").unwrap();
+    let args = tendril_control_store::StoreArgs {
+        store_endpoints: vec![etcd.endpoint()],
+        store_timeout: Duration::from_secs(5),
+        store_ca_file: None,
+        store_cert_file: None,
+        store_key_file: None,
+        store_user: Some("root".into()),
+        store_password_file: Some(password_file),
+    };
+    let config = args.to_config().unwrap();
+    let store = EtcdStore::connect(&config)
+        .await
+        .expect("authenticated connect");
+    store.put("/auth/k", b"v".to_vec(), None).await.unwrap();
+    assert_eq!(store.get("/auth/k").await.unwrap().unwrap().value, b"v");
+
+    let anonymous = EtcdStore::connect(&StoreConfig::new([etcd.endpoint()])).await;
+    let err = anonymous.expect_err("etcd with auth enabled must refuse an anonymous client");
+    assert!(matches!(err, StoreError::Request { .. }), "{err:?}");
+
+    let mut wrong = config.clone();
+    wrong.credentials = Some(("root".into(), "wrong".into()));
+    let err = EtcdStore::connect(&wrong)
+        .await
+        .expect_err("wrong password must be refused");
+    assert!(err.to_string().contains("authentication failed"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_client_certificate() {
+    init_logging();
+    let etcd = EtcdServer::start_tls();
+    let tls = etcd.tls().expect("started with TLS").clone();
+    let args = tendril_control_store::StoreArgs {
+        store_endpoints: vec![etcd.endpoint()],
+        store_timeout: Duration::from_secs(5),
+        store_ca_file: Some(tls.ca_cert.clone()),
+        store_cert_file: Some(tls.client_cert.clone()),
+        store_key_file: Some(tls.client_key.clone()),
+        store_user: None,
+        store_password_file: None,
+    };
+    let config = args.to_config().unwrap();
+    let store = EtcdStore::connect(&config).await.expect("TLS connect");
+    store.put("/tls/k", b"v".to_vec(), None).await.unwrap();
+    assert_eq!(store.get("/tls/k").await.unwrap().unwrap().value, b"v");
+
+    // Without the client certificate the server refuses the handshake.
+    let mut no_cert = config.clone();
+    no_cert.tls = Some(tendril_control_store::TlsFiles {
+        ca_file: Some(tls.ca_cert.clone()),
+        cert_file: None,
+        key_file: None,
+    });
+    assert!(
+        EtcdStore::connect(&no_cert).await.is_err(),
+        "connected without a client cert"
+    );
+
+    // Plain HTTP against the TLS port fails with the endpoint named.
+    let plain = StoreConfig::new([etcd.endpoint().replace("https://", "http://")]);
+    let err = EtcdStore::connect(&plain)
+        .await
+        .expect_err("plain HTTP to a TLS port");
+    assert!(
+        err.to_string().contains(&etcd.client_port().to_string()),
+        "{err}"
+    );
+}
