@@ -20,6 +20,7 @@ mod config;
 mod error;
 mod etcd;
 mod lease;
+mod observe;
 mod watch;
 
 use std::future::Future;
@@ -29,6 +30,7 @@ pub use config::{StoreArgs, StoreConfig, TlsFiles};
 pub use error::StoreError;
 pub use etcd::EtcdStore;
 pub use lease::{KeptLease, LeaseState};
+pub use observe::LeaderObserver;
 pub use watch::{Watch, WatchEvent};
 
 /// An etcd revision: the store-wide version counter.
@@ -161,6 +163,14 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         leadership: &Leadership,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Follows election `name`: the current leader, then every change of leader.
+    fn observe(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<LeaderObserver, StoreError>> + Send {
+        LeaderObserver::start(self, name)
+    }
 
     /// Whether `leadership` is still held (its key still exists with the same create revision).
     fn is_leader(

@@ -259,8 +259,27 @@ async fn election_hands_over_when_the_leader_lease_is_revoked() {
         b"a"
     );
 
+    // An observer follows the hand-overs, resignation included.
+    let mut observer = a.observe(name).await.unwrap();
+    assert_eq!(observer.current(), Some("sentinel-b"));
+    let mut lease_c = KeptLease::start(a.clone(), Duration::from_secs(5));
+    let id_c = lease_c.wait_alive().await;
+    let a2 = a.clone();
+    let campaign_c = tokio::spawn(async move { a2.campaign(name, "sentinel-c", id_c).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
     // Resigning hands over at once.
     b.resign(&lead_b).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), observer.changed())
+        .await
+        .unwrap();
+    assert_eq!(next.as_deref(), Some("sentinel-c"));
+    let lead_c = campaign_c.await.unwrap().unwrap();
+    a.resign(&lead_c).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), observer.changed())
+        .await
+        .unwrap();
+    assert_eq!(next, None);
     assert_eq!(a.leader(name).await.unwrap(), None);
 }
 
