@@ -49,6 +49,15 @@ pub struct KeeperInfo {
     /// `--priority`.
     #[serde(default)]
     pub priority: i32,
+    /// The error of the keeper's last loop, if it failed.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// How many times postgres crashed and was restarted since the keeper started.
+    #[serde(default)]
+    pub pg_crashes: u64,
+    /// The last crash: when, and how postgres exited.
+    #[serde(default)]
+    pub last_pg_crash: Option<String>,
 }
 
 fn yes() -> bool {
@@ -71,6 +80,8 @@ pub struct PostgresState {
     pub listen_address: String,
     /// Advertised port.
     pub port: u16,
+    /// The postmaster process runs.
+    pub running: bool,
     /// Running, answering queries, and every probe below succeeded.
     pub healthy: bool,
     /// In recovery (a standby) or not.
@@ -81,8 +92,12 @@ pub struct PostgresState {
     pub timeline_id: u32,
     /// Current WAL position (flush on a master, replay on a standby).
     pub xlog_pos: Lsn,
+    /// WAL flushed to disk (masters).
+    pub flush_lsn: Option<Lsn>,
     /// Last WAL position received from the master (standbys).
     pub receive_lsn: Option<Lsn>,
+    /// Last WAL position replayed (standbys).
+    pub replay_lsn: Option<Lsn>,
     /// The last entries of the timeline history.
     pub timelines_history: Vec<TimelineHistoryEntry>,
     /// Parameters in effect, excluding the ones the keeper manages.
@@ -169,6 +184,9 @@ mod tests {
             can_be_master: false,
             can_be_synchronous_replica: true,
             priority: -1,
+            last_error: Some("pg_basebackup failed".into()),
+            pg_crashes: 2,
+            last_pg_crash: None,
         };
         assert_eq!(decode::<KeeperInfo>(&encode(&info)).unwrap(), info);
     }

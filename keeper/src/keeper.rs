@@ -1,0 +1,812 @@
+//! The convergence loop.
+//!
+//! Each pass reads the cluster data, finds the database assigned to this keeper and makes the
+//! local PostgreSQL match it: initialise it if the local data belongs to another database,
+//! write the configuration, start, promote, re-point, reconcile slots, and finally record the
+//! spec generation reached. A pass runs every `sleep_interval`, and at once when the cluster
+//! data changes or postgres exits. A separate task publishes the keeper's report under its
+//! lease, so a long base backup never makes the keeper look dead.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tendril_control_model::{
+    ClusterData, ClusterSpec, Db, DbInitMode, DbRole, FORMAT_VERSION, FollowConfig, KeeperInfo,
+    PgVersion, PostgresState, decode, encode,
+};
+use tendril_control_store::{KeptLease, Store, WatchEvent};
+use tokio::sync::watch;
+
+use crate::KeeperError;
+use crate::config::KeeperConfig;
+use crate::datadir::{DataDir, DbState, KeeperState};
+use crate::pgconf::{self, ConfInput, HbaInput, Upstream};
+use crate::postgres::{Endpoint, Postgres};
+use crate::sql::{self, Probe};
+
+/// TTL of the lease the keeper's report lives under. The sentinel judges liveness by the
+/// report's freshness over `fail_interval`; the lease only removes reports of keepers gone.
+const REPORT_LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// What a pass achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pass {
+    /// The local PostgreSQL matches the assigned database spec.
+    Converged,
+    /// Nothing to do yet, and why.
+    Waiting(String),
+}
+
+/// The keeper: one data directory, one PostgreSQL.
+#[derive(Debug)]
+pub struct Keeper<S> {
+    config: KeeperConfig,
+    store: S,
+    data: DataDir,
+    pg: Postgres,
+    uid: String,
+    boot_uuid: String,
+    pg_version: PgVersion,
+    state: KeeperState,
+    db_state: DbState,
+    spec: ClusterSpec,
+    last_probe: Option<Probe>,
+    report: watch::Sender<Option<KeeperInfo>>,
+    pg_crashes: u64,
+    last_pg_crash: Option<String>,
+}
+
+impl<S: Store> Keeper<S> {
+    /// Opens (and locks) the data directory and prepares the keeper; nothing is started yet.
+    pub async fn build(config: KeeperConfig, store: S) -> Result<Keeper<S>, KeeperError> {
+        let data = DataDir::open(&config.data_dir)?;
+        let saved = data.load_keeper_state()?;
+        let uid = match (&config.uid, &saved) {
+            (Some(given), Some(saved)) if given != &saved.uid => {
+                return Err(KeeperError::Config(format!(
+                    "--uid {given} differs from the uid {} this data directory belongs to",
+                    saved.uid
+                )));
+            }
+            (Some(given), _) => given.clone(),
+            (None, Some(saved)) => saved.uid.clone(),
+            (None, None) => format!("{:08x}", rand::random::<u32>()),
+        };
+        let state = KeeperState {
+            uid: uid.clone(),
+            cluster_uid: saved.and_then(|s| s.cluster_uid),
+        };
+        data.save_keeper_state(&state)?;
+        let db_state = data.load_db_state()?;
+        let pg = Postgres::new(
+            config.pg_bin_path.clone(),
+            data.pgdata(),
+            data.socket_dir(),
+            data.log_file(),
+            config.port,
+            config.su.clone(),
+            config.run_as,
+        );
+        let (major, minor) = pg.binary_version().await?;
+        let (report, _) = watch::channel(None);
+        Ok(Keeper {
+            config,
+            store,
+            data,
+            pg,
+            uid,
+            boot_uuid: format!("{:016x}", rand::random::<u64>()),
+            pg_version: PgVersion { major, minor },
+            state,
+            db_state,
+            spec: ClusterSpec::default(),
+            last_probe: None,
+            report,
+            pg_crashes: 0,
+            last_pg_crash: None,
+        })
+    }
+
+    /// The keeper uid.
+    pub fn uid(&self) -> &str {
+        &self.uid
+    }
+
+    /// Runs until `shutdown` resolves, then stops postgres (fast) and withdraws the report.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), KeeperError> {
+        tracing::info!(
+            keeper = %self.uid,
+            cluster = %self.config.cluster,
+            data_dir = %self.data.root().display(),
+            listen = %format!("{}:{}", self.config.listen_address, self.config.port),
+            "keeper starting"
+        );
+        // A postgres left by a keeper that was killed runs with whatever role it had; it is
+        // stopped so it only runs again once this keeper knows its assignment.
+        self.pg.stop_stray().await?;
+        let lease = Arc::new(tokio::sync::Mutex::new(KeptLease::start(
+            self.store.clone(),
+            REPORT_LEASE_TTL,
+        )));
+        let publisher = tokio::spawn(publish(
+            self.store.clone(),
+            self.config.keys.keeper(&self.uid),
+            lease.clone(),
+            self.report.subscribe(),
+        ));
+        let cd_key = self.config.keys.cluster_data();
+        let mut cd_watch = match self.store.watch(&cd_key, 0).await {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch cluster data, polling only");
+                None
+            }
+        };
+        tokio::pin!(shutdown);
+        loop {
+            let pass = self.pass().await;
+            match &pass {
+                Ok(Pass::Converged) => {}
+                Ok(Pass::Waiting(why)) => tracing::debug!(keeper = %self.uid, why, "waiting"),
+                Err(e) => tracing::warn!(keeper = %self.uid, error = %e, "pass failed"),
+            }
+            let last_error = pass.err().map(|e| e.to_string());
+            self.observe_and_report(last_error).await;
+            let sleep = tokio::time::sleep(self.spec.sleep_interval);
+            tokio::select! {
+                () = sleep => {}
+                event = next_watch_event(&mut cd_watch) => {
+                    if let Some(WatchEvent::Interrupted { error }) = event {
+                        tracing::debug!(%error, "cluster data watch interrupted");
+                    }
+                }
+                status = self.pg.exited() => {
+                    self.pg_crashes += 1;
+                    let note = format!(
+                        "postgres exited unexpectedly ({status}) at {}",
+                        humantime::format_rfc3339_seconds(SystemTime::now())
+                    );
+                    tracing::error!(keeper = %self.uid, %status, "postgres exited unexpectedly; restarting it");
+                    self.last_pg_crash = Some(note);
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        tracing::info!(keeper = %self.uid, "keeper stopping");
+        let stopped = self.pg.stop().await;
+        publisher.abort();
+        let lease = lease.lock().await;
+        if let Some(id) = lease.id() {
+            let _ = self.store.revoke_lease(id).await;
+        }
+        stopped
+    }
+
+    /// One convergence pass.
+    pub async fn pass(&mut self) -> Result<Pass, KeeperError> {
+        let key = self.config.keys.cluster_data();
+        let Some(kv) = self.store.get(&key).await? else {
+            return Ok(Pass::Waiting(format!("no cluster data at {key}")));
+        };
+        let cd: ClusterData = decode(&kv.value)?;
+        self.spec = cd.spec.clone();
+        if self.state.cluster_uid.as_deref() != Some(cd.uid.as_str()) {
+            tracing::info!(cluster_uid = %cd.uid, "joined cluster incarnation");
+            self.state.cluster_uid = Some(cd.uid.clone());
+            self.data.save_keeper_state(&self.state)?;
+        }
+        let Some(keeper) = cd.keepers.get(&self.uid) else {
+            return Ok(Pass::Waiting(
+                "not yet registered in the cluster data".into(),
+            ));
+        };
+        if keeper.status.boot_uuid.as_deref() != Some(self.boot_uuid.as_str()) {
+            // The sentinel has not seen this keeper process yet: whatever the cluster data
+            // says was decided without it, so postgres stays down until it has.
+            self.pg.stop().await?;
+            return Ok(Pass::Waiting(
+                "waiting for the sentinel to acknowledge this keeper".into(),
+            ));
+        }
+        let assigned: Vec<&Db> = cd
+            .dbs
+            .values()
+            .filter(|d| d.spec.keeper_uid == self.uid)
+            .collect();
+        let db = match assigned.as_slice() {
+            [] => {
+                self.pg.stop().await?;
+                return Ok(Pass::Waiting("no database assigned".into()));
+            }
+            [db] => (*db).clone(),
+            many => {
+                let uids: Vec<&str> = many.iter().map(|d| d.uid.as_str()).collect();
+                return Err(KeeperError::Spec(format!(
+                    "the cluster data assigns several databases to this keeper ({}); changing nothing",
+                    uids.join(", ")
+                )));
+            }
+        };
+        if self.db_state.initializing {
+            tracing::warn!(db = %self.db_state.uid, "an initialisation was interrupted; discarding its data");
+            self.pg.stop().await?;
+            self.wipe_pgdata()?;
+            self.db_state = DbState::default();
+            self.data.save_db_state(&self.db_state)?;
+        }
+        if self.db_state.uid != db.uid {
+            self.initialize(&cd, &db).await?;
+        }
+        if !self.data.pgdata_initialised() {
+            self.pg.stop().await?;
+            return Err(KeeperError::DataVanished(self.data.pgdata()));
+        }
+        if let Some(expected) = db.status.system_id.as_deref().filter(|s| !s.is_empty()) {
+            let found = self.pg.system_id_offline().await?;
+            if found != expected {
+                self.pg.stop().await?;
+                return Err(KeeperError::SystemIdMismatch {
+                    expected: expected.into(),
+                    found,
+                });
+            }
+        }
+        let standby_signal = self.data.pgdata().join("standby.signal");
+        if db.spec.role == DbRole::Standby && !standby_signal.exists() {
+            return Err(KeeperError::NeverDemotes(db.uid.clone()));
+        }
+        let changed = self.write_config(&cd, &db)?;
+        let was_running = self.pg.is_running();
+        if !was_running {
+            self.pg.start(cd.spec.db_wait_ready_timeout).await?;
+        }
+        let client = self.pg.connect(cd.spec.request_timeout).await?;
+        if changed && was_running {
+            tracing::info!(db = %db.uid, "configuration changed, reloading");
+            self.pg.reload()?;
+        }
+        if db.spec.role == DbRole::Master {
+            if !sql::is_writable(&client).await? {
+                tracing::info!(db = %db.uid, "promoting");
+                sql::promote(&client).await?;
+                tracing::info!(db = %db.uid, "promoted: accepting writes");
+            }
+            let wanted: BTreeSet<String> = db
+                .spec
+                .followers
+                .iter()
+                .map(|uid| pgconf::standby_name(uid))
+                .collect();
+            let additional: BTreeSet<String> = db
+                .spec
+                .additional_replication_slots
+                .iter()
+                .cloned()
+                .collect();
+            for change in sql::reconcile_slots(&client, &wanted, &additional).await? {
+                tracing::info!(db = %db.uid, "{change}");
+            }
+        }
+        let probe = sql::probe(&client).await?;
+        if probe.pending_restart {
+            if cd.spec.automatic_pg_restart {
+                tracing::info!(db = %db.uid, "a changed parameter needs a restart; restarting");
+                drop(client);
+                self.pg.restart(cd.spec.db_wait_ready_timeout).await?;
+            } else {
+                tracing::info!(db = %db.uid, "a changed parameter needs a restart (pending restart)");
+            }
+        }
+        if self.db_state.generation != db.generation {
+            self.db_state.generation = db.generation;
+            self.data.save_db_state(&self.db_state)?;
+        }
+        Ok(Pass::Converged)
+    }
+
+    /// Creates the local data for `db` according to its init mode.
+    async fn initialize(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
+        match db.spec.init_mode {
+            DbInitMode::None => {
+                // The data this database needs is not here (deleted, or another disk): never
+                // invent it. The sentinel will fail over.
+                return Err(KeeperError::DataDisappeared {
+                    db: db.uid.clone(),
+                    local: self.db_state.uid.clone(),
+                });
+            }
+            DbInitMode::Pitr => {
+                return Err(KeeperError::NotImplemented(
+                    "init mode pitr (point-in-time recovery)",
+                ));
+            }
+            DbInitMode::Existing => {
+                if !self.data.pgdata_initialised() {
+                    return Err(KeeperError::DataVanished(self.data.pgdata()));
+                }
+                tracing::info!(db = %db.uid, "adopting the existing data directory");
+                self.pg.stop().await?;
+                let init = read_postgresql_conf(&self.data.pgdata().join("postgresql.conf"));
+                self.db_state = DbState {
+                    uid: db.uid.clone(),
+                    generation: tendril_control_model::Generation::NONE,
+                    initializing: false,
+                    init_pg_parameters: Some(init),
+                };
+                self.write_config(cd, db)?;
+                self.pg.start(cd.spec.db_wait_ready_timeout).await?;
+                let client = self.pg.connect(cd.spec.request_timeout).await?;
+                sql::setup_roles(
+                    &client,
+                    &self.config.su.user,
+                    &self.config.repl.user,
+                    &self.config.repl.password,
+                )
+                .await?;
+                self.data.save_db_state(&self.db_state)?;
+                return Ok(());
+            }
+            DbInitMode::New | DbInitMode::Resync => {}
+        }
+        self.set_initializing(db)?;
+        match db.spec.init_mode {
+            DbInitMode::New => self.init_new(cd, db).await?,
+            _ => self.resync(cd, db).await?,
+        }
+        self.db_state.initializing = false;
+        self.data.save_db_state(&self.db_state)?;
+        tracing::info!(db = %db.uid, mode = ?db.spec.init_mode, "database initialised");
+        Ok(())
+    }
+
+    fn set_initializing(&mut self, db: &Db) -> Result<(), KeeperError> {
+        self.db_state = DbState {
+            uid: db.uid.clone(),
+            generation: tendril_control_model::Generation::NONE,
+            initializing: true,
+            init_pg_parameters: None,
+        };
+        self.data.save_db_state(&self.db_state)?;
+        self.report_initializing();
+        Ok(())
+    }
+
+    async fn init_new(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
+        tracing::info!(db = %db.uid, "initdb");
+        self.pg.stop().await?;
+        self.wipe_pgdata()?;
+        self.pg.prepare_dirs(true)?;
+        let pwfile = self.data.root().join(".su-password");
+        self.pg
+            .write_file(&pwfile, self.config.su.password.as_bytes())?;
+        let new_config = db.spec.new_config.clone().unwrap_or_default();
+        let result = self
+            .pg
+            .initdb(
+                &pwfile,
+                new_config.locale.as_deref(),
+                new_config.encoding.as_deref(),
+                new_config.data_checksums,
+            )
+            .await;
+        let _ = std::fs::remove_file(&pwfile);
+        result?;
+        self.db_state.init_pg_parameters = Some(read_postgresql_conf(
+            &self.data.pgdata().join("postgresql.conf"),
+        ));
+        self.write_config(cd, db)?;
+        self.pg.start(cd.spec.db_wait_ready_timeout).await?;
+        let client = self.pg.connect(cd.spec.request_timeout).await?;
+        sql::setup_roles(
+            &client,
+            &self.config.su.user,
+            &self.config.repl.user,
+            &self.config.repl.password,
+        )
+        .await
+    }
+
+    async fn resync(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
+        let (source, source_system_id) = followed_endpoint(cd, db)?;
+        self.pg.stop().await?;
+        let mut rewound = false;
+        if db.spec.use_pg_rewind && self.data.pgdata_initialised() {
+            let local = self.pg.system_id_offline().await.ok();
+            if local.is_some() && local == source_system_id {
+                tracing::info!(db = %db.uid, source = ?source, "resync by pg_rewind");
+                // pg_rewind copies the source's postgresql.auto.conf; it must be a file.
+                let _ = std::fs::remove_file(self.data.pgdata().join("postgresql.auto.conf"));
+                match self.pg.rewind(&source).await {
+                    Ok(()) => rewound = true,
+                    Err(e) => {
+                        tracing::warn!(db = %db.uid, error = %e, "pg_rewind failed, falling back to a base backup")
+                    }
+                }
+            } else {
+                tracing::info!(db = %db.uid, "system identifiers differ, pg_rewind cannot work");
+            }
+        }
+        if rewound {
+            self.make_standby(cd, db)?;
+            match self.pg.start(cd.spec.db_wait_ready_timeout).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(db = %db.uid, error = %e, "rewound data does not start, falling back to a base backup");
+                    self.pg.stop().await?;
+                }
+            }
+        }
+        tracing::info!(db = %db.uid, source = ?source, "resync by pg_basebackup");
+        self.wipe_pgdata()?;
+        self.pg.prepare_dirs(true)?;
+        self.pg.base_backup(&source, &self.config.repl).await?;
+        self.make_standby(cd, db)?;
+        self.pg.start(cd.spec.db_wait_ready_timeout).await
+    }
+
+    fn make_standby(&self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
+        let signal = self.data.pgdata().join("standby.signal");
+        self.pg.write_file(&signal, b"")?;
+        // Drop recovery leftovers a rewind or a backup may carry.
+        let _ = std::fs::remove_file(self.data.pgdata().join("recovery.signal"));
+        let _ = std::fs::remove_file(self.data.pgdata().join("backup_label.old"));
+        self.write_config(cd, db).map(|_| ())
+    }
+
+    /// Writes `postgresql.conf` and `pg_hba.conf`; true if either changed.
+    fn write_config(&self, cd: &ClusterData, db: &Db) -> Result<bool, KeeperError> {
+        let pgdata = self.data.pgdata();
+        let conf_path = pgdata.join("postgresql.conf");
+        let current = std::fs::read_to_string(&conf_path).unwrap_or_default();
+        let sync_names = if db.spec.role == DbRole::Master {
+            let wanted = pgconf::wanted_sync_names(&db.spec, cd.spec.min_synchronous_standbys);
+            let applied = pgconf::read_conf_value(&current, "synchronous_standby_names")
+                .map(|v| pgconf::parse_sync_names(&v))
+                .unwrap_or_default();
+            let in_sync = self
+                .last_probe
+                .as_ref()
+                .map(|p| p.sync_standbys.clone())
+                .unwrap_or_default();
+            let next = pgconf::next_sync_names(&applied, &wanted, &in_sync);
+            if next != wanted {
+                tracing::info!(db = %db.uid, ?applied, ?wanted, "changing synchronous standbys in two steps");
+            }
+            pgconf::render_sync_names(&next)
+        } else {
+            String::new()
+        };
+        let upstream = match db.spec.role {
+            DbRole::Standby => Some(self.upstream(cd, db)?),
+            DbRole::Master => None,
+        };
+        let socket_dir = self.data.socket_dir().to_string_lossy().into_owned();
+        let params = pgconf::parameters(&ConfInput {
+            spec: &db.spec,
+            init_parameters: self.db_state.init_pg_parameters.as_ref(),
+            listen_address: &self.config.listen_address,
+            port: self.config.port,
+            socket_dir: &socket_dir,
+            upstream: upstream.as_ref(),
+            synchronous_standby_names: &sync_names,
+        });
+        let conf = pgconf::render_conf(&params);
+        let hba = pgconf::render_hba(&HbaInput {
+            su_user: &self.config.su.user,
+            repl_user: &self.config.repl.user,
+            mode: cd.spec.default_su_repl_access_mode,
+            peer_addresses: pgconf::peer_addresses(cd, db),
+            user_lines: db.spec.pg_hba.as_deref(),
+        });
+        let mut changed = false;
+        for (path, text) in [(conf_path, conf), (pgdata.join("pg_hba.conf"), hba)] {
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                self.pg.write_file(&path, text.as_bytes())?;
+                changed = true;
+            }
+        }
+        self.neutralise_alter_system()?;
+        Ok(changed)
+    }
+
+    /// Replaces `postgresql.auto.conf` with a link to /dev/null: ALTER SYSTEM then fails (it
+    /// cannot fsync /dev/null) instead of overriding the spec behind the keeper's back.
+    fn neutralise_alter_system(&self) -> Result<(), KeeperError> {
+        let auto = self.data.pgdata().join("postgresql.auto.conf");
+        if std::fs::read_link(&auto).is_ok_and(|target| target == Path::new("/dev/null")) {
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(&auto);
+        std::os::unix::fs::symlink("/dev/null", &auto)
+            .map_err(|e| KeeperError::io("symlink", &auto, e))
+    }
+
+    fn upstream(&self, cd: &ClusterData, db: &Db) -> Result<Upstream, KeeperError> {
+        match &db.spec.follow {
+            Some(FollowConfig::Internal { .. }) => {
+                let (source, _) = followed_endpoint(cd, db)?;
+                let repl = &self.config.repl;
+                let conninfo = [
+                    ("host", source.host.as_str()),
+                    ("port", &source.port.to_string()),
+                    ("user", &repl.user),
+                    ("password", &repl.password),
+                    ("application_name", &pgconf::standby_name(&db.uid)),
+                    ("sslmode", "prefer"),
+                    ("connect_timeout", "5"),
+                ]
+                .iter()
+                .map(|(k, v)| format!("{k}={}", conninfo_quote(v)))
+                .collect::<Vec<_>>()
+                .join(" ");
+                Ok(Upstream {
+                    conninfo,
+                    slot: Some(pgconf::standby_name(&db.uid)),
+                })
+            }
+            Some(FollowConfig::External {
+                standby_settings: Some(s),
+                ..
+            }) => Ok(Upstream {
+                conninfo: s.primary_conninfo.clone(),
+                slot: s.primary_slot_name.clone(),
+            }),
+            _ => Err(KeeperError::Spec(format!(
+                "standby database {} follows nothing",
+                db.uid
+            ))),
+        }
+    }
+
+    fn wipe_pgdata(&self) -> Result<(), KeeperError> {
+        let pgdata = self.data.pgdata();
+        match std::fs::remove_dir_all(&pgdata) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(KeeperError::io("remove", &pgdata, e)),
+        }
+    }
+
+    /// Observes postgres and publishes the report.
+    async fn observe_and_report(&mut self, last_error: Option<String>) {
+        let running = self.pg.is_running();
+        let mut probe_error = None;
+        let probe = if running {
+            match self.pg.connect(self.spec.request_timeout).await {
+                Ok(client) => sql::probe(&client)
+                    .await
+                    .map_err(|e| probe_error = Some(e.to_string()))
+                    .ok(),
+                Err(e) => {
+                    probe_error = Some(e.to_string());
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        self.last_probe.clone_from(&probe);
+        let postgres_state = (self.data.pgdata_initialised() || running).then(|| {
+            let pgdata = self.data.pgdata();
+            let p = probe.clone().unwrap_or_default();
+            PostgresState {
+                uid: self.db_state.uid.clone(),
+                generation: self.db_state.generation,
+                listen_address: self.config.advertise_address.clone(),
+                port: self.config.advertise_port,
+                running,
+                healthy: probe.is_some() && !self.db_state.initializing,
+                in_recovery: p.in_recovery,
+                system_id: p.system_id.clone(),
+                timeline_id: p.timeline,
+                xlog_pos: p.xlog_pos(),
+                flush_lsn: p.flush_lsn,
+                receive_lsn: p.receive_lsn,
+                replay_lsn: p.replay_lsn,
+                timelines_history: sql::timeline_history(&pgdata, 10),
+                pg_parameters: p.parameters.clone(),
+                synchronous_standbys: p
+                    .sync_standbys
+                    .iter()
+                    .filter_map(|n| n.strip_prefix(pgconf::MANAGED_PREFIX).map(str::to_owned))
+                    .collect(),
+                older_wal_file: sql::oldest_wal_file(&pgdata),
+                pending_restart: p.pending_restart,
+            }
+        });
+        let last_error = last_error.or(probe_error);
+        self.set_report(postgres_state, last_error);
+    }
+
+    fn report_initializing(&self) {
+        let state = PostgresState {
+            uid: self.db_state.uid.clone(),
+            listen_address: self.config.advertise_address.clone(),
+            port: self.config.advertise_port,
+            ..PostgresState::default()
+        };
+        self.set_report(Some(state), Some("initialising the database".into()));
+    }
+
+    fn set_report(&self, postgres_state: Option<PostgresState>, last_error: Option<String>) {
+        let Some(cluster_uid) = self.state.cluster_uid.clone() else {
+            return;
+        };
+        let info = KeeperInfo {
+            format_version: FORMAT_VERSION,
+            info_uid: String::new(),
+            uid: self.uid.clone(),
+            cluster_uid,
+            boot_uuid: self.boot_uuid.clone(),
+            pg_binary_version: Some(self.pg_version),
+            postgres_state,
+            can_be_master: self.config.can_be_master,
+            can_be_synchronous_replica: self.config.can_be_synchronous_replica,
+            priority: self.config.priority,
+            last_error,
+            pg_crashes: self.pg_crashes,
+            last_pg_crash: self.last_pg_crash.clone(),
+        };
+        self.report.send_replace(Some(info));
+    }
+}
+
+async fn next_watch_event(watch: &mut Option<tendril_control_store::Watch>) -> Option<WatchEvent> {
+    match watch {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Publishes the latest report every second and at once when it changes, with a fresh
+/// `info_uid` each time so the sentinel can tell a live keeper from a stale report.
+async fn publish<S: Store>(
+    store: S,
+    key: String,
+    lease: Arc<tokio::sync::Mutex<KeptLease>>,
+    mut reports: watch::Receiver<Option<KeeperInfo>>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = reports.changed() => if changed.is_err() { return },
+        }
+        let Some(mut info) = reports.borrow_and_update().clone() else {
+            continue;
+        };
+        let id = lease.lock().await.id();
+        let Some(id) = id else { continue };
+        info.info_uid = format!("{:08x}", rand::random::<u32>());
+        if let Err(e) = store.put(&key, encode(&info), Some(id)).await {
+            tracing::debug!(error = %e, "cannot publish the keeper report");
+        }
+    }
+}
+
+/// The endpoint and system identifier of the database `db` follows.
+fn followed_endpoint(cd: &ClusterData, db: &Db) -> Result<(Endpoint, Option<String>), KeeperError> {
+    let Some(FollowConfig::Internal { db_uid }) = &db.spec.follow else {
+        return Err(KeeperError::Spec(format!(
+            "database {} follows no database of the cluster",
+            db.uid
+        )));
+    };
+    let source = cd.dbs.get(db_uid).ok_or_else(|| {
+        KeeperError::Spec(format!(
+            "database {} follows {db_uid}, which does not exist",
+            db.uid
+        ))
+    })?;
+    match (&source.status.listen_address, source.status.port) {
+        (Some(host), Some(port)) => Ok((
+            Endpoint {
+                host: host.clone(),
+                port,
+            },
+            source.status.system_id.clone().filter(|s| !s.is_empty()),
+        )),
+        _ => Err(KeeperError::Spec(format!(
+            "database {db_uid} (followed by {}) has no address yet",
+            db.uid
+        ))),
+    }
+}
+
+/// Quotes a libpq connection-string value.
+fn conninfo_quote(value: &str) -> String {
+    if !value.is_empty() && !value.contains([' ', '\'', '\\', '=']) {
+        return value.to_owned();
+    }
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// The settings of a `postgresql.conf` written by initdb or by a user: `name = value` lines,
+/// comments and quotes removed. `include` directives are not followed.
+pub fn read_postgresql_conf(path: &Path) -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((name, rest)) = line
+            .split_once('=')
+            .or_else(|| line.split_once(char::is_whitespace))
+        else {
+            continue;
+        };
+        let name = name.trim().to_ascii_lowercase();
+        let rest = rest.trim();
+        let value = if let Some(quoted) = rest.strip_prefix('\'') {
+            let mut value = String::new();
+            let mut chars = quoted.chars().peekable();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\'' if chars.peek() == Some(&'\'') => {
+                        value.push('\'');
+                        chars.next();
+                    }
+                    '\'' => break,
+                    '\\' => {
+                        if let Some(next) = chars.next() {
+                            value.push(next);
+                        }
+                    }
+                    other => value.push(other),
+                }
+            }
+            value
+        } else {
+            rest.split('#').next().unwrap_or("").trim().to_owned()
+        };
+        if name == "include" || name == "include_dir" || name == "include_if_exists" {
+            continue;
+        }
+        if !pgconf::MANAGED_PARAMETERS.contains(&name.as_str()) {
+            out.insert(name, value);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_initdb_style_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("postgresql.conf");
+        std::fs::write(
+            &path,
+            "# comment\nmax_connections = 100\t\t\t# (change requires restart)\n\
+             shared_buffers = 128MB\nlog_timezone = 'Etc/UTC'\ndatestyle = 'iso, mdy'\n\
+             lc_messages = 'it''s'\nport = 5432\ninclude 'other.conf'\n#work_mem = 4MB\n",
+        )
+        .unwrap();
+        let p = read_postgresql_conf(&path);
+        assert_eq!(p["max_connections"], "100");
+        assert_eq!(p["shared_buffers"], "128MB");
+        assert_eq!(p["log_timezone"], "Etc/UTC");
+        assert_eq!(p["datestyle"], "iso, mdy");
+        assert_eq!(p["lc_messages"], "it's");
+        assert!(!p.contains_key("port"), "managed parameters are left out");
+        assert!(!p.contains_key("include"));
+        assert!(!p.contains_key("work_mem"));
+    }
+
+    #[test]
+    fn quotes_conninfo_values() {
+        assert_eq!(conninfo_quote("simple"), "simple");
+        assert_eq!(conninfo_quote("with space"), "'with space'");
+        assert_eq!(conninfo_quote("it's"), "'it\\'s'");
+        assert_eq!(conninfo_quote(""), "''");
+        assert_eq!(conninfo_quote("a=b"), "'a=b'");
+    }
+}

@@ -1,0 +1,310 @@
+//! What the keeper asks PostgreSQL: its state for the report, roles, replication slots.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use tendril_control_model::{Lsn, TimelineHistoryEntry};
+use tokio_postgres::Client;
+
+use crate::KeeperError;
+use crate::pgconf::{MANAGED_PARAMETERS, MANAGED_PREFIX};
+
+/// A server error's message and detail, or the client error.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+fn sql(e: tokio_postgres::Error) -> KeeperError {
+    KeeperError::Sql(describe(&e))
+}
+
+/// One observation of a running instance.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Probe {
+    /// In recovery (a standby).
+    pub in_recovery: bool,
+    /// Database system identifier.
+    pub system_id: String,
+    /// Current timeline.
+    pub timeline: u32,
+    /// Flushed WAL position (master).
+    pub flush_lsn: Option<Lsn>,
+    /// Received WAL position (standby).
+    pub receive_lsn: Option<Lsn>,
+    /// Replayed WAL position (standby).
+    pub replay_lsn: Option<Lsn>,
+    /// Parameters set in the configuration file, except the managed ones.
+    pub parameters: BTreeMap<String, String>,
+    /// Standby application names PostgreSQL reports as `sync`.
+    pub sync_standbys: BTreeSet<String>,
+    /// A changed parameter needs a restart.
+    pub pending_restart: bool,
+}
+
+impl Probe {
+    /// The position used to compare databases: flushed on a master; on a standby, whatever it
+    /// has received or replayed, whichever is further (both survive a promotion).
+    pub fn xlog_pos(&self) -> Lsn {
+        if self.in_recovery {
+            self.receive_lsn.max(self.replay_lsn).unwrap_or_default()
+        } else {
+            self.flush_lsn.unwrap_or_default()
+        }
+    }
+}
+
+fn lsn(text: Option<String>) -> Option<Lsn> {
+    text.and_then(|t| t.parse().ok())
+}
+
+/// Observes a running instance.
+pub async fn probe(client: &Client) -> Result<Probe, KeeperError> {
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), (SELECT system_identifier::text FROM pg_control_system()), \
+                    (SELECT count(*) FROM pg_settings WHERE pending_restart)::int",
+            &[],
+        )
+        .await
+        .map_err(sql)?;
+    let in_recovery: bool = row.get(0);
+    let mut p = Probe {
+        in_recovery,
+        system_id: row.get(1),
+        pending_restart: row.get::<_, i32>(2) > 0,
+        ..Probe::default()
+    };
+    if in_recovery {
+        let row = client
+            .query_one(
+                "SELECT pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text, \
+                        (SELECT received_tli FROM pg_stat_wal_receiver), \
+                        (SELECT timeline_id FROM pg_control_checkpoint())",
+                &[],
+            )
+            .await
+            .map_err(sql)?;
+        p.receive_lsn = lsn(row.get(0));
+        p.replay_lsn = lsn(row.get(1));
+        let received: Option<i32> = row.get(2);
+        let checkpoint: i32 = row.get(3);
+        p.timeline = u32::try_from(received.unwrap_or(checkpoint).max(checkpoint)).unwrap_or(0);
+    } else {
+        let row = client
+            .query_one(
+                "SELECT pg_current_wal_flush_lsn()::text, pg_walfile_name(pg_current_wal_lsn())",
+                &[],
+            )
+            .await
+            .map_err(sql)?;
+        p.flush_lsn = lsn(row.get(0));
+        let walfile: String = row.get(1);
+        p.timeline = u32::from_str_radix(walfile.get(..8).unwrap_or("0"), 16).unwrap_or(0);
+        let rows = client
+            .query(
+                "SELECT application_name FROM pg_stat_replication WHERE sync_state = 'sync'",
+                &[],
+            )
+            .await
+            .map_err(sql)?;
+        p.sync_standbys = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+    }
+    let rows = client
+        .query(
+            "SELECT name, setting FROM pg_file_settings WHERE error IS NULL AND setting IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(sql)?;
+    for row in rows {
+        let name: String = row.get(0);
+        if !MANAGED_PARAMETERS.contains(&name.as_str()) {
+            p.parameters.insert(name, row.get(1));
+        }
+    }
+    Ok(p)
+}
+
+/// Whether the instance accepts writes.
+pub async fn is_writable(client: &Client) -> Result<bool, KeeperError> {
+    let row = client
+        .query_one("SELECT NOT pg_is_in_recovery()", &[])
+        .await
+        .map_err(sql)?;
+    Ok(row.get(0))
+}
+
+/// Promotes a standby and waits (up to 60 s) until it accepts writes.
+pub async fn promote(client: &Client) -> Result<(), KeeperError> {
+    let row = client
+        .query_one("SELECT pg_promote(true, 60)", &[])
+        .await
+        .map_err(sql)?;
+    if !row.get::<_, bool>(0) {
+        return Err(KeeperError::Postgres(
+            "promotion did not complete within 60 s".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Quotes a string literal for SQL (standard_conforming_strings is on in PostgreSQL 15).
+fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Quotes an identifier for SQL.
+fn ident(value: &str) -> String {
+    format!("\"{}\"", value.replace('"', "\"\""))
+}
+
+/// Creates the replication role (or gives the superuser replication rights when they are the
+/// same role). Statements are not logged: they carry a password.
+pub async fn setup_roles(
+    client: &Client,
+    su: &str,
+    repl: &str,
+    repl_password: &str,
+) -> Result<(), KeeperError> {
+    let statement = if su == repl {
+        format!("ALTER ROLE {} WITH LOGIN REPLICATION", ident(su))
+    } else {
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&repl])
+            .await
+            .map_err(sql)?
+            .is_some();
+        let verb = if exists { "ALTER" } else { "CREATE" };
+        format!(
+            "{verb} ROLE {} WITH LOGIN REPLICATION PASSWORD {}",
+            ident(repl),
+            literal(repl_password)
+        )
+    };
+    let batch = format!("BEGIN; SET LOCAL log_statement = 'none'; {statement}; COMMIT;");
+    client.batch_execute(&batch).await.map_err(sql)
+}
+
+/// Makes the physical slots managed by tendril exactly `wanted_managed` and creates the
+/// additional ones; slots without the prefix that are not listed are left alone. Returns what
+/// changed.
+pub async fn reconcile_slots(
+    client: &Client,
+    wanted_managed: &BTreeSet<String>,
+    additional: &BTreeSet<String>,
+) -> Result<Vec<String>, KeeperError> {
+    let rows = client
+        .query(
+            "SELECT slot_name::text, active FROM pg_replication_slots \
+             WHERE slot_type = 'physical' AND NOT temporary",
+            &[],
+        )
+        .await
+        .map_err(sql)?;
+    let existing: BTreeMap<String, bool> = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
+        .collect();
+    let mut changes = Vec::new();
+    for (name, active) in &existing {
+        if name.starts_with(MANAGED_PREFIX) && !wanted_managed.contains(name) {
+            if *active {
+                // A standby still streams from it; it goes once the standby disconnects.
+                continue;
+            }
+            match client
+                .execute("SELECT pg_drop_replication_slot($1)", &[name])
+                .await
+            {
+                Ok(_) => changes.push(format!("dropped slot {name}")),
+                Err(e) => tracing::warn!(slot = %name, error = %describe(&e), "cannot drop slot"),
+            }
+        }
+    }
+    for name in wanted_managed.iter().chain(additional) {
+        if !existing.contains_key(name) {
+            client
+                .execute("SELECT pg_create_physical_replication_slot($1)", &[name])
+                .await
+                .map_err(sql)?;
+            changes.push(format!("created slot {name}"));
+        }
+    }
+    Ok(changes)
+}
+
+/// Timeline history from the `.history` files in `pg_wal` (the last `keep` entries of the
+/// newest file).
+pub fn timeline_history(pgdata: &Path, keep: usize) -> Vec<TimelineHistoryEntry> {
+    let Ok(entries) = std::fs::read_dir(pgdata.join("pg_wal")) else {
+        return Vec::new();
+    };
+    let newest = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let tli = u32::from_str_radix(name.strip_suffix(".history")?, 16).ok()?;
+            Some((tli, e.path()))
+        })
+        .max_by_key(|(tli, _)| *tli);
+    let Some((_, path)) = newest else {
+        return Vec::new();
+    };
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all = parse_history(&text);
+    all[all.len().saturating_sub(keep)..].to_vec()
+}
+
+/// Parses a timeline history file: `<tli>\t<switch lsn>\t<reason>` per line.
+pub fn parse_history(text: &str) -> Vec<TimelineHistoryEntry> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, char::is_whitespace);
+            let timeline_id = fields.next()?.parse().ok()?;
+            let switch_point = fields.next()?.trim().parse().ok()?;
+            let reason = fields.next().unwrap_or("").trim().to_owned();
+            Some(TimelineHistoryEntry {
+                timeline_id,
+                switch_point,
+                reason,
+            })
+        })
+        .collect()
+}
+
+/// The oldest WAL segment in `pg_wal`.
+pub fn oldest_wal_file(pgdata: &Path) -> Option<String> {
+    std::fs::read_dir(pgdata.join("pg_wal"))
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_history_files() {
+        let text =
+            "1\t0/3000158\tno recovery target specified\n\n2\t0/5000000\tat restore point \"x\"\n";
+        let h = parse_history(text);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].timeline_id, 1);
+        assert_eq!(h[0].switch_point, "0/3000158".parse().unwrap());
+        assert_eq!(h[1].reason, "at restore point \"x\"");
+        assert!(parse_history("garbage\nx\ty\n").is_empty());
+    }
+
+    #[test]
+    fn quotes_sql() {
+        assert_eq!(literal("it's"), "'it''s'");
+        assert_eq!(ident("we\"ird"), "\"we\"\"ird\"");
+    }
+}
