@@ -257,7 +257,13 @@ pub fn next_sync_names(
     wanted: &BTreeSet<String>,
     in_sync: &BTreeSet<String>,
 ) -> BTreeSet<String> {
-    if applied.is_empty() || wanted.is_empty() || wanted.is_subset(applied) {
+    // Going to the placeholder is always safe: no commit completes until a real standby is
+    // listed and in sync.
+    if applied.is_empty()
+        || wanted.is_empty()
+        || wanted.is_subset(applied)
+        || wanted.contains(PLACEHOLDER_STANDBY)
+    {
         return wanted.clone();
     }
     let newcomers_in_sync = wanted
@@ -475,8 +481,10 @@ mod tests {
         assert_eq!(next_sync_names(&set(&[]), &new, &set(&[])), new);
         assert_eq!(next_sync_names(&old, &set(&[]), &set(&[])), set(&[]));
         assert_eq!(next_sync_names(&both, &old, &set(&[])), old);
-        // The placeholder is never in sync, so it stays until a real standby is.
+        // The placeholder is never in sync, so it stays until a real standby is; going to it
+        // is immediate.
         let placeholder = set(&[PLACEHOLDER_STANDBY]);
+        assert_eq!(next_sync_names(&old, &placeholder, &old), placeholder);
         assert_eq!(
             next_sync_names(&placeholder, &old, &set(&[])),
             set(&[PLACEHOLDER_STANDBY, "tendril_a"])

@@ -222,7 +222,7 @@ impl Postgres {
             if let Some(status) = self.poll_exit() {
                 return Err(KeeperError::Postgres(format!(
                     "postgres exited while starting ({status}): {}",
-                    self.log_tail(4)
+                    self.log_problems()
                 )));
             }
             match self.connect(Duration::from_secs(2)).await {
@@ -238,12 +238,27 @@ impl Postgres {
         }
     }
 
-    /// The last lines postgres logged, for error messages.
-    pub fn log_tail(&self, lines: usize) -> String {
+    /// What went wrong according to the end of postgres' log, for error messages: the
+    /// messages that say why (FATAL, ERROR, PANIC, "could not"), or the last lines.
+    pub fn log_problems(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
-        let tail = all[all.len().saturating_sub(lines)..].join(" | ");
-        format!("{tail} (log: {})", self.log.display())
+        let recent = &all[all.len().saturating_sub(12)..];
+        let problems: Vec<&str> = recent
+            .iter()
+            .filter(|l| {
+                ["FATAL:", "ERROR:", "PANIC:", "could not"]
+                    .iter()
+                    .any(|m| l.contains(m))
+            })
+            .map(|l| l.split_once(":  ").map_or(*l, |(_, msg)| msg))
+            .collect();
+        let shown = if problems.is_empty() {
+            recent[recent.len().saturating_sub(3)..].to_vec()
+        } else {
+            problems
+        };
+        format!("{} (log: {})", shown.join(" | "), self.log.display())
     }
 
     /// Connects to the `postgres` database as the superuser over the unix socket.

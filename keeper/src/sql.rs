@@ -184,7 +184,11 @@ pub async fn setup_roles(
             literal(repl_password)
         )
     };
-    let batch = format!("BEGIN; SET LOCAL log_statement = 'none'; {statement}; COMMIT;");
+    // Not logged (a password), and not waiting for synchronous standbys that may not exist
+    // yet: the master is being set up.
+    let batch = format!(
+        "BEGIN; SET LOCAL log_statement = 'none'; SET LOCAL synchronous_commit = 'local'; {statement}; COMMIT;"
+    );
     client.batch_execute(&batch).await.map_err(sql)
 }
 

@@ -1,6 +1,7 @@
 //! Keepers converging real PostgreSQL instances to hand-written cluster data: streaming,
 //! promotion, re-pointing without restart, and the old master rejoining by pg_rewind or by a
 //! base backup.
+#![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
 
 mod support;
 

@@ -4,6 +4,7 @@
     dead_code,
     reason = "each test binary uses a different part of the support module"
 )]
+#![allow(clippy::unwrap_used, reason = "test support: a failed step panics")]
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -61,7 +62,14 @@ impl Env {
 
     /// A keeper named `uid` with its own data dir and a free port, started.
     pub fn keeper(&self, uid: &str) -> KeeperProc {
-        let mut k = KeeperProc {
+        let mut k = self.keeper_without_start(uid);
+        k.start();
+        k
+    }
+
+    /// A keeper named `uid`, not started.
+    pub fn keeper_without_start(&self, uid: &str) -> KeeperProc {
+        KeeperProc {
             uid: uid.to_owned(),
             data_dir: self.path(uid),
             port: free_port(),
@@ -70,9 +78,7 @@ impl Env {
             repl_passwordfile: self.path("repl.pw"),
             log: self.path(&format!("{uid}.keeper.log")),
             child: None,
-        };
-        k.start();
-        k
+        }
     }
 
     pub async fn cluster_data(&self) -> ClusterData {
@@ -239,8 +245,8 @@ pub struct KeeperProc {
     pub data_dir: PathBuf,
     pub port: u16,
     endpoint: String,
-    su_passwordfile: PathBuf,
-    repl_passwordfile: PathBuf,
+    pub su_passwordfile: PathBuf,
+    pub repl_passwordfile: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
 }
