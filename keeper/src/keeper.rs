@@ -254,6 +254,19 @@ impl<S: Store> Keeper<S> {
                 });
             }
         }
+        if db.spec.stop {
+            // A switchover stops the old master: a clean shutdown sends every byte of WAL to
+            // the connected standbys before postgres exits.
+            if self.pg.is_running() {
+                tracing::info!(db = %db.uid, "stopping postgres as the cluster data asks");
+            }
+            self.pg.stop().await?;
+            if self.db_state.generation != db.generation {
+                self.db_state.generation = db.generation;
+                self.data.save_db_state(&self.db_state)?;
+            }
+            return Ok(Pass::Converged);
+        }
         let standby_signal = self.data.pgdata().join("standby.signal");
         if db.spec.role == DbRole::Standby && !standby_signal.exists() {
             return Err(KeeperError::NeverDemotes(db.uid.clone()));
@@ -589,6 +602,11 @@ impl<S: Store> Keeper<S> {
             None
         };
         self.last_probe.clone_from(&probe);
+        let checkpoint_lsn = if running || !self.data.pgdata_initialised() {
+            None
+        } else {
+            self.pg.control_data().await.ok().and_then(|c| c.checkpoint_lsn)
+        };
         let postgres_state = (self.data.pgdata_initialised() || running).then(|| {
             let pgdata = self.data.pgdata();
             let p = probe.clone().unwrap_or_default();
@@ -606,6 +624,7 @@ impl<S: Store> Keeper<S> {
                 flush_lsn: p.flush_lsn,
                 receive_lsn: p.receive_lsn,
                 replay_lsn: p.replay_lsn,
+                checkpoint_lsn,
                 timelines_history: sql::timeline_history(&pgdata, 10),
                 pg_parameters: p.parameters.clone(),
                 synchronous_standbys: p

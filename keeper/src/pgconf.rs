@@ -9,9 +9,8 @@ use tendril_control_model::{ClusterData, Db, DbRole, DbSpec, SuReplAccessMode};
 pub const MANAGED_PREFIX: &str = "tendril_";
 
 /// Listed in `synchronous_standby_names` when fewer real synchronous standbys exist than the
-/// minimum: no standby has this name, so commits keep waiting instead of silently degrading to
-/// asynchronous replication.
-pub const PLACEHOLDER_STANDBY: &str = "tendril_placeholder_standby";
+/// minimum (the model's constant, shared with the sentinel).
+pub const PLACEHOLDER_STANDBY: &str = tendril_control_model::PLACEHOLDER_SYNC_STANDBY;
 
 /// Parameters the keeper always sets itself; the spec cannot set them (see the model's
 /// validation) and they are left out of what the keeper reports.

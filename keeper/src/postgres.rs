@@ -468,21 +468,18 @@ impl Postgres {
 
     /// The database system identifier of a stopped (or running) data directory.
     pub async fn system_id_offline(&self) -> Result<String, KeeperError> {
+        self.control_data().await?.system_id.ok_or_else(|| {
+            KeeperError::Postgres("pg_controldata printed no system identifier".into())
+        })
+    }
+
+    /// What pg_controldata says of PGDATA.
+    pub async fn control_data(&self) -> Result<ControlData, KeeperError> {
         let pgdata = self.pgdata.to_string_lossy().into_owned();
         let out = self
-            .run_tool(
-                "pg_controldata",
-                &[&pgdata],
-                &[],
-                Some(Duration::from_secs(30)),
-            )
+            .run_tool("pg_controldata", &[&pgdata], &[], Some(Duration::from_secs(30)))
             .await?;
-        out.lines()
-            .find_map(|l| l.strip_prefix("Database system identifier:"))
-            .map(|v| v.trim().to_owned())
-            .ok_or_else(|| {
-                KeeperError::Postgres("pg_controldata printed no system identifier".into())
-            })
+        Ok(ControlData::parse(&out))
     }
 }
 
@@ -493,4 +490,52 @@ pub struct Endpoint {
     pub host: String,
     /// Port.
     pub port: u16,
+}
+
+/// The parts of `pg_controldata` output the keeper uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ControlData {
+    /// "Database system identifier".
+    pub system_id: Option<String>,
+    /// "Latest checkpoint location": after a clean shutdown, the end of the WAL written.
+    pub checkpoint_lsn: Option<tendril_control_model::Lsn>,
+    /// "Latest checkpoint's TimeLineID".
+    pub checkpoint_timeline: Option<u32>,
+    /// "Database cluster state".
+    pub state: Option<String>,
+}
+
+impl ControlData {
+    /// Parses pg_controldata's output (run with LC_ALL=C).
+    pub fn parse(text: &str) -> ControlData {
+        let field = |name: &str| {
+            text.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim_start_matches(':').trim().to_owned())
+        };
+        ControlData {
+            system_id: field("Database system identifier"),
+            checkpoint_lsn: field("Latest checkpoint location").and_then(|v| v.parse().ok()),
+            checkpoint_timeline: field("Latest checkpoint's TimeLineID").and_then(|v| v.parse().ok()),
+            state: field("Database cluster state"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pg_controldata() {
+        let text = "pg_control version number:            1300\n\
+                    Database system identifier:           7441234567890123456\n\
+                    Database cluster state:               shut down\n\
+                    Latest checkpoint location:           0/3000060\n\
+                    Latest checkpoint's TimeLineID:       2\n";
+        let c = ControlData::parse(text);
+        assert_eq!(c.system_id.as_deref(), Some("7441234567890123456"));
+        assert_eq!(c.checkpoint_lsn, Some("0/3000060".parse().unwrap()));
+        assert_eq!(c.checkpoint_timeline, Some(2));
+        assert_eq!(c.state.as_deref(), Some("shut down"));
+        assert_eq!(ControlData::parse(""), ControlData::default());
+    }
 }

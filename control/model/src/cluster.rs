@@ -41,6 +41,12 @@ pub struct ClusterData {
     /// What the proxies route to.
     #[serde(default)]
     pub proxy: ProxySection,
+    /// A planned switchover in progress (requested by `tendrilctl switchover`).
+    #[serde(default)]
+    pub switchover: Option<Switchover>,
+    /// The sentinel's recent decisions, newest last, at most [`ClusterData::MAX_EVENTS`].
+    #[serde(default)]
+    pub events: Vec<Event>,
 }
 
 impl ClusterData {
@@ -61,13 +67,86 @@ impl ClusterData {
                 change_time: Some(now),
                 ..ProxySection::default()
             },
+            switchover: None,
+            events: Vec::new(),
         }
+    }
+
+    /// How many events the history keeps.
+    pub const MAX_EVENTS: usize = 50;
+
+    /// Appends an event, dropping the oldest beyond [`ClusterData::MAX_EVENTS`].
+    pub fn push_event(&mut self, event: Event) {
+        self.events.push(event);
+        let excess = self.events.len().saturating_sub(Self::MAX_EVENTS);
+        self.events.drain(..excess);
     }
 
     /// The master database, when one is assigned and present.
     pub fn master_db(&self) -> Option<&Db> {
         self.master.as_ref().and_then(|uid| self.dbs.get(uid))
     }
+}
+
+/// The standby name a master lists in `synchronous_standby_names` when it has fewer real
+/// synchronous standbys than the minimum. No standby has it, so commits keep waiting instead of
+/// silently degrading to asynchronous replication.
+pub const PLACEHOLDER_SYNC_STANDBY: &str = "tendril_placeholder_standby";
+
+/// One decision of the sentinel, kept for `tendrilctl status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// When.
+    #[serde(with = "humantime_serde")]
+    pub time: SystemTime,
+    /// The cluster data generation the decision was written in.
+    pub generation: Generation,
+    /// What was decided, in a word or two ("fence", "promote", "no candidate").
+    pub kind: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// A planned switchover: fence with proxies holding new connections, stop the master so every
+/// byte it wrote reaches the target, promote the target, publish it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switchover {
+    /// The keeper to switch to; `None` lets the sentinel choose the best standby.
+    #[serde(default)]
+    pub target_keeper: Option<String>,
+    /// When it was asked for.
+    #[serde(with = "humantime_serde")]
+    pub requested_at: SystemTime,
+    /// How far it got.
+    #[serde(default)]
+    pub phase: SwitchoverPhase,
+    /// The database being promoted, once chosen.
+    #[serde(default)]
+    pub target_db: Option<String>,
+    /// The database being demoted.
+    #[serde(default)]
+    pub old_master: Option<String>,
+    /// The proxy generation of the fence.
+    #[serde(default)]
+    pub fence_generation: Option<Generation>,
+    /// Why it was abandoned, if it was.
+    #[serde(default)]
+    pub outcome: Option<String>,
+}
+
+/// The steps of a switchover.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SwitchoverPhase {
+    /// Written by `tendrilctl switchover`; the sentinel has not acted yet.
+    #[default]
+    Requested,
+    /// Proxies hold new connections and close the old ones; waiting for their acknowledgement.
+    Fencing,
+    /// The old master is being stopped so the target receives everything it wrote.
+    StoppingMaster,
+    /// The target is being promoted.
+    Promoting,
 }
 
 /// The life stage of a cluster.
@@ -189,6 +268,9 @@ pub struct DbSpec {
     pub pitr_config: Option<PitrConfig>,
     /// Merge parameters found after initialisation into the spec.
     pub include_previous_config: bool,
+    /// Keep postgres stopped (a master being switched over: stopping it makes sure every byte
+    /// of WAL it wrote reaches its standbys).
+    pub stop: bool,
 }
 
 impl Default for DbSpec {
@@ -213,6 +295,7 @@ impl Default for DbSpec {
             new_config: None,
             pitr_config: None,
             include_previous_config: false,
+            stop: false,
         }
     }
 }

@@ -98,6 +98,8 @@ pub struct PostgresState {
     pub receive_lsn: Option<Lsn>,
     /// Last WAL position replayed (standbys).
     pub replay_lsn: Option<Lsn>,
+    /// With postgres stopped: the last checkpoint, the end of what it wrote.
+    pub checkpoint_lsn: Option<Lsn>,
     /// The last entries of the timeline history.
     pub timelines_history: Vec<TimelineHistoryEntry>,
     /// Parameters in effect, excluding the ones the keeper manages.
