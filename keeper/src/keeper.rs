@@ -605,7 +605,11 @@ impl<S: Store> Keeper<S> {
         let checkpoint_lsn = if running || !self.data.pgdata_initialised() {
             None
         } else {
-            self.pg.control_data().await.ok().and_then(|c| c.checkpoint_lsn)
+            self.pg
+                .control_data()
+                .await
+                .ok()
+                .and_then(|c| c.checkpoint_lsn)
         };
         let postgres_state = (self.data.pgdata_initialised() || running).then(|| {
             let pgdata = self.data.pgdata();

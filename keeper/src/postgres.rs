@@ -477,7 +477,12 @@ impl Postgres {
     pub async fn control_data(&self) -> Result<ControlData, KeeperError> {
         let pgdata = self.pgdata.to_string_lossy().into_owned();
         let out = self
-            .run_tool("pg_controldata", &[&pgdata], &[], Some(Duration::from_secs(30)))
+            .run_tool(
+                "pg_controldata",
+                &[&pgdata],
+                &[],
+                Some(Duration::from_secs(30)),
+            )
             .await?;
         Ok(ControlData::parse(&out))
     }
@@ -509,12 +514,15 @@ impl ControlData {
     /// Parses pg_controldata's output (run with LC_ALL=C).
     pub fn parse(text: &str) -> ControlData {
         let field = |name: &str| {
-            text.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim_start_matches(':').trim().to_owned())
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim_start_matches(':').trim().to_owned())
         };
         ControlData {
             system_id: field("Database system identifier"),
             checkpoint_lsn: field("Latest checkpoint location").and_then(|v| v.parse().ok()),
-            checkpoint_timeline: field("Latest checkpoint's TimeLineID").and_then(|v| v.parse().ok()),
+            checkpoint_timeline: field("Latest checkpoint's TimeLineID")
+                .and_then(|v| v.parse().ok()),
             state: field("Database cluster state"),
         }
     }

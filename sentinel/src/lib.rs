@@ -1,6 +1,12 @@
 //! tendril-sentinel: several run, one is elected leader through the store, and the leader
-//! computes the cluster view (master, followers, synchronous standbys, failover, proxy fencing)
-//! with a pure `decide()` and writes it by compare-and-swap.
+//! computes the cluster view and writes it by compare-and-swap.
 //!
-//! The implementation lands with the Sentinel issue.
+//! [`decide`] is the brain: a pure function from the cluster data, the component reports, the
+//! leader's timers and the time to the next cluster data (see [`decide`]'s module docs for the
+//! steps). [`sentinel`] is the loop around it: campaign, read, decide, write guarded by the
+//! leadership, so a sentinel that lost it cannot write.
 #![forbid(unsafe_code)]
+
+pub mod decide;
+
+pub use decide::{Decision, Memory, Now, Observations, decide};

@@ -24,8 +24,7 @@ mod spec;
 pub use cluster::{
     ClusterData, ClusterPhase, Db, DbInitMode, DbRole, DbSpec, DbStatus, Event, FollowConfig,
     Keeper, KeeperStatus, PLACEHOLDER_SYNC_STANDBY, ProxyRoute, ProxySection, Switchover,
-    SwitchoverPhase,
-    TimelineHistoryEntry,
+    SwitchoverPhase, TimelineHistoryEntry,
 };
 pub use codec::{DecodeError, Document, FORMAT_VERSION, decode, encode, encode_pretty};
 pub use generation::Generation;

@@ -1,0 +1,427 @@
+//! Fencing, failover, publication and planned switchover.
+//!
+//! The order is the safety core: the proxy section goes to "no master" first; only when every
+//! live proxy has acknowledged that generation (or its lease expired) is a new master chosen
+//! and promoted; it is published only once its keeper reports it writable.
+
+use std::time::Duration;
+
+use tendril_control_model::{
+    ClusterRole, DbInitMode, DbRole, FollowConfig, Lsn, ProxyRoute, SwitchoverPhase,
+};
+
+use super::Ctx;
+
+/// Sets the proxy section to "no master" (bumping its generation), unless it already is.
+/// `hold`: proxies hold new connections instead of refusing them (a planned switchover).
+pub(super) fn fence(ctx: &mut Ctx<'_>, hold: bool, why: &str) {
+    let p = &mut ctx.cd.proxy;
+    if p.master.is_none() && p.hold == hold {
+        return;
+    }
+    p.master = None;
+    p.hold = hold;
+    p.generation = p.generation.next();
+    p.change_time = Some(ctx.now.wall);
+    let generation = p.generation;
+    ctx.event(
+        "fence",
+        format!("proxy generation {generation}: no master routable ({why})"),
+    );
+}
+
+/// Proxies that have not acknowledged the current proxy generation.
+pub(super) fn unacknowledged(ctx: &Ctx<'_>) -> Vec<String> {
+    let generation = ctx.cd.proxy.generation;
+    ctx.obs
+        .proxies
+        .values()
+        .filter(|p| p.generation < generation)
+        .map(|p| p.uid.clone())
+        .collect()
+}
+
+/// The master failed: fence, then (once acknowledged) elect and promote.
+pub(super) fn failover(ctx: &mut Ctx<'_>, master: &str, forced: bool) {
+    let why = if forced {
+        format!("keeper of master {master} was failed by request")
+    } else if ctx.convergence_failed(master) {
+        format!("master {master} did not converge in time")
+    } else {
+        format!(
+            "master {master} unhealthy for longer than {}",
+            humantime::format_duration(ctx.cd.spec.fail_interval)
+        )
+    };
+    if ctx.cd.proxy.master.is_some() || ctx.cd.proxy.hold {
+        fence(ctx, false, &why);
+        return;
+    }
+    if !unacknowledged(ctx).is_empty() {
+        return;
+    }
+    match choose(ctx, master, None, ctx.cd.spec.max_standby_lag) {
+        Ok(new) => {
+            let why = format!("{why}; {new} is the most advanced eligible standby");
+            promote(ctx, master, &new, &why);
+        }
+        Err(reasons) => ctx.event(
+            "no candidate",
+            format!("{why}; no standby can be promoted: {reasons}"),
+        ),
+    }
+}
+
+/// The best standby to promote in place of `master`, or why there is none. With `target`,
+/// only that keeper's database is considered.
+pub(super) fn choose(
+    ctx: &Ctx<'_>,
+    master: &str,
+    target: Option<&str>,
+    max_lag: u64,
+) -> Result<String, String> {
+    let m = &ctx.cd.dbs[master];
+    let sync = m.spec.synchronous_replication;
+    let in_sync: Vec<&String> = m
+        .spec
+        .synchronous_standbys
+        .iter()
+        .filter(|u| m.status.synchronous_standbys.contains(u))
+        .collect();
+    let mut candidates = Vec::new();
+    let mut reasons = Vec::new();
+    for db in ctx.cd.dbs.values() {
+        if db.uid == master || db.spec.role != DbRole::Standby {
+            continue;
+        }
+        if target.is_some_and(|t| db.spec.keeper_uid != t) {
+            continue;
+        }
+        if !matches!(&db.spec.follow, Some(FollowConfig::Internal { db_uid }) if db_uid == master) {
+            reasons.push(format!("{} does not follow {master}", db.uid));
+            continue;
+        }
+        let keeper = ctx.cd.keepers.get(&db.spec.keeper_uid);
+        let reason = if !keeper.is_some_and(|k| k.status.healthy) {
+            Some("its keeper is unhealthy".to_owned())
+        } else if !keeper.is_some_and(|k| k.status.can_be_master) {
+            Some("its keeper cannot be master".to_owned())
+        } else if !ctx.healthy(&db.uid) || !ctx.db_state(&db.uid).is_some_and(|s| s.healthy) {
+            Some("it is unhealthy".to_owned())
+        } else if !ctx.converged(&db.uid) {
+            Some("it has not converged to its spec yet".to_owned())
+        } else if db.status.system_id.is_some()
+            && m.status.system_id.is_some()
+            && db.status.system_id != m.status.system_id
+        {
+            Some("its system identifier differs".to_owned())
+        } else if db.status.timeline_id != m.status.timeline_id {
+            Some(format!(
+                "it is on timeline {}, the master on {}",
+                db.status.timeline_id, m.status.timeline_id
+            ))
+        } else if sync && !in_sync.contains(&&db.uid) {
+            Some("it is not a synchronous standby known to be in sync".to_owned())
+        } else if !sync && m.status.xlog_pos.bytes_ahead_of(db.status.xlog_pos) > max_lag {
+            Some(format!(
+                "it lags {} bytes behind (max_standby_lag {max_lag})",
+                m.status.xlog_pos.bytes_ahead_of(db.status.xlog_pos),
+            ))
+        } else {
+            None
+        };
+        match reason {
+            Some(r) => reasons.push(format!("{}: {r}", db.uid)),
+            None => candidates.push(db),
+        }
+    }
+    // Most advanced first (stolon sorts the other way round, a known flaw), then priority.
+    candidates.sort_by(|a, b| {
+        b.status
+            .xlog_pos
+            .cmp(&a.status.xlog_pos)
+            .then_with(|| priority(ctx, &b.spec.keeper_uid).cmp(&priority(ctx, &a.spec.keeper_uid)))
+            .then_with(|| a.uid.cmp(&b.uid))
+    });
+    match candidates.first() {
+        Some(db) => Ok(db.uid.clone()),
+        None if reasons.is_empty() => Err("no standby".into()),
+        None => Err(reasons.join("; ")),
+    }
+}
+
+fn priority(ctx: &Ctx<'_>, keeper: &str) -> i32 {
+    ctx.cd.keepers.get(keeper).map_or(0, |k| k.status.priority)
+}
+
+/// Makes `new` the master in place of `old`: `new` promotes, the other standbys re-point to
+/// it, `old` is told to stay stopped (it is removed once `new` is up, and its keeper resyncs).
+pub(super) fn promote(ctx: &mut Ctx<'_>, old: &str, new: &str, why: &str) {
+    let old_sync = ctx
+        .cd
+        .dbs
+        .get(old)
+        .map(|d| d.spec.synchronous_standbys.clone())
+        .unwrap_or_default();
+    let sync = ctx
+        .cd
+        .dbs
+        .get(old)
+        .is_some_and(|d| d.spec.synchronous_replication);
+    let xlog = ctx
+        .cd
+        .dbs
+        .get(new)
+        .map_or(Lsn::INVALID, |d| d.status.xlog_pos);
+    let keeper = ctx
+        .cd
+        .dbs
+        .get(new)
+        .map(|d| d.spec.keeper_uid.clone())
+        .unwrap_or_default();
+    let cluster_role = ctx.cd.spec.role;
+    let min_sync = ctx.cd.spec.min_synchronous_standbys as usize;
+    for db in ctx.cd.dbs.values_mut() {
+        if db.uid == new {
+            db.spec.role = DbRole::Master;
+            db.spec.init_mode = DbInitMode::None;
+            db.spec.follow = match cluster_role {
+                ClusterRole::Master => None,
+                ClusterRole::Standby => {
+                    ctx.cd
+                        .spec
+                        .standby_config
+                        .as_ref()
+                        .map(|c| FollowConfig::External {
+                            standby_settings: c.standby_settings.clone(),
+                            archive_recovery_settings: c.archive_recovery_settings.clone(),
+                        })
+                }
+            };
+            // The other synchronous standbys stay synchronous; until one of them follows the
+            // new master, the placeholder keeps commits waiting (minimum permitting).
+            db.spec.synchronous_replication = sync;
+            db.spec.synchronous_standbys = old_sync.iter().filter(|u| *u != new).cloned().collect();
+            db.spec.external_synchronous_standbys =
+                if sync && db.spec.synchronous_standbys.len() < min_sync {
+                    vec![tendril_control_model::PLACEHOLDER_SYNC_STANDBY.to_owned()]
+                } else {
+                    Vec::new()
+                };
+            db.status.synchronous_standbys.clear();
+        } else if db.uid == old {
+            db.spec.stop = true;
+            db.spec.followers.clear();
+        } else if db.spec.role == DbRole::Standby {
+            db.spec.follow = Some(FollowConfig::Internal {
+                db_uid: new.to_owned(),
+            });
+        }
+    }
+    ctx.cd.master = Some(new.to_owned());
+    ctx.event(
+        "promote",
+        format!("{why}: promoting {new} on keeper {keeper} (at {xlog})"),
+    );
+}
+
+/// Publishes the master to the proxies once it is writable and every live proxy has seen the
+/// current generation; also follows an address change of the same master.
+pub(super) fn publish(ctx: &mut Ctx<'_>, master: &str) {
+    let Some(route) = route(ctx, master) else {
+        return;
+    };
+    let current = &ctx.cd.proxy.master;
+    if current.as_ref() == Some(&route) && !ctx.cd.proxy.hold {
+        return;
+    }
+    let same_db = current.as_ref().is_some_and(|r| r.db_uid == route.db_uid);
+    if !same_db {
+        // A new route: only to a converged, writable master, and only after every live proxy
+        // acknowledged the fence.
+        let writable = ctx.converged(master)
+            && ctx
+                .db_state(master)
+                .is_some_and(|s| s.healthy && !s.in_recovery);
+        if !writable || !unacknowledged(ctx).is_empty() {
+            return;
+        }
+    }
+    let p = &mut ctx.cd.proxy;
+    p.master = Some(route.clone());
+    p.hold = false;
+    p.generation = p.generation.next();
+    p.change_time = Some(ctx.now.wall);
+    let generation = p.generation;
+    ctx.event(
+        "publish",
+        format!(
+            "proxy generation {generation}: route to {} at {}:{}",
+            route.db_uid, route.address, route.port
+        ),
+    );
+}
+
+fn route(ctx: &Ctx<'_>, master: &str) -> Option<ProxyRoute> {
+    let db = ctx.cd.dbs.get(master)?;
+    Some(ProxyRoute {
+        db_uid: master.to_owned(),
+        address: db.status.listen_address.clone()?,
+        port: db.status.port?,
+    })
+}
+
+/// One step of a planned switchover.
+pub(super) fn switchover(ctx: &mut Ctx<'_>) {
+    let Some(mut sw) = ctx.cd.switchover.clone() else {
+        return;
+    };
+    let Some(master) = ctx.cd.master.clone() else {
+        abandon(ctx, "there is no master");
+        return;
+    };
+    let age = ctx
+        .now
+        .wall
+        .duration_since(sw.requested_at)
+        .unwrap_or(Duration::ZERO);
+    let limit = ctx.cd.spec.convergence_timeout + ctx.cd.spec.proxy_timeout;
+    match sw.phase {
+        SwitchoverPhase::Requested => {
+            if !ctx.good(&master) {
+                abandon(
+                    ctx,
+                    &format!("master {master} is not healthy; a failover handles it"),
+                );
+                return;
+            }
+            let target = match choose_switchover_target(ctx, &master, sw.target_keeper.as_deref()) {
+                Ok(t) => t,
+                Err(why) => {
+                    abandon(ctx, &why);
+                    return;
+                }
+            };
+            fence(ctx, true, &format!("switchover from {master} to {target}"));
+            sw.phase = SwitchoverPhase::Fencing;
+            sw.target_db = Some(target);
+            sw.old_master = Some(master);
+            sw.fence_generation = Some(ctx.cd.proxy.generation);
+            ctx.cd.switchover = Some(sw);
+        }
+        SwitchoverPhase::Fencing => {
+            if !unacknowledged(ctx).is_empty() {
+                if age > limit {
+                    abandon(ctx, "proxies did not acknowledge the fence in time");
+                }
+                return;
+            }
+            if let Some(db) = ctx.cd.dbs.get_mut(&master) {
+                db.spec.stop = true;
+            }
+            sw.phase = SwitchoverPhase::StoppingMaster;
+            ctx.cd.switchover = Some(sw);
+            ctx.event(
+                "switchover",
+                format!("proxies fenced; stopping {master} so its standbys receive all it wrote"),
+            );
+        }
+        SwitchoverPhase::StoppingMaster => {
+            let Some(target) = sw.target_db.clone().filter(|t| ctx.cd.dbs.contains_key(t)) else {
+                abandon(ctx, "the target database disappeared");
+                return;
+            };
+            let stopped = ctx
+                .db_state(&master)
+                .filter(|s| !s.running && s.generation == ctx.cd.dbs[&master].generation)
+                .and_then(|s| s.checkpoint_lsn);
+            let caught_up = stopped.is_some_and(|end| {
+                ctx.db_state(&target)
+                    .is_some_and(|t| t.healthy && t.xlog_pos >= end)
+            });
+            if caught_up {
+                let end = stopped.unwrap_or_default();
+                promote(
+                    ctx,
+                    &master,
+                    &target,
+                    &format!(
+                        "switchover: {target} received everything {master} wrote (up to {end})"
+                    ),
+                );
+                sw.phase = SwitchoverPhase::Promoting;
+                ctx.cd.switchover = Some(sw);
+            } else if age > limit {
+                abandon(
+                    ctx,
+                    &format!("{target} did not catch up with the stopped {master} in time"),
+                );
+            }
+        }
+        SwitchoverPhase::Promoting => {
+            publish(ctx, &master);
+            if ctx.cd.proxy.master.is_some() {
+                ctx.cd.switchover = None;
+                let paused = ctx
+                    .now
+                    .wall
+                    .duration_since(sw.requested_at)
+                    .unwrap_or_default();
+                ctx.event(
+                    "switchover done",
+                    format!(
+                        "{master} is the master; new connections were held for {}",
+                        humantime::format_duration(trim(paused))
+                    ),
+                );
+            } else if age > limit + ctx.cd.spec.convergence_timeout {
+                // The promotion itself is stuck: from here on it is an ordinary failover.
+                ctx.cd.switchover = None;
+                ctx.event(
+                    "switchover",
+                    format!("{master} did not become writable in time; leaving it to failover"),
+                );
+            }
+        }
+    }
+}
+
+fn trim(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn choose_switchover_target(
+    ctx: &Ctx<'_>,
+    master: &str,
+    keeper: Option<&str>,
+) -> Result<String, String> {
+    if let Some(k) = keeper {
+        let owns_master = ctx
+            .cd
+            .dbs
+            .get(master)
+            .is_some_and(|d| d.spec.keeper_uid == k);
+        if owns_master {
+            return Err(format!("keeper {k} already runs the master"));
+        }
+    }
+    // The lag bound is irrelevant here: the master stops and the target catches up first.
+    choose(ctx, master, keeper, u64::MAX)
+        .map_err(|why| format!("no eligible switchover target: {why}"))
+}
+
+/// Gives up a switchover: the old master runs again and is published once the proxies
+/// acknowledge.
+fn abandon(ctx: &mut Ctx<'_>, why: &str) {
+    if let Some(old) = ctx
+        .cd
+        .switchover
+        .as_ref()
+        .and_then(|s| s.old_master.clone())
+        && let Some(db) = ctx.cd.dbs.get_mut(&old)
+    {
+        db.spec.stop = false;
+    }
+    ctx.cd.switchover = None;
+    ctx.event("switchover abandoned", why.to_owned());
+}
