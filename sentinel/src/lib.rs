@@ -7,6 +7,8 @@
 //! leadership, so a sentinel that lost it cannot write.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod decide;
+pub mod sentinel;
 
 pub use decide::{Decision, Memory, Now, Observations, decide};

@@ -36,13 +36,21 @@ impl Sim {
         let mut world = World::new();
         world.apply("phase initializing").unwrap();
         if sync {
-            world.apply(r#"spec {"synchronous_replication": true, "max_synchronous_standbys": 2}"#).unwrap();
+            world
+                .apply(r#"spec {"synchronous_replication": true, "max_synchronous_standbys": 2}"#)
+                .unwrap();
         }
         world.apply(r#"spec {"max_standby_lag": 1000000}"#).unwrap();
         for p in PROXIES {
             world.apply(&format!("proxy {p}")).unwrap();
         }
-        Sim { world, rng: StdRng::seed_from_u64(seed), alive: [true; 4], master_xlog: 0x300_0000, sync }
+        Sim {
+            world,
+            rng: StdRng::seed_from_u64(seed),
+            alive: [true; 4],
+            master_xlog: 0x300_0000,
+            sync,
+        }
     }
 
     /// Keepers report what real keepers would: the database assigned to them, converging to
@@ -57,7 +65,13 @@ impl Sim {
                 self.world.reports.remove(*uid);
                 continue;
             }
-            let db = self.world.cd.dbs.values().find(|d| d.spec.keeper_uid == *uid).cloned();
+            let db = self
+                .world
+                .cd
+                .dbs
+                .values()
+                .find(|d| d.spec.keeper_uid == *uid)
+                .cloned();
             let previous = self.world.reports.get(*uid).cloned().unwrap_or(Report {
                 healthy: true,
                 tl: 1,
@@ -107,7 +121,18 @@ impl Sim {
                         r.sync.clear();
                         let lag = self.rng.random_range(0..2_000_000);
                         r.xlog = Lsn(self.master_xlog.saturating_sub(lag).max(r.xlog.0));
-                        let master_tl = self.world.cd.master.as_ref().and_then(|m| self.world.reports.values().find(|x| x.db.as_deref() == Some(m.as_str()))).map(|x| x.tl);
+                        let master_tl = self
+                            .world
+                            .cd
+                            .master
+                            .as_ref()
+                            .and_then(|m| {
+                                self.world
+                                    .reports
+                                    .values()
+                                    .find(|x| x.db.as_deref() == Some(m.as_str()))
+                            })
+                            .map(|x| x.tl);
                         if let Some(tl) = master_tl {
                             r.tl = tl;
                         }
@@ -130,7 +155,12 @@ impl Sim {
                 let generation = self.world.cd.proxy.generation;
                 self.world.proxies.insert(
                     p.to_owned(),
-                    ProxyInfo { format_version: 1, uid: p.to_owned(), generation, proxy_timeout: Duration::from_secs(5) },
+                    ProxyInfo {
+                        format_version: 1,
+                        uid: p.to_owned(),
+                        generation,
+                        proxy_timeout: Duration::from_secs(5),
+                    },
                 );
             }
         }
@@ -155,17 +185,36 @@ impl Sim {
     }
 }
 
-fn check(before: &tendril_control_model::ClusterData, after: &tendril_control_model::ClusterData, obs: &tendril_sentinel::Observations, sync: bool) {
-    assert!(after.generation >= before.generation, "cluster generation went back");
-    assert!(after.proxy.generation >= before.proxy.generation, "proxy generation went back");
+fn check(
+    before: &tendril_control_model::ClusterData,
+    after: &tendril_control_model::ClusterData,
+    obs: &tendril_sentinel::Observations,
+    sync: bool,
+) {
+    assert!(
+        after.generation >= before.generation,
+        "cluster generation went back"
+    );
+    assert!(
+        after.proxy.generation >= before.proxy.generation,
+        "proxy generation went back"
+    );
     for db in after.dbs.values() {
         if let Some(b) = before.dbs.get(&db.uid) {
-            assert!(db.generation >= b.generation, "db {} generation went back", db.uid);
+            assert!(
+                db.generation >= b.generation,
+                "db {} generation went back",
+                db.uid
+            );
         }
     }
     // The route names the master.
     if let Some(route) = &after.proxy.master {
-        assert_eq!(Some(&route.db_uid), after.master.as_ref(), "route to a database that is not the master");
+        assert_eq!(
+            Some(&route.db_uid),
+            after.master.as_ref(),
+            "route to a database that is not the master"
+        );
     }
     // No switch from one routed master to another without a fence in between.
     if let (Some(a), Some(b)) = (&before.proxy.master, &after.proxy.master) {
@@ -187,13 +236,21 @@ fn check(before: &tendril_control_model::ClusterData, after: &tendril_control_mo
     if let (Some(old), Some(new)) = (&before.master, &after.master)
         && old != new
     {
-        assert!(after.proxy.master.is_none(), "promoted while the proxies still route");
+        assert!(
+            after.proxy.master.is_none(),
+            "promoted while the proxies still route"
+        );
         let old_db = &before.dbs[old];
         let new_before = &before.dbs[new];
-        assert_eq!(new_before.spec.role, DbRole::Standby, "promoted a non-standby");
+        assert_eq!(
+            new_before.spec.role,
+            DbRole::Standby,
+            "promoted a non-standby"
+        );
         if sync && old_db.spec.synchronous_replication {
             assert!(
-                old_db.spec.synchronous_standbys.contains(new) && old_db.status.synchronous_standbys.contains(new),
+                old_db.spec.synchronous_standbys.contains(new)
+                    && old_db.status.synchronous_standbys.contains(new),
                 "promoted {new}, not a synchronous standby known in sync ({:?} / {:?})",
                 old_db.spec.synchronous_standbys,
                 old_db.status.synchronous_standbys
@@ -201,7 +258,10 @@ fn check(before: &tendril_control_model::ClusterData, after: &tendril_control_mo
         }
         let switchover = before.switchover.is_some();
         if !switchover && !old_db.spec.synchronous_replication {
-            let master_pos = after.dbs.get(old).map_or(old_db.status.xlog_pos, |d| d.status.xlog_pos);
+            let master_pos = after
+                .dbs
+                .get(old)
+                .map_or(old_db.status.xlog_pos, |d| d.status.xlog_pos);
             let new_pos = after.dbs[new].status.xlog_pos;
             assert!(
                 master_pos.bytes_ahead_of(new_pos) <= after.spec.max_standby_lag,
@@ -214,7 +274,15 @@ fn check(before: &tendril_control_model::ClusterData, after: &tendril_control_mo
 impl support::script::World {
     /// The observations the next run will see, without consuming report ids.
     fn observations_peek(&self) -> tendril_sentinel::Observations {
-        let mut copy = World { cd: self.cd.clone(), reports: self.reports.clone(), proxies: self.proxies.clone(), mem: self.mem.clone(), now: self.now, writes: 0, next_info: self.next_info };
+        let mut copy = World {
+            cd: self.cd.clone(),
+            reports: self.reports.clone(),
+            proxies: self.proxies.clone(),
+            mem: self.mem.clone(),
+            now: self.now,
+            writes: 0,
+            next_info: self.next_info,
+        };
         copy.observations()
     }
 }
@@ -237,8 +305,14 @@ fn run_seeds(sync: bool) {
         }
     }
     // The histories must exercise failovers and publication, or the properties hold vacuously.
-    assert!(failovers > 300, "only {failovers} master changes in all histories");
-    assert!(publishes > 10_000, "only {publishes} routed steps in all histories");
+    assert!(
+        failovers > 300,
+        "only {failovers} master changes in all histories"
+    );
+    assert!(
+        publishes > 10_000,
+        "only {publishes} routed steps in all histories"
+    );
     println!("sync={sync}: {failovers} master changes, {publishes} routed steps");
 }
 

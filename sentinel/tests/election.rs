@@ -1,0 +1,192 @@
+//! Two real sentinel processes against a real etcd: one leads; when it is killed (SIGKILL) the
+//! other takes over within the leadership lease TTL + 1 s and carries on with the same cluster
+//! data.
+
+#![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use tendril_control_model::{ClusterData, FORMAT_VERSION, KeeperInfo, Keys, decode, encode};
+use tendril_control_store::{EtcdStore, Store, StoreConfig};
+use tendril_testkit::EtcdServer;
+
+const TTL: Duration = Duration::from_secs(3);
+
+struct Proc {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sentinel(etcd: &EtcdServer, dir: &std::path::Path, name: &str, spec: &std::path::Path) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tendril-sentinel"))
+        .env("TENDRIL_CLUSTER_NAME", "e")
+        .env("TENDRIL_STORE_ENDPOINTS", etcd.endpoint())
+        .env("TENDRIL_LOG", "info")
+        .arg("--initial-cluster-spec")
+        .arg(spec)
+        .arg("--leader-ttl")
+        .arg(format!("{}s", TTL.as_secs()))
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    Proc { child, log }
+}
+
+async fn keeper_report(store: &EtcdStore, keys: &Keys, cluster_uid: &str, uid: &str) {
+    let info = KeeperInfo {
+        format_version: FORMAT_VERSION,
+        info_uid: format!(
+            "{:x}",
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ),
+        uid: uid.into(),
+        cluster_uid: cluster_uid.into(),
+        boot_uuid: "b".into(),
+        pg_binary_version: None,
+        postgres_state: None,
+        can_be_master: true,
+        can_be_synchronous_replica: true,
+        priority: 0,
+        last_error: None,
+        pg_crashes: 0,
+        last_pg_crash: None,
+    };
+    store
+        .put(&keys.keeper(uid), encode(&info), None)
+        .await
+        .unwrap();
+}
+
+async fn wait<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not reached within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_other_takes_over_with_the_same_cluster_data() {
+    tendril_testkit::init_logging();
+    let etcd = EtcdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("spec.json");
+    std::fs::write(&spec, r#"{"sleep_interval": "1s"}"#).unwrap();
+    let mut a = sentinel(&etcd, dir.path(), "a", &spec);
+    let mut b = sentinel(&etcd, dir.path(), "b", &spec);
+    let store = EtcdStore::connect(&StoreConfig::new([etcd.endpoint()]))
+        .await
+        .unwrap();
+    let keys = Keys::new("e").unwrap();
+
+    let cd: ClusterData = wait(
+        "cluster data created from the initial spec",
+        Duration::from_secs(20),
+        async || {
+            let kv = store.get(&keys.cluster_data()).await.unwrap()?;
+            decode(&kv.value).ok()
+        },
+    )
+    .await;
+    let first_leader = wait("a leader elected", Duration::from_secs(20), async || {
+        store.leader(&keys.leader()).await.unwrap()
+    })
+    .await;
+    // Only the leader writes: a keeper report makes it record the keeper.
+    keeper_report(&store, &keys, &cd.uid, "k1").await;
+    let before: ClusterData = wait(
+        "the leader records keeper k1",
+        Duration::from_secs(10),
+        async || {
+            let cd: ClusterData =
+                decode(&store.get(&keys.cluster_data()).await.unwrap()?.value).ok()?;
+            cd.keepers.contains_key("k1").then_some(cd)
+        },
+    )
+    .await;
+
+    let (leader, follower) = if a.log().contains("elected leader") {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+    assert!(
+        leader.log().contains("elected leader"),
+        "leader log:\n{}",
+        leader.log()
+    );
+    assert!(
+        !follower.log().contains("elected leader"),
+        "two leaders:\n{}",
+        follower.log()
+    );
+    leader.child.kill().unwrap();
+    leader.child.wait().unwrap();
+    let killed = Instant::now();
+    let new_leader = wait(
+        "the other sentinel elected",
+        TTL + Duration::from_secs(1),
+        async || {
+            store
+                .leader(&keys.leader())
+                .await
+                .unwrap()
+                .filter(|l| *l != first_leader)
+        },
+    )
+    .await;
+    let took = killed.elapsed();
+    println!("leader {first_leader} killed; {new_leader} leads after {took:?} (lease TTL {TTL:?})");
+    assert!(took <= TTL + Duration::from_secs(1));
+
+    // The new leader continues the same cluster data: same uid, generations going on.
+    keeper_report(&store, &keys, &cd.uid, "k2").await;
+    let after: ClusterData = wait(
+        "the new leader records keeper k2",
+        Duration::from_secs(10),
+        async || {
+            let cd: ClusterData =
+                decode(&store.get(&keys.cluster_data()).await.unwrap()?.value).ok()?;
+            cd.keepers.contains_key("k2").then_some(cd)
+        },
+    )
+    .await;
+    assert_eq!(
+        after.uid, cd.uid,
+        "the new leader must not re-create the cluster"
+    );
+    assert!(after.generation > before.generation);
+    assert!(after.keepers.contains_key("k1"));
+    assert!(
+        follower.log().contains("elected leader"),
+        "follower log:\n{}",
+        follower.log()
+    );
+}
