@@ -1,5 +1,232 @@
-//! tendril-proxy: the data plane. A thread-per-core io_uring proxy on every application host
-//! that sends each client to the current master, reads its routing table lock-free from an
-//! etcd watch, and cuts every connection to a demoted master at once.
+//! tendril-proxy: the data plane. A thread-per-core proxy on every application host that
+//! sends each client to the current master and cuts every connection to a demoted one at once.
 //!
-//! The implementation lands with the Proxy issue.
+//! - [`worker`]: one thread per core, each with its own monoio runtime (io_uring with
+//!   DEFER_TASKRUN, epoll as a fallback), its own `SO_REUSEPORT` listener, and the
+//!   connections it accepted. Per accept it loads the [`routing`] table lock-free.
+//! - [`forward`]: how established connections move bytes; userspace recv/send today, one
+//!   interface so an in-kernel sockmap path can slot in.
+//! - [`control`]: a tokio thread that follows the cluster data by watch, publishes routing
+//!   tables, fences (workers cut their connections, the socket killer the rest), acknowledges
+//!   the generation, and fences the proxy itself before its lease can expire.
+//! - [`pgwire`]: the startup-packet parser (sans-IO) and the 57P03 refusal used while there is
+//!   no master.
+
+pub mod config;
+pub mod control;
+pub mod forward;
+pub mod metrics;
+pub mod pgwire;
+pub mod routing;
+pub mod shared;
+mod sys;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use config::ProxyConfig;
+use shared::{Settings, Shared};
+use tendril_control_model::{ClusterData, decode};
+use tendril_control_store::{EtcdStore, Store};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A worker could not start.
+    #[error("worker {worker} failed to start: {detail}")]
+    Worker {
+        /// Which.
+        worker: usize,
+        /// Why.
+        detail: String,
+    },
+    /// The metrics address cannot be bound.
+    #[error("{0}")]
+    Metrics(std::io::Error),
+    /// The store configuration is unusable.
+    #[error(transparent)]
+    Store(#[from] tendril_control_store::StoreError),
+    /// Another startup failure.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct App {
+    /// The address clients connect to.
+    pub listen: SocketAddr,
+    /// Shared state (routing table, counters).
+    pub shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    control: JoinHandle<()>,
+}
+
+impl App {
+    /// Binds, starts the workers and the control thread. `shutdown` stops the proxy (drain).
+    pub fn start(
+        config: ProxyConfig,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<App, ProxyError> {
+        let nofile = sys::raise_nofile_limit();
+        let listeners = bind(config.listen, config.workers)?;
+        let listen = listeners[0].local_addr().map_err(|source| ProxyError::Listen { addr: config.listen, source })?;
+        let shared = Shared::new(
+            config.workers,
+            Settings {
+                cluster: config.cluster.clone(),
+                max_connections: config.max_connections,
+                connect_timeout: config.connect_timeout,
+                hold_timeout: config.hold_timeout,
+                startup_timeout: Duration::from_secs(10),
+                drain_timeout: config.drain_timeout,
+            },
+        );
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let mut wakers = Vec::new();
+        let mut workers = Vec::new();
+        let listener_fds: Vec<_> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<(usize, Result<worker::Driver, String>)>();
+        for (id, listener) in listeners.into_iter().enumerate() {
+            let (control_end, worker_end) = std::os::unix::net::UnixStream::pair()
+                .map_err(|e| ProxyError::Other(format!("socketpair: {e}")))?;
+            control_end.set_nonblocking(true).map_err(|e| ProxyError::Other(e.to_string()))?;
+            worker_end.set_nonblocking(true).map_err(|e| ProxyError::Other(e.to_string()))?;
+            wakers.push(control_end);
+            let shared = shared.clone();
+            let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+            let force_epoll = config.force_epoll;
+            let started = started_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("tendril-worker-{id}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        core_affinity::set_for_current(core);
+                    }
+                    worker::run(id, listener, worker_end, shared, force_epoll, started);
+                })
+                .map_err(|e| ProxyError::Other(format!("spawn worker: {e}")))?;
+            workers.push(handle);
+        }
+        drop(started_tx);
+        for _ in 0..config.workers {
+            match started_rx.recv_timeout(Duration::from_secs(10)) {
+                Ok((_, Ok(_))) => {}
+                Ok((worker, Err(detail))) => return Err(ProxyError::Worker { worker, detail }),
+                Err(_) => return Err(ProxyError::Other("workers did not start within 10 s".into())),
+            }
+        }
+        let driver = shared.driver();
+        tracing::info!(%listen, workers = config.workers, driver, nofile, uid = %config.uid, "proxy listening");
+        let control = spawn_control(config, shared.clone(), wakers, listener_fds, shutdown)?;
+        Ok(App { listen, shared, workers, control })
+    }
+
+    /// Waits until the proxy has drained and stopped.
+    pub fn wait(self) {
+        let _ = self.control.join();
+        for w in self.workers {
+            let _ = w.join();
+        }
+    }
+}
+
+fn bind(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, ProxyError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut out = Vec::with_capacity(n);
+    let mut addr = addr;
+    for _ in 0..n {
+        let err = |source| ProxyError::Listen { addr, source };
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+        socket.set_reuse_address(true).map_err(err)?;
+        socket.set_reuse_port(true).map_err(err)?;
+        socket.set_nonblocking(true).map_err(err)?;
+        socket.bind(&addr.into()).map_err(err)?;
+        socket.listen(4096).map_err(err)?;
+        let listener: std::net::TcpListener = socket.into();
+        // With port 0 the first bind picks a port; the others share it.
+        addr = listener.local_addr().map_err(err)?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+fn spawn_control(
+    config: ProxyConfig,
+    shared: Arc<Shared>,
+    wakers: Vec<std::os::unix::net::UnixStream>,
+    listener_fds: Vec<std::os::fd::RawFd>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<JoinHandle<()>, ProxyError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ProxyError::Other(format!("control runtime: {e}")))?;
+    let metrics_listener = match config.metrics_address {
+        Some(addr) => Some(
+            runtime.block_on(tendril_metrics::bind(addr)).map_err(ProxyError::Metrics)?,
+        ),
+        None => None,
+    };
+    let store = runtime.block_on(EtcdStore::connect_lazy(&config.store))?;
+    std::thread::Builder::new()
+        .name("tendril-control".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let lease_ttl = lease_ttl(&store, &config).await;
+                let control = control::Control::new(
+                    store,
+                    shared.clone(),
+                    config.keys.clone(),
+                    config.uid.clone(),
+                    lease_ttl,
+                    wakers,
+                    listener_fds,
+                    None,
+                );
+                if let Some(listener) = metrics_listener {
+                    let mechanism = control.kill_mechanism();
+                    let cluster = config.cluster.clone();
+                    let s = shared.clone();
+                    tokio::spawn(tendril_metrics::serve(
+                        listener,
+                        Arc::new(move || {
+                            let table = s.table.load();
+                            metrics::render(
+                                &cluster,
+                                &s.workers,
+                                table.generation.0,
+                                table.backend().is_none(),
+                                s.driver(),
+                                mechanism,
+                                "userspace",
+                            )
+                        }),
+                    ));
+                }
+                control.run(shutdown).await;
+            });
+        })
+        .map_err(|e| ProxyError::Other(format!("spawn control thread: {e}")))
+}
+
+/// The lease TTL: the spec's `proxy_timeout` if the cluster data can be read now, else 5 s.
+async fn lease_ttl(store: &EtcdStore, config: &ProxyConfig) -> Duration {
+    let read = tokio::time::timeout(Duration::from_secs(2), store.get(&config.keys.cluster_data())).await;
+    match read {
+        Ok(Ok(Some(kv))) => decode::<ClusterData>(&kv.value).map_or(Duration::from_secs(5), |cd| cd.spec.proxy_timeout),
+        _ => Duration::from_secs(5),
+    }
+}

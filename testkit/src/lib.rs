@@ -5,14 +5,18 @@
 //! mocks, because the behaviour under test (leases expiring, watches resuming across a
 //! restart, compaction) only exists in the real thing.
 //!
+//! [`PgServer`] runs Debian's PostgreSQL 15 with trust authentication on loopback.
+//!
 //! Start servers from the test's own thread: the child is told to die with the thread that
 //! spawned it (`PR_SET_PDEATHSIG`), so a test runner killed with SIGKILL leaves no etcd behind.
 
 mod etcd;
 mod port;
+mod postgres;
 
 pub use etcd::{EtcdServer, TlsMaterial};
 pub use port::free_port;
+pub use postgres::{PG_BIN, PgServer};
 
 use std::path::PathBuf;
 

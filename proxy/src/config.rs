@@ -1,0 +1,127 @@
+//! Proxy flags (each also a `TENDRIL_*` variable) and the validated configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use tendril_control_model::Keys;
+use tendril_control_store::{StoreArgs, StoreConfig};
+
+/// Send every PostgreSQL client to the current master.
+#[derive(Debug, Parser)]
+#[command(name = "tendril-proxy", version, about, long_about = None)]
+pub struct ProxyArgs {
+    /// The cluster's name.
+    #[arg(long, env = "TENDRIL_CLUSTER_NAME")]
+    pub cluster_name: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Address clients connect to.
+    #[arg(long, env = "TENDRIL_LISTEN_ADDRESS", default_value = "127.0.0.1:25432")]
+    pub listen_address: SocketAddr,
+    /// This proxy's uid (default: random per start).
+    #[arg(long, env = "TENDRIL_PROXY_UID")]
+    pub uid: Option<String>,
+    /// Worker threads, each with its own ring and listener (default: one per core).
+    #[arg(long, env = "TENDRIL_WORKERS")]
+    pub workers: Option<usize>,
+    /// During a switchover, hold new connections up to this long instead of refusing them
+    /// (0: refuse at once).
+    #[arg(long, env = "TENDRIL_HOLD_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub hold_timeout: Duration,
+    /// Serve Prometheus metrics on this address.
+    #[arg(long, env = "TENDRIL_METRICS_ADDRESS")]
+    pub metrics_address: Option<SocketAddr>,
+    /// Most client connections at once; more are refused with SQLSTATE 53300.
+    #[arg(long, env = "TENDRIL_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: u64,
+    /// Deadline of a connection to the master.
+    #[arg(long, env = "TENDRIL_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// On SIGTERM, how long open connections may take to finish.
+    #[arg(long, env = "TENDRIL_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// I/O driver: `auto` (io_uring, epoll when unavailable) or `epoll`.
+    #[arg(long, env = "TENDRIL_IO_DRIVER", default_value = "auto")]
+    pub io_driver: IoDriver,
+}
+
+/// The I/O driver choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoDriver {
+    /// io_uring where possible.
+    Auto,
+    /// Always epoll.
+    Epoll,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Cluster name.
+    pub cluster: String,
+    /// Store keys.
+    pub keys: Keys,
+    /// Store connection.
+    pub store: StoreConfig,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Proxy uid.
+    pub uid: String,
+    /// Worker count.
+    pub workers: usize,
+    /// Hold timeout.
+    pub hold_timeout: Duration,
+    /// Metrics address.
+    pub metrics_address: Option<SocketAddr>,
+    /// Connection limit.
+    pub max_connections: u64,
+    /// Backend connect timeout.
+    pub connect_timeout: Duration,
+    /// Drain timeout.
+    pub drain_timeout: Duration,
+    /// Force epoll.
+    pub force_epoll: bool,
+}
+
+impl ProxyArgs {
+    /// Validates the flags; every problem is reported.
+    pub fn into_config(self) -> Result<ProxyConfig, String> {
+        let mut errors = Vec::new();
+        let keys = Keys::new(&self.cluster_name).map_err(|e| errors.push(e.to_string())).ok();
+        let store = self.store.to_config().map_err(|e| errors.push(e.to_string())).ok();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = self.workers.unwrap_or(cores);
+        if workers == 0 || workers > 1024 {
+            errors.push(format!("--workers {workers}: use 1 to 1024"));
+        }
+        if self.max_connections == 0 {
+            errors.push("--max-connections must be at least 1".into());
+        }
+        if self.connect_timeout.is_zero() {
+            errors.push("--connect-timeout must be greater than zero".into());
+        }
+        let uid = self.uid.unwrap_or_else(|| format!("{:08x}", rand::random::<u32>()));
+        if uid.is_empty() || !uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            errors.push(format!("--uid {uid:?}: use letters, digits, '-' and '_'"));
+        }
+        let force_epoll = self.io_driver == IoDriver::Epoll;
+        match (keys, store) {
+            (Some(keys), Some(store)) if errors.is_empty() => Ok(ProxyConfig {
+                cluster: self.cluster_name,
+                keys,
+                store,
+                listen: self.listen_address,
+                uid,
+                workers,
+                hold_timeout: self.hold_timeout,
+                metrics_address: self.metrics_address,
+                max_connections: self.max_connections,
+                connect_timeout: self.connect_timeout,
+                drain_timeout: self.drain_timeout,
+                force_epoll,
+            }),
+            _ => Err(errors.join("\n  - ")),
+        }
+    }
+}

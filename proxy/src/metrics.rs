@@ -1,0 +1,131 @@
+//! Proxy counters: one cache-line-padded block per worker (no sharing on the hot path),
+//! summed when scraped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed it.
+    Client,
+    /// The backend closed it.
+    Backend,
+    /// The fence cut it (master changed or proxy fenced itself).
+    Fenced,
+    /// An I/O error.
+    Error,
+    /// Refused: no master (SQLSTATE 57P03).
+    NoMaster,
+    /// Refused: connection limit (SQLSTATE 53300).
+    Limit,
+    /// The backend could not be reached.
+    ConnectFailed,
+    /// Not PostgreSQL, or too slow to send its startup packet.
+    BadStartup,
+    /// A cancel request, forwarded or dropped.
+    Cancel,
+}
+
+impl CloseReason {
+    /// All reasons, for rendering.
+    pub const ALL: [CloseReason; 9] = [
+        CloseReason::Client,
+        CloseReason::Backend,
+        CloseReason::Fenced,
+        CloseReason::Error,
+        CloseReason::NoMaster,
+        CloseReason::Limit,
+        CloseReason::ConnectFailed,
+        CloseReason::BadStartup,
+        CloseReason::Cancel,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::Client => "client",
+            CloseReason::Backend => "backend",
+            CloseReason::Fenced => "fenced",
+            CloseReason::Error => "error",
+            CloseReason::NoMaster => "no_master",
+            CloseReason::Limit => "limit",
+            CloseReason::ConnectFailed => "connect_failed",
+            CloseReason::BadStartup => "bad_startup",
+            CloseReason::Cancel => "cancel",
+        }
+    }
+}
+
+/// One worker's counters.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct WorkerMetrics {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections open.
+    pub active: AtomicU64,
+    /// Closed, by reason (indexed like [`CloseReason::ALL`]).
+    pub closed: [AtomicU64; 9],
+    /// Bytes from clients to the backend.
+    pub bytes_to_backend: AtomicU64,
+    /// Bytes from the backend to clients.
+    pub bytes_to_client: AtomicU64,
+    /// The last routing-table epoch this worker applied (fence acknowledgement).
+    pub applied_epoch: AtomicU64,
+}
+
+impl WorkerMetrics {
+    /// Counts a closed connection.
+    pub fn closed(&self, reason: CloseReason) {
+        let i = CloseReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.closed[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Renders the Prometheus text for all workers plus the control-plane values.
+pub fn render(
+    cluster: &str,
+    workers: &[WorkerMetrics],
+    generation: u64,
+    fenced: bool,
+    driver: &str,
+    kill_mechanism: &str,
+    forwarding: &str,
+) -> String {
+    let sum = |f: &dyn Fn(&WorkerMetrics) -> u64| workers.iter().map(f).sum::<u64>();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, value) in rows {
+            let sep = if labels.is_empty() { "" } else { "," };
+            out.push_str(&format!("{name}{{cluster=\"{cluster}\"{sep}{labels}}} {value}\n"));
+        }
+    };
+    metric("tendril_proxy_connections_active", "gauge", "client connections open", vec![(String::new(), sum(&|w| w.active.load(Ordering::Relaxed)))]);
+    metric("tendril_proxy_connections_accepted_total", "counter", "client connections accepted", vec![(String::new(), sum(&|w| w.accepted.load(Ordering::Relaxed)))]);
+    metric(
+        "tendril_proxy_connections_closed_total",
+        "counter",
+        "client connections closed, by reason",
+        CloseReason::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("reason=\"{}\"", r.label()), sum(&|w| w.closed[i].load(Ordering::Relaxed))))
+            .collect(),
+    );
+    metric(
+        "tendril_proxy_bytes_total",
+        "counter",
+        "bytes forwarded, by direction",
+        vec![
+            ("direction=\"to_backend\"".into(), sum(&|w| w.bytes_to_backend.load(Ordering::Relaxed))),
+            ("direction=\"to_client\"".into(), sum(&|w| w.bytes_to_client.load(Ordering::Relaxed))),
+        ],
+    );
+    metric("tendril_proxy_generation", "gauge", "proxy-section generation applied", vec![(String::new(), generation)]);
+    metric("tendril_proxy_fenced", "gauge", "1 while routing nowhere", vec![(String::new(), u64::from(fenced))]);
+    metric("tendril_proxy_io_driver", "gauge", "the I/O driver in use", vec![(format!("driver=\"{driver}\""), 1)]);
+    metric("tendril_proxy_forwarding", "gauge", "the forwarding strategy in use", vec![(format!("strategy=\"{forwarding}\""), 1)]);
+    metric("tendril_proxy_kill_mechanism", "gauge", "how host sockets to a demoted master are destroyed", vec![(format!("mechanism=\"{kill_mechanism}\""), 1)]);
+    out
+}

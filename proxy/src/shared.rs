@@ -1,0 +1,95 @@
+//! State shared between the control thread and the workers: the routing table (arc-swap),
+//! per-worker counters, settings.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::metrics::WorkerMetrics;
+use crate::routing::RoutingTable;
+use crate::worker::Driver;
+
+/// Data-plane settings, fixed at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The cluster name (in error messages).
+    pub cluster: String,
+    /// Most client connections at once.
+    pub max_connections: u64,
+    /// Deadline of a backend connect.
+    pub connect_timeout: Duration,
+    /// How long a new connection may wait for a master during a switchover (0: never wait).
+    pub hold_timeout: Duration,
+    /// How long a client has to send its startup packet when there is no master.
+    pub startup_timeout: Duration,
+    /// How long to wait for connections to end on SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+/// Shared state.
+#[derive(Debug)]
+pub struct Shared {
+    /// The current routing table.
+    pub table: ArcSwap<RoutingTable>,
+    /// One counter block per worker.
+    pub workers: Vec<WorkerMetrics>,
+    /// Settings.
+    pub settings: Settings,
+    drivers: Vec<AtomicU8>,
+    draining: AtomicBool,
+}
+
+impl Shared {
+    /// Shared state for `workers` workers, routing nowhere.
+    pub fn new(workers: usize, settings: Settings) -> Arc<Shared> {
+        Arc::new(Shared {
+            table: ArcSwap::from_pointee(RoutingTable::starting()),
+            workers: (0..workers).map(|_| WorkerMetrics::default()).collect(),
+            settings,
+            drivers: (0..workers).map(|_| AtomicU8::new(0)).collect(),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// Connections open across workers.
+    pub fn active_connections(&self) -> u64 {
+        self.workers.iter().map(|w| w.active.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Records the driver worker `id` runs on.
+    pub fn set_driver(&self, id: usize, driver: Driver) {
+        let code = match driver {
+            Driver::IoUring => 1,
+            Driver::IoUringPlain => 2,
+            Driver::Epoll => 3,
+        };
+        self.drivers[id].store(code, Ordering::Relaxed);
+    }
+
+    /// The driver of the first worker that reported one (they normally agree).
+    pub fn driver(&self) -> &'static str {
+        match self.drivers.iter().map(|d| d.load(Ordering::Relaxed)).find(|c| *c != 0) {
+            Some(1) => Driver::IoUring.label(),
+            Some(2) => Driver::IoUringPlain.label(),
+            Some(3) => Driver::Epoll.label(),
+            _ => "starting",
+        }
+    }
+
+    /// Whether every worker reported its driver.
+    pub fn all_started(&self) -> bool {
+        self.drivers.iter().all(|d| d.load(Ordering::Relaxed) != 0)
+    }
+
+    /// Starts draining: workers stop accepting once their listener is shut down.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether the proxy is draining.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,432 @@
+//! A worker: one thread pinned to a core, its own monoio runtime on io_uring (epoll when
+//! io_uring cannot be used), its own `SO_REUSEPORT` listener, and the connections it accepted.
+//! Nothing on the per-connection path is shared with other threads except the routing table
+//! (one lock-free load per accept) and this worker's own counters.
+//!
+//! The fence: the control thread publishes a new table and writes one byte to each worker's
+//! wake socket; the worker's fence task shuts down every registered connection whose backend
+//! the new table no longer routes to, then records the table's epoch as applied.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use crate::forward::{BufferPool, Ended, Forwarder, UserspaceCopy};
+use crate::metrics::{CloseReason, WorkerMetrics};
+use crate::pgwire::{self, FirstPacket, Parse};
+use crate::routing::{Backend, NoBackend, RoutingTable};
+use crate::shared::Shared;
+use crate::sys::shutdown_both;
+
+/// The I/O driver a worker runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// io_uring with single issuer, deferred and cooperative task running.
+    IoUring,
+    /// io_uring without those flags (older kernels).
+    IoUringPlain,
+    /// epoll.
+    Epoll,
+}
+
+impl Driver {
+    /// For logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Driver::IoUring => "io_uring",
+            Driver::IoUringPlain => "io_uring_plain",
+            Driver::Epoll => "epoll",
+        }
+    }
+}
+
+type Uring = monoio::time::TimeDriver<monoio::IoUringDriver>;
+type Legacy = monoio::time::TimeDriver<monoio::LegacyDriver>;
+type Runtime = monoio::FusionRuntime<Uring, Legacy>;
+
+/// Builds the best runtime available: io_uring with DEFER_TASKRUN, plain io_uring, epoll.
+/// `force_epoll` skips io_uring (tests cover both drivers with it).
+pub fn build_runtime(force_epoll: bool) -> std::io::Result<(Runtime, Driver)> {
+    const ENTRIES: u32 = 1024;
+    if !force_epoll && monoio::utils::detect_uring() {
+        let mut tuned = io_uring::IoUring::builder();
+        tuned.setup_coop_taskrun().setup_single_issuer().setup_defer_taskrun();
+        let built = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .with_entries(ENTRIES)
+            .uring_builder(tuned)
+            .build();
+        match built {
+            Ok(rt) => return Ok((monoio::FusionRuntime::Uring(rt), Driver::IoUring)),
+            Err(e) => tracing::warn!(error = %e, "io_uring with DEFER_TASKRUN unavailable, trying a plain ring"),
+        }
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().with_entries(ENTRIES).build() {
+            Ok(rt) => return Ok((monoio::FusionRuntime::Uring(rt), Driver::IoUringPlain)),
+            // ENOMEM here is RLIMIT_MEMLOCK: monoio's own fallback does not catch it.
+            Err(e) => tracing::warn!(error = %e, "cannot build an io_uring ring (memlock limit?), falling back to epoll"),
+        }
+    }
+    let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().with_entries(ENTRIES).build()?;
+    Ok((monoio::FusionRuntime::Legacy(rt), Driver::Epoll))
+}
+
+/// A registered connection, for the fence.
+#[derive(Debug)]
+struct Entry {
+    backend: Backend,
+    client_fd: RawFd,
+    backend_fd: RawFd,
+    fenced: bool,
+}
+
+/// The connections of one worker that have a backend.
+#[derive(Debug, Default)]
+struct Registry {
+    entries: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    live: usize,
+}
+
+impl Registry {
+    fn insert(&mut self, entry: Entry) -> usize {
+        self.live += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.entries[i] = Some(entry);
+                i
+            }
+            None => {
+                self.entries.push(Some(entry));
+                self.entries.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, key: usize) -> Option<Entry> {
+        let entry = self.entries.get_mut(key)?.take()?;
+        self.free.push(key);
+        self.live -= 1;
+        Some(entry)
+    }
+
+    /// Shuts down every connection `table` fences; returns how many.
+    fn fence(&mut self, table: &RoutingTable) -> usize {
+        let mut cut = 0;
+        for entry in self.entries.iter_mut().flatten() {
+            if !entry.fenced && table.fences(&entry.backend) {
+                shutdown_both(entry.backend_fd);
+                shutdown_both(entry.client_fd);
+                entry.fenced = true;
+                cut += 1;
+            }
+        }
+        cut
+    }
+}
+
+/// What a worker task needs.
+struct Ctx {
+    id: usize,
+    shared: Arc<Shared>,
+    registry: RefCell<Registry>,
+    forwarder: UserspaceCopy,
+}
+
+impl Ctx {
+    fn metrics(&self) -> &WorkerMetrics {
+        &self.shared.workers[self.id]
+    }
+}
+
+/// Runs worker `id` on the current thread until the proxy drains. `started` hears once: the
+/// driver, as soon as the worker accepts, or why it could not start.
+pub fn run(
+    id: usize,
+    listener: std::net::TcpListener,
+    wake: std::os::unix::net::UnixStream,
+    shared: Arc<Shared>,
+    force_epoll: bool,
+    started: std::sync::mpsc::Sender<(usize, Result<Driver, String>)>,
+) {
+    let (mut rt, driver) = match build_runtime(force_epoll) {
+        Ok(built) => built,
+        Err(e) => {
+            let _ = started.send((id, Err(format!("cannot build a runtime: {e}"))));
+            return;
+        }
+    };
+    shared.set_driver(id, driver);
+    let result: std::io::Result<()> = rt.block_on(async move {
+        let listener = monoio::net::TcpListener::from_std(listener)?;
+        let wake = monoio::net::UnixStream::from_std(wake)?;
+        tracing::info!(worker = id, driver = driver.label(), "worker started");
+        let _ = started.send((id, Ok(driver)));
+        let ctx = Rc::new(Ctx {
+            id,
+            shared: shared.clone(),
+            registry: RefCell::new(Registry::default()),
+            forwarder: UserspaceCopy::new(Rc::new(BufferPool::default())),
+        });
+        monoio::spawn(fence_task(ctx.clone(), wake));
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    monoio::spawn(connection(ctx.clone(), stream, peer));
+                }
+                Err(e) => {
+                    if shared.draining() {
+                        break;
+                    }
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(worker = id, error = %e, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        drain(&ctx).await;
+        Ok(())
+    });
+    if let Err(e) = result {
+        tracing::error!(worker = id, error = %e, "worker stopped");
+    }
+}
+
+/// After the listener closed: wait for connections to end, then cut the rest.
+async fn drain(ctx: &Ctx) {
+    let deadline = std::time::Instant::now() + ctx.shared.settings.drain_timeout;
+    while ctx.metrics().active.load(Ordering::Relaxed) > 0 && std::time::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = ctx.registry.borrow_mut().fence(&RoutingTable::starting());
+    if left > 0 {
+        tracing::warn!(worker = ctx.id, connections = left, "drain timeout: closing the remaining connections");
+        while ctx.metrics().active.load(Ordering::Relaxed) > 0 {
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn fence_task(ctx: Rc<Ctx>, mut wake: monoio::net::UnixStream) {
+    let mut buf = vec![0u8; 64];
+    loop {
+        let (res, b) = wake.read(buf).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let table = ctx.shared.table.load_full();
+        let cut = ctx.registry.borrow_mut().fence(&table);
+        ctx.metrics().applied_epoch.store(table.epoch, Ordering::Release);
+        if cut > 0 {
+            tracing::info!(worker = ctx.id, connections = cut, generation = %table.generation, "fenced connections");
+        }
+    }
+}
+
+/// Decrements the active count and counts the close reason when a connection task ends.
+struct Active<'a> {
+    metrics: &'a WorkerMetrics,
+    reason: CloseReason,
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.metrics.active.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.closed(self.reason);
+    }
+}
+
+async fn connection(ctx: Rc<Ctx>, client: TcpStream, peer: SocketAddr) {
+    let metrics = ctx.metrics();
+    metrics.accepted.fetch_add(1, Ordering::Relaxed);
+    metrics.active.fetch_add(1, Ordering::Relaxed);
+    let mut active = Active { metrics, reason: CloseReason::Error };
+    let _ = client.set_nodelay(true);
+    set_keepalive(&client);
+    let total = ctx.shared.active_connections();
+    if total > ctx.shared.settings.max_connections {
+        active.reason = CloseReason::Limit;
+        let message = format!(
+            "tendril: too many connections to the proxy (limit {})",
+            ctx.shared.settings.max_connections
+        );
+        refuse(client, pgwire::TOO_MANY_CONNECTIONS, &message).await;
+        return;
+    }
+    let table = ctx.shared.table.load_full();
+    active.reason = match table.backend() {
+        Some(backend) => {
+            let backend = backend.clone();
+            routed(&ctx, client, peer, backend, table.epoch, Vec::new()).await
+        }
+        None => unrouted(&ctx, client, peer).await,
+    };
+}
+
+/// Connects to the backend and forwards, the connection registered for the fence.
+async fn routed(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr, backend: Backend, epoch: u64, prefix: Vec<u8>) -> CloseReason {
+    let settings = &ctx.shared.settings;
+    let connect = monoio::time::timeout(settings.connect_timeout, TcpStream::connect_addr(backend.addr)).await;
+    let mut server = match connect {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(client = %peer, backend = %backend.addr, error = %e, "backend connect failed");
+            let message = format!("tendril: cannot connect to the master at {}: {e}", backend.addr);
+            refuse(client, pgwire::CONNECTION_FAILURE, &message).await;
+            return CloseReason::ConnectFailed;
+        }
+        Err(_) => {
+            let message = format!("tendril: connecting to the master at {} timed out", backend.addr);
+            refuse(client, pgwire::CONNECTION_FAILURE, &message).await;
+            return CloseReason::ConnectFailed;
+        }
+    };
+    let _ = server.set_nodelay(true);
+    set_keepalive(&server);
+    let key = ctx.registry.borrow_mut().insert(Entry {
+        backend: backend.clone(),
+        client_fd: client.as_raw_fd(),
+        backend_fd: server.as_raw_fd(),
+        fenced: false,
+    });
+    // A fence published between our table load and the registration above did not see this
+    // connection: look again now that it is registered.
+    let now = ctx.shared.table.load();
+    if now.epoch != epoch && now.fences(&backend) {
+        ctx.registry.borrow_mut().remove(key);
+        return CloseReason::Fenced;
+    }
+    drop(now);
+    tracing::debug!(client = %peer, backend = %backend.addr, db = %backend.db_uid, "connected");
+    if !prefix.is_empty() {
+        let (res, _) = server.write_all(prefix).await;
+        if res.is_err() {
+            ctx.registry.borrow_mut().remove(key);
+            return CloseReason::Backend;
+        }
+    }
+    let _ = &mut client;
+    let ended = ctx.forwarder.forward(client, server, ctx.metrics()).await;
+    let entry = ctx.registry.borrow_mut().remove(key);
+    if entry.is_some_and(|e| e.fenced) {
+        return CloseReason::Fenced;
+    }
+    match ended {
+        Ended::Client => CloseReason::Client,
+        Ended::Backend => CloseReason::Backend,
+        Ended::Error => CloseReason::Error,
+    }
+}
+
+/// No backend: speak just enough protocol to refuse properly, or hold the client during a
+/// switchover until the new master is published.
+async fn unrouted(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> CloseReason {
+    let settings = &ctx.shared.settings;
+    let mut buf: Vec<u8> = Vec::with_capacity(256);
+    let deadline = std::time::Instant::now() + settings.startup_timeout;
+    loop {
+        match pgwire::parse_first_packet(&buf) {
+            Parse::NeedMore => {}
+            Parse::Invalid(why) => {
+                tracing::debug!(client = %peer, why, "bad startup packet");
+                refuse(client, pgwire::PROTOCOL_VIOLATION, &format!("tendril: {why}")).await;
+                return CloseReason::BadStartup;
+            }
+            Parse::Done(FirstPacket::SslRequest | FirstPacket::GssEncRequest, used) => {
+                buf.drain(..used);
+                let (res, _) = client.write_all(b"N".to_vec()).await;
+                if res.is_err() {
+                    return CloseReason::Client;
+                }
+                continue;
+            }
+            Parse::Done(FirstPacket::CancelRequest { .. }, used) => {
+                // Cancel keys belong to the master: forward if there is one now, else drop.
+                if let Some(backend) = ctx.shared.table.load().backend().cloned() {
+                    forward_cancel(&backend, buf[..used].to_vec(), settings.connect_timeout).await;
+                }
+                return CloseReason::Cancel;
+            }
+            Parse::Done(FirstPacket::Startup { .. }, _) => {
+                return hold_or_refuse(ctx, client, peer, buf).await;
+            }
+        }
+        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+        let spare = std::mem::take(&mut buf);
+        let read = monoio::time::timeout(remaining, read_more(&mut client, spare)).await;
+        match read {
+            Ok(Ok(more)) => buf = more,
+            Ok(Err(_)) => return CloseReason::Client,
+            Err(_) => return CloseReason::BadStartup,
+        }
+    }
+}
+
+async fn read_more(client: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    if buf.len() >= pgwire::MAX_STARTUP_PACKET {
+        return Err(std::io::ErrorKind::InvalidData.into());
+    }
+    let (res, chunk) = client.read(Vec::with_capacity(1024)).await;
+    match res? {
+        0 => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        _ => {
+            buf.extend_from_slice(&chunk);
+            Ok(buf)
+        }
+    }
+}
+
+async fn hold_or_refuse(ctx: &Ctx, client: TcpStream, peer: SocketAddr, startup: Vec<u8>) -> CloseReason {
+    let settings = &ctx.shared.settings;
+    let start = std::time::Instant::now();
+    loop {
+        let table = ctx.shared.table.load_full();
+        if let Some(backend) = table.backend() {
+            return routed(ctx, client, peer, backend.clone(), table.epoch, startup).await;
+        }
+        let holding = table.hold && !settings.hold_timeout.is_zero() && start.elapsed() < settings.hold_timeout;
+        if !holding {
+            let why = match table.backend {
+                Err(NoBackend::SelfFenced) => " (this proxy cannot reach the store)",
+                Err(NoBackend::BadClusterData) => " (the cluster data cannot be used)",
+                Err(NoBackend::Unresolved) => " (the master's address does not resolve)",
+                Err(NoBackend::Starting) => " (the proxy is starting)",
+                _ if table.hold => " (a switchover did not finish within the hold timeout)",
+                _ => "",
+            };
+            let message = format!("tendril: no master available for cluster {}{why}", settings.cluster);
+            refuse(client, pgwire::CANNOT_CONNECT_NOW, &message).await;
+            return CloseReason::NoMaster;
+        }
+        // Rare path (a switchover in progress): a short poll keeps the hot path free of
+        // cross-thread wake-ups.
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn forward_cancel(backend: &Backend, packet: Vec<u8>, timeout: Duration) {
+    if let Ok(Ok(mut s)) = monoio::time::timeout(timeout, TcpStream::connect_addr(backend.addr)).await {
+        let _ = s.write_all(packet).await;
+    }
+}
+
+/// Sends an `ErrorResponse` and closes.
+async fn refuse(mut client: TcpStream, code: &str, message: &str) {
+    let (res, _) = client.write_all(pgwire::error_response(code, message)).await;
+    if res.is_ok() {
+        let _ = monoio::io::AsyncWriteRent::shutdown(&mut client).await;
+    }
+}
+
+fn set_keepalive(s: &TcpStream) {
+    // Dead peers (a crashed host, a cut network) are noticed within a minute or so.
+    let _ = s.set_tcp_keepalive(Some(Duration::from_secs(30)), Some(Duration::from_secs(10)), Some(3));
+}

@@ -1,0 +1,155 @@
+//! The proxy with real PostgreSQL and real etcd: routing on both I/O drivers, re-routing and
+//! fencing on a cluster-data change, no-master refusals, holding during a switchover.
+
+#![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use support::{Env, ProxyProc, backend_port, connect, wait_routed};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_clients_on_both_io_drivers() {
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    env.route(Some(("db1", pg.port())), false).await;
+    for (driver, expected) in [("auto", "io_uring"), ("epoll", "epoll")] {
+        let proxy = ProxyProc::start(&env, &format!("p-{driver}"), &["--io-driver", driver], &[]);
+        wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
+        let client = connect(proxy.port).await.unwrap();
+        let n: i32 = client.query_one("SELECT 41 + 1", &[]).await.unwrap().get(0);
+        assert_eq!(n, 42);
+        // A result larger than the buffers, to exercise the large-transfer path.
+        let rows = client.query("SELECT repeat('x', 1000) FROM generate_series(1, 2000)", &[]).await.unwrap();
+        assert_eq!(rows.len(), 2000);
+        let metrics = proxy.metrics();
+        assert!(metrics.contains(&format!("driver=\"{expected}\"")), "{driver}: {metrics}");
+        assert!(proxy.log_text().contains(&format!("driver={expected}")) || proxy.log_text().contains(expected));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_data_write_reroutes_new_and_closes_old_connections() {
+    let mut env = Env::new().await;
+    let (pg1, pg2) = (support::pg(), support::pg());
+    let g1 = env.route(Some(("db1", pg1.port())), false).await;
+    let proxy = ProxyProc::start(&env, "p1", &[], &[]);
+    env.wait_acked("p1", g1, Duration::from_secs(10)).await;
+    wait_routed(proxy.port, pg1.port(), Duration::from_secs(10)).await;
+    let mut old = Vec::new();
+    for _ in 0..20 {
+        let c = connect(proxy.port).await.unwrap();
+        assert_eq!(backend_port(&c).await, pg1.port());
+        old.push(c);
+    }
+    let put = Instant::now();
+    let g2 = env.route(Some(("db2", pg2.port())), false).await;
+    let deadline = put + Duration::from_secs(5);
+    while old.iter().any(|c| !c.is_closed()) {
+        assert!(Instant::now() < deadline, "old connections still open 5 s after the change");
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    let closed_after = put.elapsed();
+    println!("cluster data put -> last of 20 old-master connections closed: {closed_after:?}");
+    env.wait_acked("p1", g2, Duration::from_secs(5)).await;
+    let c = connect(proxy.port).await.unwrap();
+    assert_eq!(backend_port(&c).await, pg2.port(), "new connections go to the new master");
+    assert!(proxy.metric("tendril_proxy_connections_closed_total{cluster=\"pxy\",reason=\"fenced\"}").unwrap() >= 20.0);
+    // An unchanged master keeps its connections when only the generation moves.
+    let g3 = env.route(Some(("db2", pg2.port())), false).await;
+    env.wait_acked("p1", g3, Duration::from_secs(5)).await;
+    assert!(!c.is_closed());
+    assert_eq!(backend_port(&c).await, pg2.port());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_master_answers_57p03_naming_the_cluster() {
+    let mut env = Env::new().await;
+    let g = env.route(None, false).await;
+    let proxy = ProxyProc::start(&env, "p1", &[], &[]);
+    env.wait_acked("p1", g, Duration::from_secs(10)).await;
+    let err = connect(proxy.port).await.unwrap_err();
+    let db = err.as_db_error().unwrap_or_else(|| panic!("not a server error: {err}"));
+    assert_eq!(db.code().code(), "57P03");
+    assert!(db.message().contains("no master available"), "{}", db.message());
+    assert!(db.message().contains(support::CLUSTER), "{}", db.message());
+    // SSLRequest first: answered N, then the startup gets the same error.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    raw.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).unwrap();
+    let mut answer = [0u8; 1];
+    raw.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"N");
+    let mut startup = vec![0, 0, 0, 0, 0, 3, 0, 0];
+    startup.extend_from_slice(b"user\0postgres\0\0");
+    let len = u32::try_from(startup.len()).unwrap().to_be_bytes();
+    startup[..4].copy_from_slice(&len);
+    raw.write_all(&startup).unwrap();
+    let mut reply = Vec::new();
+    raw.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply[0], b'E');
+    assert!(reply.windows(5).any(|w| w == b"57P03"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_waits_for_the_new_master_during_a_switchover() {
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    let g = env.route(None, true).await;
+    let proxy = ProxyProc::start(&env, "p1", &["--hold-timeout", "10s"], &[]);
+    env.wait_acked("p1", g, Duration::from_secs(10)).await;
+    let port = proxy.port;
+    let started = Instant::now();
+    let pending = tokio::spawn(async move { connect(port).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!pending.is_finished(), "a held connection was answered before the master appeared");
+    env.route(Some(("db1", pg.port())), false).await;
+    let client = tokio::time::timeout(Duration::from_secs(5), pending).await.unwrap().unwrap().unwrap();
+    println!("held connection served after {:?}", started.elapsed());
+    assert_eq!(backend_port(&client).await, pg.port());
+
+    // Past the hold timeout the client gets the no-master error, not a hang.
+    env.route(None, true).await;
+    let short = ProxyProc::start(&env, "p2", &["--hold-timeout", "300ms"], &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let err = connect(short.port).await.unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "57P03");
+    assert!(err.as_db_error().unwrap().message().contains("hold timeout"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_slow_clients_affect_no_one_else() {
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    env.route(Some(("db1", pg.port())), false).await;
+    let proxy = ProxyProc::start(&env, "p1", &[], &[]);
+    wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
+    let good = connect(proxy.port).await.unwrap();
+    // Garbage is forwarded to PostgreSQL, which rejects it; the proxy survives.
+    for junk in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0xff; 100], &[0, 0, 0, 1]] {
+        let mut raw = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = raw.write_all(junk);
+        let mut sink = Vec::new();
+        let _ = raw.read_to_end(&mut sink);
+    }
+    // A client that connects and sends nothing does not block others.
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    let n: i64 = good.query_one("SELECT count(*) FROM pg_class", &[]).await.unwrap().get(0);
+    assert!(n > 0);
+    let again = connect(proxy.port).await.unwrap();
+    assert_eq!(backend_port(&again).await, pg.port());
+    // And with no master, garbage gets a protocol error, not a crash.
+    env.route(None, false).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut reply = Vec::new();
+    raw.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply.first(), Some(&b'E'));
+    assert!(reply.windows(5).any(|w| w == b"08P01"));
+    assert!(proxy.child.id() > 0 && proxy.metrics().contains("tendril_proxy_connections_active"));
+}
