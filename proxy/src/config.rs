@@ -17,7 +17,11 @@ pub struct ProxyArgs {
     #[command(flatten)]
     pub store: StoreArgs,
     /// Address clients connect to.
-    #[arg(long, env = "TENDRIL_LISTEN_ADDRESS", default_value = "127.0.0.1:25432")]
+    #[arg(
+        long,
+        env = "TENDRIL_LISTEN_ADDRESS",
+        default_value = "127.0.0.1:25432"
+    )]
     pub listen_address: SocketAddr,
     /// This proxy's uid (default: random per start).
     #[arg(long, env = "TENDRIL_PROXY_UID")]
@@ -88,8 +92,14 @@ impl ProxyArgs {
     /// Validates the flags; every problem is reported.
     pub fn into_config(self) -> Result<ProxyConfig, String> {
         let mut errors = Vec::new();
-        let keys = Keys::new(&self.cluster_name).map_err(|e| errors.push(e.to_string())).ok();
-        let store = self.store.to_config().map_err(|e| errors.push(e.to_string())).ok();
+        let keys = Keys::new(&self.cluster_name)
+            .map_err(|e| errors.push(e.to_string()))
+            .ok();
+        let store = self
+            .store
+            .to_config()
+            .map_err(|e| errors.push(e.to_string()))
+            .ok();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let workers = self.workers.unwrap_or(cores);
         if workers == 0 || workers > 1024 {
@@ -101,8 +111,14 @@ impl ProxyArgs {
         if self.connect_timeout.is_zero() {
             errors.push("--connect-timeout must be greater than zero".into());
         }
-        let uid = self.uid.unwrap_or_else(|| format!("{:08x}", rand::random::<u32>()));
-        if uid.is_empty() || !uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        let uid = self
+            .uid
+            .unwrap_or_else(|| format!("{:08x}", rand::random::<u32>()));
+        if uid.is_empty()
+            || !uid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
             errors.push(format!("--uid {uid:?}: use letters, digits, '-' and '_'"));
         }
         let force_epoll = self.io_driver == IoDriver::Epoll;

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tendril_control_model::{ClusterData, FORMAT_VERSION, Generation, Keys, ProxyInfo, decode, encode};
+use tendril_control_model::{
+    ClusterData, FORMAT_VERSION, Generation, Keys, ProxyInfo, decode, encode,
+};
 use tendril_control_store::{KeptLease, Store, Watch, WatchEvent};
 
 use crate::routing::{Backend, NoBackend, RoutingTable, Target};
@@ -48,7 +50,10 @@ pub struct Control<S> {
 
 impl<S> std::fmt::Debug for Control<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Control").field("uid", &self.uid).field("epoch", &self.epoch).finish()
+        f.debug_struct("Control")
+            .field("uid", &self.uid)
+            .field("epoch", &self.epoch)
+            .finish()
     }
 }
 
@@ -98,7 +103,11 @@ impl<S: Store> Control<S> {
         loop {
             if watch.is_none() && !self.self_fenced {
                 match self.reload().await {
-                    Ok(revision) => match self.store.watch(&self.keys.cluster_data(), revision + 1).await {
+                    Ok(revision) => match self
+                        .store
+                        .watch(&self.keys.cluster_data(), revision + 1)
+                        .await
+                    {
                         Ok(w) => watch = Some(w),
                         Err(e) => tracing::warn!(error = %e, "cannot watch the cluster data"),
                     },
@@ -141,7 +150,11 @@ impl<S: Store> Control<S> {
     async fn reload(&mut self) -> Result<i64, tendril_control_store::StoreError> {
         let key = self.keys.cluster_data();
         let listing = self.store.list(&key).await?;
-        let value = listing.kvs.into_iter().find(|kv| kv.key == key).map(|kv| kv.value);
+        let value = listing
+            .kvs
+            .into_iter()
+            .find(|kv| kv.key == key)
+            .map(|kv| kv.value);
         self.on_cluster_data(value.as_deref()).await;
         Ok(listing.revision)
     }
@@ -153,7 +166,11 @@ impl<S: Store> Control<S> {
             Some(Err(e)) => {
                 // Never act on data we cannot read: route nowhere, say why.
                 tracing::error!(error = %e, "cannot use the cluster data; routing nowhere");
-                Target { generation: Generation::NONE, route: Err(NoBackend::BadClusterData), hold: false }
+                Target {
+                    generation: Generation::NONE,
+                    route: Err(NoBackend::BadClusterData),
+                    hold: false,
+                }
             }
         };
         if self.target.as_ref() == Some(&target) {
@@ -169,7 +186,10 @@ impl<S: Store> Control<S> {
     async fn apply(&mut self, target: Target) {
         let backend = match &target.route {
             Ok(route) => match resolve(&route.address, route.port).await {
-                Some(addr) => Ok(Backend { db_uid: route.db_uid.clone(), addr }),
+                Some(addr) => Ok(Backend {
+                    db_uid: route.db_uid.clone(),
+                    addr,
+                }),
                 None => {
                     tracing::error!(address = %route.address, port = route.port, "the master's address does not resolve; routing nowhere");
                     Err(NoBackend::Unresolved)
@@ -183,10 +203,20 @@ impl<S: Store> Control<S> {
 
     /// Publishes a table; when it routes away from the current backend, waits until every
     /// worker has cut its connections and the killer has run.
-    async fn publish(&mut self, generation: Generation, backend: Result<Backend, NoBackend>, hold: bool) {
+    async fn publish(
+        &mut self,
+        generation: Generation,
+        backend: Result<Backend, NoBackend>,
+        hold: bool,
+    ) {
         let old = self.shared.table.load_full();
         self.epoch += 1;
-        let table = RoutingTable { epoch: self.epoch, generation, backend, hold };
+        let table = RoutingTable {
+            epoch: self.epoch,
+            generation,
+            backend,
+            hold,
+        };
         let cut = old.backend().filter(|b| table.fences(b)).cloned();
         let started = Instant::now();
         tracing::info!(
@@ -205,7 +235,9 @@ impl<S: Store> Control<S> {
                     self.killed += n;
                     tracing::info!(peer = %old_backend.addr, destroyed = n, mechanism = killer.mechanism(), "host sockets to the old master destroyed");
                 }
-                Err(e) => tracing::warn!(peer = %old_backend.addr, error = %e, "socket killer failed"),
+                Err(e) => {
+                    tracing::warn!(peer = %old_backend.addr, error = %e, "socket killer failed")
+                }
             }
         }
         tracing::info!(
@@ -227,7 +259,11 @@ impl<S: Store> Control<S> {
     async fn wait_applied(&self, epoch: u64) {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let all = self.shared.workers.iter().all(|w| w.applied_epoch.load(Ordering::Acquire) >= epoch);
+            let all = self
+                .shared
+                .workers
+                .iter()
+                .all(|w| w.applied_epoch.load(Ordering::Acquire) >= epoch);
             if all || Instant::now() > deadline {
                 if !all {
                     tracing::warn!(epoch, "a worker did not acknowledge the fence within 2 s");
@@ -243,14 +279,20 @@ impl<S: Store> Control<S> {
         if self.self_fenced {
             return;
         }
-        let (Some(target), Some(lease)) = (&self.target, self.lease_id) else { return };
+        let (Some(target), Some(lease)) = (&self.target, self.lease_id) else {
+            return;
+        };
         let info = ProxyInfo {
             format_version: FORMAT_VERSION,
             uid: self.uid.clone(),
             generation: target.generation,
             proxy_timeout: self.lease_ttl,
         };
-        if let Err(e) = self.store.put(&self.keys.proxy(&self.uid), encode(&info), Some(lease)).await {
+        if let Err(e) = self
+            .store
+            .put(&self.keys.proxy(&self.uid), encode(&info), Some(lease))
+            .await
+        {
             tracing::warn!(error = %e, "cannot acknowledge the generation");
         }
     }
@@ -267,8 +309,12 @@ impl<S: Store> Control<S> {
                 "cannot renew the proxy lease: fencing this proxy before the lease expires"
             );
             self.self_fenced = true;
-            let generation = self.target.as_ref().map_or(Generation::NONE, |t| t.generation);
-            self.publish(generation, Err(NoBackend::SelfFenced), false).await;
+            let generation = self
+                .target
+                .as_ref()
+                .map_or(Generation::NONE, |t| t.generation);
+            self.publish(generation, Err(NoBackend::SelfFenced), false)
+                .await;
         } else if !stale && self.self_fenced {
             self.self_fenced = false;
             self.target = None;

@@ -38,7 +38,7 @@ pub trait Forwarder {
 
 /// Size of the buffer every direction keeps while idle: enough for the messages of an OLTP
 /// workload, small enough that 10,000 idle connections cost little memory.
-pub const SMALL_BUFFER: usize = 2 * 1024;
+pub const SMALL_BUFFER: usize = 512;
 /// Size of the pooled buffers a direction borrows while a large transfer is under way.
 pub const LARGE_BUFFER: usize = 64 * 1024;
 /// Large buffers a worker keeps for reuse.
@@ -52,7 +52,10 @@ pub struct BufferPool {
 
 impl BufferPool {
     fn take(&self) -> Vec<u8> {
-        self.free.borrow_mut().pop().unwrap_or_else(|| Vec::with_capacity(LARGE_BUFFER))
+        self.free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(LARGE_BUFFER))
     }
 
     fn give(&self, mut buf: Vec<u8>) {
@@ -78,12 +81,29 @@ impl UserspaceCopy {
 }
 
 impl Forwarder for UserspaceCopy {
-    async fn forward(&self, client: TcpStream, backend: TcpStream, metrics: &WorkerMetrics) -> Ended {
+    async fn forward(
+        &self,
+        client: TcpStream,
+        backend: TcpStream,
+        metrics: &WorkerMetrics,
+    ) -> Ended {
         let fds = (fd_of(&client), fd_of(&backend));
         let (client_r, client_w) = client.into_split();
         let (backend_r, backend_w) = backend.into_split();
-        let to_backend = copy(client_r, backend_w, &self.pool, &metrics.bytes_to_backend, fds);
-        let to_client = copy(backend_r, client_w, &self.pool, &metrics.bytes_to_client, fds);
+        let to_backend = copy(
+            client_r,
+            backend_w,
+            &self.pool,
+            &metrics.bytes_to_backend,
+            fds,
+        );
+        let to_client = copy(
+            backend_r,
+            client_w,
+            &self.pool,
+            &metrics.bytes_to_client,
+            fds,
+        );
         let (up, down) = monoio::join!(to_backend, to_client);
         match (up, down) {
             (Direction::Error, _) | (_, Direction::Error) => Ended::Error,

@@ -82,7 +82,12 @@ impl App {
     ) -> Result<App, ProxyError> {
         let nofile = sys::raise_nofile_limit();
         let listeners = bind(config.listen, config.workers)?;
-        let listen = listeners[0].local_addr().map_err(|source| ProxyError::Listen { addr: config.listen, source })?;
+        let listen = listeners[0]
+            .local_addr()
+            .map_err(|source| ProxyError::Listen {
+                addr: config.listen,
+                source,
+            })?;
         let shared = Shared::new(
             config.workers,
             Settings {
@@ -98,12 +103,17 @@ impl App {
         let mut wakers = Vec::new();
         let mut workers = Vec::new();
         let listener_fds: Vec<_> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
-        let (started_tx, started_rx) = std::sync::mpsc::channel::<(usize, Result<worker::Driver, String>)>();
+        let (started_tx, started_rx) =
+            std::sync::mpsc::channel::<(usize, Result<worker::Driver, String>)>();
         for (id, listener) in listeners.into_iter().enumerate() {
             let (control_end, worker_end) = std::os::unix::net::UnixStream::pair()
                 .map_err(|e| ProxyError::Other(format!("socketpair: {e}")))?;
-            control_end.set_nonblocking(true).map_err(|e| ProxyError::Other(e.to_string()))?;
-            worker_end.set_nonblocking(true).map_err(|e| ProxyError::Other(e.to_string()))?;
+            control_end
+                .set_nonblocking(true)
+                .map_err(|e| ProxyError::Other(e.to_string()))?;
+            worker_end
+                .set_nonblocking(true)
+                .map_err(|e| ProxyError::Other(e.to_string()))?;
             wakers.push(control_end);
             let shared = shared.clone();
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
@@ -125,13 +135,22 @@ impl App {
             match started_rx.recv_timeout(Duration::from_secs(10)) {
                 Ok((_, Ok(_))) => {}
                 Ok((worker, Err(detail))) => return Err(ProxyError::Worker { worker, detail }),
-                Err(_) => return Err(ProxyError::Other("workers did not start within 10 s".into())),
+                Err(_) => {
+                    return Err(ProxyError::Other(
+                        "workers did not start within 10 s".into(),
+                    ));
+                }
             }
         }
         let driver = shared.driver();
         tracing::info!(%listen, workers = config.workers, driver, nofile, uid = %config.uid, "proxy listening");
         let control = spawn_control(config, shared.clone(), wakers, listener_fds, shutdown)?;
-        Ok(App { listen, shared, workers, control })
+        Ok(App {
+            listen,
+            shared,
+            workers,
+            control,
+        })
     }
 
     /// Waits until the proxy has drained and stopped.
@@ -149,7 +168,8 @@ fn bind(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, ProxyE
     let mut addr = addr;
     for _ in 0..n {
         let err = |source| ProxyError::Listen { addr, source };
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(err)?;
         socket.set_reuse_address(true).map_err(err)?;
         socket.set_reuse_port(true).map_err(err)?;
         socket.set_nonblocking(true).map_err(err)?;
@@ -176,7 +196,9 @@ fn spawn_control(
         .map_err(|e| ProxyError::Other(format!("control runtime: {e}")))?;
     let metrics_listener = match config.metrics_address {
         Some(addr) => Some(
-            runtime.block_on(tendril_metrics::bind(addr)).map_err(ProxyError::Metrics)?,
+            runtime
+                .block_on(tendril_metrics::bind(addr))
+                .map_err(ProxyError::Metrics)?,
         ),
         None => None,
     };
@@ -224,9 +246,14 @@ fn spawn_control(
 
 /// The lease TTL: the spec's `proxy_timeout` if the cluster data can be read now, else 5 s.
 async fn lease_ttl(store: &EtcdStore, config: &ProxyConfig) -> Duration {
-    let read = tokio::time::timeout(Duration::from_secs(2), store.get(&config.keys.cluster_data())).await;
+    let read = tokio::time::timeout(
+        Duration::from_secs(2),
+        store.get(&config.keys.cluster_data()),
+    )
+    .await;
     match read {
-        Ok(Ok(Some(kv))) => decode::<ClusterData>(&kv.value).map_or(Duration::from_secs(5), |cd| cd.spec.proxy_timeout),
+        Ok(Ok(Some(kv))) => decode::<ClusterData>(&kv.value)
+            .map_or(Duration::from_secs(5), |cd| cd.spec.proxy_timeout),
         _ => Duration::from_secs(5),
     }
 }

@@ -77,7 +77,10 @@ pub struct WorkerMetrics {
 impl WorkerMetrics {
     /// Counts a closed connection.
     pub fn closed(&self, reason: CloseReason) {
-        let i = CloseReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        let i = CloseReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
         self.closed[i].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -98,11 +101,23 @@ pub fn render(
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         for (labels, value) in rows {
             let sep = if labels.is_empty() { "" } else { "," };
-            out.push_str(&format!("{name}{{cluster=\"{cluster}\"{sep}{labels}}} {value}\n"));
+            out.push_str(&format!(
+                "{name}{{cluster=\"{cluster}\"{sep}{labels}}} {value}\n"
+            ));
         }
     };
-    metric("tendril_proxy_connections_active", "gauge", "client connections open", vec![(String::new(), sum(&|w| w.active.load(Ordering::Relaxed)))]);
-    metric("tendril_proxy_connections_accepted_total", "counter", "client connections accepted", vec![(String::new(), sum(&|w| w.accepted.load(Ordering::Relaxed)))]);
+    metric(
+        "tendril_proxy_connections_active",
+        "gauge",
+        "client connections open",
+        vec![(String::new(), sum(&|w| w.active.load(Ordering::Relaxed)))],
+    );
+    metric(
+        "tendril_proxy_connections_accepted_total",
+        "counter",
+        "client connections accepted",
+        vec![(String::new(), sum(&|w| w.accepted.load(Ordering::Relaxed)))],
+    );
     metric(
         "tendril_proxy_connections_closed_total",
         "counter",
@@ -110,7 +125,12 @@ pub fn render(
         CloseReason::ALL
             .iter()
             .enumerate()
-            .map(|(i, r)| (format!("reason=\"{}\"", r.label()), sum(&|w| w.closed[i].load(Ordering::Relaxed))))
+            .map(|(i, r)| {
+                (
+                    format!("reason=\"{}\"", r.label()),
+                    sum(&|w| w.closed[i].load(Ordering::Relaxed)),
+                )
+            })
             .collect(),
     );
     metric(
@@ -118,14 +138,45 @@ pub fn render(
         "counter",
         "bytes forwarded, by direction",
         vec![
-            ("direction=\"to_backend\"".into(), sum(&|w| w.bytes_to_backend.load(Ordering::Relaxed))),
-            ("direction=\"to_client\"".into(), sum(&|w| w.bytes_to_client.load(Ordering::Relaxed))),
+            (
+                "direction=\"to_backend\"".into(),
+                sum(&|w| w.bytes_to_backend.load(Ordering::Relaxed)),
+            ),
+            (
+                "direction=\"to_client\"".into(),
+                sum(&|w| w.bytes_to_client.load(Ordering::Relaxed)),
+            ),
         ],
     );
-    metric("tendril_proxy_generation", "gauge", "proxy-section generation applied", vec![(String::new(), generation)]);
-    metric("tendril_proxy_fenced", "gauge", "1 while routing nowhere", vec![(String::new(), u64::from(fenced))]);
-    metric("tendril_proxy_io_driver", "gauge", "the I/O driver in use", vec![(format!("driver=\"{driver}\""), 1)]);
-    metric("tendril_proxy_forwarding", "gauge", "the forwarding strategy in use", vec![(format!("strategy=\"{forwarding}\""), 1)]);
-    metric("tendril_proxy_kill_mechanism", "gauge", "how host sockets to a demoted master are destroyed", vec![(format!("mechanism=\"{kill_mechanism}\""), 1)]);
+    metric(
+        "tendril_proxy_generation",
+        "gauge",
+        "proxy-section generation applied",
+        vec![(String::new(), generation)],
+    );
+    metric(
+        "tendril_proxy_fenced",
+        "gauge",
+        "1 while routing nowhere",
+        vec![(String::new(), u64::from(fenced))],
+    );
+    metric(
+        "tendril_proxy_io_driver",
+        "gauge",
+        "the I/O driver in use",
+        vec![(format!("driver=\"{driver}\""), 1)],
+    );
+    metric(
+        "tendril_proxy_forwarding",
+        "gauge",
+        "the forwarding strategy in use",
+        vec![(format!("strategy=\"{forwarding}\""), 1)],
+    );
+    metric(
+        "tendril_proxy_kill_mechanism",
+        "gauge",
+        "how host sockets to a demoted master are destroyed",
+        vec![(format!("mechanism=\"{kill_mechanism}\""), 1)],
+    );
     out
 }

@@ -123,7 +123,12 @@ fn parse_params(body: &[u8]) -> Result<Vec<(String, String)>, String> {
 /// An `ErrorResponse` message (severity FATAL) with `code` (SQLSTATE) and `message`.
 pub fn error_response(code: &str, message: &str) -> Vec<u8> {
     let mut fields = Vec::with_capacity(64 + message.len());
-    for (tag, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', message)] {
+    for (tag, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', code),
+        (b'M', message),
+    ] {
         fields.push(tag);
         fields.extend_from_slice(value.as_bytes());
         fields.push(0);
@@ -131,7 +136,11 @@ pub fn error_response(code: &str, message: &str) -> Vec<u8> {
     fields.push(0);
     let mut out = Vec::with_capacity(fields.len() + 5);
     out.push(b'E');
-    out.extend_from_slice(&u32::try_from(fields.len() + 4).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(
+        &u32::try_from(fields.len() + 4)
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
     out.extend_from_slice(&fields);
     out
 }
@@ -160,13 +169,19 @@ mod tests {
             body.push(0);
         }
         body.push(0);
-        let mut out = u32::try_from(body.len() + 4).unwrap().to_be_bytes().to_vec();
+        let mut out = u32::try_from(body.len() + 4)
+            .unwrap()
+            .to_be_bytes()
+            .to_vec();
         out.extend_from_slice(&body);
         out
     }
 
     fn packet(code: u32, extra: &[u8]) -> Vec<u8> {
-        let mut out = u32::try_from(8 + extra.len()).unwrap().to_be_bytes().to_vec();
+        let mut out = u32::try_from(8 + extra.len())
+            .unwrap()
+            .to_be_bytes()
+            .to_vec();
         out.extend_from_slice(&code.to_be_bytes());
         out.extend_from_slice(extra);
         out
@@ -175,7 +190,11 @@ mod tests {
     /// Feeds `bytes` in pieces of `chunk` (0: all at once), as a socket would deliver them.
     fn feed(bytes: &[u8], chunk: usize) -> Parse {
         let mut buf = Vec::new();
-        let step = if chunk == 0 { bytes.len().max(1) } else { chunk };
+        let step = if chunk == 0 {
+            bytes.len().max(1)
+        } else {
+            chunk
+        };
         for piece in bytes.chunks(step) {
             buf.extend_from_slice(piece);
             match parse_first_packet(&buf) {
@@ -187,7 +206,11 @@ mod tests {
     }
 
     fn fixtures() -> Vec<(Vec<u8>, Parse)> {
-        let s = startup(&[("user", "app"), ("database", "db"), ("application_name", "x y")]);
+        let s = startup(&[
+            ("user", "app"),
+            ("database", "db"),
+            ("application_name", "x y"),
+        ]);
         let s_len = s.len();
         let mut cancel_extra = 1234u32.to_be_bytes().to_vec();
         cancel_extra.extend_from_slice(&5678u32.to_be_bytes());
@@ -205,11 +228,23 @@ mod tests {
                     s_len,
                 ),
             ),
-            (packet(SSL_REQUEST, &[]), Parse::Done(FirstPacket::SslRequest, 8)),
-            (packet(GSSENC_REQUEST, &[]), Parse::Done(FirstPacket::GssEncRequest, 8)),
+            (
+                packet(SSL_REQUEST, &[]),
+                Parse::Done(FirstPacket::SslRequest, 8),
+            ),
+            (
+                packet(GSSENC_REQUEST, &[]),
+                Parse::Done(FirstPacket::GssEncRequest, 8),
+            ),
             (
                 packet(CANCEL_REQUEST, &cancel_extra),
-                Parse::Done(FirstPacket::CancelRequest { pid: 1234, key: 5678 }, 16),
+                Parse::Done(
+                    FirstPacket::CancelRequest {
+                        pid: 1234,
+                        key: 5678,
+                    },
+                    16,
+                ),
             ),
         ]
     }
@@ -227,18 +262,36 @@ mod tests {
     fn trailing_bytes_are_not_consumed() {
         let mut bytes = packet(SSL_REQUEST, &[]);
         bytes.extend_from_slice(&startup(&[("user", "u")]));
-        assert_eq!(parse_first_packet(&bytes), Parse::Done(FirstPacket::SslRequest, 8));
+        assert_eq!(
+            parse_first_packet(&bytes),
+            Parse::Done(FirstPacket::SslRequest, 8)
+        );
     }
 
     #[test]
     fn garbage_is_rejected_not_waited_for() {
         // HTTP on the PostgreSQL port: the length field is absurd.
-        assert!(matches!(parse_first_packet(b"GET / HTTP/1.1\r\n"), Parse::Invalid(_)));
-        assert!(matches!(parse_first_packet(&[0, 0, 0, 2]), Parse::Invalid(_)));
+        assert!(matches!(
+            parse_first_packet(b"GET / HTTP/1.1\r\n"),
+            Parse::Invalid(_)
+        ));
+        assert!(matches!(
+            parse_first_packet(&[0, 0, 0, 2]),
+            Parse::Invalid(_)
+        ));
         assert!(matches!(parse_first_packet(&[0xff; 4]), Parse::Invalid(_)));
-        assert!(matches!(parse_first_packet(&packet(2 << 16, &[0])), Parse::Invalid(_)));
-        assert!(matches!(parse_first_packet(&packet(SSL_REQUEST, &[1, 2])), Parse::Invalid(_)));
-        assert!(matches!(parse_first_packet(&packet(CANCEL_REQUEST, &[1])), Parse::Invalid(_)));
+        assert!(matches!(
+            parse_first_packet(&packet(2 << 16, &[0])),
+            Parse::Invalid(_)
+        ));
+        assert!(matches!(
+            parse_first_packet(&packet(SSL_REQUEST, &[1, 2])),
+            Parse::Invalid(_)
+        ));
+        assert!(matches!(
+            parse_first_packet(&packet(CANCEL_REQUEST, &[1])),
+            Parse::Invalid(_)
+        ));
         // Unterminated parameters.
         let mut bad = startup(&[("user", "u")]);
         let n = bad.len();
@@ -246,7 +299,10 @@ mod tests {
         assert!(matches!(parse_first_packet(&bad), Parse::Invalid(_)));
         let mut no_value = PROTOCOL_3.to_be_bytes().to_vec();
         no_value.extend_from_slice(b"user\0");
-        let mut p = u32::try_from(no_value.len() + 4).unwrap().to_be_bytes().to_vec();
+        let mut p = u32::try_from(no_value.len() + 4)
+            .unwrap()
+            .to_be_bytes()
+            .to_vec();
         p.extend_from_slice(&no_value);
         assert!(matches!(parse_first_packet(&p), Parse::Invalid(_)));
     }
@@ -284,7 +340,7 @@ mod tests {
                 s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
                 bytes.push((s >> 56) as u8);
             }
-            if len >= 8 && state % 3 == 0 {
+            if len >= 8 && state.is_multiple_of(3) {
                 // Make some inputs plausible so the deeper paths are reached.
                 bytes[..4].copy_from_slice(&u32::try_from(len).unwrap().to_be_bytes());
                 bytes[4..8].copy_from_slice(&PROTOCOL_3.to_be_bytes());

@@ -80,7 +80,11 @@ impl Target {
     /// The target the cluster data describes (`None`: no cluster data).
     pub fn from_cluster_data(cd: Option<&ClusterData>) -> Target {
         match cd {
-            None => Target { generation: Generation::NONE, route: Err(NoBackend::NoMaster), hold: false },
+            None => Target {
+                generation: Generation::NONE,
+                route: Err(NoBackend::NoMaster),
+                hold: false,
+            },
             Some(cd) => Target {
                 generation: cd.proxy.generation,
                 route: cd.proxy.master.clone().ok_or(NoBackend::NoMaster),
@@ -98,26 +102,53 @@ mod tests {
 
     #[test]
     fn targets_follow_the_proxy_section() {
-        assert_eq!(Target::from_cluster_data(None).route, Err(NoBackend::NoMaster));
+        assert_eq!(
+            Target::from_cluster_data(None).route,
+            Err(NoBackend::NoMaster)
+        );
         let mut cd = ClusterData::new("u", ClusterSpec::default(), UNIX_EPOCH);
         cd.proxy.generation = Generation(7);
         cd.proxy.hold = true;
         let t = Target::from_cluster_data(Some(&cd));
-        assert_eq!((t.generation, t.route.clone(), t.hold), (Generation(7), Err(NoBackend::NoMaster), true));
-        cd.proxy.master = Some(ProxyRoute { db_uid: "db".into(), address: "10.0.0.1".into(), port: 5432 });
+        assert_eq!(
+            (t.generation, t.route.clone(), t.hold),
+            (Generation(7), Err(NoBackend::NoMaster), true)
+        );
+        cd.proxy.master = Some(ProxyRoute {
+            db_uid: "db".into(),
+            address: "10.0.0.1".into(),
+            port: 5432,
+        });
         let t = Target::from_cluster_data(Some(&cd));
         assert_eq!(t.route.unwrap().port, 5432);
     }
 
     #[test]
     fn a_table_fences_every_other_backend() {
-        let a = Backend { db_uid: "a".into(), addr: "127.0.0.1:1".parse().unwrap() };
-        let b = Backend { db_uid: "b".into(), addr: "127.0.0.1:1".parse().unwrap() };
-        let a_moved = Backend { db_uid: "a".into(), addr: "127.0.0.1:2".parse().unwrap() };
-        let table = RoutingTable { epoch: 1, generation: Generation(1), backend: Ok(a.clone()), hold: false };
+        let a = Backend {
+            db_uid: "a".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+        };
+        let b = Backend {
+            db_uid: "b".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+        };
+        let a_moved = Backend {
+            db_uid: "a".into(),
+            addr: "127.0.0.1:2".parse().unwrap(),
+        };
+        let table = RoutingTable {
+            epoch: 1,
+            generation: Generation(1),
+            backend: Ok(a.clone()),
+            hold: false,
+        };
         assert!(!table.fences(&a));
         assert!(table.fences(&b));
-        assert!(table.fences(&a_moved), "same database at a new address: old connections go");
+        assert!(
+            table.fences(&a_moved),
+            "same database at a new address: old connections go"
+        );
         assert!(RoutingTable::starting().fences(&a));
     }
 }

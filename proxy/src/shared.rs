@@ -55,7 +55,10 @@ impl Shared {
 
     /// Connections open across workers.
     pub fn active_connections(&self) -> u64 {
-        self.workers.iter().map(|w| w.active.load(Ordering::Relaxed)).sum()
+        self.workers
+            .iter()
+            .map(|w| w.active.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Records the driver worker `id` runs on.
@@ -70,7 +73,12 @@ impl Shared {
 
     /// The driver of the first worker that reported one (they normally agree).
     pub fn driver(&self) -> &'static str {
-        match self.drivers.iter().map(|d| d.load(Ordering::Relaxed)).find(|c| *c != 0) {
+        match self
+            .drivers
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .find(|c| *c != 0)
+        {
             Some(1) => Driver::IoUring.label(),
             Some(2) => Driver::IoUringPlain.label(),
             Some(3) => Driver::Epoll.label(),

@@ -20,7 +20,10 @@ pub fn shutdown_both(fd: RawFd) {
 /// Raises the soft open-file limit to the hard limit (a proxy holds two sockets per client).
 /// Returns the new soft limit.
 pub fn raise_nofile_limit() -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit read and write the struct passed by pointer, which lives on
     // this stack frame for the duration of the calls.
     unsafe {
@@ -28,7 +31,10 @@ pub fn raise_nofile_limit() -> u64 {
             return 0;
         }
         if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
                 return raised.rlim_cur;
             }

@@ -57,7 +57,10 @@ pub fn build_runtime(force_epoll: bool) -> std::io::Result<(Runtime, Driver)> {
     const ENTRIES: u32 = 1024;
     if !force_epoll && monoio::utils::detect_uring() {
         let mut tuned = io_uring::IoUring::builder();
-        tuned.setup_coop_taskrun().setup_single_issuer().setup_defer_taskrun();
+        tuned
+            .setup_coop_taskrun()
+            .setup_single_issuer()
+            .setup_defer_taskrun();
         let built = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
             .enable_timer()
             .with_entries(ENTRIES)
@@ -65,15 +68,26 @@ pub fn build_runtime(force_epoll: bool) -> std::io::Result<(Runtime, Driver)> {
             .build();
         match built {
             Ok(rt) => return Ok((monoio::FusionRuntime::Uring(rt), Driver::IoUring)),
-            Err(e) => tracing::warn!(error = %e, "io_uring with DEFER_TASKRUN unavailable, trying a plain ring"),
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring with DEFER_TASKRUN unavailable, trying a plain ring")
+            }
         }
-        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().with_entries(ENTRIES).build() {
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .with_entries(ENTRIES)
+            .build()
+        {
             Ok(rt) => return Ok((monoio::FusionRuntime::Uring(rt), Driver::IoUringPlain)),
             // ENOMEM here is RLIMIT_MEMLOCK: monoio's own fallback does not catch it.
-            Err(e) => tracing::warn!(error = %e, "cannot build an io_uring ring (memlock limit?), falling back to epoll"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot build an io_uring ring (memlock limit?), falling back to epoll")
+            }
         }
     }
-    let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().with_entries(ENTRIES).build()?;
+    let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .with_entries(ENTRIES)
+        .build()?;
     Ok((monoio::FusionRuntime::Legacy(rt), Driver::Epoll))
 }
 
@@ -206,7 +220,11 @@ async fn drain(ctx: &Ctx) {
     }
     let left = ctx.registry.borrow_mut().fence(&RoutingTable::starting());
     if left > 0 {
-        tracing::warn!(worker = ctx.id, connections = left, "drain timeout: closing the remaining connections");
+        tracing::warn!(
+            worker = ctx.id,
+            connections = left,
+            "drain timeout: closing the remaining connections"
+        );
         while ctx.metrics().active.load(Ordering::Relaxed) > 0 {
             monoio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -224,7 +242,9 @@ async fn fence_task(ctx: Rc<Ctx>, mut wake: monoio::net::UnixStream) {
         }
         let table = ctx.shared.table.load_full();
         let cut = ctx.registry.borrow_mut().fence(&table);
-        ctx.metrics().applied_epoch.store(table.epoch, Ordering::Release);
+        ctx.metrics()
+            .applied_epoch
+            .store(table.epoch, Ordering::Release);
         if cut > 0 {
             tracing::info!(worker = ctx.id, connections = cut, generation = %table.generation, "fenced connections");
         }
@@ -248,7 +268,10 @@ async fn connection(ctx: Rc<Ctx>, client: TcpStream, peer: SocketAddr) {
     let metrics = ctx.metrics();
     metrics.accepted.fetch_add(1, Ordering::Relaxed);
     metrics.active.fetch_add(1, Ordering::Relaxed);
-    let mut active = Active { metrics, reason: CloseReason::Error };
+    let mut active = Active {
+        metrics,
+        reason: CloseReason::Error,
+    };
     let _ = client.set_nodelay(true);
     set_keepalive(&client);
     let total = ctx.shared.active_connections();
@@ -272,19 +295,36 @@ async fn connection(ctx: Rc<Ctx>, client: TcpStream, peer: SocketAddr) {
 }
 
 /// Connects to the backend and forwards, the connection registered for the fence.
-async fn routed(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr, backend: Backend, epoch: u64, prefix: Vec<u8>) -> CloseReason {
+async fn routed(
+    ctx: &Ctx,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    backend: Backend,
+    epoch: u64,
+    prefix: Vec<u8>,
+) -> CloseReason {
     let settings = &ctx.shared.settings;
-    let connect = monoio::time::timeout(settings.connect_timeout, TcpStream::connect_addr(backend.addr)).await;
+    let connect = monoio::time::timeout(
+        settings.connect_timeout,
+        TcpStream::connect_addr(backend.addr),
+    )
+    .await;
     let mut server = match connect {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(client = %peer, backend = %backend.addr, error = %e, "backend connect failed");
-            let message = format!("tendril: cannot connect to the master at {}: {e}", backend.addr);
+            let message = format!(
+                "tendril: cannot connect to the master at {}: {e}",
+                backend.addr
+            );
             refuse(client, pgwire::CONNECTION_FAILURE, &message).await;
             return CloseReason::ConnectFailed;
         }
         Err(_) => {
-            let message = format!("tendril: connecting to the master at {} timed out", backend.addr);
+            let message = format!(
+                "tendril: connecting to the master at {} timed out",
+                backend.addr
+            );
             refuse(client, pgwire::CONNECTION_FAILURE, &message).await;
             return CloseReason::ConnectFailed;
         }
@@ -337,7 +377,12 @@ async fn unrouted(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> CloseRe
             Parse::NeedMore => {}
             Parse::Invalid(why) => {
                 tracing::debug!(client = %peer, why, "bad startup packet");
-                refuse(client, pgwire::PROTOCOL_VIOLATION, &format!("tendril: {why}")).await;
+                refuse(
+                    client,
+                    pgwire::PROTOCOL_VIOLATION,
+                    &format!("tendril: {why}"),
+                )
+                .await;
                 return CloseReason::BadStartup;
             }
             Parse::Done(FirstPacket::SslRequest | FirstPacket::GssEncRequest, used) => {
@@ -384,7 +429,12 @@ async fn read_more(client: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<
     }
 }
 
-async fn hold_or_refuse(ctx: &Ctx, client: TcpStream, peer: SocketAddr, startup: Vec<u8>) -> CloseReason {
+async fn hold_or_refuse(
+    ctx: &Ctx,
+    client: TcpStream,
+    peer: SocketAddr,
+    startup: Vec<u8>,
+) -> CloseReason {
     let settings = &ctx.shared.settings;
     let start = std::time::Instant::now();
     loop {
@@ -392,7 +442,9 @@ async fn hold_or_refuse(ctx: &Ctx, client: TcpStream, peer: SocketAddr, startup:
         if let Some(backend) = table.backend() {
             return routed(ctx, client, peer, backend.clone(), table.epoch, startup).await;
         }
-        let holding = table.hold && !settings.hold_timeout.is_zero() && start.elapsed() < settings.hold_timeout;
+        let holding = table.hold
+            && !settings.hold_timeout.is_zero()
+            && start.elapsed() < settings.hold_timeout;
         if !holding {
             let why = match table.backend {
                 Err(NoBackend::SelfFenced) => " (this proxy cannot reach the store)",
@@ -402,7 +454,10 @@ async fn hold_or_refuse(ctx: &Ctx, client: TcpStream, peer: SocketAddr, startup:
                 _ if table.hold => " (a switchover did not finish within the hold timeout)",
                 _ => "",
             };
-            let message = format!("tendril: no master available for cluster {}{why}", settings.cluster);
+            let message = format!(
+                "tendril: no master available for cluster {}{why}",
+                settings.cluster
+            );
             refuse(client, pgwire::CANNOT_CONNECT_NOW, &message).await;
             return CloseReason::NoMaster;
         }
@@ -413,14 +468,18 @@ async fn hold_or_refuse(ctx: &Ctx, client: TcpStream, peer: SocketAddr, startup:
 }
 
 async fn forward_cancel(backend: &Backend, packet: Vec<u8>, timeout: Duration) {
-    if let Ok(Ok(mut s)) = monoio::time::timeout(timeout, TcpStream::connect_addr(backend.addr)).await {
+    if let Ok(Ok(mut s)) =
+        monoio::time::timeout(timeout, TcpStream::connect_addr(backend.addr)).await
+    {
         let _ = s.write_all(packet).await;
     }
 }
 
 /// Sends an `ErrorResponse` and closes.
 async fn refuse(mut client: TcpStream, code: &str, message: &str) {
-    let (res, _) = client.write_all(pgwire::error_response(code, message)).await;
+    let (res, _) = client
+        .write_all(pgwire::error_response(code, message))
+        .await;
     if res.is_ok() {
         let _ = monoio::io::AsyncWriteRent::shutdown(&mut client).await;
     }
@@ -428,5 +487,9 @@ async fn refuse(mut client: TcpStream, code: &str, message: &str) {
 
 fn set_keepalive(s: &TcpStream) {
     // Dead peers (a crashed host, a cut network) are noticed within a minute or so.
-    let _ = s.set_tcp_keepalive(Some(Duration::from_secs(30)), Some(Duration::from_secs(10)), Some(3));
+    let _ = s.set_tcp_keepalive(
+        Some(Duration::from_secs(30)),
+        Some(Duration::from_secs(10)),
+        Some(3),
+    );
 }

@@ -22,11 +22,23 @@ async fn routes_clients_on_both_io_drivers() {
         let n: i32 = client.query_one("SELECT 41 + 1", &[]).await.unwrap().get(0);
         assert_eq!(n, 42);
         // A result larger than the buffers, to exercise the large-transfer path.
-        let rows = client.query("SELECT repeat('x', 1000) FROM generate_series(1, 2000)", &[]).await.unwrap();
+        let rows = client
+            .query(
+                "SELECT repeat('x', 1000) FROM generate_series(1, 2000)",
+                &[],
+            )
+            .await
+            .unwrap();
         assert_eq!(rows.len(), 2000);
         let metrics = proxy.metrics();
-        assert!(metrics.contains(&format!("driver=\"{expected}\"")), "{driver}: {metrics}");
-        assert!(proxy.log_text().contains(&format!("driver={expected}")) || proxy.log_text().contains(expected));
+        assert!(
+            metrics.contains(&format!("driver=\"{expected}\"")),
+            "{driver}: {metrics}"
+        );
+        assert!(
+            proxy.log_text().contains(&format!("driver={expected}"))
+                || proxy.log_text().contains(expected)
+        );
     }
 }
 
@@ -48,15 +60,27 @@ async fn cluster_data_write_reroutes_new_and_closes_old_connections() {
     let g2 = env.route(Some(("db2", pg2.port())), false).await;
     let deadline = put + Duration::from_secs(5);
     while old.iter().any(|c| !c.is_closed()) {
-        assert!(Instant::now() < deadline, "old connections still open 5 s after the change");
+        assert!(
+            Instant::now() < deadline,
+            "old connections still open 5 s after the change"
+        );
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
     let closed_after = put.elapsed();
     println!("cluster data put -> last of 20 old-master connections closed: {closed_after:?}");
     env.wait_acked("p1", g2, Duration::from_secs(5)).await;
     let c = connect(proxy.port).await.unwrap();
-    assert_eq!(backend_port(&c).await, pg2.port(), "new connections go to the new master");
-    assert!(proxy.metric("tendril_proxy_connections_closed_total{cluster=\"pxy\",reason=\"fenced\"}").unwrap() >= 20.0);
+    assert_eq!(
+        backend_port(&c).await,
+        pg2.port(),
+        "new connections go to the new master"
+    );
+    assert!(
+        proxy
+            .metric("tendril_proxy_connections_closed_total{cluster=\"pxy\",reason=\"fenced\"}")
+            .unwrap()
+            >= 20.0
+    );
     // An unchanged master keeps its connections when only the generation moves.
     let g3 = env.route(Some(("db2", pg2.port())), false).await;
     env.wait_acked("p1", g3, Duration::from_secs(5)).await;
@@ -71,13 +95,20 @@ async fn no_master_answers_57p03_naming_the_cluster() {
     let proxy = ProxyProc::start(&env, "p1", &[], &[]);
     env.wait_acked("p1", g, Duration::from_secs(10)).await;
     let err = connect(proxy.port).await.unwrap_err();
-    let db = err.as_db_error().unwrap_or_else(|| panic!("not a server error: {err}"));
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {err}"));
     assert_eq!(db.code().code(), "57P03");
-    assert!(db.message().contains("no master available"), "{}", db.message());
+    assert!(
+        db.message().contains("no master available"),
+        "{}",
+        db.message()
+    );
     assert!(db.message().contains(support::CLUSTER), "{}", db.message());
     // SSLRequest first: answered N, then the startup gets the same error.
     let mut raw = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
-    raw.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).unwrap();
+    raw.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .unwrap();
     let mut answer = [0u8; 1];
     raw.read_exact(&mut answer).unwrap();
     assert_eq!(&answer, b"N");
@@ -103,9 +134,16 @@ async fn hold_waits_for_the_new_master_during_a_switchover() {
     let started = Instant::now();
     let pending = tokio::spawn(async move { connect(port).await });
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(!pending.is_finished(), "a held connection was answered before the master appeared");
+    assert!(
+        !pending.is_finished(),
+        "a held connection was answered before the master appeared"
+    );
     env.route(Some(("db1", pg.port())), false).await;
-    let client = tokio::time::timeout(Duration::from_secs(5), pending).await.unwrap().unwrap().unwrap();
+    let client = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     println!("held connection served after {:?}", started.elapsed());
     assert_eq!(backend_port(&client).await, pg.port());
 
@@ -116,7 +154,13 @@ async fn hold_waits_for_the_new_master_during_a_switchover() {
     let t = Instant::now();
     let err = connect(short.port).await.unwrap_err();
     assert_eq!(err.as_db_error().unwrap().code().code(), "57P03");
-    assert!(err.as_db_error().unwrap().message().contains("hold timeout"), "{err}");
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("hold timeout"),
+        "{err}"
+    );
     assert!(t.elapsed() < Duration::from_secs(3));
 }
 
@@ -129,7 +173,11 @@ async fn garbage_and_slow_clients_affect_no_one_else() {
     wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
     let good = connect(proxy.port).await.unwrap();
     // Garbage is forwarded to PostgreSQL, which rejects it; the proxy survives.
-    for junk in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0xff; 100], &[0, 0, 0, 1]] {
+    for junk in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0xff; 100],
+        &[0, 0, 0, 1],
+    ] {
         let mut raw = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
         raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let _ = raw.write_all(junk);
@@ -138,7 +186,11 @@ async fn garbage_and_slow_clients_affect_no_one_else() {
     }
     // A client that connects and sends nothing does not block others.
     let _silent = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
-    let n: i64 = good.query_one("SELECT count(*) FROM pg_class", &[]).await.unwrap().get(0);
+    let n: i64 = good
+        .query_one("SELECT count(*) FROM pg_class", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(n > 0);
     let again = connect(proxy.port).await.unwrap();
     assert_eq!(backend_port(&again).await, pg.port());
@@ -152,4 +204,46 @@ async fn garbage_and_slow_clients_affect_no_one_else() {
     assert_eq!(reply.first(), Some(&b'E'));
     assert!(reply.windows(5).any(|w| w == b"08P01"));
     assert!(proxy.child.id() > 0 && proxy.metrics().contains("tendril_proxy_connections_active"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_open_connections_then_exits() {
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    env.route(Some(("db1", pg.port())), false).await;
+    let mut proxy = ProxyProc::start(&env, "p1", &["--drain-timeout", "10s"], &[]);
+    wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
+    let client = connect(proxy.port).await.unwrap();
+    let running = tokio::spawn(async move {
+        client
+            .query_one("SELECT pg_sleep(1.5)::text", &[])
+            .await
+            .map(|_| client)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No new connections while draining.
+    assert!(
+        connect(proxy.port).await.is_err(),
+        "accepted a connection while draining"
+    );
+    // The query in flight completes.
+    let client = running
+        .await
+        .unwrap()
+        .expect("the in-flight query survives the drain");
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = proxy.child.try_wait() {
+            assert!(status.success(), "proxy exited with {status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxy did not exit after its connections ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -28,8 +28,12 @@ impl PgServer {
 
     /// As [`PgServer::start`], with extra `-c name=value` settings.
     pub fn start_with(settings: &[(&str, &str)]) -> PgServer {
-        let dir = tempfile::Builder::new().prefix("tendril-pg-").tempdir().expect("temp dir");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let dir = tempfile::Builder::new()
+            .prefix("tendril-pg-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
         let run_as = run_as();
         if let Some((uid, gid)) = run_as {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown");
@@ -41,8 +45,16 @@ impl PgServer {
             .args(["-U", "postgres", "-A", "trust", "--no-sync"])
             .output()
             .expect("run initdb (install postgresql-15)");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let mut server = PgServer { dir, port: 0, child: None };
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut server = PgServer {
+            dir,
+            port: 0,
+            child: None,
+        };
         for _ in 0..3 {
             server.port = free_port();
             if server.spawn(settings) {
@@ -61,7 +73,14 @@ impl PgServer {
             .arg(self.port.to_string())
             .arg("-k")
             .arg(self.dir.path())
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"])
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log);
@@ -103,7 +122,10 @@ impl PgServer {
 
     /// A libpq connection string for the superuser.
     pub fn conninfo(&self) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
     }
 
     /// The server log.

@@ -1,12 +1,17 @@
 //! Test support for the proxy: real etcd, real PostgreSQL, the real proxy binary, and cluster
 //! data written by hand (no sentinel).
-#![allow(dead_code, reason = "each test binary uses a different part of the support module")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the support module"
+)]
 #![allow(clippy::unwrap_used, reason = "test support: a failed step panics")]
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use tendril_control_model::{ClusterData, ClusterSpec, Generation, Keys, ProxyInfo, ProxyRoute, decode, encode};
+use tendril_control_model::{
+    ClusterData, ClusterSpec, Generation, Keys, ProxyInfo, ProxyRoute, decode, encode,
+};
 use tendril_control_store::{EtcdStore, Store, StoreConfig};
 use tendril_testkit::{EtcdServer, PgServer, free_port};
 
@@ -23,19 +28,33 @@ impl Env {
     pub async fn new() -> Env {
         tendril_testkit::init_logging();
         let etcd = EtcdServer::start();
-        let store = EtcdStore::connect(&StoreConfig::new([etcd.endpoint()])).await.unwrap();
+        let store = EtcdStore::connect(&StoreConfig::new([etcd.endpoint()]))
+            .await
+            .unwrap();
         let cd = ClusterData::new("c", ClusterSpec::default(), SystemTime::now());
-        Env { etcd, store, keys: Keys::new(CLUSTER).unwrap(), cd }
+        Env {
+            etcd,
+            store,
+            keys: Keys::new(CLUSTER).unwrap(),
+            cd,
+        }
     }
 
     /// Writes the cluster data routing to `port` on 127.0.0.1 (or nowhere), bumping the
     /// proxy generation. Returns the generation.
     pub async fn route(&mut self, db: Option<(&str, u16)>, hold: bool) -> Generation {
         self.cd.proxy.generation = self.cd.proxy.generation.next();
-        self.cd.proxy.master = db.map(|(uid, port)| ProxyRoute { db_uid: uid.into(), address: "127.0.0.1".into(), port });
+        self.cd.proxy.master = db.map(|(uid, port)| ProxyRoute {
+            db_uid: uid.into(),
+            address: "127.0.0.1".into(),
+            port,
+        });
         self.cd.proxy.hold = hold;
         self.cd.generation = self.cd.generation.next();
-        self.store.put(&self.keys.cluster_data(), encode(&self.cd), None).await.unwrap();
+        self.store
+            .put(&self.keys.cluster_data(), encode(&self.cd), None)
+            .await
+            .unwrap();
         self.cd.proxy.generation
     }
 
@@ -66,33 +85,52 @@ pub struct ProxyProc {
 
 impl ProxyProc {
     pub fn start(env: &Env, uid: &str, args: &[&str], envs: &[(&str, &str)]) -> ProxyProc {
-        let port = free_port();
+        // --listen-address and --workers in `args` replace the defaults.
+        let listen = args
+            .iter()
+            .position(|a| *a == "--listen-address")
+            .map(|i| args[i + 1].to_owned());
+        let port = listen.as_ref().map_or_else(free_port, |l| {
+            l.rsplit(':').next().unwrap().parse().unwrap()
+        });
         let metrics_port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tendril-proxy"));
         cmd.env("TENDRIL_CLUSTER_NAME", CLUSTER)
             .env("TENDRIL_STORE_ENDPOINTS", env.etcd.endpoint())
             .env("TENDRIL_LOG", "info,tendril_proxy=debug")
-            .arg("--listen-address")
-            .arg(format!("127.0.0.1:{port}"))
             .arg("--metrics-address")
             .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--uid")
             .arg(uid)
-            .arg("--workers")
-            .arg("2")
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.reopen().unwrap())
             .stderr(log.reopen().unwrap());
+        if listen.is_none() {
+            cmd.arg("--listen-address").arg(format!("127.0.0.1:{port}"));
+        }
+        if !args.contains(&"--workers") {
+            cmd.arg("--workers").arg("2");
+        }
         for (k, v) in envs {
             cmd.env(k, v);
         }
         let child = cmd.spawn().unwrap();
-        let p = ProxyProc { child, port, metrics_port, uid: uid.into(), log };
+        let p = ProxyProc {
+            child,
+            port,
+            metrics_port,
+            uid: uid.into(),
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !p.log_text().contains("proxy listening") {
-            assert!(Instant::now() < deadline, "proxy did not start:\n{}", p.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not start:\n{}",
+                p.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         p
@@ -104,7 +142,9 @@ impl ProxyProc {
 
     pub fn metrics(&self) -> String {
         use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)) else { return String::new() };
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
+            return String::new();
+        };
         let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
@@ -113,7 +153,13 @@ impl ProxyProc {
 
     /// The value of a metric line starting with `prefix`.
     pub fn metric(&self, prefix: &str) -> Option<f64> {
-        self.metrics().lines().find(|l| l.starts_with(prefix))?.rsplit(' ').next()?.parse().ok()
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(prefix))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
     }
 
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
@@ -121,7 +167,8 @@ impl ProxyProc {
     }
 
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -139,7 +186,8 @@ impl Drop for ProxyProc {
 
 /// Connects through `port` as the superuser.
 pub async fn connect(port: u16) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=10");
+    let conninfo =
+        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=10");
     let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = conn.await;
@@ -162,7 +210,10 @@ pub async fn wait_routed(proxy: u16, port: u16, limit: Duration) {
         {
             return;
         }
-        assert!(Instant::now() < deadline, "proxy on {proxy} did not route to {port} in {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "proxy on {proxy} did not route to {port} in {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
