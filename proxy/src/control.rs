@@ -27,8 +27,28 @@ use crate::shared::Shared;
 pub trait SocketKiller: Send {
     /// Destroys the sockets connected to `peer`; returns how many.
     fn kill(&mut self, peer: SocketAddr) -> Result<u64, String>;
+    /// Counts the sockets connected to `peer`.
+    fn count(&mut self, peer: SocketAddr) -> Result<u64, String>;
     /// The mechanism, for logs and metrics.
     fn mechanism(&self) -> &'static str;
+}
+
+impl SocketKiller for tendril_ebpf::SocketKiller {
+    fn kill(&mut self, peer: SocketAddr) -> Result<u64, String> {
+        tendril_ebpf::SocketKiller::kill(self, &[tendril_ebpf::Target::peer(peer)])
+            .map(|r| r.destroyed)
+            .map_err(|e| e.to_string())
+    }
+
+    fn count(&mut self, peer: SocketAddr) -> Result<u64, String> {
+        tendril_ebpf::SocketKiller::count(self, &[tendril_ebpf::Target::peer(peer)])
+            .map(|r| r.matched)
+            .map_err(|e| e.to_string())
+    }
+
+    fn mechanism(&self) -> &'static str {
+        tendril_ebpf::SocketKiller::mechanism(self).label()
+    }
 }
 
 /// The control loop's state.
@@ -45,7 +65,7 @@ pub struct Control<S> {
     self_fenced: bool,
     epoch: u64,
     lease_id: Option<tendril_control_store::LeaseId>,
-    killed: u64,
+    last_count: Option<Instant>,
 }
 
 impl<S> std::fmt::Debug for Control<S> {
@@ -83,7 +103,7 @@ impl<S: Store> Control<S> {
             self_fenced: false,
             epoch: 0,
             lease_id: None,
-            killed: 0,
+            last_count: None,
         }
     }
 
@@ -133,7 +153,10 @@ impl<S: Store> Control<S> {
                     }
                     None => watch = None,
                 },
-                _ = tick.tick() => self.check_lease(&lease, started).await,
+                _ = tick.tick() => {
+                    self.check_lease(&lease, started).await;
+                    self.track_host_sockets();
+                }
                 () = lease.changed() => {
                     if lease.id() != self.lease_id {
                         self.lease_id = lease.id();
@@ -144,6 +167,27 @@ impl<S: Store> Control<S> {
             }
         }
         self.drain(lease).await;
+    }
+
+    /// The connection tracker: every few seconds, how many sockets on the host (proxied or
+    /// not) point at the current backend, for the metrics.
+    fn track_host_sockets(&mut self) {
+        if self
+            .last_count
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+        {
+            return;
+        }
+        self.last_count = Some(Instant::now());
+        let Some(backend) = self.shared.table.load().backend().map(|b| b.addr) else {
+            self.shared.host_sockets.store(0, Ordering::Relaxed);
+            return;
+        };
+        if let Some(killer) = self.killer.as_mut()
+            && let Ok(n) = killer.count(backend)
+        {
+            self.shared.host_sockets.store(n, Ordering::Relaxed);
+        }
     }
 
     /// Reads the cluster data and applies it; returns the revision read.
@@ -232,7 +276,7 @@ impl<S: Store> Control<S> {
         if let Some(killer) = self.killer.as_mut() {
             match killer.kill(old_backend.addr) {
                 Ok(n) => {
-                    self.killed += n;
+                    self.shared.killed.fetch_add(n, Ordering::Relaxed);
                     tracing::info!(peer = %old_backend.addr, destroyed = n, mechanism = killer.mechanism(), "host sockets to the old master destroyed");
                 }
                 Err(e) => {

@@ -208,6 +208,20 @@ fn spawn_control(
         .spawn(move || {
             runtime.block_on(async move {
                 let lease_ttl = lease_ttl(&store, &config).await;
+                let killer = tendril_ebpf::SocketKiller::load();
+                let mechanism = killer.mechanism();
+                if mechanism == tendril_ebpf::Mechanism::Bpf {
+                    tracing::info!(mechanism = mechanism.label(), "socket killer ready");
+                } else {
+                    let why: Vec<String> = killer.fallbacks().iter().map(ToString::to_string).collect();
+                    tracing::warn!(
+                        mechanism = mechanism.label(),
+                        why = %why.join("; "),
+                        "socket killer degraded: connections that bypass the proxy may survive a fence"
+                    );
+                }
+                let killer: Option<Box<dyn control::SocketKiller>> =
+                    (mechanism != tendril_ebpf::Mechanism::None).then(|| Box::new(killer) as Box<dyn control::SocketKiller>);
                 let control = control::Control::new(
                     store,
                     shared.clone(),
@@ -216,7 +230,7 @@ fn spawn_control(
                     lease_ttl,
                     wakers,
                     listener_fds,
-                    None,
+                    killer,
                 );
                 if let Some(listener) = metrics_listener {
                     let mechanism = control.kill_mechanism();
@@ -234,6 +248,8 @@ fn spawn_control(
                                 s.driver(),
                                 mechanism,
                                 "userspace",
+                                s.killed.load(std::sync::atomic::Ordering::Relaxed),
+                                s.host_sockets.load(std::sync::atomic::Ordering::Relaxed),
                             )
                         }),
                     ));

@@ -86,6 +86,10 @@ impl WorkerMetrics {
 }
 
 /// Renders the Prometheus text for all workers plus the control-plane values.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site, each value a metric"
+)]
 pub fn render(
     cluster: &str,
     workers: &[WorkerMetrics],
@@ -94,6 +98,8 @@ pub fn render(
     driver: &str,
     kill_mechanism: &str,
     forwarding: &str,
+    killed: u64,
+    host_sockets: u64,
 ) -> String {
     let sum = |f: &dyn Fn(&WorkerMetrics) -> u64| workers.iter().map(f).sum::<u64>();
     let mut out = String::new();
@@ -177,6 +183,18 @@ pub fn render(
         "gauge",
         "how host sockets to a demoted master are destroyed",
         vec![(format!("mechanism=\"{kill_mechanism}\""), 1)],
+    );
+    metric(
+        "tendril_proxy_host_sockets_killed_total",
+        "counter",
+        "host sockets to demoted masters destroyed, by mechanism",
+        vec![(format!("mechanism=\"{kill_mechanism}\""), killed)],
+    );
+    metric(
+        "tendril_proxy_host_sockets_to_backend",
+        "gauge",
+        "sockets on this host connected to the current master (proxied or not)",
+        vec![(String::new(), host_sockets)],
     );
     out
 }

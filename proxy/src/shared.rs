@@ -2,7 +2,7 @@
 //! per-worker counters, settings.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -37,6 +37,10 @@ pub struct Shared {
     pub workers: Vec<WorkerMetrics>,
     /// Settings.
     pub settings: Settings,
+    /// Host sockets destroyed by the socket killer.
+    pub killed: AtomicU64,
+    /// Host sockets pointing at the current backend (the connection tracker).
+    pub host_sockets: AtomicU64,
     drivers: Vec<AtomicU8>,
     draining: AtomicBool,
 }
@@ -48,6 +52,8 @@ impl Shared {
             table: ArcSwap::from_pointee(RoutingTable::starting()),
             workers: (0..workers).map(|_| WorkerMetrics::default()).collect(),
             settings,
+            killed: AtomicU64::new(0),
+            host_sockets: AtomicU64::new(0),
             drivers: (0..workers).map(|_| AtomicU8::new(0)).collect(),
             draining: AtomicBool::new(false),
         })

@@ -50,11 +50,29 @@ async fn cluster_data_write_reroutes_new_and_closes_old_connections() {
     let proxy = ProxyProc::start(&env, "p1", &[], &[]);
     env.wait_acked("p1", g1, Duration::from_secs(10)).await;
     wait_routed(proxy.port, pg1.port(), Duration::from_secs(10)).await;
+    // A client that bypasses the proxy and talks to the master directly.
+    let direct = connect(pg1.port()).await.unwrap();
+    assert_eq!(backend_port(&direct).await, pg1.port());
     let mut old = Vec::new();
     for _ in 0..20 {
         let c = connect(proxy.port).await.unwrap();
         assert_eq!(backend_port(&c).await, pg1.port());
         old.push(c);
+    }
+    // The connection tracker sees every host socket to the master: 20 proxied, 1 direct.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = proxy
+            .metric("tendril_proxy_host_sockets_to_backend")
+            .unwrap_or(0.0);
+        if seen >= 21.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tracker saw {seen} host sockets to the master"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let put = Instant::now();
     let g2 = env.route(Some(("db2", pg2.port())), false).await;
@@ -69,6 +87,19 @@ async fn cluster_data_write_reroutes_new_and_closes_old_connections() {
     let closed_after = put.elapsed();
     println!("cluster data put -> last of 20 old-master connections closed: {closed_after:?}");
     env.wait_acked("p1", g2, Duration::from_secs(5)).await;
+    // The socket killer ran before the acknowledgement: the direct connection is gone too.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !direct.is_closed() {
+        assert!(
+            Instant::now() < deadline,
+            "the direct (non-proxied) connection to the old master survived the fence"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(direct.query_one("SELECT 1", &[]).await.is_err());
+    let killed =
+        proxy.metric("tendril_proxy_host_sockets_killed_total{cluster=\"pxy\",mechanism=\"bpf\"}");
+    assert!(killed.is_some_and(|k| k >= 1.0), "{}", proxy.metrics());
     let c = connect(proxy.port).await.unwrap();
     assert_eq!(
         backend_port(&c).await,
@@ -246,4 +277,40 @@ async fn sigterm_drains_open_connections_then_exits() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[test]
+fn operator_kill_command_destroys_host_sockets_to_a_peer() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    let (_server, _) = listener.accept().unwrap();
+    let dry = std::process::Command::new(env!("CARGO_BIN_EXE_tendril-proxy"))
+        .args(["kill", "--dry-run", "--peer", &addr.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.status.success() && text.starts_with("found 1 sockets"),
+        "{text}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tendril-proxy"))
+        .args(["kill", "--peer", &addr.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("destroyed 1 sockets"), "{text}");
+    assert!(text.contains("mechanism bpf"), "{text}");
+    let mut b = [0u8; 1];
+    let err = client.read(&mut b).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED));
+    // The listener still accepts.
+    let _again = std::net::TcpStream::connect(addr).unwrap();
+    assert!(listener.accept().is_ok());
 }

@@ -31,6 +31,41 @@ const TEST_PACKAGES: &[Package] = &[
         why: "store tests run a real etcd",
     },
     Package {
+        name: "clang-19",
+        probe: "/usr/bin/clang-19",
+        why: "the BPF socket killer is C compiled with clang (Debian's default clang 14 cannot emit kfunc calls)",
+    },
+    Package {
+        name: "bpftool",
+        probe: "/usr/sbin/bpftool",
+        why: "generates vmlinux.h for the BPF programs",
+    },
+    Package {
+        name: "libbpf-dev",
+        probe: "/usr/include/bpf/bpf_helpers.h",
+        why: "BPF helper headers",
+    },
+    Package {
+        name: "libelf-dev",
+        probe: "/usr/include/libelf.h",
+        why: "libbpf-rs builds libbpf, which needs libelf",
+    },
+    Package {
+        name: "zlib1g-dev",
+        probe: "/usr/include/zlib.h",
+        why: "libbpf needs zlib",
+    },
+    Package {
+        name: "pkg-config",
+        probe: "/usr/bin/pkg-config",
+        why: "libbpf-sys finds libelf and zlib with it",
+    },
+    Package {
+        name: "util-linux",
+        probe: "/usr/bin/setpriv",
+        why: "the killer test drops capabilities with setpriv",
+    },
+    Package {
         name: "postgresql-15",
         probe: "/usr/lib/postgresql/15/bin/postgres",
         why: "keeper and end-to-end tests run a real PostgreSQL 15",

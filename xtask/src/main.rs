@@ -3,10 +3,13 @@
 //! - `test`: what CI runs. Installs missing system packages (as root on Debian), then checks
 //!   formatting, runs clippy with warnings denied, and runs every test.
 //! - `deps`: only the package installation step.
+//! - `build-ebpf`: compiles the BPF objects (the loader's build script runs the same step).
+//! - `bench proxy`: the proxy benchmark (bench/proxy/README.md).
 //!
 //! Commands are plain `std::process::Command` calls from the workspace root, so this crate
 //! builds in seconds on a fresh machine, before anything it installs is needed.
 
+mod bench;
 mod deps;
 mod test;
 mod tidy;
@@ -19,6 +22,8 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
         Some("deps") => deps::ensure(deps::Purpose::Test),
+        Some("bench") => bench::run(&args[1..]),
+        Some("build-ebpf") => build_ebpf(),
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             return if args.is_empty() {
@@ -47,7 +52,19 @@ usage: cargo xtask <command>
 commands:
   test [--no-lint]   install what the tests need, then fmt check, clippy, every test
   deps               install the system packages the tests need (root, Debian)
+  build-ebpf         compile the BPF programs (clang) into <target>/bpf
+  bench proxy [--quick]
+                     pgbench: direct vs tendril vs HAProxy vs PgBouncer (bench/proxy)
 ";
+
+/// `cargo xtask build-ebpf`: the same `ebpf/bpf/build.sh` the loader's build script runs.
+fn build_ebpf() -> anyhow::Result<()> {
+    deps::ensure(deps::Purpose::Test)?;
+    let out = bench::target_dir().join("bpf");
+    run(Command::new("bash")
+        .arg(project_root().join("ebpf/bpf/build.sh"))
+        .arg(&out))
+}
 
 /// The workspace root.
 pub fn project_root() -> PathBuf {

@@ -1,0 +1,61 @@
+//! `cargo xtask bench proxy [--quick]`: the proxy benchmark against direct PostgreSQL, HAProxy
+//! and PgBouncer in the same rounds (see bench/proxy/README.md).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::{deps, project_root};
+
+/// Runs a benchmark by name.
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    match args.first().map(String::as_str) {
+        Some("proxy") => proxy(args.iter().any(|a| a == "--quick")),
+        _ => anyhow::bail!("usage: cargo xtask bench proxy [--quick]"),
+    }
+}
+
+/// The cargo target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| project_root().join("target"), PathBuf::from)
+}
+
+fn proxy(quick: bool) -> anyhow::Result<()> {
+    deps::ensure(deps::Purpose::Test)?;
+    let bench = project_root().join("bench/proxy");
+    let installed = [
+        "/usr/sbin/haproxy",
+        "/usr/sbin/pgbouncer",
+        "/usr/bin/pidstat",
+    ]
+    .iter()
+    .all(|p| std::path::Path::new(p).exists());
+    if !installed {
+        crate::run(Command::new("bash").arg(bench.join("install.sh")))?;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::run(Command::new(&cargo).args([
+        "build",
+        "--release",
+        "-p",
+        "tendril-proxy",
+        "-p",
+        "tendril-control",
+    ]))?;
+    let run_dir = "/tmp/proxy-anchor/run";
+    let mut cmd = Command::new("bash");
+    cmd.arg(bench.join("run_all.sh"))
+        .current_dir(&bench)
+        .env("TENDRIL_BIN", target_dir().join("release"))
+        .env("PRE_BENCH_HOOK", bench.join("tendril-up.sh"))
+        .env(
+            "EXTRA_TARGET",
+            format!("tendril-uring:25500::{run_dir}/tendril-uring.pid,tendril-epoll:25501::{run_dir}/tendril-epoll.pid"),
+        );
+    if quick {
+        cmd.env("ROUNDS", "1")
+            .env("DURATION_SCALE", "0.25")
+            .env("MAX_LOAD", "100");
+    }
+    crate::run(&mut cmd)
+}
