@@ -19,6 +19,7 @@ pub struct EtcdServer {
     peer_port: u16,
     child: Option<Child>,
     tls: Option<TlsMaterial>,
+    extra: Option<std::net::IpAddr>,
 }
 
 /// PEM files of a test certificate authority, and the server and client certificates it
@@ -51,7 +52,17 @@ impl EtcdServer {
         EtcdServer::start_inner(true)
     }
 
+    /// Starts etcd listening on `ip` too (same port): for processes in network namespaces,
+    /// which cannot reach this namespace's loopback.
+    pub fn start_also_on(ip: std::net::IpAddr) -> EtcdServer {
+        EtcdServer::start_inner_with(false, Some(ip))
+    }
+
     fn start_inner(tls: bool) -> EtcdServer {
+        EtcdServer::start_inner_with(tls, None)
+    }
+
+    fn start_inner_with(tls: bool, extra: Option<std::net::IpAddr>) -> EtcdServer {
         let binary = find_binary("etcd", &["/usr/bin"]).unwrap_or_else(|| {
             panic!(
                 "etcd not found on PATH: install Debian's etcd-server package \
@@ -71,6 +82,7 @@ impl EtcdServer {
                 peer_port: free_port(),
                 child: None,
                 tls: None,
+                extra,
             };
             if tls {
                 server.tls = Some(make_certificates(server.dir.path()));
@@ -87,6 +99,12 @@ impl EtcdServer {
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The client URL on the extra address given to [`EtcdServer::start_also_on`].
+    pub fn endpoint_on_extra(&self) -> Option<String> {
+        self.extra
+            .map(|ip| format!("http://{}", std::net::SocketAddr::new(ip, self.client_port)))
     }
 
     /// The certificates, when started with [`EtcdServer::start_tls`].
@@ -152,7 +170,10 @@ impl EtcdServer {
 
     fn spawn_and_wait(&mut self) -> Result<(), String> {
         let url = |port: u16| format!("http://127.0.0.1:{port}");
-        let client_url = self.endpoint();
+        let mut client_url = self.endpoint();
+        if let Some(url) = self.endpoint_on_extra() {
+            client_url = format!("{client_url},{url}");
+        }
         let log = File::options()
             .create(true)
             .append(true)
@@ -166,7 +187,7 @@ impl EtcdServer {
                 self.dir.path().join("data").display()
             ))
             .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={}", self.endpoint()))
             .arg(format!("--listen-peer-urls={}", url(self.peer_port)))
             .arg(format!(
                 "--initial-advertise-peer-urls={}",

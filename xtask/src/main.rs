@@ -1,5 +1,6 @@
 //! Project automation, run as `cargo xtask <command>`:
 //!
+//! - `up` / `down`: a local cluster (etcd, keepers, sentinels, proxies) on loopback.
 //! - `test`: what CI runs. Installs missing system packages (as root on Debian), then checks
 //!   formatting, runs clippy with warnings denied, and runs every test.
 //! - `deps`: only the package installation step.
@@ -13,6 +14,7 @@ mod bench;
 mod deps;
 mod test;
 mod tidy;
+mod up;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -24,6 +26,8 @@ fn main() -> ExitCode {
         Some("deps") => deps::ensure(deps::Purpose::Test),
         Some("bench") => bench::run(&args[1..]),
         Some("build-ebpf") => build_ebpf(),
+        Some("up") => up::up(&args[1..]),
+        Some("down") => up::down(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             return if args.is_empty() {
@@ -50,6 +54,10 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
+  up [--keepers N] [--sentinels N] [--proxies N] [--sync] [--state-dir DIR] [--detach]
+                     a local HA cluster on loopback: etcd, keepers, sentinels, proxy
+  down [--state-dir DIR]
+                     stop it
   test [--no-lint]   install what the tests need, then fmt check, clippy, every test
   deps               install the system packages the tests need (root, Debian)
   build-ebpf         compile the BPF programs (clang) into <target>/bpf

@@ -31,6 +31,52 @@ pub enum Command {
     /// Read or replace the raw cluster data (recovery).
     #[command(subcommand)]
     Clusterdata(ClusterDataCommand),
+    /// Show keepers, databases, replication, proxies, the sentinel leader and recent events.
+    Status(StatusArgs),
+    /// Planned switchover: proxies hold new connections, the master stops after its standby
+    /// received everything, the standby is promoted and published.
+    Switchover(SwitchoverArgs),
+    /// Mark a keeper failed once (the sentinel fails over if it runs the master).
+    Failkeeper(KeeperArg),
+    /// Forget a keeper and its database (refused for the master's keeper).
+    Removekeeper(KeeperArg),
+    /// Promote a standby cluster to an ordinary (master) cluster.
+    Promote,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// A readable table.
+    Table,
+    /// JSON.
+    Json,
+}
+
+/// `status` arguments.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Output format.
+    #[arg(long, short, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+/// `switchover` arguments.
+#[derive(Debug, Args)]
+pub struct SwitchoverArgs {
+    /// The keeper to switch to (default: the best standby).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// How long to wait for it to finish.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+/// A keeper uid argument.
+#[derive(Debug, Args)]
+pub struct KeeperArg {
+    /// The keeper's uid.
+    pub keeper: String,
 }
 
 /// `init` arguments.

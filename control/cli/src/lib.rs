@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+pub mod ops;
 mod run;
 
 pub use run::run;
@@ -89,9 +90,9 @@ const CAS_ATTEMPTS: u32 = 3;
 /// The commands, bound to one cluster of one store.
 #[derive(Debug, Clone)]
 pub struct Ctl<S> {
-    store: S,
-    cluster: String,
-    keys: Keys,
+    pub(crate) store: S,
+    pub(crate) cluster: String,
+    pub(crate) keys: Keys,
 }
 
 impl<S: Store> Ctl<S> {

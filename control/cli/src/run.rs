@@ -7,7 +7,7 @@ use serde_json::Value;
 use tendril_control_model::{ClusterSpec, Keys, encode_pretty};
 use tendril_control_store::EtcdStore;
 
-use crate::args::{Cli, ClusterDataCommand, Command};
+use crate::args::{Cli, ClusterDataCommand, Command, Output};
 use crate::{Ctl, CtlError, SpecChange, parse_json};
 
 /// Runs `cli`, printing results on standard output.
@@ -65,6 +65,44 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                     serde_json::to_string_pretty(&value).unwrap_or_default()
                 ),
                 Err(_) => println!("{}", String::from_utf8_lossy(&kv.value)),
+            }
+        }
+        Command::Status(args) => {
+            let status = ctl.status().await?;
+            match args.output {
+                Output::Table => print!("{}", crate::ops::render_table(&status)),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                ),
+            }
+        }
+        Command::Switchover(args) => {
+            println!("switchover requested; proxies hold new connections while it runs");
+            let done = ctl.switchover(args.to.as_deref(), args.timeout).await?;
+            println!("{done}");
+        }
+        Command::Failkeeper(k) => {
+            ctl.failkeeper(&k.keeper).await?;
+            println!(
+                "keeper {} marked failed; the sentinel acts on it in its next decision",
+                k.keeper
+            );
+        }
+        Command::Removekeeper(k) => {
+            ctl.removekeeper(&k.keeper).await?;
+            println!(
+                "keeper {} and its database removed from the cluster data",
+                k.keeper
+            );
+        }
+        Command::Promote => {
+            if ctl.promote().await? {
+                println!(
+                    "standby cluster promoted: its master will stop following the external primary"
+                );
+            } else {
+                println!("the cluster is already a master cluster; nothing to promote");
             }
         }
         Command::Clusterdata(ClusterDataCommand::Write { file, yes }) => {

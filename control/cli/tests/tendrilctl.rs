@@ -261,3 +261,70 @@ fn usage_and_store_errors_have_distinct_exit_codes() {
     assert_exit(&defaults, 0);
     assert_eq!(json(&defaults)["fail_interval"], "5s");
 }
+
+#[test]
+fn operations_on_a_running_cluster() {
+    let etcd = EtcdServer::start();
+    let ctl = Ctl { etcd: &etcd };
+    assert_exit(&ctl.run(&["init"]), 0);
+    // A cluster as a sentinel would have written it: master on k0, standby on k1, k2 free.
+    let mut cd = json(&ctl.run(&["clusterdata", "read"]));
+    cd["phase"] = "normal".into();
+    cd["master"] = "db0".into();
+    let keeper = |uid: &str| serde_json::json!({"uid": uid, "status": {"healthy": true}});
+    cd["keepers"] = serde_json::json!({"k0": keeper("k0"), "k1": keeper("k1"), "k2": keeper("k2")});
+    let now = cd["change_time"].clone();
+    let db = |uid: &str, k: &str, role: &str| serde_json::json!({"uid": uid, "generation": 1, "change_time": now, "spec": {"keeper_uid": k, "role": role}});
+    cd["dbs"] =
+        serde_json::json!({"db0": db("db0", "k0", "master"), "db1": db("db1", "k1", "standby")});
+    assert_exit(
+        &ctl.run_with_stdin(&["clusterdata", "write", "--yes"], Some(&cd.to_string())),
+        0,
+    );
+
+    let status = ctl.run(&["status"]);
+    assert_exit(&status, 0);
+    let text = stdout(&status);
+    assert!(
+        text.contains("KEEPER") && text.contains("k0") && text.contains("master"),
+        "{text}"
+    );
+    let st = json(&ctl.run(&["status", "--output", "json"]));
+    assert_eq!(st["master"], "db0");
+    assert_eq!(st["keepers"].as_array().unwrap().len(), 3);
+
+    let refused = ctl.run(&["removekeeper", "k0"]);
+    assert_exit(&refused, 1);
+    assert!(
+        stderr(&refused).contains("runs the master"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_exit(&ctl.run(&["removekeeper", "k1"]), 0);
+    let after = json(&ctl.run(&["clusterdata", "read"]));
+    assert!(
+        after["keepers"].get("k1").is_none() && after["dbs"].get("db1").is_none(),
+        "{after}"
+    );
+    assert_exit(&ctl.run(&["removekeeper", "nobody"]), 1);
+
+    assert_exit(&ctl.run(&["failkeeper", "k0"]), 0);
+    assert_eq!(
+        json(&ctl.run(&["clusterdata", "read"]))["keepers"]["k0"]["status"]["force_fail"],
+        true
+    );
+
+    let promote = ctl.run(&["promote"]);
+    assert_exit(&promote, 0);
+    assert!(
+        stdout(&promote).contains("nothing to promote"),
+        "{}",
+        stdout(&promote)
+    );
+
+    // A switchover to a keeper without a standby is refused before anything is written.
+    let sw = ctl.run(&["switchover", "--to", "k2", "--timeout", "2s"]);
+    assert_exit(&sw, 1);
+    assert!(stderr(&sw).contains("no standby"), "{}", stderr(&sw));
+    assert!(json(&ctl.run(&["clusterdata", "read"]))["switchover"].is_null());
+}

@@ -1,0 +1,692 @@
+//! End-to-end harness: a whole tendril cluster of real processes (etcd, keepers running
+//! PostgreSQL 15, sentinels, proxies), a writer that records every acknowledged write through
+//! the proxy, a monitor of what the proxies are told to route to, and the faults (kill -9,
+//! SIGSTOP, network partitions in network namespaces).
+//!
+//! Used by the end-to-end tests (`e2e/tests`) and by the failover timing benchmark
+//! (`cargo xtask bench failover`). Binaries are taken from the directory of the running
+//! executable (`target/<profile>`), or `TENDRIL_BIN_DIR`: build them first (`cargo test
+//! --workspace` and `cargo xtask test` do).
+#![allow(
+    clippy::unwrap_used,
+    reason = "test harness: a failed step panics with its context"
+)]
+
+pub mod faults;
+pub mod writer;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tendril_control_model::{
+    ClusterData, ClusterPhase, DbRole, KeeperInfo, Keys, ProxyRoute, decode,
+};
+use tendril_control_store::{EtcdStore, Store, StoreConfig, WatchEvent};
+use tendril_testkit::{EtcdServer, free_port};
+
+/// The superuser's password in every harness cluster.
+pub const SU_PASSWORD: &str = "e2e-su-secret";
+/// The cluster name.
+pub const CLUSTER: &str = "e2e";
+
+/// Where the binaries are.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TENDRIL_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut dir = exe.parent().unwrap().to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    for bin in [
+        "tendril-keeper",
+        "tendril-sentinel",
+        "tendril-proxy",
+        "tendrilctl",
+    ] {
+        assert!(
+            dir.join(bin).is_file(),
+            "{bin} not found in {}: build the workspace binaries first (cargo build --workspace --bins)",
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// How to build a cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Keepers.
+    pub keepers: usize,
+    /// Sentinels.
+    pub sentinels: usize,
+    /// Proxies.
+    pub proxies: usize,
+    /// The cluster spec (JSON).
+    pub spec: String,
+    /// Put keeper `k0` in a network namespace (for partition tests); everything else then
+    /// listens on the root side of the veth pair.
+    pub partitionable: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            keepers: 3,
+            sentinels: 2,
+            proxies: 1,
+            spec: default_spec(false),
+            partitionable: false,
+        }
+    }
+}
+
+/// The default spec of the harness: tendril's defaults, pg_rewind on.
+pub fn default_spec(sync: bool) -> String {
+    format!(r#"{{"synchronous_replication": {sync}, "use_pg_rewind": true}}"#)
+}
+
+/// A spec tuned for fast failover.
+pub fn tuned_spec(sync: bool) -> String {
+    format!(
+        r#"{{"synchronous_replication": {sync}, "use_pg_rewind": true, "sleep_interval": "300ms",
+            "fail_interval": "1500ms", "proxy_check_interval": "300ms", "proxy_timeout": "2s"}}"#
+    )
+}
+
+/// A process the harness started.
+#[derive(Debug)]
+pub struct Proc {
+    /// Name.
+    pub name: String,
+    /// The child.
+    pub child: Option<Child>,
+    /// Log file.
+    pub log: PathBuf,
+    command: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl Proc {
+    fn spawn(name: &str, dir: &Path, command: Vec<String>, envs: Vec<(String, String)>) -> Proc {
+        let mut p = Proc {
+            name: name.into(),
+            child: None,
+            log: dir.join(format!("{name}.log")),
+            command,
+            envs,
+        };
+        p.start();
+        p
+    }
+
+    /// (Re)starts the process.
+    pub fn start(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(&self.command[0]);
+        cmd.args(&self.command[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("start {}: {e}", self.name)),
+        );
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, wait up to 60 s, then SIGKILL.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The log's text.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+        self.stop();
+    }
+}
+
+/// A keeper and the PostgreSQL it runs.
+#[derive(Debug)]
+pub struct Node {
+    /// Keeper uid.
+    pub uid: String,
+    /// PostgreSQL port.
+    pub port: u16,
+    /// Address PostgreSQL listens on.
+    pub address: IpAddr,
+    /// The keeper's data dir.
+    pub data_dir: PathBuf,
+    /// The keeper process.
+    pub keeper: Proc,
+}
+
+impl Node {
+    /// The postmaster pid, from postmaster.pid.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.data_dir.join("postgres/postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    /// A superuser connection straight to this PostgreSQL.
+    pub async fn sql(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        connect(&self.address.to_string(), self.port).await
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Thaw first: a frozen postgres ignores everything else.
+        if let Some(pid) = self.postmaster_pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+        self.keeper.signal(nix::sys::signal::Signal::SIGCONT);
+        self.keeper.stop();
+        if let Some(pid) = self.postmaster_pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGQUIT,
+            );
+        }
+    }
+}
+
+/// What the proxies were told to route to, in order, with when.
+pub type RouteLog = Arc<Mutex<Vec<(Instant, Option<ProxyRoute>)>>>;
+
+/// A running cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The cluster's directory (logs, data).
+    pub dir: tempfile::TempDir,
+    /// Keepers, `k0`..
+    pub nodes: Vec<Node>,
+    /// Sentinels.
+    pub sentinels: Vec<Proc>,
+    /// Proxies: (process, port).
+    pub proxies: Vec<(Proc, u16)>,
+    /// The store.
+    pub store: EtcdStore,
+    /// Store keys.
+    pub keys: Keys,
+    /// What the proxies were told to route to, in order, with when (from a watch).
+    pub routes: RouteLog,
+    /// The network namespace of `k0`, when partitionable.
+    pub netns: Option<faults::Netns>,
+    bin: PathBuf,
+    store_endpoint: String,
+    etcd: EtcdServer,
+    _watch: tokio::task::JoinHandle<()>,
+}
+
+impl Cluster {
+    /// Starts etcd, keepers, sentinels and proxies; returns once a master is published and
+    /// every standby streams from it.
+    pub async fn start(opts: Options) -> Cluster {
+        tendril_testkit::init_logging();
+        let bin = bin_dir();
+        let keep = std::env::var_os("TENDRIL_TEST_KEEP").is_some();
+        let dir = tempfile::Builder::new()
+            .prefix("tendril-e2e-")
+            .disable_cleanup(keep)
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.path().join("su.pw"), SU_PASSWORD).unwrap();
+        std::fs::write(dir.path().join("repl.pw"), "e2e-repl-secret").unwrap();
+        let netns = opts.partitionable.then(faults::Netns::create);
+        let root_ip: IpAddr = netns
+            .as_ref()
+            .map_or("127.0.0.1".parse().unwrap(), |n| n.root_ip);
+        let etcd = match &netns {
+            Some(n) => EtcdServer::start_also_on(n.root_ip),
+            None => EtcdServer::start(),
+        };
+        let store_endpoint = etcd.endpoint_on_extra().unwrap_or_else(|| etcd.endpoint());
+        let store = EtcdStore::connect(&StoreConfig::new([etcd.endpoint()]))
+            .await
+            .unwrap();
+        let keys = Keys::new(CLUSTER).unwrap();
+        let ctl = |args: &[&str]| {
+            let out = Command::new(bin.join("tendrilctl"))
+                .env("TENDRIL_CLUSTER_NAME", CLUSTER)
+                .env("TENDRIL_STORE_ENDPOINTS", etcd.endpoint())
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "tendrilctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ctl(&["init", &opts.spec]);
+        let routes = Arc::new(Mutex::new(Vec::new()));
+        let watch = tokio::spawn(watch_routes(
+            store.clone(),
+            keys.cluster_data(),
+            routes.clone(),
+        ));
+        let mut cluster = Cluster {
+            dir,
+            nodes: Vec::new(),
+            sentinels: Vec::new(),
+            proxies: Vec::new(),
+            store,
+            keys,
+            routes,
+            netns,
+            bin,
+            store_endpoint,
+            etcd,
+            _watch: watch,
+        };
+        for i in 0..opts.keepers {
+            let in_netns = i == 0 && cluster.netns.is_some();
+            let address = match (&cluster.netns, in_netns) {
+                (Some(n), true) => n.ns_ip,
+                _ => root_ip,
+            };
+            cluster.add_node(&format!("k{i}"), address, in_netns);
+        }
+        for i in 0..opts.sentinels {
+            cluster.add_sentinel(i);
+        }
+        for i in 0..opts.proxies {
+            cluster.add_proxy(i);
+        }
+        cluster
+            .wait_healthy(opts.keepers, Duration::from_secs(120))
+            .await;
+        cluster
+    }
+
+    fn add_node(&mut self, uid: &str, address: IpAddr, in_netns: bool) {
+        let port = free_port();
+        let data_dir = self.dir.path().join(uid);
+        let mut command = Vec::new();
+        if in_netns {
+            let ns = self.netns.as_ref().unwrap();
+            command.extend(["ip", "netns", "exec", &ns.name].map(String::from));
+        }
+        command.push(
+            self.bin
+                .join("tendril-keeper")
+                .to_string_lossy()
+                .into_owned(),
+        );
+        command.extend([
+            "--uid".into(),
+            uid.into(),
+            "--data-dir".into(),
+            data_dir.to_string_lossy().into_owned(),
+            "--pg-listen-address".into(),
+            address.to_string(),
+            "--pg-port".into(),
+            port.to_string(),
+            "--pg-su-passwordfile".into(),
+            self.dir.path().join("su.pw").to_string_lossy().into_owned(),
+            "--pg-repl-passwordfile".into(),
+            self.dir
+                .path()
+                .join("repl.pw")
+                .to_string_lossy()
+                .into_owned(),
+        ]);
+        let keeper = Proc::spawn(
+            &format!("keeper-{uid}"),
+            self.dir.path(),
+            command,
+            self.envs(),
+        );
+        self.nodes.push(Node {
+            uid: uid.into(),
+            port,
+            address,
+            data_dir,
+            keeper,
+        });
+    }
+
+    fn envs(&self) -> Vec<(String, String)> {
+        vec![
+            ("TENDRIL_CLUSTER_NAME".into(), CLUSTER.into()),
+            (
+                "TENDRIL_STORE_ENDPOINTS".into(),
+                self.store_endpoint.clone(),
+            ),
+            ("TENDRIL_LOG".into(), "info".into()),
+        ]
+    }
+
+    fn add_sentinel(&mut self, i: usize) {
+        let command = vec![
+            self.bin
+                .join("tendril-sentinel")
+                .to_string_lossy()
+                .into_owned(),
+            "--leader-ttl".into(),
+            "3s".into(),
+        ];
+        self.sentinels.push(Proc::spawn(
+            &format!("sentinel-{i}"),
+            self.dir.path(),
+            command,
+            self.envs(),
+        ));
+    }
+
+    fn add_proxy(&mut self, i: usize) {
+        let port = free_port();
+        let command = vec![
+            self.bin
+                .join("tendril-proxy")
+                .to_string_lossy()
+                .into_owned(),
+            "--listen-address".into(),
+            format!("127.0.0.1:{port}"),
+            "--uid".into(),
+            format!("p{i}"),
+            "--workers".into(),
+            "2".into(),
+            "--hold-timeout".into(),
+            "30s".into(),
+        ];
+        let p = Proc::spawn(&format!("proxy-{i}"), self.dir.path(), command, self.envs());
+        self.proxies.push((p, port));
+    }
+
+    /// The first proxy's port.
+    pub fn proxy_port(&self) -> u16 {
+        self.proxies[0].1
+    }
+
+    /// The node of keeper `uid`.
+    pub fn node(&self, uid: &str) -> &Node {
+        self.nodes.iter().find(|n| n.uid == uid).unwrap()
+    }
+
+    /// The node of keeper `uid`, mutably.
+    pub fn node_mut(&mut self, uid: &str) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.uid == uid).unwrap()
+    }
+
+    /// The cluster data.
+    pub async fn cluster_data(&self) -> ClusterData {
+        let kv = self
+            .store
+            .get(&self.keys.cluster_data())
+            .await
+            .unwrap()
+            .unwrap();
+        decode(&kv.value).unwrap()
+    }
+
+    /// A keeper's report.
+    pub async fn info(&self, uid: &str) -> Option<KeeperInfo> {
+        let kv = self.store.get(&self.keys.keeper(uid)).await.ok()??;
+        decode(&kv.value).ok()
+    }
+
+    /// The keeper running the master.
+    pub async fn master_keeper(&self) -> Option<String> {
+        let cd = self.cluster_data().await;
+        cd.master_db().map(|d| d.spec.keeper_uid.clone())
+    }
+
+    /// Waits until a master is published and `standbys` standbys stream from it (healthy,
+    /// converged, in recovery).
+    pub async fn wait_healthy(&self, keepers: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let cd = self.cluster_data().await;
+            let ok = cd.phase == ClusterPhase::Normal
+                && cd.proxy.master.is_some()
+                && self.all_converged(&cd, keepers).await;
+            if ok {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "cluster not healthy within {limit:?}:\n{}\n{}",
+                    self.describe().await,
+                    self.logs_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn all_converged(&self, cd: &ClusterData, keepers: usize) -> bool {
+        let mut good = 0;
+        for db in cd.dbs.values() {
+            let Some(info) = self.info(&db.spec.keeper_uid).await else {
+                return false;
+            };
+            let Some(s) = info.postgres_state else {
+                return false;
+            };
+            let role_ok = match db.spec.role {
+                DbRole::Master => !s.in_recovery,
+                DbRole::Standby => s.in_recovery,
+            };
+            if s.uid == db.uid && s.healthy && s.generation == db.generation && role_ok {
+                good += 1;
+            }
+        }
+        good == keepers && cd.dbs.len() == keepers
+    }
+
+    /// Waits for a condition on the cluster data.
+    pub async fn wait_cd(
+        &self,
+        what: &str,
+        limit: Duration,
+        check: impl Fn(&ClusterData) -> bool,
+    ) -> ClusterData {
+        let deadline = Instant::now() + limit;
+        loop {
+            let cd = self.cluster_data().await;
+            if check(&cd) {
+                return cd;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{what} not reached within {limit:?}:\n{}\n{}",
+                    self.describe().await,
+                    self.logs_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A summary of the cluster data and the recent events, for failure messages.
+    pub async fn describe(&self) -> String {
+        let cd = self.cluster_data().await;
+        let mut out = format!(
+            "phase {:?} master {:?} route {:?} switchover {:?}\n",
+            cd.phase, cd.master, cd.proxy.master, cd.switchover
+        );
+        for db in cd.dbs.values() {
+            out.push_str(&format!(
+                "  db {} keeper {} {:?} gen {}/{} healthy {} stop {}\n",
+                db.uid,
+                db.spec.keeper_uid,
+                db.spec.role,
+                db.generation,
+                db.status.current_generation,
+                db.status.healthy,
+                db.spec.stop
+            ));
+        }
+        for e in cd.events.iter().rev().take(12).rev() {
+            out.push_str(&format!("  event {}: {}\n", e.kind, e.reason));
+        }
+        out
+    }
+
+    /// The end of every process log.
+    pub fn logs_tail(&self) -> String {
+        let mut out = String::new();
+        let procs = self
+            .nodes
+            .iter()
+            .map(|n| &n.keeper)
+            .chain(self.sentinels.iter())
+            .chain(self.proxies.iter().map(|(p, _)| p));
+        for p in procs {
+            let text = p.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {} ---\n", p.name));
+            for l in &lines[lines.len().saturating_sub(8)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Checks the route history: the proxies never switched from one master to another
+    /// without a fence (no route) in between.
+    pub fn assert_never_two_masters_routable(&self) {
+        let routes = self.routes.lock().unwrap();
+        let mut last: Option<&ProxyRoute> = None;
+        for (_, route) in routes.iter() {
+            if let (Some(a), Some(b)) = (last, route.as_ref()) {
+                assert_eq!(
+                    a.db_uid, b.db_uid,
+                    "the route moved from {} to {} without a fence: {routes:?}",
+                    a.db_uid, b.db_uid
+                );
+            }
+            last = route.as_ref();
+        }
+    }
+
+    /// Starts a tendrilctl command.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(self.bin.join("tendrilctl"))
+            .env("TENDRIL_CLUSTER_NAME", CLUSTER)
+            .env("TENDRIL_STORE_ENDPOINTS", self.etcd.endpoint())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Restarts a proxy process (SIGKILL then start).
+    pub fn restart_proxy(&mut self, i: usize) {
+        let (p, _) = &mut self.proxies[i];
+        p.kill();
+        p.start();
+    }
+
+    /// The keeper uids in order.
+    pub fn keeper_uids(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.uid.clone()).collect()
+    }
+
+    /// The replica ids seen on each node (for data checks).
+    pub async fn count_on_each(&self, query: &str) -> BTreeMap<String, Option<i64>> {
+        let mut out = BTreeMap::new();
+        for n in &self.nodes {
+            let v = match n.sql().await {
+                Ok(c) => c
+                    .query_one(query, &[])
+                    .await
+                    .ok()
+                    .map(|r| r.get::<_, i64>(0)),
+                Err(_) => None,
+            };
+            out.insert(n.uid.clone(), v);
+        }
+        out
+    }
+}
+
+async fn watch_routes(store: EtcdStore, key: String, routes: RouteLog) {
+    let Ok(mut watch) = store.watch(&key, 0).await else {
+        return;
+    };
+    while let Some(event) = watch.next().await {
+        if let WatchEvent::Put(kv) = event
+            && let Ok(cd) = decode::<ClusterData>(&kv.value)
+        {
+            let mut r = routes.lock().unwrap();
+            if r.last().map(|(_, x)| x) != Some(&cd.proxy.master) {
+                r.push((Instant::now(), cd.proxy.master.clone()));
+            }
+        }
+    }
+}
+
+/// A superuser connection to `host:port`.
+pub async fn connect(
+    host: &str,
+    port: u16,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let conninfo = format!(
+        "host={host} port={port} user=postgres password={SU_PASSWORD} dbname=postgres connect_timeout=5"
+    );
+    let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}

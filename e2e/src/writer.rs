@@ -1,0 +1,193 @@
+//! A writer through the proxy that records every acknowledged write, to prove none is lost and
+//! to time the write gap around a fault.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How the writer uses connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One connection per worker, reconnecting after an error (a typical application).
+    Persistent,
+    /// A new connection per transaction: held connections during a switchover are visible.
+    PerTransaction,
+}
+
+/// What the writer saw.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Ids whose INSERT was acknowledged (committed), with when.
+    pub acked: Vec<(i64, Instant)>,
+    /// Failed attempts, with when and why.
+    pub failures: Vec<(Instant, String)>,
+}
+
+impl Report {
+    /// The first acknowledged write at or after `t`.
+    pub fn first_success_after(&self, t: Instant) -> Option<Instant> {
+        self.acked
+            .iter()
+            .map(|(_, at)| *at)
+            .filter(|at| *at >= t)
+            .min()
+    }
+
+    /// The last acknowledged write before `t`.
+    pub fn last_success_before(&self, t: Instant) -> Option<Instant> {
+        self.acked
+            .iter()
+            .map(|(_, at)| *at)
+            .filter(|at| *at < t)
+            .max()
+    }
+
+    /// The longest stretch without an acknowledged write that contains `t`.
+    pub fn gap_around(&self, t: Instant) -> Option<Duration> {
+        Some(
+            self.first_success_after(t)?
+                .duration_since(self.last_success_before(t)?),
+        )
+    }
+
+    /// The longest time without an acknowledged write, among the gaps that end at or after
+    /// `t` (the write outage a fault at `t` caused, wherever it fell).
+    pub fn max_gap_after(&self, t: Instant) -> Option<Duration> {
+        let mut times: Vec<Instant> = self.acked.iter().map(|(_, at)| *at).collect();
+        times.sort();
+        times
+            .windows(2)
+            .filter(|w| w[1] >= t)
+            .map(|w| w[1].duration_since(w[0]))
+            .max()
+    }
+
+    /// Acknowledged ids.
+    pub fn ids(&self) -> Vec<i64> {
+        self.acked.iter().map(|(id, _)| *id).collect()
+    }
+}
+
+/// A running writer.
+#[derive(Debug)]
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    report: Arc<Mutex<Report>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Creates the table the writer fills.
+pub async fn create_table(port: u16) {
+    let client = crate::connect("127.0.0.1", port)
+        .await
+        .expect("connect through the proxy");
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS writes (id bigint PRIMARY KEY, at timestamptz DEFAULT now())")
+        .await
+        .expect("create the writes table");
+}
+
+impl Writer {
+    /// Starts `workers` writers through `port`.
+    pub async fn start(port: u16, workers: usize, mode: Mode) -> Writer {
+        create_table(port).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(Report::default()));
+        let next = Arc::new(AtomicI64::new(1));
+        let tasks = (0..workers)
+            .map(|_| tokio::spawn(work(port, mode, stop.clone(), report.clone(), next.clone())))
+            .collect();
+        Writer {
+            stop,
+            report,
+            tasks,
+        }
+    }
+
+    /// A copy of what was seen so far.
+    pub fn snapshot(&self) -> Report {
+        self.report.lock().expect("report lock").clone()
+    }
+
+    /// Waits until a write acknowledged at or after `t` exists (or `limit` passes).
+    pub async fn wait_success_after(&self, t: Instant, limit: Duration) -> Option<Instant> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(at) = self.snapshot().first_success_after(t) {
+                return Some(at);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Stops and returns the report.
+    pub async fn stop(self) -> Report {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+        }
+        self.report.lock().expect("report lock").clone()
+    }
+}
+
+async fn work(
+    port: u16,
+    mode: Mode,
+    stop: Arc<AtomicBool>,
+    report: Arc<Mutex<Report>>,
+    next: Arc<AtomicI64>,
+) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    while !stop.load(Ordering::Relaxed) {
+        if client.as_ref().is_none_or(|c| c.is_closed()) || mode == Mode::PerTransaction {
+            client = match tokio::time::timeout(
+                Duration::from_secs(40),
+                crate::connect("127.0.0.1", port),
+            )
+            .await
+            {
+                Ok(Ok(c)) => Some(c),
+                Ok(Err(e)) => {
+                    fail(&report, e.to_string());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                Err(_) => {
+                    fail(&report, "connect timed out".into());
+                    continue;
+                }
+            };
+        }
+        let Some(c) = client.as_ref() else { continue };
+        let id = next.fetch_add(1, Ordering::Relaxed);
+        // A client-side deadline only: a statement_timeout would cancel a commit waiting for a
+        // synchronous standby and report it committed (locally) — not what we count.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+        let insert = c.execute("INSERT INTO writes (id) VALUES ($1)", &params);
+        match tokio::time::timeout(Duration::from_secs(30), insert).await {
+            Ok(Ok(_)) => report
+                .lock()
+                .expect("report lock")
+                .acked
+                .push((id, Instant::now())),
+            Ok(Err(e)) => {
+                fail(&report, e.to_string());
+                client = None;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(_) => {
+                fail(&report, format!("insert {id} timed out"));
+                client = None;
+            }
+        }
+    }
+}
+
+fn fail(report: &Mutex<Report>, why: String) {
+    report
+        .lock()
+        .expect("report lock")
+        .failures
+        .push((Instant::now(), why));
+}

@@ -1,0 +1,275 @@
+//! End-to-end failover with real processes. Each test runs a writer through the proxy that
+//! records every acknowledged id, applies a fault, and checks: no acknowledged id missing
+//! (synchronous mode), never two masters routable, and logs the time from the fault to the
+//! first successful write through the proxy.
+
+#![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
+
+use std::time::{Duration, Instant};
+
+use tendril_e2e::writer::{Mode, Writer};
+use tendril_e2e::{Cluster, Options, default_spec};
+
+/// Checks every acknowledged id is on the (new) master, reached through the proxy.
+async fn assert_no_acked_write_lost(cluster: &Cluster, acked: &[i64]) {
+    let client = tendril_e2e::connect("127.0.0.1", cluster.proxy_port())
+        .await
+        .unwrap();
+    let rows = client.query("SELECT id FROM writes", &[]).await.unwrap();
+    let present: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let missing: Vec<&i64> = acked.iter().filter(|id| !present.contains(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged writes lost: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+}
+
+/// Waits until a master other than `old` is published.
+async fn wait_new_master(cluster: &Cluster, old: &str, limit: Duration) -> String {
+    let cd = cluster
+        .wait_cd("a new master published", limit, |cd| {
+            cd.proxy.master.is_some() && cd.master_db().is_some_and(|m| m.spec.keeper_uid != old)
+        })
+        .await;
+    cd.master_db().unwrap().spec.keeper_uid.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_three_keepers_a_row_reaches_every_standby() {
+    let cluster = Cluster::start(Options::default()).await;
+    let client = tendril_e2e::connect("127.0.0.1", cluster.proxy_port())
+        .await
+        .unwrap();
+    client
+        .batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = cluster.count_on_each("SELECT count(*) FROM t").await;
+        if counts.values().all(|c| *c == Some(1)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the row did not reach every node: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = cluster.ctl(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    println!("{text}");
+    assert!(status.status.success());
+    assert_eq!(text.matches("streaming").count(), 2, "{text}");
+    assert!(text.contains("accepting writes"), "{text}");
+    cluster.assert_never_two_masters_routable();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_postmaster_is_restarted_in_place() {
+    let cluster = Cluster::start(Options {
+        spec: default_spec(true),
+        ..Options::default()
+    })
+    .await;
+    let writer = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let master = cluster.master_keeper().await.unwrap();
+    let fault = Instant::now();
+    let old_pid = cluster.node(&master).kill_postmaster();
+    // Wait until postgres was restarted (new postmaster) and writes flow through it.
+    let node = cluster.node(&master);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while node.postmaster_pid().is_none_or(|p| p == old_pid) {
+        assert!(Instant::now() < deadline, "postgres was not restarted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let restarted = Instant::now();
+    writer
+        .wait_success_after(restarted, Duration::from_secs(60))
+        .await
+        .expect("writes resume");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = writer.stop().await;
+    println!(
+        "postmaster kill -9: longest write outage {:?}",
+        report.max_gap_after(fault).unwrap_or_default()
+    );
+    assert_no_acked_write_lost(&cluster, &report.ids()).await;
+    cluster.assert_never_two_masters_routable();
+}
+
+async fn failover_after(
+    fault_name: &str,
+    apply: impl FnOnce(&mut Cluster, &str),
+) -> (Cluster, String, String) {
+    let mut cluster = Cluster::start(Options {
+        spec: default_spec(true),
+        ..Options::default()
+    })
+    .await;
+    let writer = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let old = cluster.master_keeper().await.unwrap();
+    let fault = Instant::now();
+    apply(&mut cluster, &old);
+    let new = wait_new_master(&cluster, &old, Duration::from_secs(60)).await;
+    let published = Instant::now();
+    writer
+        .wait_success_after(published, Duration::from_secs(30))
+        .await
+        .expect("writes resume");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = writer.stop().await;
+    println!(
+        "{fault_name}: new master {new}; longest write outage {:?}, published {:?} after the fault",
+        report.max_gap_after(fault).unwrap_or_default(),
+        published - fault
+    );
+    assert_no_acked_write_lost(&cluster, &report.ids()).await;
+    cluster.assert_never_two_masters_routable();
+    (cluster, old, new)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_master_keeper_fails_over_and_the_old_master_rejoins() {
+    let (mut cluster, old, _) =
+        failover_after("master keeper kill -9", |c, m| c.node_mut(m).kill_keeper()).await;
+    // The keeper comes back: it stops the postgres it left running and rejoins as a standby.
+    cluster.node_mut(&old).restart_keeper();
+    cluster.wait_healthy(3, Duration::from_secs(90)).await;
+    let cd = cluster.cluster_data().await;
+    let db = cd.dbs.values().find(|d| d.spec.keeper_uid == old).unwrap();
+    assert_eq!(db.spec.role, tendril_control_model::DbRole::Standby);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_master_host_fails_over_and_rejoins_by_rewind() {
+    let (cluster, old, _) =
+        failover_after("frozen master host (SIGSTOP)", |c, m| c.node(m).freeze()).await;
+    cluster.node(&old).thaw();
+    cluster.wait_healthy(3, Duration::from_secs(90)).await;
+    let log = cluster.node(&old).keeper.log_text();
+    assert!(
+        log.contains("resync by pg_rewind"),
+        "the old master did not rejoin by pg_rewind:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_master_fails_over_and_rejoins_when_healed() {
+    let mut cluster = Cluster::start(Options {
+        spec: default_spec(true),
+        partitionable: true,
+        ..Options::default()
+    })
+    .await;
+    // k0 is in the network namespace; make sure it is the master.
+    let master = cluster.master_keeper().await.unwrap();
+    if master != "k0" {
+        let out = cluster.ctl(&["switchover", "--to", "k0"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_healthy(3, Duration::from_secs(90)).await;
+    }
+    let writer = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fault = Instant::now();
+    cluster.netns.as_ref().unwrap().partition();
+    let new = wait_new_master(&cluster, "k0", Duration::from_secs(60)).await;
+    let published = Instant::now();
+    writer
+        .wait_success_after(published, Duration::from_secs(30))
+        .await
+        .expect("writes resume");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = writer.stop().await;
+    println!(
+        "network partition of the master: new master {new}; longest write outage {:?}",
+        report.max_gap_after(fault).unwrap_or_default()
+    );
+    assert_no_acked_write_lost(&cluster, &report.ids()).await;
+    cluster.assert_never_two_masters_routable();
+    cluster.netns.as_ref().unwrap().heal();
+    cluster.wait_healthy(3, Duration::from_secs(120)).await;
+    let _ = &mut cluster;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_leader_killed_during_a_failover() {
+    let (_cluster, _, _) =
+        failover_after("master keeper killed, then the sentinel leader", |c, m| {
+            c.node_mut(m).kill_keeper();
+            // Kill whichever sentinel leads, once the failure is being handled.
+            let leader = c
+                .sentinels
+                .iter()
+                .position(|s| s.log_text().contains("elected leader"))
+                .unwrap();
+            std::thread::sleep(Duration::from_secs(5));
+            c.sentinels[leader].kill();
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_restarted_during_a_failover() {
+    let (_cluster, _, _) = failover_after(
+        "master keeper killed, proxy restarted mid-failover",
+        |c, m| {
+            c.node_mut(m).kill_keeper();
+            std::thread::sleep(Duration::from_secs(5));
+            c.restart_proxy(0);
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_switchover_under_load_holds_instead_of_failing() {
+    let cluster = Cluster::start(Options {
+        spec: default_spec(true),
+        ..Options::default()
+    })
+    .await;
+    let writer = Writer::start(cluster.proxy_port(), 4, Mode::PerTransaction).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let old = cluster.master_keeper().await.unwrap();
+    let before = writer.snapshot().failures.len();
+    let started = Instant::now();
+    let out = cluster.ctl(&["switchover"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("tendrilctl switchover: {}", text.trim());
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("held for"), "the pause is printed: {text}");
+    let new = cluster.master_keeper().await.unwrap();
+    assert_ne!(new, old);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = writer.stop().await;
+    let failed: Vec<_> = report.failures[before..]
+        .iter()
+        .filter(|(at, _)| *at >= started)
+        .collect();
+    // Only transactions in flight when the proxies fenced may fail: one per writer at most.
+    assert!(
+        failed.len() <= 4,
+        "{} failed transactions during the switchover: {failed:?}",
+        failed.len()
+    );
+    println!(
+        "switchover: {} failed transactions (in flight), longest write gap {:?}",
+        failed.len(),
+        report.max_gap_after(started)
+    );
+    assert_no_acked_write_lost(&cluster, &report.ids()).await;
+    cluster.assert_never_two_masters_routable();
+}
