@@ -57,6 +57,7 @@ pub struct Keeper<S> {
     report: watch::Sender<Option<KeeperInfo>>,
     pg_crashes: u64,
     last_pg_crash: Option<String>,
+    sync_change_pending: bool,
 }
 
 impl<S: Store> Keeper<S> {
@@ -107,6 +108,7 @@ impl<S: Store> Keeper<S> {
             report,
             pg_crashes: 0,
             last_pg_crash: None,
+            sync_change_pending: false,
         })
     }
 
@@ -153,9 +155,17 @@ impl<S: Store> Keeper<S> {
                 Ok(Pass::Waiting(why)) => tracing::debug!(keeper = %self.uid, why, "waiting"),
                 Err(e) => tracing::warn!(keeper = %self.uid, error = %e, "pass failed"),
             }
+            let failed = pass.is_err();
             let last_error = pass.err().map(|e| e.to_string());
             self.observe_and_report(last_error).await;
-            let sleep = tokio::time::sleep(self.spec.sleep_interval);
+            // A failed pass (postgres not up yet after a crash) or a synchronous-standby
+            // change halfway through its two steps is retried soon, not a whole interval later.
+            let next = if failed || self.sync_change_pending {
+                self.spec.sleep_interval.min(Duration::from_millis(300))
+            } else {
+                self.spec.sleep_interval
+            };
+            let sleep = tokio::time::sleep(next);
             tokio::select! {
                 () = sleep => {}
                 event = next_watch_event(&mut cd_watch) => {
@@ -309,7 +319,7 @@ impl<S: Store> Keeper<S> {
                 tracing::info!(db = %db.uid, "a changed parameter needs a restart; restarting");
                 drop(client);
                 self.pg.restart(cd.spec.db_wait_ready_timeout).await?;
-            } else {
+            } else if !self.last_probe.as_ref().is_some_and(|p| p.pending_restart) {
                 tracing::info!(db = %db.uid, "a changed parameter needs a restart (pending restart)");
             }
         }
@@ -460,7 +470,7 @@ impl<S: Store> Keeper<S> {
         self.pg.start(cd.spec.db_wait_ready_timeout).await
     }
 
-    fn make_standby(&self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
+    fn make_standby(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
         let signal = self.data.pgdata().join("standby.signal");
         self.pg.write_file(&signal, b"")?;
         // Drop recovery leftovers a rewind or a backup may carry.
@@ -470,7 +480,7 @@ impl<S: Store> Keeper<S> {
     }
 
     /// Writes `postgresql.conf` and `pg_hba.conf`; true if either changed.
-    fn write_config(&self, cd: &ClusterData, db: &Db) -> Result<bool, KeeperError> {
+    fn write_config(&mut self, cd: &ClusterData, db: &Db) -> Result<bool, KeeperError> {
         let pgdata = self.data.pgdata();
         let conf_path = pgdata.join("postgresql.conf");
         let current = std::fs::read_to_string(&conf_path).unwrap_or_default();
@@ -485,6 +495,7 @@ impl<S: Store> Keeper<S> {
                 .map(|p| p.sync_standbys.clone())
                 .unwrap_or_default();
             let next = pgconf::next_sync_names(&applied, &wanted, &in_sync);
+            self.sync_change_pending = next != wanted;
             if next != wanted {
                 tracing::info!(db = %db.uid, ?applied, ?wanted, "changing synchronous standbys in two steps");
             }

@@ -83,6 +83,7 @@ pub fn parameters(input: &ConfInput<'_>) -> BTreeMap<String, String> {
     );
     let user_wal_level = p.get("wal_level").cloned();
     let user_keep = p.get("wal_keep_size").cloned();
+    let user_retry = p.contains_key("wal_retrieve_retry_interval");
     let mut set = |k: &str, v: String| {
         p.insert(k.to_owned(), v);
     };
@@ -97,6 +98,11 @@ pub fn parameters(input: &ConfInput<'_>) -> BTreeMap<String, String> {
         .into(),
     );
     set("wal_keep_size", user_keep.unwrap_or_else(|| "128MB".into()));
+    // PostgreSQL waits 5 s before a standby retries a lost primary: with synchronous
+    // replication every commit waits that long after a master restart or a failover.
+    if !user_retry {
+        set("wal_retrieve_retry_interval", "500ms".into());
+    }
     set("hot_standby", "on".into());
     set("listen_addresses", input.listen_address.into());
     set("port", input.port.to_string());
@@ -118,7 +124,6 @@ pub fn parameters(input: &ConfInput<'_>) -> BTreeMap<String, String> {
         if let Some(slot) = &up.slot {
             set("primary_slot_name", slot.clone());
         }
-        set("recovery_target_timeline", "latest".into());
     }
     p
 }
@@ -361,6 +366,7 @@ mod tests {
         assert_eq!(p["max_replication_slots"], "20");
         assert_eq!(p["max_wal_senders"], "47");
         assert_eq!(p["wal_log_hints"], "on");
+        assert_eq!(p["wal_retrieve_retry_interval"], "500ms");
         assert!(!p.contains_key("primary_conninfo"));
     }
 

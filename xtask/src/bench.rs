@@ -1,5 +1,6 @@
 //! `cargo xtask bench proxy [--quick]`: the proxy benchmark against direct PostgreSQL, HAProxy
 //! and PgBouncer in the same rounds (see bench/proxy/README.md).
+//! `cargo xtask bench failover [--runs N]`: failover timings of whole clusters (e2e harness).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,7 +11,8 @@ use crate::{deps, project_root};
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("proxy") => proxy(args.iter().any(|a| a == "--quick")),
-        _ => anyhow::bail!("usage: cargo xtask bench proxy [--quick]"),
+        Some("failover") => failover(&args[1..]),
+        _ => anyhow::bail!("usage: cargo xtask bench proxy [--quick] | failover [--runs N]"),
     }
 }
 
@@ -58,4 +60,31 @@ fn proxy(quick: bool) -> anyhow::Result<()> {
             .env("MAX_LOAD", "100");
     }
     crate::run(&mut cmd)
+}
+
+/// `cargo xtask bench failover [--runs N]`: release binaries, then the failover timing runs.
+fn failover(args: &[String]) -> anyhow::Result<()> {
+    deps::ensure(deps::Purpose::Test)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::run(Command::new(&cargo).args([
+        "build",
+        "--release",
+        "--bins",
+        "-p",
+        "tendril-keeper",
+        "-p",
+        "tendril-sentinel",
+        "-p",
+        "tendril-proxy",
+        "-p",
+        "tendril-control",
+        "-p",
+        "tendril-e2e",
+    ]))?;
+    let release = target_dir().join("release");
+    crate::run(
+        Command::new(release.join("failover-bench"))
+            .args(args)
+            .env("TENDRIL_BIN_DIR", &release),
+    )
 }

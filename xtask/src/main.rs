@@ -63,6 +63,8 @@ commands:
   build-ebpf         compile the BPF programs (clang) into <target>/bpf
   bench proxy [--quick]
                      pgbench: direct vs tendril vs HAProxy vs PgBouncer (bench/proxy)
+  bench failover [--runs N]
+                     failover timings of whole clusters under faults
 ";
 
 /// `cargo xtask build-ebpf`: the same `ebpf/bpf/build.sh` the loader's build script runs.

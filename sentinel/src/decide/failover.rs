@@ -157,12 +157,42 @@ fn priority(ctx: &Ctx<'_>, keeper: &str) -> i32 {
 /// Makes `new` the master in place of `old`: `new` promotes, the other standbys re-point to
 /// it, `old` is told to stay stopped (it is removed once `new` is up, and its keeper resyncs).
 pub(super) fn promote(ctx: &mut Ctx<'_>, old: &str, new: &str, why: &str) {
-    let old_sync = ctx
+    let mut old_sync = ctx
         .cd
         .dbs
         .get(old)
         .map(|d| d.spec.synchronous_standbys.clone())
         .unwrap_or_default();
+    old_sync.retain(|u| u != new);
+    // With synchronous replication the new master must not run without a synchronous standby
+    // longer than needed: besides the old master's other synchronous standbys, list at once
+    // the healthy standbys (that may be synchronous) which will follow it, so commits resume
+    // as soon as one of them has re-pointed and caught up, instead of waiting for the normal
+    // selection to run once the new master converged. Known-in-sync starts empty: none of
+    // them is electable before the new master reports it in sync.
+    let max_sync = (ctx.cd.spec.max_synchronous_standbys as usize).max(1);
+    let mut extra: Vec<(Lsn, String)> = ctx
+        .cd
+        .dbs
+        .values()
+        .filter(|d| d.uid != new && d.uid != old && d.spec.role == DbRole::Standby)
+        .filter(|d| !old_sync.contains(&d.uid) && ctx.good(&d.uid))
+        .filter(|d| {
+            ctx.cd
+                .keepers
+                .get(&d.spec.keeper_uid)
+                .is_some_and(|k| k.status.can_be_synchronous_replica)
+        })
+        .map(|d| (d.status.xlog_pos, d.uid.clone()))
+        .collect();
+    extra.sort_by(|a, b| b.cmp(a));
+    for (_, uid) in extra {
+        if old_sync.len() >= max_sync {
+            break;
+        }
+        old_sync.push(uid);
+    }
+    old_sync.sort();
     let sync = ctx
         .cd
         .dbs
@@ -198,10 +228,10 @@ pub(super) fn promote(ctx: &mut Ctx<'_>, old: &str, new: &str, why: &str) {
                         })
                 }
             };
-            // The other synchronous standbys stay synchronous; until one of them follows the
-            // new master, the placeholder keeps commits waiting (minimum permitting).
+            // Until one of them follows the new master and catches up, commits wait; with none
+            // at all, the placeholder keeps them waiting (minimum permitting).
             db.spec.synchronous_replication = sync;
-            db.spec.synchronous_standbys = old_sync.iter().filter(|u| *u != new).cloned().collect();
+            db.spec.synchronous_standbys = if sync { old_sync.clone() } else { Vec::new() };
             db.spec.external_synchronous_standbys =
                 if sync && db.spec.synchronous_standbys.len() < min_sync {
                     vec![tendril_control_model::PLACEHOLDER_SYNC_STANDBY.to_owned()]
