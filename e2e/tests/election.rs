@@ -89,7 +89,7 @@ async fn a_forked_standby_is_resynced_under_a_new_uid() {
         .batch_execute("INSERT INTO t VALUES (2)")
         .await
         .unwrap();
-    // `ahead` gets row 2; then the master and `ahead` go down.
+    // `ahead` gets row 2; then `ahead` and the master go down.
     let deadline = Instant::now() + Duration::from_secs(20);
     while cluster
         .node(&ahead)
@@ -105,8 +105,9 @@ async fn a_forked_standby_is_resynced_under_a_new_uid() {
         assert!(Instant::now() < deadline, "row 2 did not reach {ahead}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    cluster.node_mut(&master).keeper.stop();
+    // `ahead` goes first, so it never becomes master itself; then the master.
     cluster.node_mut(&ahead).keeper.stop();
+    cluster.node_mut(&master).keeper.stop();
     let ahead_db = cluster
         .cluster_data()
         .await
