@@ -12,7 +12,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("proxy") => proxy(args.iter().any(|a| a == "--quick")),
         Some("failover") => failover(&args[1..]),
-        _ => anyhow::bail!("usage: cargo xtask bench proxy [--quick] | failover [--runs N]"),
+        Some("fence") => fence(),
+        _ => {
+            anyhow::bail!("usage: cargo xtask bench proxy [--quick] | failover [--runs N] | fence")
+        }
     }
 }
 
@@ -87,4 +90,27 @@ fn failover(args: &[String]) -> anyhow::Result<()> {
             .args(args)
             .env("TENDRIL_BIN_DIR", &release),
     )
+}
+
+/// `cargo xtask bench fence`: cluster-data write to last old-master connection closed.
+fn fence() -> anyhow::Result<()> {
+    deps::ensure(deps::Purpose::Test)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::run(Command::new(&cargo).args([
+        "build",
+        "--release",
+        "--bins",
+        "-p",
+        "tendril-proxy",
+        "-p",
+        "tendril-keeper",
+        "-p",
+        "tendril-sentinel",
+        "-p",
+        "tendril-control",
+        "-p",
+        "tendril-e2e",
+    ]))?;
+    let release = target_dir().join("release");
+    crate::run(Command::new(release.join("fence-bench")).env("TENDRIL_BIN_DIR", &release))
 }

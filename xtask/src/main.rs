@@ -65,6 +65,7 @@ commands:
                      pgbench: direct vs tendril vs HAProxy vs PgBouncer (bench/proxy)
   bench failover [--runs N]
                      failover timings of whole clusters under faults
+  bench fence        cluster-data write to the last old-master connection closed
 ";
 
 /// `cargo xtask build-ebpf`: the same `ebpf/bpf/build.sh` the loader's build script runs.
