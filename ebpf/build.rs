@@ -11,7 +11,6 @@ fn main() {
     println!("cargo:rerun-if-env-changed=TENDRIL_EBPF_SKIP");
     println!("cargo:rerun-if-env-changed=CLANG_BPF");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let object = out.join("killer.bpf.o");
     let error = if std::env::var_os("TENDRIL_EBPF_SKIP").is_some() {
         Some("the BPF build was skipped (TENDRIL_EBPF_SKIP)".to_owned())
     } else {
@@ -29,9 +28,11 @@ fn main() {
         None => println!("cargo:rustc-env=TENDRIL_BPF_BUILD_ERROR="),
         Some(e) => {
             println!(
-                "cargo:warning=BPF socket killer not built ({e}); install clang-19 bpftool libbpf-dev, or run cargo xtask build-ebpf"
+                "cargo:warning=BPF programs not built ({e}); install clang-19 bpftool libbpf-dev, or run cargo xtask build-ebpf"
             );
-            std::fs::write(&object, b"").expect("write placeholder object");
+            for object in ["killer.bpf.o", "sockmap.bpf.o"] {
+                std::fs::write(out.join(object), b"").expect("write placeholder object");
+            }
             println!("cargo:rustc-env=TENDRIL_BPF_BUILD_ERROR={e}");
         }
     }

@@ -38,7 +38,7 @@ impl std::fmt::Debug for BpfKiller {
 
 fn unavailable(reason: impl Into<String>) -> Unavailable {
     Unavailable {
-        mechanism: "bpf",
+        mechanism: "BPF socket killer",
         reason: reason.into(),
     }
 }

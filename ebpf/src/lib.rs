@@ -11,12 +11,16 @@
 //!    `ss -K` does). Needs CAP_NET_ADMIN.
 //! 3. **none**: the proxy closes its own connections only.
 //!
+//! The crate also loads the kernel-forwarding program ([`sockmap`]): the proxy's in-kernel
+//! fast path, built and loaded the same way.
+//!
 //! Both walk only the network namespace of the calling process. A destroyed socket's owner
 //! sees `ECONNABORTED` on its next operation (pending io_uring operations complete with it);
 //! the peer sees a reset.
 
 mod bpf;
 mod netlink;
+pub mod sockmap;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -107,7 +111,7 @@ pub struct KillReport {
 
 /// A mechanism cannot be used here.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{mechanism} socket killer unavailable: {reason}")]
+#[error("{mechanism} unavailable: {reason}")]
 pub struct Unavailable {
     /// Which.
     pub mechanism: &'static str,

@@ -37,7 +37,7 @@ fn io_err(op: &'static str) -> impl Fn(io::Error) -> KillError {
 impl NetlinkKiller {
     pub(crate) fn open() -> Result<NetlinkKiller, Unavailable> {
         let unavailable = |reason: String| Unavailable {
-            mechanism: "netlink",
+            mechanism: "netlink socket killer",
             reason,
         };
         // SAFETY: socket(2) takes integers only; the result is checked and owned below.

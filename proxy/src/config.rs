@@ -48,6 +48,49 @@ pub struct ProxyArgs {
     /// I/O driver: `auto` (io_uring, epoll when unavailable) or `epoll`.
     #[arg(long, env = "TENDRIL_IO_DRIVER", default_value = "auto")]
     pub io_driver: IoDriver,
+    /// How established connections move bytes: `kernel` (BPF sockmap redirect; the proxy
+    /// refuses to start without it), `userspace`, or `auto` (kernel when the program loads,
+    /// userspace otherwise).
+    #[arg(long, env = "TENDRIL_FORWARDING", default_value = "auto")]
+    pub forwarding: Forwarding,
+    /// Most bytes the kernel holds for one direction of a kernel-forwarded connection before
+    /// that direction is passed up to the proxy, where TCP flow control applies (accepts
+    /// KiB and MiB suffixes).
+    #[arg(long, env = "TENDRIL_KERNEL_BUFFER_LIMIT", default_value = "1MiB", value_parser = parse_bytes)]
+    pub kernel_buffer_limit: u64,
+    /// Connections the sockmap has room for; more stay in userspace.
+    #[arg(long, env = "TENDRIL_KERNEL_MAX_CONNECTIONS", default_value_t = 65_536)]
+    pub kernel_max_connections: u32,
+}
+
+/// The forwarding strategy asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Forwarding {
+    /// Kernel when the program loads, userspace otherwise.
+    Auto,
+    /// Kernel only.
+    Kernel,
+    /// Userspace only.
+    Userspace,
+}
+
+/// Parses `65536`, `64KiB`, `1MiB` (also `K`, `M`, `KB`, `MB` as binary units).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number of bytes such as 1MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        "g" | "gb" | "gib" => 1024 * 1024 * 1024,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (use KiB or MiB)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?}: too large"))
 }
 
 /// The I/O driver choice.
@@ -86,6 +129,12 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Force epoll.
     pub force_epoll: bool,
+    /// Forwarding strategy asked for.
+    pub forwarding: Forwarding,
+    /// Per-direction kernel buffer limit (bytes).
+    pub kernel_buffer_limit: u64,
+    /// Sockmap capacity (connections).
+    pub kernel_max_connections: u32,
 }
 
 impl ProxyArgs {
@@ -122,6 +171,18 @@ impl ProxyArgs {
             errors.push(format!("--uid {uid:?}: use letters, digits, '-' and '_'"));
         }
         let force_epoll = self.io_driver == IoDriver::Epoll;
+        if self.kernel_buffer_limit < 64 * 1024 {
+            errors.push(format!(
+                "--kernel-buffer-limit {}: use at least 64KiB (one TCP segment batch)",
+                self.kernel_buffer_limit
+            ));
+        }
+        if self.kernel_max_connections == 0 || self.kernel_max_connections > 1 << 24 {
+            errors.push(format!(
+                "--kernel-max-connections {}: use 1 to 16777216",
+                self.kernel_max_connections
+            ));
+        }
         match (keys, store) {
             (Some(keys), Some(store)) if errors.is_empty() => Ok(ProxyConfig {
                 cluster: self.cluster_name,
@@ -136,6 +197,9 @@ impl ProxyArgs {
                 connect_timeout: self.connect_timeout,
                 drain_timeout: self.drain_timeout,
                 force_epoll,
+                forwarding: self.forwarding,
+                kernel_buffer_limit: self.kernel_buffer_limit,
+                kernel_max_connections: self.kernel_max_connections,
             }),
             _ => Err(errors.join("\n  - ")),
         }

@@ -4,8 +4,9 @@
 //! - [`worker`]: one thread per core, each with its own monoio runtime (io_uring with
 //!   DEFER_TASKRUN, epoll as a fallback), its own `SO_REUSEPORT` listener, and the
 //!   connections it accepted. Per accept it loads the [`routing`] table lock-free.
-//! - [`forward`]: how established connections move bytes; userspace recv/send today, one
-//!   interface so an in-kernel sockmap path can slot in.
+//! - [`forward`]: userspace forwarding of established connections (recv/send on the ring).
+//! - [`kernel`]: kernel forwarding (BPF sockmap redirect) and the thread that closes, fences
+//!   and applies backpressure to kernel-forwarded connections; `--forwarding` picks.
 //! - [`control`]: a tokio thread that follows the cluster data by watch, publishes routing
 //!   tables, fences (workers cut their connections, the socket killer the rest), acknowledges
 //!   the generation, and fences the proxy itself before its lease can expire.
@@ -15,6 +16,7 @@
 pub mod config;
 pub mod control;
 pub mod forward;
+pub mod kernel;
 pub mod metrics;
 pub mod pgwire;
 pub mod routing;
@@ -72,6 +74,7 @@ pub struct App {
     pub shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     control: JoinHandle<()>,
+    kernel: Option<JoinHandle<()>>,
 }
 
 impl App {
@@ -88,8 +91,24 @@ impl App {
                 addr: config.listen,
                 source,
             })?;
+        let sockmap = match config.forwarding {
+            config::Forwarding::Userspace => None,
+            asked => match tendril_ebpf::sockmap::Sockmap::load(config.kernel_max_connections) {
+                Ok(map) => Some(map),
+                Err(e) if asked == config::Forwarding::Kernel => {
+                    return Err(ProxyError::Other(format!(
+                        "--forwarding kernel: {e}; use --forwarding auto or userspace"
+                    )));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "kernel forwarding unavailable: forwarding in userspace");
+                    None
+                }
+            },
+        };
         let shared = Shared::new(
             config.workers,
+            usize::from(sockmap.is_some()),
             Settings {
                 cluster: config.cluster.clone(),
                 max_connections: config.max_connections,
@@ -102,6 +121,35 @@ impl App {
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut wakers = Vec::new();
         let mut workers = Vec::new();
+        let mut kernel_thread = None;
+        let mut kernel_stats = None;
+        let kernel = match sockmap {
+            None => None,
+            Some(map) => {
+                let (control_end, thread_end) = std::os::unix::net::UnixStream::pair()
+                    .map_err(|e| ProxyError::Other(format!("socketpair: {e}")))?;
+                control_end
+                    .set_nonblocking(true)
+                    .map_err(|e| ProxyError::Other(e.to_string()))?;
+                wakers.push(control_end);
+                let (path, handle) = kernel::KernelPath::start(
+                    map,
+                    config.kernel_buffer_limit,
+                    shared.clone(),
+                    config.workers,
+                    thread_end,
+                )
+                .map_err(|e| ProxyError::Other(format!("start the kernel path: {e}")))?;
+                kernel_thread = Some(handle);
+                kernel_stats = Some(path.map().clone());
+                Some(path)
+            }
+        };
+        let forwarding = if kernel.is_some() {
+            "kernel"
+        } else {
+            "userspace"
+        };
         let listener_fds: Vec<_> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
         let (started_tx, started_rx) =
             std::sync::mpsc::channel::<(usize, Result<worker::Driver, String>)>();
@@ -118,6 +166,7 @@ impl App {
             let shared = shared.clone();
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
             let force_epoll = config.force_epoll;
+            let kernel = kernel.clone();
             let started = started_tx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("tendril-worker-{id}"))
@@ -125,12 +174,22 @@ impl App {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);
                     }
-                    worker::run(id, listener, worker_end, shared, force_epoll, started);
+                    worker::run(
+                        id,
+                        listener,
+                        worker_end,
+                        shared,
+                        force_epoll,
+                        kernel,
+                        started,
+                    );
                 })
                 .map_err(|e| ProxyError::Other(format!("spawn worker: {e}")))?;
             workers.push(handle);
         }
         drop(started_tx);
+        // Only the workers hold the kernel path now: when they stop, its thread drains.
+        drop(kernel);
         for _ in 0..config.workers {
             match started_rx.recv_timeout(Duration::from_secs(10)) {
                 Ok((_, Ok(_))) => {}
@@ -143,13 +202,21 @@ impl App {
             }
         }
         let driver = shared.driver();
-        tracing::info!(%listen, workers = config.workers, driver, nofile, uid = %config.uid, "proxy listening");
-        let control = spawn_control(config, shared.clone(), wakers, listener_fds, shutdown)?;
+        tracing::info!(%listen, workers = config.workers, driver, forwarding, nofile, uid = %config.uid, "proxy listening");
+        let control = spawn_control(
+            config,
+            shared.clone(),
+            wakers,
+            listener_fds,
+            kernel_stats,
+            shutdown,
+        )?;
         Ok(App {
             listen,
             shared,
             workers,
             control,
+            kernel: kernel_thread,
         })
     }
 
@@ -158,6 +225,18 @@ impl App {
         let _ = self.control.join();
         for w in self.workers {
             let _ = w.join();
+        }
+        if let Some(k) = self.kernel {
+            let _ = k.join();
+        }
+    }
+
+    /// The forwarding strategy in use: `kernel` or `userspace`.
+    pub fn forwarding(&self) -> &'static str {
+        if self.kernel.is_some() {
+            "kernel"
+        } else {
+            "userspace"
         }
     }
 }
@@ -188,6 +267,7 @@ fn spawn_control(
     shared: Arc<Shared>,
     wakers: Vec<std::os::unix::net::UnixStream>,
     listener_fds: Vec<std::os::fd::RawFd>,
+    kernel: Option<Arc<tendril_ebpf::sockmap::Sockmap>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<JoinHandle<()>, ProxyError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -240,6 +320,13 @@ fn spawn_control(
                         listener,
                         Arc::new(move || {
                             let table = s.table.load();
+                            let kernel = kernel.as_ref().map(|k| metrics::KernelMetrics {
+                                stats: k.stats(),
+                                fallback_full: s.kernel_fallback_full.load(std::sync::atomic::Ordering::Relaxed),
+                                fallback_refused: s.kernel_fallback_refused.load(std::sync::atomic::Ordering::Relaxed),
+                                active: s.workers.last().map_or(0, |w| w.active.load(std::sync::atomic::Ordering::Relaxed)),
+                                entries: k.entries(),
+                            });
                             metrics::render(
                                 &cluster,
                                 &s.workers,
@@ -247,9 +334,10 @@ fn spawn_control(
                                 table.backend().is_none(),
                                 s.driver(),
                                 mechanism,
-                                "userspace",
+                                if kernel.is_some() { "kernel" } else { "userspace" },
                                 s.killed.load(std::sync::atomic::Ordering::Relaxed),
                                 s.host_sockets.load(std::sync::atomic::Ordering::Relaxed),
+                                kernel,
                             )
                         }),
                     ));

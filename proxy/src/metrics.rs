@@ -85,6 +85,21 @@ impl WorkerMetrics {
     }
 }
 
+/// Kernel-path values for the metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelMetrics {
+    /// The program's counters.
+    pub stats: tendril_ebpf::sockmap::Stats,
+    /// Connections kept in userspace: map full.
+    pub fallback_full: u64,
+    /// Connections kept in userspace: the kernel refused the pair.
+    pub fallback_refused: u64,
+    /// Connections forwarded in the kernel now.
+    pub active: u64,
+    /// Entries in the program's maps (peers, directions, forwarded).
+    pub entries: (usize, usize, usize),
+}
+
 /// Renders the Prometheus text for all workers plus the control-plane values.
 #[allow(
     clippy::too_many_arguments,
@@ -100,6 +115,7 @@ pub fn render(
     forwarding: &str,
     killed: u64,
     host_sockets: u64,
+    kernel: Option<KernelMetrics>,
 ) -> String {
     let sum = |f: &dyn Fn(&WorkerMetrics) -> u64| workers.iter().map(f).sum::<u64>();
     let mut out = String::new();
@@ -196,5 +212,57 @@ pub fn render(
         "sockets on this host connected to the current master (proxied or not)",
         vec![(String::new(), host_sockets)],
     );
+    if let Some(k) = kernel {
+        metric(
+            "tendril_proxy_kernel_connections_active",
+            "gauge",
+            "connections forwarded in the kernel now",
+            vec![(String::new(), k.active)],
+        );
+        metric(
+            "tendril_proxy_kernel_fallbacks_total",
+            "counter",
+            "connections kept in userspace by the kernel path, by reason",
+            vec![
+                ("reason=\"map_full\"".into(), k.fallback_full),
+                ("reason=\"refused\"".into(), k.fallback_refused),
+            ],
+        );
+        metric(
+            "tendril_proxy_kernel_verdicts_total",
+            "counter",
+            "skbs seen by the sockmap program, by outcome",
+            vec![
+                ("outcome=\"redirected\"".into(), k.stats.redirects),
+                ("outcome=\"passed\"".into(), k.stats.passes),
+                ("outcome=\"failed\"".into(), k.stats.failures),
+            ],
+        );
+        metric(
+            "tendril_proxy_kernel_backpressure_total",
+            "counter",
+            "directions paused for backpressure (passed up to the proxy) and resumed",
+            vec![
+                ("event=\"paused\"".into(), k.stats.pauses),
+                ("event=\"resumed\"".into(), k.stats.resumes),
+            ],
+        );
+        metric(
+            "tendril_proxy_kernel_map_entries",
+            "gauge",
+            "entries in the sockmap program's maps (two per kernel-forwarded connection)",
+            vec![
+                ("map=\"peers\"".into(), k.entries.0 as u64),
+                ("map=\"directions\"".into(), k.entries.1 as u64),
+                ("map=\"forwarded\"".into(), k.entries.2 as u64),
+            ],
+        );
+        metric(
+            "tendril_proxy_kernel_events_lost_total",
+            "counter",
+            "program events lost to a full ring (the proxy then rescans)",
+            vec![(String::new(), k.stats.lost_events)],
+        );
+    }
     out
 }

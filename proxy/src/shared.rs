@@ -33,7 +33,7 @@ pub struct Settings {
 pub struct Shared {
     /// The current routing table.
     pub table: ArcSwap<RoutingTable>,
-    /// One counter block per worker.
+    /// One counter block per worker, then one for the kernel path when it runs.
     pub workers: Vec<WorkerMetrics>,
     /// Settings.
     pub settings: Settings,
@@ -41,21 +41,33 @@ pub struct Shared {
     pub killed: AtomicU64,
     /// Host sockets pointing at the current backend (the connection tracker).
     pub host_sockets: AtomicU64,
+    /// Connections kept in userspace because the sockmap was full.
+    pub kernel_fallback_full: AtomicU64,
+    /// Connections kept in userspace because the kernel refused the pair.
+    pub kernel_fallback_refused: AtomicU64,
     drivers: Vec<AtomicU8>,
     draining: AtomicBool,
+    workers_stopped: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
-    /// Shared state for `workers` workers, routing nowhere.
-    pub fn new(workers: usize, settings: Settings) -> Arc<Shared> {
+    /// Shared state for `workers` workers plus `extra` counter blocks for other
+    /// connection-owning threads (the kernel path), routing nowhere. Every block
+    /// acknowledges fences.
+    pub fn new(workers: usize, extra: usize, settings: Settings) -> Arc<Shared> {
         Arc::new(Shared {
             table: ArcSwap::from_pointee(RoutingTable::starting()),
-            workers: (0..workers).map(|_| WorkerMetrics::default()).collect(),
+            workers: (0..workers + extra)
+                .map(|_| WorkerMetrics::default())
+                .collect(),
             settings,
             killed: AtomicU64::new(0),
             host_sockets: AtomicU64::new(0),
+            kernel_fallback_full: AtomicU64::new(0),
+            kernel_fallback_refused: AtomicU64::new(0),
             drivers: (0..workers).map(|_| AtomicU8::new(0)).collect(),
             draining: AtomicBool::new(false),
+            workers_stopped: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -100,6 +112,16 @@ impl Shared {
     /// Starts draining: workers stop accepting once their listener is shut down.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// Records that a worker thread returned.
+    pub fn worker_stopped(&self) {
+        self.workers_stopped.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether every worker thread returned (none can hand over a connection any more).
+    pub fn all_workers_stopped(&self) -> bool {
+        self.workers_stopped.load(Ordering::Acquire) >= self.drivers.len()
     }
 
     /// Whether the proxy is draining.

@@ -42,3 +42,67 @@ pub fn raise_nofile_limit() -> u64 {
     }
     limit.rlim_cur
 }
+
+/// Byte counters of a TCP socket, from `TCP_INFO`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpBytes {
+    /// Bytes the peer acknowledged (`tcpi_bytes_acked`).
+    pub acked: u64,
+    /// Bytes received in order (`tcpi_bytes_received`).
+    pub received: u64,
+}
+
+/// Reads `tcpi_bytes_acked` and `tcpi_bytes_received` (Linux >= 4.1).
+pub fn tcp_bytes(fd: RawFd) -> std::io::Result<TcpBytes> {
+    // struct tcp_info is longer than libc's definition: read the raw bytes and take the two
+    // u64 fields at their fixed offsets (120 and 128, stable since 4.1).
+    let mut buf = [0u8; 256];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `buf`, which lives on this frame.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if (len as usize) < 136 {
+        return Err(std::io::Error::other("TCP_INFO too short (kernel < 4.1)"));
+    }
+    let at = |i: usize| u64::from_ne_bytes(buf[i..i + 8].try_into().unwrap_or([0; 8]));
+    Ok(TcpBytes {
+        acked: at(120),
+        received: at(128),
+    })
+}
+
+/// Bytes written to a TCP socket since it connected: acknowledged plus still in the send
+/// queue. Read in that order, so a concurrent acknowledgement can only make it smaller
+/// (callers wait for it to reach a value; an underestimate only makes them wait longer).
+pub fn tcp_written(fd: RawFd) -> std::io::Result<u64> {
+    let acked = tcp_bytes(fd)?.acked;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int into `outq`.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(acked + outq.max(0) as u64)
+}
+
+/// Duplicates a descriptor (close-on-exec).
+pub fn dup(fd: RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we then own, or -1.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(new) })
+}

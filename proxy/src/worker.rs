@@ -19,6 +19,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use crate::forward::{BufferPool, Ended, Forwarder, UserspaceCopy};
+use crate::kernel::{AdoptError, KernelPath};
 use crate::metrics::{CloseReason, WorkerMetrics};
 use crate::pgwire::{self, FirstPacket, Parse};
 use crate::routing::{Backend, NoBackend, RoutingTable};
@@ -151,6 +152,7 @@ struct Ctx {
     shared: Arc<Shared>,
     registry: RefCell<Registry>,
     forwarder: UserspaceCopy,
+    kernel: Option<Arc<KernelPath>>,
 }
 
 impl Ctx {
@@ -167,8 +169,10 @@ pub fn run(
     wake: std::os::unix::net::UnixStream,
     shared: Arc<Shared>,
     force_epoll: bool,
+    kernel: Option<Arc<KernelPath>>,
     started: std::sync::mpsc::Sender<(usize, Result<Driver, String>)>,
 ) {
+    let _stopped = Stopped(shared.clone());
     let (mut rt, driver) = match build_runtime(force_epoll) {
         Ok(built) => built,
         Err(e) => {
@@ -187,6 +191,7 @@ pub fn run(
             shared: shared.clone(),
             registry: RefCell::new(Registry::default()),
             forwarder: UserspaceCopy::new(Rc::new(BufferPool::default())),
+            kernel,
         });
         monoio::spawn(fence_task(ctx.clone(), wake));
         loop {
@@ -209,6 +214,15 @@ pub fn run(
     });
     if let Err(e) = result {
         tracing::error!(worker = id, error = %e, "worker stopped");
+    }
+}
+
+/// Tells the shared state when a worker thread returns, however it returns.
+struct Stopped(Arc<Shared>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.worker_stopped();
     }
 }
 
@@ -251,16 +265,33 @@ async fn fence_task(ctx: Rc<Ctx>, mut wake: monoio::net::UnixStream) {
     }
 }
 
+/// How a connection task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The connection is closed, for this reason.
+    Closed(CloseReason),
+    /// The kernel path owns it now (and counts its close).
+    HandedOff,
+}
+
+impl From<CloseReason> for Outcome {
+    fn from(r: CloseReason) -> Outcome {
+        Outcome::Closed(r)
+    }
+}
+
 /// Decrements the active count and counts the close reason when a connection task ends.
 struct Active<'a> {
     metrics: &'a WorkerMetrics,
-    reason: CloseReason,
+    outcome: Outcome,
 }
 
 impl Drop for Active<'_> {
     fn drop(&mut self) {
         self.metrics.active.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.closed(self.reason);
+        if let Outcome::Closed(reason) = self.outcome {
+            self.metrics.closed(reason);
+        }
     }
 }
 
@@ -270,13 +301,13 @@ async fn connection(ctx: Rc<Ctx>, client: TcpStream, peer: SocketAddr) {
     metrics.active.fetch_add(1, Ordering::Relaxed);
     let mut active = Active {
         metrics,
-        reason: CloseReason::Error,
+        outcome: Outcome::Closed(CloseReason::Error),
     };
     let _ = client.set_nodelay(true);
     set_keepalive(&client);
     let total = ctx.shared.active_connections();
     if total > ctx.shared.settings.max_connections {
-        active.reason = CloseReason::Limit;
+        active.outcome = CloseReason::Limit.into();
         let message = format!(
             "tendril: too many connections to the proxy (limit {})",
             ctx.shared.settings.max_connections
@@ -285,16 +316,19 @@ async fn connection(ctx: Rc<Ctx>, client: TcpStream, peer: SocketAddr) {
         return;
     }
     let table = ctx.shared.table.load_full();
-    active.reason = match table.backend() {
+    active.outcome = match table.backend() {
         Some(backend) => {
             let backend = backend.clone();
-            routed(&ctx, client, peer, backend, table.epoch, Vec::new()).await
+            routed(&ctx, client, peer, backend, table.epoch, Vec::new(), 0).await
         }
         None => unrouted(&ctx, client, peer).await,
     };
 }
 
-/// Connects to the backend and forwards, the connection registered for the fence.
+/// Connects to the backend and forwards, the connection registered for the fence: in the
+/// kernel when the kernel path takes it, in userspace otherwise. `prefix` (what was read
+/// from the client while holding it) goes to the backend first; `consumed` counts every byte
+/// read from the client so far.
 async fn routed(
     ctx: &Ctx,
     mut client: TcpStream,
@@ -302,7 +336,8 @@ async fn routed(
     backend: Backend,
     epoch: u64,
     prefix: Vec<u8>,
-) -> CloseReason {
+    consumed: u64,
+) -> Outcome {
     let settings = &ctx.shared.settings;
     let connect = monoio::time::timeout(
         settings.connect_timeout,
@@ -318,7 +353,7 @@ async fn routed(
                 backend.addr
             );
             refuse(client, pgwire::CONNECTION_FAILURE, &message).await;
-            return CloseReason::ConnectFailed;
+            return CloseReason::ConnectFailed.into();
         }
         Err(_) => {
             let message = format!(
@@ -326,7 +361,7 @@ async fn routed(
                 backend.addr
             );
             refuse(client, pgwire::CONNECTION_FAILURE, &message).await;
-            return CloseReason::ConnectFailed;
+            return CloseReason::ConnectFailed.into();
         }
     };
     let _ = server.set_nodelay(true);
@@ -342,7 +377,7 @@ async fn routed(
     let now = ctx.shared.table.load();
     if now.epoch != epoch && now.fences(&backend) {
         ctx.registry.borrow_mut().remove(key);
-        return CloseReason::Fenced;
+        return CloseReason::Fenced.into();
     }
     drop(now);
     tracing::debug!(client = %peer, backend = %backend.addr, db = %backend.db_uid, "connected");
@@ -350,27 +385,57 @@ async fn routed(
         let (res, _) = server.write_all(prefix).await;
         if res.is_err() {
             ctx.registry.borrow_mut().remove(key);
-            return CloseReason::Backend;
+            return CloseReason::Backend.into();
         }
     }
     let _ = &mut client;
+    if let Some(kernel) = &ctx.kernel {
+        match kernel.adopt(
+            client.as_raw_fd(),
+            server.as_raw_fd(),
+            consumed,
+            peer,
+            &backend,
+        ) {
+            Ok(()) => {
+                // The kernel path holds its own descriptors; ours close when dropped here.
+                ctx.registry.borrow_mut().remove(key);
+                return Outcome::HandedOff;
+            }
+            Err(AdoptError::Stopped) => {
+                ctx.registry.borrow_mut().remove(key);
+                return CloseReason::Error.into();
+            }
+            Err(e) => {
+                let fallback = match e {
+                    AdoptError::MapFull => &ctx.shared.kernel_fallback_full,
+                    _ => &ctx.shared.kernel_fallback_refused,
+                };
+                fallback.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(client = %peer, backend = %backend.addr, error = %e, "kept in userspace");
+            }
+        }
+    }
     let ended = ctx.forwarder.forward(client, server, ctx.metrics()).await;
     let entry = ctx.registry.borrow_mut().remove(key);
     if entry.is_some_and(|e| e.fenced) {
-        return CloseReason::Fenced;
+        return CloseReason::Fenced.into();
     }
     match ended {
         Ended::Client => CloseReason::Client,
         Ended::Backend => CloseReason::Backend,
         Ended::Error => CloseReason::Error,
     }
+    .into()
 }
 
 /// No backend: speak just enough protocol to refuse properly, or hold the client during a
 /// switchover until the new master is published.
-async fn unrouted(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> CloseReason {
+async fn unrouted(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> Outcome {
     let settings = &ctx.shared.settings;
     let mut buf: Vec<u8> = Vec::with_capacity(256);
+    // Everything read from the client (the kernel path must know where its stream starts).
+    let mut consumed: u64 = 0;
     let deadline = std::time::Instant::now() + settings.startup_timeout;
     loop {
         match pgwire::parse_first_packet(&buf) {
@@ -383,13 +448,13 @@ async fn unrouted(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> CloseRe
                     &format!("tendril: {why}"),
                 )
                 .await;
-                return CloseReason::BadStartup;
+                return CloseReason::BadStartup.into();
             }
             Parse::Done(FirstPacket::SslRequest | FirstPacket::GssEncRequest, used) => {
                 buf.drain(..used);
                 let (res, _) = client.write_all(b"N".to_vec()).await;
                 if res.is_err() {
-                    return CloseReason::Client;
+                    return CloseReason::Client.into();
                 }
                 continue;
             }
@@ -398,19 +463,23 @@ async fn unrouted(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> CloseRe
                 if let Some(backend) = ctx.shared.table.load().backend().cloned() {
                     forward_cancel(&backend, buf[..used].to_vec(), settings.connect_timeout).await;
                 }
-                return CloseReason::Cancel;
+                return CloseReason::Cancel.into();
             }
             Parse::Done(FirstPacket::Startup { .. }, _) => {
-                return hold_or_refuse(ctx, client, peer, buf).await;
+                return hold_or_refuse(ctx, client, peer, buf, consumed).await;
             }
         }
         let remaining = deadline.saturating_duration_since(std::time::Instant::now());
         let spare = std::mem::take(&mut buf);
+        let before = spare.len();
         let read = monoio::time::timeout(remaining, read_more(&mut client, spare)).await;
         match read {
-            Ok(Ok(more)) => buf = more,
-            Ok(Err(_)) => return CloseReason::Client,
-            Err(_) => return CloseReason::BadStartup,
+            Ok(Ok(more)) => {
+                consumed += (more.len() - before) as u64;
+                buf = more;
+            }
+            Ok(Err(_)) => return CloseReason::Client.into(),
+            Err(_) => return CloseReason::BadStartup.into(),
         }
     }
 }
@@ -434,13 +503,23 @@ async fn hold_or_refuse(
     client: TcpStream,
     peer: SocketAddr,
     startup: Vec<u8>,
-) -> CloseReason {
+    consumed: u64,
+) -> Outcome {
     let settings = &ctx.shared.settings;
     let start = std::time::Instant::now();
     loop {
         let table = ctx.shared.table.load_full();
         if let Some(backend) = table.backend() {
-            return routed(ctx, client, peer, backend.clone(), table.epoch, startup).await;
+            return routed(
+                ctx,
+                client,
+                peer,
+                backend.clone(),
+                table.epoch,
+                startup,
+                consumed,
+            )
+            .await;
         }
         let holding = table.hold
             && !settings.hold_timeout.is_zero()
@@ -459,7 +538,7 @@ async fn hold_or_refuse(
                 settings.cluster
             );
             refuse(client, pgwire::CANNOT_CONNECT_NOW, &message).await;
-            return CloseReason::NoMaster;
+            return CloseReason::NoMaster.into();
         }
         // Rare path (a switchover in progress): a short poll keeps the hot path free of
         // cross-thread wake-ups.

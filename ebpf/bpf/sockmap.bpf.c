@@ -1,0 +1,219 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * tendril kernel forwarding: once the proxy has connected a client to the master, both
+ * sockets join the `peers` sockhash and this stream verdict moves every skb that arrives on
+ * one of them to the other with an egress redirect, so established traffic never comes up
+ * to the proxy.
+ *
+ * Keys are socket cookies (SO_COOKIE: unique per socket, never reused): `peers[c]` holds the
+ * peer of the socket whose cookie is `c`, so a socket finds its peer by its own cookie, with
+ * no address parsing, for IPv4 and IPv6 alike.
+ *
+ * Backpressure. An egress redirect queues the skb on the peer's psock backlog, which the
+ * kernel does not bound: a client that reads nothing would let the server push a whole
+ * result into kernel memory. So each direction counts what it handed to the peer and reads
+ * how much of it the peer's TCP has had acknowledged (`bytes_acked`); what lies between is
+ * held in the kernel for this direction (psock backlog plus the peer's send queue). When a
+ * redirect would push that past `limit`, the direction switches to USER mode: skbs are
+ * passed up to the source socket's own receive path (charged to its receive buffer, so its
+ * TCP window closes when the proxy does not read) and the proxy is told through `events`.
+ * The proxy then reads the direction and writes it to the peer itself, under ordinary TCP
+ * flow control, once the backlog ahead of it has drained. The verdict switches back to
+ * KERNEL mode on a later skb once the proxy has written everything that was passed up and
+ * the held bytes fell under half the limit. Order is kept: passed bytes are written by the
+ * proxy only after the backlog drained, and redirects resume only after every passed byte
+ * was written.
+ *
+ * A verdict for one socket runs serialised under that socket's lock, so its direction's
+ * counters need no atomics; the proxy only reads them.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define MODE_KERNEL 0
+#define MODE_USER 1
+#define MODE_FAILED 2
+#define MODE_JOINING 3 /* created by the proxy; no skb seen yet */
+
+#define EVENT_PAUSED 1
+#define EVENT_FAILED 2
+
+#define MAX_PAIRS_DEFAULT 65536
+
+/* One direction, keyed by the cookie of the socket it reads from. Created by the proxy
+ * before the socket joins `peers`; afterwards only this program writes it. */
+struct direction {
+	__u64 base;       /* bytes the proxy wrote to the peer before the socket joined */
+	__u64 limit;      /* most bytes held in the kernel for this direction */
+	__u64 redirected; /* bytes redirected to the peer */
+	__u64 passed;     /* bytes passed up to the proxy (USER mode) */
+	__u32 mode;       /* MODE_* */
+	__u32 pauses;     /* KERNEL -> USER switches */
+	__u64 peak;       /* most bytes seen held at a verdict */
+};
+
+/* What the proxy reports for a direction: bytes of passed data it wrote to the peer. */
+struct forwarded {
+	__u64 bytes;
+};
+
+struct event {
+	__u64 cookie;
+	__u32 kind; /* EVENT_* */
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, MAX_PAIRS_DEFAULT);
+	__type(key, __u64);
+	__type(value, __u64);
+} peers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_PAIRS_DEFAULT);
+	__type(key, __u64);
+	__type(value, struct direction);
+} directions SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_PAIRS_DEFAULT);
+	__type(key, __u64);
+	__type(value, struct forwarded);
+} forwarded SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+/* Global counters: redirected skbs, passed skbs, pauses, resumes, failures, lost events. */
+#define STAT_REDIRECTS 0
+#define STAT_PASSES 1
+#define STAT_PAUSES 2
+#define STAT_RESUMES 3
+#define STAT_FAILURES 4
+#define STAT_LOST_EVENTS 5
+#define STAT_UNKNOWN 6
+#define STAT_COUNT 8
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+static __always_inline void count(__u32 which)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &which);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void notify(__u64 cookie, __u32 kind)
+{
+	struct event e = { .cookie = cookie, .kind = kind };
+	/* A full ring loses the event; the proxy sees the counter and rescans its pairs. */
+	if (bpf_ringbuf_output(&events, &e, sizeof(e), 0))
+		count(STAT_LOST_EVENTS);
+}
+
+/* Bytes the peer's TCP has had acknowledged, or 0 when the peer is gone. */
+static __always_inline int peer_acked(__u64 *key, __u64 *acked)
+{
+	struct bpf_sock *peer = bpf_map_lookup_elem(&peers, key);
+	if (!peer)
+		return -1;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(peer);
+	*acked = tp ? tp->bytes_acked : 0;
+	bpf_sk_release(peer);
+	return 0;
+}
+
+SEC("sk_skb/stream_verdict")
+int forward(struct __sk_buff *skb)
+{
+	__u64 key = bpf_get_socket_cookie(skb);
+	__u32 len = skb->len;
+	struct direction *d = bpf_map_lookup_elem(&directions, &key);
+	if (!d) {
+		/* Not a socket the proxy registered: let it read the data itself. */
+		count(STAT_UNKNOWN);
+		return SK_PASS;
+	}
+	if (d->mode == MODE_FAILED)
+		return SK_DROP;
+	if (len == 0) {
+		/* The skb that carried a bare FIN: TCP has already recorded the shutdown, which the
+		 * proxy forwards as a half-close once the data before it is out. Redirected, the
+		 * empty skb would make the peer's backlog worker report EPIPE on the peer. */
+		return SK_DROP;
+	}
+	__u64 acked = 0;
+	int have_peer = peer_acked(&key, &acked) == 0;
+	if (!have_peer) {
+		if (d->mode == MODE_KERNEL)
+			goto failed;
+		/* Joining (the peer joins next) or already passing up: keep the bytes, in order,
+		 * for the proxy. */
+		if (d->mode == MODE_JOINING) {
+			d->mode = MODE_USER;
+			notify(key, EVENT_PAUSED);
+		}
+		goto pass;
+	}
+	if (d->mode == MODE_JOINING) {
+		d->mode = MODE_KERNEL;
+		goto redirect;
+	}
+	__u64 handed = d->base + d->redirected;
+	if (d->mode == MODE_KERNEL) {
+		/* In KERNEL mode everything ever passed up was written by the proxy (that is the
+		 * condition for coming back), so `passed` stands for it. */
+		handed += d->passed;
+		__u64 held = handed > acked ? handed - acked : 0;
+		if (held > d->peak)
+			d->peak = held;
+		if (held + len > d->limit) {
+			d->mode = MODE_USER;
+			d->pauses += 1;
+			count(STAT_PAUSES);
+			notify(key, EVENT_PAUSED);
+			goto pass;
+		}
+		goto redirect;
+	}
+	/* USER mode: come back once the proxy wrote everything passed up and the peer caught
+	 * up to half the limit. */
+	struct forwarded *f = bpf_map_lookup_elem(&forwarded, &key);
+	__u64 written = f ? f->bytes : 0;
+	handed += written;
+	__u64 held = handed > acked ? handed - acked : 0;
+	if (written == d->passed && held < d->limit / 2) {
+		d->mode = MODE_KERNEL;
+		count(STAT_RESUMES);
+		goto redirect;
+	}
+pass:
+	d->passed += len;
+	count(STAT_PASSES);
+	return SK_PASS;
+redirect:
+	if (bpf_sk_redirect_hash(skb, &peers, &key, 0) != SK_PASS)
+		goto failed;
+	d->redirected += len;
+	count(STAT_REDIRECTS);
+	return SK_PASS;
+failed:
+	/* The peer left the map (closed or fenced): this direction cannot continue. The proxy
+	 * closes the pair when it hears. */
+	d->mode = MODE_FAILED;
+	count(STAT_FAILURES);
+	notify(key, EVENT_FAILED);
+	return SK_DROP;
+}

@@ -1,0 +1,611 @@
+//! Kernel forwarding: the sockmap fast path. `bpf/sockmap.bpf.c` redirects every skb that
+//! arrives on a joined socket to its peer inside the kernel; this module loads it, joins and
+//! releases socket pairs, reads each direction's counters, and delivers the program's events
+//! (a direction paused for backpressure, a redirect that failed).
+//!
+//! Map operations are plain `bpf(2)` calls on the map descriptors, safe from any thread: the
+//! proxy's workers join pairs and its kernel-path thread follows them.
+
+use std::ffi::c_void;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::Arc;
+
+use libbpf_rs::libbpf_sys;
+use libbpf_rs::{MapCore, Object, ObjectBuilder};
+
+use crate::Unavailable;
+
+/// The object file, empty when the build could not make it.
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap.bpf.o"));
+/// Why the object is empty.
+const BUILD_ERROR: &str = env!("TENDRIL_BPF_BUILD_ERROR");
+
+const MODE_KERNEL: u32 = 0;
+const MODE_USER: u32 = 1;
+const MODE_FAILED: u32 = 2;
+const MODE_JOINING: u32 = 3;
+
+const EVENT_PAUSED: u32 = 1;
+const EVENT_FAILED: u32 = 2;
+
+/// How a direction moves its bytes right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Redirected inside the kernel.
+    Kernel,
+    /// Passed up to the proxy (backpressure, or data that arrived while the pair joined).
+    User,
+    /// A redirect failed: the pair must be closed.
+    Failed,
+    /// Joined, no data seen yet.
+    Joining,
+}
+
+/// One direction's state, named by the socket it reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Direction {
+    /// Bytes the proxy wrote to the peer before the pair joined.
+    pub base: u64,
+    /// Most bytes the kernel may hold for this direction.
+    pub limit: u64,
+    /// Bytes redirected in the kernel.
+    pub redirected: u64,
+    /// Bytes passed up to the proxy.
+    pub passed: u64,
+    /// Current mode.
+    pub mode: Mode,
+    /// Times the direction paused for backpressure.
+    pub pauses: u32,
+    /// Most bytes seen held in the kernel for this direction at one verdict.
+    pub peak: u64,
+}
+
+/// `struct direction` of the program.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct RawDirection {
+    base: u64,
+    limit: u64,
+    redirected: u64,
+    passed: u64,
+    mode: u32,
+    pauses: u32,
+    peak: u64,
+}
+
+impl RawDirection {
+    fn bytes(&self) -> [u8; 48] {
+        let mut out = [0u8; 48];
+        out[0..8].copy_from_slice(&self.base.to_ne_bytes());
+        out[8..16].copy_from_slice(&self.limit.to_ne_bytes());
+        out[16..24].copy_from_slice(&self.redirected.to_ne_bytes());
+        out[24..32].copy_from_slice(&self.passed.to_ne_bytes());
+        out[32..36].copy_from_slice(&self.mode.to_ne_bytes());
+        out[36..40].copy_from_slice(&self.pauses.to_ne_bytes());
+        out[40..48].copy_from_slice(&self.peak.to_ne_bytes());
+        out
+    }
+
+    fn from_bytes(b: &[u8; 48]) -> RawDirection {
+        let u64_at = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+        let u32_at = |i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().unwrap_or([0; 4]));
+        RawDirection {
+            base: u64_at(0),
+            limit: u64_at(8),
+            redirected: u64_at(16),
+            passed: u64_at(24),
+            mode: u32_at(32),
+            pauses: u32_at(36),
+            peak: u64_at(40),
+        }
+    }
+}
+
+/// What the program reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// The direction read from this socket switched to USER mode.
+    Paused,
+    /// A redirect from this socket failed; its data cannot be delivered.
+    Failed,
+}
+
+/// An event for the direction read from the socket with `cookie`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    /// The source socket's cookie.
+    pub cookie: u64,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// Program-wide counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// skbs redirected.
+    pub redirects: u64,
+    /// skbs passed up to the proxy.
+    pub passes: u64,
+    /// Directions paused for backpressure.
+    pub pauses: u64,
+    /// Directions that went back to the kernel.
+    pub resumes: u64,
+    /// Redirects that failed.
+    pub failures: u64,
+    /// Events lost because the ring was full.
+    pub lost_events: u64,
+    /// skbs on sockets with no direction (passed up).
+    pub unknown: u64,
+}
+
+/// Why a pair could not join.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The maps are full: the connection stays in userspace.
+    #[error("the sockmap is full")]
+    MapFull,
+    /// The kernel refused (socket state, memory).
+    #[error("cannot join the sockmap: {0}")]
+    Refused(io::Error),
+}
+
+/// A pair to join.
+#[derive(Debug, Clone, Copy)]
+pub struct JoinRequest {
+    /// The client socket.
+    pub client: RawFd,
+    /// The backend socket.
+    pub server: RawFd,
+    /// Bytes the proxy already wrote to the client.
+    pub written_to_client: u64,
+    /// Bytes the proxy already wrote to the backend.
+    pub written_to_server: u64,
+    /// Most bytes the kernel may hold per direction.
+    pub limit: u64,
+}
+
+/// The cookies of a joined pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Joined {
+    /// The client socket's cookie (names the client-to-backend direction).
+    pub client: u64,
+    /// The backend socket's cookie (names the backend-to-client direction).
+    pub server: u64,
+}
+
+/// The loaded program and its maps.
+pub struct Sockmap {
+    _object: Object,
+    peers: RawFd,
+    directions: RawFd,
+    forwarded: RawFd,
+    events: RawFd,
+    stats: RawFd,
+    max_pairs: u32,
+}
+
+impl std::fmt::Debug for Sockmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sockmap")
+            .field("max_pairs", &self.max_pairs)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(reason: impl Into<String>) -> Unavailable {
+    Unavailable {
+        mechanism: "kernel forwarding (BPF sockmap)",
+        reason: reason.into(),
+    }
+}
+
+fn errno(rc: i32) -> io::Error {
+    if rc < 0 {
+        io::Error::from_raw_os_error(-rc)
+    } else {
+        io::Error::last_os_error()
+    }
+}
+
+impl Sockmap {
+    /// Loads the program with room for `max_pairs` connections and attaches it to the
+    /// sockhash. Fails (with why) when the object was not built, the kernel lacks sockmap,
+    /// or the process lacks CAP_BPF/CAP_NET_ADMIN/CAP_PERFMON.
+    pub fn load(max_pairs: u32) -> Result<Sockmap, Unavailable> {
+        if OBJECT.is_empty() {
+            return Err(unavailable(format!(
+                "the BPF object was not built: {BUILD_ERROR}"
+            )));
+        }
+        if max_pairs == 0 {
+            return Err(unavailable("room for 0 connections"));
+        }
+        let mut open = ObjectBuilder::default()
+            .open_memory(OBJECT)
+            .map_err(|e| unavailable(format!("cannot open the BPF object: {e}")))?;
+        let sockets = max_pairs.saturating_mul(2);
+        for mut map in open.maps_mut() {
+            let name = map.name().to_string_lossy().into_owned();
+            if matches!(name.as_str(), "peers" | "directions" | "forwarded") {
+                map.set_max_entries(sockets)
+                    .map_err(|e| unavailable(format!("size map {name}: {e}")))?;
+            }
+        }
+        let object = open.load().map_err(|e| {
+            let text = e.to_string();
+            if text.contains("Operation not permitted") || text.contains("ermission") {
+                unavailable(format!(
+                    "loading needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON ({text})"
+                ))
+            } else {
+                unavailable(format!("the kernel refused the program: {text}"))
+            }
+        })?;
+        let fd = |name: &str| -> Result<RawFd, Unavailable> {
+            object
+                .maps()
+                .find(|m| m.name() == name)
+                .map(|m| m.as_fd().as_raw_fd())
+                .ok_or_else(|| unavailable(format!("map {name} missing from the object")))
+        };
+        let peers = fd("peers")?;
+        let directions = fd("directions")?;
+        let forwarded = fd("forwarded")?;
+        let events = fd("events")?;
+        let stats = fd("stats")?;
+        {
+            let program = object
+                .progs_mut()
+                .find(|p| p.name() == "forward")
+                .ok_or_else(|| unavailable("program forward missing from the object"))?;
+            program
+                .attach_sockmap(peers)
+                .map_err(|e| unavailable(format!("attach the verdict to the sockhash: {e}")))?;
+        }
+        Ok(Sockmap {
+            _object: object,
+            peers,
+            directions,
+            forwarded,
+            events,
+            stats,
+            max_pairs,
+        })
+    }
+
+    /// Connections the maps have room for.
+    pub fn max_pairs(&self) -> u32 {
+        self.max_pairs
+    }
+
+    /// Joins a connected pair: from now on the kernel forwards between them. On error
+    /// nothing is left in the maps and the sockets are untouched, so the caller can forward
+    /// in userspace.
+    ///
+    /// The backend joins first when nothing was written to it yet (it stays silent until the
+    /// client's first message arrives), the client first otherwise (it waits for the
+    /// backend's answer): the socket that may be receiving joins last. Bytes that arrive
+    /// anyway before the peer joined are passed up, never lost (JOINING mode). Data queued on
+    /// a socket before it joined is pushed through the program with a peek, so it is
+    /// forwarded without waiting for more.
+    pub fn join(&self, req: &JoinRequest) -> Result<Joined, JoinError> {
+        let client = cookie(req.client).map_err(JoinError::Refused)?;
+        let server = cookie(req.server).map_err(JoinError::Refused)?;
+        let joined = Joined { client, server };
+        let dir = |base: u64| RawDirection {
+            base,
+            limit: req.limit,
+            mode: MODE_JOINING,
+            ..RawDirection::default()
+        };
+        let result = (|| {
+            self.insert(self.directions, client, &dir(req.written_to_server).bytes())?;
+            self.insert(self.directions, server, &dir(req.written_to_client).bytes())?;
+            self.insert(self.forwarded, client, &0u64.to_ne_bytes())?;
+            self.insert(self.forwarded, server, &0u64.to_ne_bytes())?;
+            // peers[c] is the socket c's data goes to: inserting it makes that socket join.
+            let backend_entry = (client, req.server);
+            let client_entry = (server, req.client);
+            let order = if req.written_to_server == 0 {
+                [backend_entry, client_entry]
+            } else {
+                [client_entry, backend_entry]
+            };
+            for (key, fd) in order {
+                self.insert(self.peers, key, &(fd as u64).to_ne_bytes())?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.forget(&joined);
+            return Err(e);
+        }
+        push_queued(req.client);
+        push_queued(req.server);
+        Ok(joined)
+    }
+
+    fn insert(&self, map: RawFd, key: u64, value: &[u8]) -> Result<(), JoinError> {
+        // SAFETY: key and value point to live buffers of the sizes the map was created with
+        // (8-byte keys; values of 48 or 8 bytes as the program declares them).
+        let rc = unsafe {
+            libbpf_sys::bpf_map_update_elem(
+                map,
+                (&key as *const u64).cast(),
+                value.as_ptr().cast(),
+                u64::from(libbpf_sys::BPF_NOEXIST),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = errno(rc);
+        match err.raw_os_error() {
+            Some(libc::E2BIG) | Some(libc::ENOMEM) | Some(libc::ENOSPC) => Err(JoinError::MapFull),
+            _ => Err(JoinError::Refused(err)),
+        }
+    }
+
+    fn delete(&self, map: RawFd, key: u64) {
+        // SAFETY: key points to a live 8-byte buffer; a missing key is ENOENT, ignored.
+        unsafe {
+            libbpf_sys::bpf_map_delete_elem(map, (&key as *const u64).cast());
+        }
+    }
+
+    /// Stops the kernel forwarding between the pair (the fence): later skbs find no peer.
+    pub fn leave(&self, pair: &Joined) {
+        self.delete(self.peers, pair.client);
+        self.delete(self.peers, pair.server);
+    }
+
+    /// Removes every trace of the pair from the maps (after its sockets are closed, or when
+    /// a join is undone).
+    pub fn forget(&self, pair: &Joined) {
+        self.leave(pair);
+        for key in [pair.client, pair.server] {
+            self.delete(self.directions, key);
+            self.delete(self.forwarded, key);
+        }
+    }
+
+    /// The direction read from the socket with `cookie`.
+    pub fn direction(&self, cookie: u64) -> Option<Direction> {
+        let mut raw = [0u8; 48];
+        // SAFETY: the value buffer is the map's value size (48 bytes); key is 8 bytes.
+        let rc = unsafe {
+            libbpf_sys::bpf_map_lookup_elem(
+                self.directions,
+                (&cookie as *const u64).cast(),
+                raw.as_mut_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        let d = RawDirection::from_bytes(&raw);
+        Some(Direction {
+            base: d.base,
+            limit: d.limit,
+            redirected: d.redirected,
+            passed: d.passed,
+            mode: match d.mode {
+                MODE_KERNEL => Mode::Kernel,
+                MODE_USER => Mode::User,
+                MODE_JOINING => Mode::Joining,
+                MODE_FAILED => Mode::Failed,
+                other => {
+                    tracing::warn!(mode = other, "unknown direction mode: stopping the pair");
+                    Mode::Failed
+                }
+            },
+            pauses: d.pauses,
+            peak: d.peak,
+        })
+    }
+
+    /// Records that the proxy wrote `bytes` of the direction's passed data to the peer.
+    pub fn set_forwarded(&self, cookie: u64, bytes: u64) -> io::Result<()> {
+        // SAFETY: key and value are live 8-byte buffers, the map's sizes.
+        let rc = unsafe {
+            libbpf_sys::bpf_map_update_elem(
+                self.forwarded,
+                (&cookie as *const u64).cast(),
+                (&bytes as *const u64).cast(),
+                u64::from(libbpf_sys::BPF_EXIST),
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(errno(rc)) }
+    }
+
+    /// Program-wide counters, summed over CPUs.
+    pub fn stats(&self) -> Stats {
+        // SAFETY: libbpf_num_possible_cpus reads sysfs and returns a count or a negative errno.
+        let cpus = unsafe { libbpf_sys::libbpf_num_possible_cpus() }.max(1) as usize;
+        let read = |i: u32| -> u64 {
+            let mut values = vec![0u64; cpus];
+            // SAFETY: a per-CPU array lookup writes one 8-byte value per possible CPU into
+            // the buffer, which has exactly that many.
+            let rc = unsafe {
+                libbpf_sys::bpf_map_lookup_elem(
+                    self.stats,
+                    (&i as *const u32).cast(),
+                    values.as_mut_ptr().cast(),
+                )
+            };
+            if rc == 0 { values.iter().sum() } else { 0 }
+        };
+        Stats {
+            redirects: read(0),
+            passes: read(1),
+            pauses: read(2),
+            resumes: read(3),
+            failures: read(4),
+            lost_events: read(5),
+            unknown: read(6),
+        }
+    }
+
+    /// Entries in (peers, directions, forwarded): what a leak check looks at.
+    pub fn entries(&self) -> (usize, usize, usize) {
+        (
+            count_keys(self.peers),
+            count_keys(self.directions),
+            count_keys(self.forwarded),
+        )
+    }
+
+    /// Opens the event ring (one consumer: the proxy's kernel-path thread).
+    pub fn events(self: &Arc<Self>) -> io::Result<Events> {
+        let mut sink: Box<Vec<Event>> = Box::default();
+        let ctx: *mut Vec<Event> = &mut *sink;
+        // SAFETY: the callback receives `ctx`, which points into the boxed Vec owned by the
+        // returned Events (its heap address does not move) and outlives the ring buffer,
+        // freed first in Drop. The map fd stays open as long as `owner` (an Arc) lives.
+        let rb = unsafe {
+            libbpf_sys::ring_buffer__new(self.events, Some(on_event), ctx.cast(), std::ptr::null())
+        };
+        if rb.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Events {
+            rb,
+            sink,
+            _owner: self.clone(),
+        })
+    }
+}
+
+unsafe extern "C" fn on_event(
+    ctx: *mut c_void,
+    data: *mut c_void,
+    size: libbpf_sys::size_t,
+) -> i32 {
+    if ctx.is_null() || data.is_null() || (size as usize) < 12 {
+        return 0;
+    }
+    // SAFETY: ctx is the Vec set up in `Sockmap::events`; libbpf calls back on the thread
+    // that consumes, while `Events` (which owns the Vec) is borrowed mutably by that call.
+    let sink = unsafe { &mut *ctx.cast::<Vec<Event>>() };
+    let mut raw = [0u8; 12];
+    // SAFETY: data points to a ring record of `size` >= 12 bytes.
+    unsafe { std::ptr::copy_nonoverlapping(data.cast::<u8>(), raw.as_mut_ptr(), 12) };
+    let cookie = u64::from_ne_bytes(raw[0..8].try_into().unwrap_or([0; 8]));
+    let kind = match u32::from_ne_bytes(raw[8..12].try_into().unwrap_or([0; 4])) {
+        EVENT_PAUSED => EventKind::Paused,
+        EVENT_FAILED => EventKind::Failed,
+        _ => return 0,
+    };
+    sink.push(Event { cookie, kind });
+    0
+}
+
+/// The program's event ring.
+pub struct Events {
+    rb: *mut libbpf_sys::ring_buffer,
+    #[allow(
+        clippy::box_collection,
+        reason = "the callback holds the Vec's address, which must not move with Events"
+    )]
+    sink: Box<Vec<Event>>,
+    _owner: Arc<Sockmap>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Events")
+    }
+}
+
+// SAFETY: the ring buffer is only used through &mut self, by one thread at a time.
+unsafe impl Send for Events {}
+
+impl Events {
+    /// A descriptor that is readable when events are waiting (for epoll).
+    pub fn fd(&self) -> RawFd {
+        // SAFETY: rb is a live ring buffer until Drop.
+        unsafe { libbpf_sys::ring_buffer__epoll_fd(self.rb) }
+    }
+
+    /// Takes every waiting event.
+    pub fn drain(&mut self) -> Vec<Event> {
+        // SAFETY: rb is live; the callback writes into self.sink, which nothing else
+        // borrows during this call.
+        unsafe {
+            libbpf_sys::ring_buffer__consume(self.rb);
+        }
+        std::mem::take(&mut *self.sink)
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        // SAFETY: rb came from ring_buffer__new and is freed once.
+        unsafe { libbpf_sys::ring_buffer__free(self.rb) }
+    }
+}
+
+/// A socket's cookie (`SO_COOKIE`): unique for the life of the system.
+pub fn cookie(fd: RawFd) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, which lives on this frame.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut value as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Runs the verdict over bytes that reached the socket before it joined (a receive on a
+/// sockmap socket first feeds its TCP queue to the program). A peek, so anything the
+/// program passes up stays queued for the proxy.
+fn push_queued(fd: RawFd) {
+    let mut byte = 0u8;
+    // SAFETY: recv writes at most 1 byte into `byte`; MSG_DONTWAIT never blocks.
+    unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        );
+    }
+}
+
+fn count_keys(map: RawFd) -> usize {
+    let mut n = 0;
+    let mut key: u64 = 0;
+    let mut next: u64 = 0;
+    let mut first = true;
+    loop {
+        let prev: *const c_void = if first {
+            std::ptr::null()
+        } else {
+            (&key as *const u64).cast()
+        };
+        // SAFETY: both keys are live 8-byte buffers (the maps' key size); a null previous
+        // key asks for the first key.
+        let rc =
+            unsafe { libbpf_sys::bpf_map_get_next_key(map, prev, (&mut next as *mut u64).cast()) };
+        if rc != 0 {
+            return n;
+        }
+        n += 1;
+        key = next;
+        first = false;
+        if n > 1 << 24 {
+            return n;
+        }
+    }
+}

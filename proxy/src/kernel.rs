@@ -1,0 +1,873 @@
+//! The kernel path: connections whose established traffic the kernel forwards, with the BPF
+//! sockmap program of `tendril_ebpf::sockmap`. Workers set a connection up in userspace as
+//! usual (startup packet, SSLRequest answer, 57P03, hold), then [`KernelPath::adopt`] joins
+//! the pair to the sockhash and hands both sockets to this module's thread, which:
+//!
+//! - closes pairs in order: on a FIN from one side it waits until every byte that arrived
+//!   before the FIN has left the kernel's queue for the peer socket, then half-closes the
+//!   peer, so a client's Terminate is never overtaken by the FIN;
+//! - forwards a direction itself while the program has paused it for backpressure (the
+//!   program passes the bytes up; the thread writes them to the peer under ordinary TCP flow
+//!   control, behind what the kernel already queued);
+//! - fences: drops the pair from the map and shuts both sockets at once;
+//! - closes both sides on an error, a reset or a failed redirect;
+//! - counts each pair's bytes and close reason into its own block of the metrics.
+//!
+//! No data comes through this thread except for paused directions, so one thread serves
+//! every core. It sleeps in epoll on the peers' hang-ups (EPOLLRDHUP; data wake-ups are not
+//! asked for), the workers' hand-over eventfd, the control thread's fence socket and the
+//! program's event ring.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use tendril_ebpf::sockmap::{EventKind, Events, JoinError, JoinRequest, Joined, Mode, Sockmap};
+
+use crate::metrics::{CloseReason, WorkerMetrics};
+use crate::routing::Backend;
+use crate::shared::Shared;
+use crate::sys::{dup, tcp_bytes, tcp_written};
+
+const TOKEN_COMMANDS: u64 = u64::MAX;
+const TOKEN_FENCE: u64 = u64::MAX - 1;
+const TOKEN_EVENTS: u64 = u64::MAX - 2;
+/// Buffer of a direction the thread forwards itself (paused for backpressure).
+const USER_BUFFER: usize = 64 * 1024;
+/// First and last delay of a pair's timed retries (waiting for a queue to drain).
+const FIRST_RETRY: Duration = Duration::from_millis(1);
+const LAST_RETRY: Duration = Duration::from_millis(64);
+/// How often the thread looks at draining and lost events when nothing else wakes it.
+const HOUSEKEEPING: Duration = Duration::from_millis(100);
+
+/// Why a connection stayed in userspace.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    /// The sockmap is full.
+    #[error("the sockmap is full")]
+    MapFull,
+    /// The kernel refused the pair, or a descriptor could not be duplicated.
+    #[error("{0}")]
+    Refused(io::Error),
+    /// The kernel-path thread has stopped; the pair was joined and is now closed.
+    #[error("the kernel path has stopped")]
+    Stopped,
+}
+
+/// A joined pair on its way to the thread.
+struct Handoff {
+    fds: [OwnedFd; 2],
+    joined: Joined,
+    base_recv: [u64; 2],
+    backend: Backend,
+    peer: SocketAddr,
+}
+
+/// The workers' handle on the kernel path.
+#[derive(Debug)]
+pub struct KernelPath {
+    map: Arc<Sockmap>,
+    limit: u64,
+    tx: mpsc::Sender<Handoff>,
+    wake: OwnedFd,
+    shared: Arc<Shared>,
+    index: usize,
+}
+
+impl KernelPath {
+    /// Starts the thread. `index` is its counter block in `shared.workers`; `fence` the
+    /// socket the control thread writes to after publishing a table.
+    pub fn start(
+        map: Sockmap,
+        limit: u64,
+        shared: Arc<Shared>,
+        index: usize,
+        fence: std::os::unix::net::UnixStream,
+    ) -> io::Result<(Arc<KernelPath>, std::thread::JoinHandle<()>)> {
+        let map = Arc::new(map);
+        let events = map.events()?;
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if wake < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `wake` is a fresh descriptor owned by nobody else.
+        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+        // SAFETY: epoll_create1 returns a new descriptor or -1.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
+        fence.set_nonblocking(true)?;
+        let (tx, rx) = mpsc::channel();
+        let thread_wake = dup(wake.as_raw_fd())?;
+        let thread = Thread {
+            map: map.clone(),
+            events,
+            epfd,
+            commands: rx,
+            wake: thread_wake,
+            fence,
+            shared: shared.clone(),
+            index,
+            pairs: Vec::new(),
+            free: Vec::new(),
+            by_cookie: HashMap::new(),
+            lost_seen: 0,
+            last_housekeeping: Instant::now(),
+            drain_deadline: None,
+            disconnected: false,
+            next_generation: 0,
+        };
+        thread.watch(
+            thread.wake.as_raw_fd(),
+            TOKEN_COMMANDS,
+            libc::EPOLLIN as u32,
+        )?;
+        thread.watch(thread.fence.as_raw_fd(), TOKEN_FENCE, libc::EPOLLIN as u32)?;
+        thread.watch(thread.events.fd(), TOKEN_EVENTS, libc::EPOLLIN as u32)?;
+        let handle = std::thread::Builder::new()
+            .name("tendril-kernel".into())
+            .spawn(move || thread.run())?;
+        Ok((
+            Arc::new(KernelPath {
+                map,
+                limit,
+                tx,
+                wake,
+                shared,
+                index,
+            }),
+            handle,
+        ))
+    }
+
+    /// The program and its maps (stats, tests).
+    pub fn map(&self) -> &Arc<Sockmap> {
+        &self.map
+    }
+
+    /// Joins a connected pair to the sockmap and hands it to the thread; from here on the
+    /// kernel forwards it and the caller must forget both sockets (drop its handles without
+    /// touching them). `consumed_from_client` is what the caller read from the client and
+    /// already dealt with (the startup packet it wrote to the backend on a held connection).
+    /// On `MapFull` and `Refused` nothing changed: the caller forwards in userspace.
+    pub fn adopt(
+        &self,
+        client: RawFd,
+        server: RawFd,
+        consumed_from_client: u64,
+        peer: SocketAddr,
+        backend: &Backend,
+    ) -> Result<(), AdoptError> {
+        // Everything that can fail without consequence comes before the join: once joined,
+        // the kernel may already be forwarding.
+        let fds = [
+            dup(client).map_err(AdoptError::Refused)?,
+            dup(server).map_err(AdoptError::Refused)?,
+        ];
+        let written_to_client = tcp_written(client).map_err(AdoptError::Refused)?;
+        let written_to_server = tcp_written(server).map_err(AdoptError::Refused)?;
+        let joined = self
+            .map
+            .join(&JoinRequest {
+                client,
+                server,
+                written_to_client,
+                written_to_server,
+                limit: self.limit,
+            })
+            .map_err(|e| match e {
+                JoinError::MapFull => AdoptError::MapFull,
+                JoinError::Refused(e) => AdoptError::Refused(e),
+            })?;
+        let metrics = &self.shared.workers[self.index];
+        metrics.active.fetch_add(1, Ordering::Relaxed);
+        let handoff = Handoff {
+            fds,
+            joined,
+            base_recv: [consumed_from_client, 0],
+            backend: backend.clone(),
+            peer,
+        };
+        if let Err(mpsc::SendError(h)) = self.tx.send(handoff) {
+            self.map.forget(&h.joined);
+            for fd in &h.fds {
+                crate::sys::shutdown_both(fd.as_raw_fd());
+            }
+            metrics.active.fetch_sub(1, Ordering::Relaxed);
+            return Err(AdoptError::Stopped);
+        }
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from `one` to the eventfd.
+        unsafe {
+            libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8);
+        }
+        Ok(())
+    }
+}
+
+/// One direction of a pair, named by the socket it reads from.
+#[derive(Debug, Default)]
+struct Dir {
+    /// The source sent its FIN.
+    eof: bool,
+    /// The peer was half-closed after the last byte.
+    shut: bool,
+    /// The thread is reading the source (paused direction, or passed bytes to collect).
+    reading: bool,
+    /// Waiting for the peer to be writable.
+    want_out: bool,
+    /// The source was reset: once its last bytes are out, the pair is cut.
+    reset: bool,
+    buf: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+    /// Bytes of passed-up data written to the peer.
+    forwarded: u64,
+}
+
+#[derive(Debug)]
+struct Pair {
+    fds: [OwnedFd; 2],
+    joined: Joined,
+    base_recv: [u64; 2],
+    dirs: [Dir; 2],
+    backend: Backend,
+    peer: SocketAddr,
+    interest: [u32; 2],
+    first_eof: Option<usize>,
+    retry: Option<Instant>,
+    delay: Duration,
+    generation: u32,
+}
+
+impl Pair {
+    fn cookie(&self, side: usize) -> u64 {
+        if side == 0 {
+            self.joined.client
+        } else {
+            self.joined.server
+        }
+    }
+}
+
+struct Thread {
+    map: Arc<Sockmap>,
+    events: Events,
+    epfd: OwnedFd,
+    commands: mpsc::Receiver<Handoff>,
+    wake: OwnedFd,
+    fence: std::os::unix::net::UnixStream,
+    shared: Arc<Shared>,
+    index: usize,
+    pairs: Vec<Option<Pair>>,
+    free: Vec<usize>,
+    by_cookie: HashMap<u64, usize>,
+    lost_seen: u64,
+    last_housekeeping: Instant,
+    drain_deadline: Option<Instant>,
+    disconnected: bool,
+    next_generation: u32,
+}
+
+impl Thread {
+    fn metrics(&self) -> &WorkerMetrics {
+        &self.shared.workers[self.index]
+    }
+
+    fn watch(&self, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, events)
+    }
+
+    fn ctl(&self, op: i32, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: epoll_ctl reads the event struct, which lives on this frame.
+        let rc = unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), op, fd, &mut ev) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn run(mut self) {
+        tracing::info!(
+            limit_pairs = self.map.max_pairs(),
+            "kernel forwarding thread started"
+        );
+        let mut ready = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        loop {
+            let timeout = self.timeout();
+            // SAFETY: epoll_wait writes at most `ready.len()` events into the buffer.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epfd.as_raw_fd(),
+                    ready.as_mut_ptr(),
+                    ready.len() as i32,
+                    timeout,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "kernel path: epoll_wait failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+            for ev in &ready[..n as usize] {
+                let (token, bits) = (ev.u64, ev.events);
+                match token {
+                    TOKEN_COMMANDS => self.take_handoffs(),
+                    TOKEN_FENCE => self.fence(),
+                    TOKEN_EVENTS => self.take_events(),
+                    t => self.socket_ready(
+                        (t >> 32) as u32,
+                        ((t & 0xffff_ffff) >> 1) as usize,
+                        (t & 1) as usize,
+                        bits,
+                    ),
+                }
+            }
+            self.retry_due();
+            if self.housekeeping() {
+                break;
+            }
+        }
+        tracing::info!("kernel forwarding thread stopped");
+    }
+
+    /// Milliseconds until the next timed retry, or the housekeeping period.
+    fn timeout(&self) -> i32 {
+        let now = Instant::now();
+        let next = self
+            .pairs
+            .iter()
+            .flatten()
+            .filter_map(|p| p.retry)
+            .min()
+            .map_or(HOUSEKEEPING, |t| t.saturating_duration_since(now));
+        next.min(HOUSEKEEPING)
+            .as_millis()
+            .max(u128::from(next > Duration::ZERO)) as i32
+    }
+
+    fn take_handoffs(&mut self) {
+        let mut count = [0u8; 8];
+        // SAFETY: reads the eventfd counter (8 bytes) into `count`.
+        unsafe {
+            libc::read(self.wake.as_raw_fd(), count.as_mut_ptr().cast(), 8);
+        }
+        loop {
+            match self.commands.try_recv() {
+                Ok(h) => self.adopt(h),
+                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    self.disconnected = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn adopt(&mut self, h: Handoff) {
+        let table = self.shared.table.load();
+        let fenced = table.fences(&h.backend);
+        drop(table);
+        let slot = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.pairs.push(None);
+                self.pairs.len() - 1
+            }
+        };
+        self.by_cookie.insert(h.joined.client, slot);
+        self.by_cookie.insert(h.joined.server, slot);
+        let interest = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        let pair = Pair {
+            fds: h.fds,
+            joined: h.joined,
+            base_recv: h.base_recv,
+            dirs: [Dir::default(), Dir::default()],
+            backend: h.backend,
+            peer: h.peer,
+            interest: [interest; 2],
+            first_eof: None,
+            retry: None,
+            delay: FIRST_RETRY,
+            generation: self.next_generation,
+        };
+        let pair_gen = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let fds = [pair.fds[0].as_raw_fd(), pair.fds[1].as_raw_fd()];
+        tracing::debug!(client = %pair.peer, backend = %pair.backend.addr, "connection forwarded in the kernel");
+        self.pairs[slot] = Some(pair);
+        if fenced {
+            // A fence was published between the worker's table load and now.
+            self.abort(slot, CloseReason::Fenced);
+            return;
+        }
+        for (side, fd) in fds.into_iter().enumerate() {
+            if self
+                .watch(fd, token(pair_gen, slot, side), interest)
+                .is_err()
+            {
+                self.abort(slot, CloseReason::Error);
+                return;
+            }
+        }
+        // Bytes passed up while the pair joined are collected now.
+        self.progress(slot);
+    }
+
+    fn fence(&mut self) {
+        let mut buf = [0u8; 64];
+        loop {
+            match io::Read::read(&mut self.fence, &mut buf) {
+                Ok(0) => {
+                    let _ = self.ctl(libc::EPOLL_CTL_DEL, self.fence.as_raw_fd(), 0, 0);
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        let table = self.shared.table.load_full();
+        let doomed: Vec<usize> = self
+            .pairs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().filter(|p| table.fences(&p.backend)).map(|_| i))
+            .collect();
+        for &slot in &doomed {
+            self.abort(slot, CloseReason::Fenced);
+        }
+        self.metrics()
+            .applied_epoch
+            .store(table.epoch, Ordering::Release);
+        if !doomed.is_empty() {
+            tracing::info!(connections = doomed.len(), generation = %table.generation, "fenced kernel-forwarded connections");
+        }
+    }
+
+    fn take_events(&mut self) {
+        for event in self.events.drain() {
+            let Some(&slot) = self.by_cookie.get(&event.cookie) else {
+                // Not handed over yet: the adopt reads the direction's state itself.
+                continue;
+            };
+            match event.kind {
+                EventKind::Paused => self.progress(slot),
+                EventKind::Failed => {
+                    tracing::warn!(
+                        cookie = event.cookie,
+                        "kernel redirect failed: closing the connection"
+                    );
+                    self.abort(slot, CloseReason::Error);
+                }
+            }
+        }
+    }
+
+    fn socket_ready(&mut self, generation: u32, slot: usize, side: usize, bits: u32) {
+        if self
+            .pairs
+            .get(slot)
+            .and_then(Option::as_ref)
+            .map(|p| p.generation)
+            != Some(generation)
+        {
+            return;
+        }
+        let Some(pair) = self.pairs.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if bits & libc::EPOLLERR as u32 != 0 && !pair.dirs[side].reset {
+            // A reset (or a failed send) on this side: what it sent before still goes out to
+            // the peer, as a userspace copy would have done, then the pair is cut.
+            let e = socket_error(pair.fds[side].as_raw_fd());
+            tracing::debug!(client = %pair.peer, backend = %pair.backend.addr, side = if side == 0 { "client" } else { "backend" }, error = %e, "socket error");
+            pair.dirs[side].reset = true;
+            pair.dirs[side].eof = true;
+            pair.first_eof.get_or_insert(side);
+        }
+        if bits & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
+            pair.dirs[side].eof = true;
+            pair.first_eof.get_or_insert(side);
+        }
+        pair.delay = FIRST_RETRY;
+        self.progress(slot);
+    }
+
+    fn retry_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<usize> = self
+            .pairs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                p.as_ref()
+                    .and_then(|p| p.retry)
+                    .filter(|t| *t <= now)
+                    .map(|_| i)
+            })
+            .collect();
+        for slot in due {
+            self.progress(slot);
+        }
+    }
+
+    /// Draining, lost events. Returns true when the thread should stop.
+    fn housekeeping(&mut self) -> bool {
+        if self.last_housekeeping.elapsed() < HOUSEKEEPING {
+            return false;
+        }
+        self.last_housekeeping = Instant::now();
+        let lost = self.map.stats().lost_events;
+        if lost != self.lost_seen {
+            // The event ring overflowed: look at every pair.
+            self.lost_seen = lost;
+            let all: Vec<usize> = (0..self.pairs.len())
+                .filter(|&i| self.pairs[i].is_some())
+                .collect();
+            for slot in all {
+                self.progress(slot);
+            }
+        }
+        if !self.disconnected {
+            // Workers gone (all their handles dropped) means the proxy is stopping.
+            if let Err(mpsc::TryRecvError::Disconnected) =
+                self.commands.try_recv().map(|h| self.adopt(h))
+            {
+                self.disconnected = true;
+            }
+        }
+        if self.shared.draining() {
+            let deadline = *self
+                .drain_deadline
+                .get_or_insert_with(|| Instant::now() + self.shared.settings.drain_timeout);
+            if Instant::now() >= deadline {
+                let left: Vec<usize> = (0..self.pairs.len())
+                    .filter(|&i| self.pairs[i].is_some())
+                    .collect();
+                if !left.is_empty() {
+                    tracing::warn!(
+                        connections = left.len(),
+                        "drain timeout: closing the remaining kernel-forwarded connections"
+                    );
+                }
+                for slot in left {
+                    self.abort(slot, CloseReason::Fenced);
+                }
+            }
+        }
+        // Stop once no worker can hand anything over and every pair is closed.
+        let idle = self.pairs.iter().all(Option::is_none);
+        idle && (self.disconnected || (self.shared.draining() && self.shared.all_workers_stopped()))
+    }
+
+    /// Moves a pair forward after anything happened to it.
+    fn progress(&mut self, slot: usize) {
+        let Some(pair) = self.pairs.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let pair_gen = pair.generation;
+        match advance(&self.map, pair) {
+            Advance::Close(reason) => self.close(slot, reason),
+            Advance::Abort(reason) => self.abort(slot, reason),
+            Advance::Watch(changes) => {
+                for (fd, side, events) in changes {
+                    if self
+                        .ctl(libc::EPOLL_CTL_MOD, fd, token(pair_gen, slot, side), events)
+                        .is_err()
+                    {
+                        self.abort(slot, CloseReason::Error);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cuts a pair at once: out of the map, both sockets shut down and closed.
+    fn abort(&mut self, slot: usize, reason: CloseReason) {
+        if let Some(pair) = self.pairs.get(slot).and_then(Option::as_ref) {
+            self.map.leave(&pair.joined);
+            for fd in &pair.fds {
+                crate::sys::shutdown_both(fd.as_raw_fd());
+            }
+        }
+        self.close(slot, reason);
+    }
+
+    fn close(&mut self, slot: usize, reason: CloseReason) {
+        let Some(pair) = self.pairs.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(slot);
+        for fd in &pair.fds {
+            let _ = self.ctl(libc::EPOLL_CTL_DEL, fd.as_raw_fd(), 0, 0);
+        }
+        self.by_cookie.remove(&pair.joined.client);
+        self.by_cookie.remove(&pair.joined.server);
+        let moved = |side: usize| {
+            self.map
+                .direction(pair.cookie(side))
+                .map_or(0, |d| d.redirected)
+                + pair.dirs[side].forwarded
+        };
+        let (up, down) = (moved(0), moved(1));
+        let pauses: u32 = (0..2)
+            .filter_map(|s| self.map.direction(pair.cookie(s)))
+            .map(|d| d.pauses)
+            .sum();
+        self.map.forget(&pair.joined);
+        let metrics = self.metrics();
+        metrics.bytes_to_backend.fetch_add(up, Ordering::Relaxed);
+        metrics.bytes_to_client.fetch_add(down, Ordering::Relaxed);
+        metrics.active.fetch_sub(1, Ordering::Relaxed);
+        metrics.closed(reason);
+        tracing::debug!(
+            client = %pair.peer,
+            backend = %pair.backend.addr,
+            to_backend = up,
+            to_client = down,
+            pauses,
+            reason = reason.label(),
+            "kernel-forwarded connection closed"
+        );
+        // Dropping the pair closes both sockets; the kernel removes them from the sockhash.
+        drop(pair);
+    }
+}
+
+/// What a pair needs after [`advance`].
+enum Advance {
+    /// Both directions are half-closed: close the sockets.
+    Close(CloseReason),
+    /// Cut it.
+    Abort(CloseReason),
+    /// Keep it, with these epoll interest changes (fd, side, events).
+    Watch(Vec<(RawFd, usize, u32)>),
+}
+
+fn advance(map: &Sockmap, pair: &mut Pair) -> Advance {
+    let mut wait = false;
+    for side in 0..2 {
+        match step(map, pair, side) {
+            Ok(w) => wait |= w,
+            Err(reason) => return Advance::Abort(reason),
+        }
+    }
+    if pair.dirs.iter().any(|d| d.reset && d.shut) {
+        return Advance::Abort(CloseReason::Error);
+    }
+    if pair.dirs[0].shut && pair.dirs[1].shut {
+        return Advance::Close(match pair.first_eof {
+            Some(1) => CloseReason::Backend,
+            _ => CloseReason::Client,
+        });
+    }
+    pair.retry = if wait {
+        let at = Instant::now() + pair.delay;
+        pair.delay = (pair.delay * 2).min(LAST_RETRY);
+        Some(at)
+    } else {
+        pair.delay = FIRST_RETRY;
+        None
+    };
+    let mut changes = Vec::new();
+    for side in 0..2 {
+        let mut want = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        if pair.dirs[side].reading {
+            want |= libc::EPOLLIN as u32;
+        }
+        if pair.dirs[1 - side].want_out {
+            want |= libc::EPOLLOUT as u32;
+        }
+        if want != pair.interest[side] {
+            pair.interest[side] = want;
+            changes.push((pair.fds[side].as_raw_fd(), side, want));
+        }
+    }
+    Advance::Watch(changes)
+}
+
+/// An epoll token: the pair's generation (so a stale event never reaches a slot's next
+/// pair), its slot and the side.
+fn token(generation: u32, slot: usize, side: usize) -> u64 {
+    (u64::from(generation) << 32) | ((slot as u64) << 1) | side as u64
+}
+
+/// Moves one direction forward: collects and writes bytes passed up to the thread, and
+/// half-closes the peer once the source's FIN is the next thing in line. Returns whether it
+/// waits on something epoll does not report (a kernel queue draining).
+fn step(map: &Sockmap, pair: &mut Pair, side: usize) -> Result<bool, CloseReason> {
+    let source = pair.fds[side].as_raw_fd();
+    let target = pair.fds[1 - side].as_raw_fd();
+    let cookie = pair.cookie(side);
+    let base_recv = pair.base_recv[side];
+    if pair.dirs[1 - side].reset {
+        // Its peer is gone: nothing more can be delivered this way.
+        return Ok(false);
+    }
+    let dir = &mut pair.dirs[side];
+    if dir.shut {
+        return Ok(false);
+    }
+    let err = |e: io::Error| {
+        tracing::debug!(error = %e, "kernel path: socket call failed");
+        CloseReason::Error
+    };
+    let mut d = map.direction(cookie).ok_or(CloseReason::Error)?;
+    if d.mode == Mode::Failed {
+        return Err(CloseReason::Error);
+    }
+    loop {
+        if dir.start < dir.end {
+            // Passed-up bytes go out only behind everything the kernel took for the peer.
+            let ahead = d.base + d.redirected + dir.forwarded;
+            if tcp_written(target).map_err(err)? < ahead {
+                dir.want_out = false;
+                return Ok(true);
+            }
+            let buf = dir.buf.as_deref().unwrap_or(&[]);
+            match send(target, &buf[dir.start..dir.end]) {
+                Ok(n) => {
+                    dir.start += n;
+                    dir.forwarded += n as u64;
+                    map.set_forwarded(cookie, dir.forwarded).map_err(err)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    dir.want_out = true;
+                    return Ok(false);
+                }
+                Err(_) => return Err(CloseReason::Error),
+            }
+            continue;
+        }
+        dir.want_out = false;
+        let pending = d.passed > dir.forwarded;
+        if !pending && d.mode != Mode::User {
+            // Back in the kernel (or never left): nothing to collect.
+            dir.reading = false;
+            dir.buf = None;
+            break;
+        }
+        dir.reading = true;
+        let buf = dir
+            .buf
+            .get_or_insert_with(|| vec![0u8; USER_BUFFER].into_boxed_slice());
+        match recv(source, buf) {
+            Ok(0) => {
+                dir.eof = true;
+                d = map.direction(cookie).ok_or(CloseReason::Error)?;
+                if d.passed > dir.forwarded {
+                    // Passed bytes still on their way to the queue.
+                    return Ok(true);
+                }
+                break;
+            }
+            Ok(n) => {
+                dir.start = 0;
+                dir.end = n;
+                d = map.direction(cookie).ok_or(CloseReason::Error)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                d = map.direction(cookie).ok_or(CloseReason::Error)?;
+                if d.passed > dir.forwarded {
+                    // Passed behind the psock's backlog: queued by a kernel worker soon.
+                    return Ok(true);
+                }
+                if d.mode != Mode::User {
+                    dir.reading = false;
+                    dir.buf = None;
+                }
+                break;
+            }
+            Err(_) => return Err(CloseReason::Error),
+        }
+    }
+    if !dir.eof {
+        return Ok(false);
+    }
+    // The source sent its FIN: half-close the peer once every byte before it is there.
+    // tcpi_bytes_received counts the FIN's sequence number as one byte.
+    let received = tcp_bytes(source).map_err(err)?.received.saturating_sub(1);
+    if d.redirected + d.passed + base_recv < received {
+        // The program has not seen the last bytes yet.
+        return Ok(true);
+    }
+    if dir.forwarded < d.passed || dir.start < dir.end {
+        return Ok(true);
+    }
+    if tcp_written(target).map_err(err)? < d.base + d.redirected + dir.forwarded {
+        // Still in the peer's psock backlog.
+        return Ok(true);
+    }
+    if !dir.reset {
+        // SAFETY: shutdown takes an integer; `target` is a socket this pair owns.
+        unsafe {
+            libc::shutdown(target, libc::SHUT_WR);
+        }
+    }
+    dir.shut = true;
+    dir.reading = false;
+    dir.buf = None;
+    Ok(false)
+}
+
+/// The pending error of a socket (`SO_ERROR`).
+fn socket_error(fd: RawFd) -> io::Error {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int into `value`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        io::Error::last_os_error()
+    } else {
+        io::Error::from_raw_os_error(value)
+    }
+}
+
+fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: send reads at most buf.len() bytes from buf.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
