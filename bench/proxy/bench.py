@@ -473,10 +473,14 @@ def summarize(runs, targets, tests):
             if not rs:
                 continue
             ratios, ratios_same, lat_ratios, p99_ratios = [], [], [], []
+            machine_deltas = []
             for r in rs:
                 d = direct_of.get((test, r["round"], "prepared"))
                 if d and d.get("tps") and r.get("tps"):
                     ratios.append(r["tps"] / d["tps"])
+                    mr, md = us_per_txn(r, r["cpu"]["busy_pct"]), us_per_txn(d, d["cpu"]["busy_pct"])
+                    if mr is not None and md is not None:
+                        machine_deltas.append(mr - md)
                     if d.get("lat_avg_ms") and r.get("lat_avg_ms"):
                         lat_ratios.append(r["lat_avg_ms"] / d["lat_avg_ms"])
                     if d.get("p99_us") and r.get("p99_us"):
@@ -500,6 +504,11 @@ def summarize(runs, targets, tests):
                 proxy_cpu_pct_med=med([r["cpu"]["proxy_pct"].get(pn) for r in rs]),
                 proxy_us_per_txn_med=med([us_per_txn(r, r["cpu"]["proxy_pct"].get(pn)) for r in rs]),
                 pg_us_per_txn_med=med([us_per_txn(r, r["cpu"]["pg_pct"]) for r in rs]),
+                # tendril addition: whole-machine CPU (all of /proc/stat's busy time, so work
+                # moved into softirq or kernel workers counts) per transaction, and its excess
+                # over direct in the same round.
+                machine_us_per_txn_med=med([us_per_txn(r, r["cpu"]["busy_pct"]) for r in rs]),
+                machine_delta_us_med=med(machine_deltas),
                 pg_cpu_pct_med=med([r["cpu"]["pg_pct"] for r in rs]),
                 pgbench_cpu_pct_med=med([r["cpu"]["pgbench_pct"] for r in rs]),
                 foreign_cpu_pct_max=max(r["cpu"]["foreign_pct"] for r in rs),
@@ -532,8 +541,8 @@ def write_summary(rows, meta, path_md, path_json):
                "lat avg ms", "lat ratio"]
         if lat1:
             hdr += ["p50 us", "p99 us", "p99.9 us", "p99 ratio"]
-        hdr += ["proxy CPU%", "proxy CPU us/txn", "PG CPU us/txn", "pgbench CPU%",
-                "foreign CPU% max", "load1 at start"]
+        hdr += ["proxy CPU%", "proxy CPU us/txn", "machine CPU us/txn", "machine Δ us/txn",
+                "PG CPU us/txn", "pgbench CPU%", "foreign CPU% max", "load1 at start"]
         L.append("| " + " | ".join(hdr) + " |")
         L.append("|" + "---|" * len(hdr))
         for r in rows:
@@ -548,6 +557,7 @@ def write_summary(rows, meta, path_md, path_json):
                 v += [fmt(r["p50_us_med"], 1), fmt(r["p99_us_med"], 1), fmt(r["p999_us_med"], 1),
                       fmt(r["ratio_p99_med"], 3)]
             v += [fmt(r["proxy_cpu_pct_med"], 1), fmt(r["proxy_us_per_txn_med"], 1),
+                  fmt(r.get("machine_us_per_txn_med"), 1), fmt(r.get("machine_delta_us_med"), 1),
                   fmt(r["pg_us_per_txn_med"], 1),
                   fmt(r["pgbench_cpu_pct_med"], 1), fmt(r["foreign_cpu_pct_max"], 1),
                   " / ".join(f"{x:.2f}" for x in r["load1_start"])]

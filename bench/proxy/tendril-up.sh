@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Starts what the tendril targets need beside the anchor setup: an etcd, cluster data whose
-# proxy section routes to the benchmark PostgreSQL, and two tendril proxies (io_uring on
-# TENDRIL_URING_PORT, epoll on TENDRIL_EPOLL_PORT). Pids go to $RUN_DIR, stopped by teardown.sh.
+# proxy section routes to the benchmark PostgreSQL, and three tendril proxies: userspace
+# forwarding on io_uring (TENDRIL_URING_PORT) and on epoll (TENDRIL_EPOLL_PORT), and kernel
+# forwarding with the BPF sockmap (TENDRIL_KERNEL_PORT). Pids go to $RUN_DIR, stopped by
+# teardown.sh.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 . "$HERE/env.sh"
 : "${TENDRIL_BIN:?set TENDRIL_BIN to the directory of the release binaries}"
 : "${TENDRIL_URING_PORT:=25500}"
 : "${TENDRIL_EPOLL_PORT:=25501}"
+: "${TENDRIL_KERNEL_PORT:=25502}"
 : "${ETCD_CLIENT_PORT:=25579}"
 : "${ETCD_PEER_PORT:=25580}"
 mkdir -p "$RUN_DIR/etcd"
@@ -25,17 +28,18 @@ cd = json.load(sys.stdin)
 cd['proxy']['generation'] += 1
 cd['proxy']['master'] = {'db_uid': 'bench', 'address': '127.0.0.1', 'port': int('$PG_PORT')}
 print(json.dumps(cd))" | "$TENDRIL_BIN/tendrilctl" clusterdata write --yes >/dev/null
-for variant in uring:$TENDRIL_URING_PORT:auto epoll:$TENDRIL_EPOLL_PORT:epoll; do
-  IFS=: read -r name port driver <<<"$variant"
+for variant in uring:$TENDRIL_URING_PORT:auto:userspace epoll:$TENDRIL_EPOLL_PORT:epoll:userspace \
+  kernel:$TENDRIL_KERNEL_PORT:auto:kernel; do
+  IFS=: read -r name port driver forwarding <<<"$variant"
   TENDRIL_LOG=warn "$TENDRIL_BIN/tendril-proxy" --listen-address "127.0.0.1:$port" --workers 2 \
-    --io-driver "$driver" --uid "bench-$name" >"$RUN_DIR/tendril-$name.log" 2>&1 &
+    --io-driver "$driver" --forwarding "$forwarding" --uid "bench-$name" >"$RUN_DIR/tendril-$name.log" 2>&1 &
   echo $! >"$RUN_DIR/tendril-$name.pid"
 done
-for port in "$TENDRIL_URING_PORT" "$TENDRIL_EPOLL_PORT"; do
+for port in "$TENDRIL_URING_PORT" "$TENDRIL_EPOLL_PORT" "$TENDRIL_KERNEL_PORT"; do
   for _ in $(seq 100); do
     "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null 2>&1 && break
     sleep 0.1
   done
   "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null
 done
-echo "tendril proxies up on $TENDRIL_URING_PORT (io_uring) and $TENDRIL_EPOLL_PORT (epoll)"
+echo "tendril proxies up on $TENDRIL_URING_PORT (io_uring), $TENDRIL_EPOLL_PORT (epoll), $TENDRIL_KERNEL_PORT (kernel)"

@@ -205,3 +205,19 @@ impl ProxyArgs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse_with_binary_units_and_reject_garbage() {
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("64KiB"), Ok(64 * 1024));
+        assert_eq!(parse_bytes("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_bytes("2m"), Ok(2 << 20));
+        assert!(parse_bytes("MiB").is_err());
+        assert!(parse_bytes("1 parsec").is_err());
+        assert!(parse_bytes("99999999999999999999GiB").is_err());
+    }
+}

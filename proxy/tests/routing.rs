@@ -1,4 +1,5 @@
-//! The proxy with real PostgreSQL and real etcd: routing on both I/O drivers, re-routing and
+//! The proxy with real PostgreSQL and real etcd: routing on both I/O drivers and both
+//! forwarding paths (the default is kernel forwarding where it loads), re-routing and
 //! fencing on a cluster-data change, no-master refusals, holding during a switchover.
 
 #![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
@@ -11,12 +12,21 @@ use std::time::{Duration, Instant};
 use support::{Env, ProxyProc, backend_port, connect, wait_routed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routes_clients_on_both_io_drivers() {
+async fn routes_clients_on_both_io_drivers_and_both_forwarding_paths() {
     let mut env = Env::new().await;
     let pg = support::pg();
     env.route(Some(("db1", pg.port())), false).await;
-    for (driver, expected) in [("auto", "io_uring"), ("epoll", "epoll")] {
-        let proxy = ProxyProc::start(&env, &format!("p-{driver}"), &["--io-driver", driver], &[]);
+    for (driver, expected, forwarding) in [
+        ("auto", "io_uring", "userspace"),
+        ("epoll", "epoll", "userspace"),
+        ("auto", "io_uring", "kernel"),
+    ] {
+        let proxy = ProxyProc::start(
+            &env,
+            &format!("p-{driver}-{forwarding}"),
+            &["--io-driver", driver, "--forwarding", forwarding],
+            &[],
+        );
         wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
         let client = connect(proxy.port).await.unwrap();
         let n: i32 = client.query_one("SELECT 41 + 1", &[]).await.unwrap().get(0);
@@ -34,6 +44,27 @@ async fn routes_clients_on_both_io_drivers() {
         assert!(
             metrics.contains(&format!("driver=\"{expected}\"")),
             "{driver}: {metrics}"
+        );
+        assert!(
+            metrics.contains(&format!("strategy=\"{forwarding}\"")),
+            "{forwarding}: {metrics}"
+        );
+        let moved = proxy
+            .metric("tendril_proxy_bytes_total{cluster=\"pxy\",direction=\"to_client\"}")
+            .unwrap_or(0.0);
+        drop(client);
+        // Userspace counts as it copies; the kernel path when the connection closes.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut counted = moved;
+        while counted < 2_000_000.0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            counted = proxy
+                .metric("tendril_proxy_bytes_total{cluster=\"pxy\",direction=\"to_client\"}")
+                .unwrap_or(0.0);
+        }
+        assert!(
+            counted >= 2_000_000.0,
+            "{forwarding}: {counted} bytes counted"
         );
         assert!(
             proxy.log_text().contains(&format!("driver={expected}"))

@@ -55,7 +55,9 @@ fn proxy(quick: bool) -> anyhow::Result<()> {
         .env("PRE_BENCH_HOOK", bench.join("tendril-up.sh"))
         .env(
             "EXTRA_TARGET",
-            format!("tendril-uring:25500::{run_dir}/tendril-uring.pid,tendril-epoll:25501::{run_dir}/tendril-epoll.pid"),
+            format!(
+                "tendril-uring:25500::{run_dir}/tendril-uring.pid,tendril-epoll:25501::{run_dir}/tendril-epoll.pid,tendril-kernel:25502::{run_dir}/tendril-kernel.pid"
+            ),
         );
     if quick {
         cmd.env("ROUNDS", "1")
