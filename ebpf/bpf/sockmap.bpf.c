@@ -51,7 +51,8 @@ struct direction {
 	__u64 passed;     /* bytes passed up to the proxy (USER mode) */
 	__u32 mode;       /* MODE_* */
 	__u32 pauses;     /* KERNEL -> USER switches */
-	__u64 peak;       /* most bytes seen held at a verdict */
+	__u64 peak;       /* most bytes seen held when the peer was looked at */
+	__u64 acked;      /* the peer's bytes_acked when last looked at (it only grows) */
 };
 
 /* What the proxy reports for a direction: bytes of passed data it wrote to the peer. */
@@ -154,42 +155,53 @@ int forward(struct __sk_buff *skb)
 		 * empty skb would make the peer's backlog worker report EPIPE on the peer. */
 		return SK_DROP;
 	}
-	__u64 acked = 0;
-	int have_peer = peer_acked(&key, &acked) == 0;
-	if (!have_peer) {
-		if (d->mode == MODE_KERNEL)
-			goto failed;
-		/* Joining (the peer joins next) or already passing up: keep the bytes, in order,
-		 * for the proxy. */
-		if (d->mode == MODE_JOINING) {
-			d->mode = MODE_USER;
-			notify(key, EVENT_PAUSED);
+	if (d->mode == MODE_JOINING) {
+		/* First skb of this direction. If the peer has not joined yet, keep the bytes, in
+		 * order, for the proxy (USER mode) instead of dropping them. */
+		if (bpf_sk_redirect_hash(skb, &peers, &key, 0) == SK_PASS) {
+			d->mode = MODE_KERNEL;
+			d->redirected += len;
+			count(STAT_REDIRECTS);
+			return SK_PASS;
 		}
+		d->mode = MODE_USER;
+		notify(key, EVENT_PAUSED);
 		goto pass;
 	}
-	if (d->mode == MODE_JOINING) {
-		d->mode = MODE_KERNEL;
-		goto redirect;
-	}
 	__u64 handed = d->base + d->redirected;
+	__u64 acked = d->acked;
 	if (d->mode == MODE_KERNEL) {
 		/* In KERNEL mode everything ever passed up was written by the proxy (that is the
 		 * condition for coming back), so `passed` stands for it. */
 		handed += d->passed;
+		/* With the last acked count, `held` can only be overestimated: look at the peer
+		 * only when the estimate reaches the limit (once per `limit` bytes when the peer
+		 * keeps up), so the common path is one hash lookup and the redirect. */
 		__u64 held = handed > acked ? handed - acked : 0;
-		if (held > d->peak)
-			d->peak = held;
 		if (held + len > d->limit) {
-			d->mode = MODE_USER;
-			d->pauses += 1;
-			count(STAT_PAUSES);
-			notify(key, EVENT_PAUSED);
-			goto pass;
+			if (peer_acked(&key, &acked) < 0)
+				goto failed;
+			d->acked = acked;
+			held = handed > acked ? handed - acked : 0;
+			if (held > d->peak)
+				d->peak = held;
+			if (held + len > d->limit) {
+				d->mode = MODE_USER;
+				d->pauses += 1;
+				count(STAT_PAUSES);
+				notify(key, EVENT_PAUSED);
+				goto pass;
+			}
 		}
 		goto redirect;
 	}
 	/* USER mode: come back once the proxy wrote everything passed up and the peer caught
 	 * up to half the limit. */
+	if (peer_acked(&key, &acked) < 0) {
+		/* The peer is not (or no longer) in the map: keep passing up. */
+		goto pass;
+	}
+	d->acked = acked;
 	struct forwarded *f = bpf_map_lookup_elem(&forwarded, &key);
 	__u64 written = f ? f->bytes : 0;
 	handed += written;

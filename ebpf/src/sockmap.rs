@@ -72,11 +72,15 @@ struct RawDirection {
     mode: u32,
     pauses: u32,
     peak: u64,
+    acked: u64,
 }
 
+/// Size of `struct direction`.
+const DIRECTION_SIZE: usize = 56;
+
 impl RawDirection {
-    fn bytes(&self) -> [u8; 48] {
-        let mut out = [0u8; 48];
+    fn bytes(&self) -> [u8; DIRECTION_SIZE] {
+        let mut out = [0u8; DIRECTION_SIZE];
         out[0..8].copy_from_slice(&self.base.to_ne_bytes());
         out[8..16].copy_from_slice(&self.limit.to_ne_bytes());
         out[16..24].copy_from_slice(&self.redirected.to_ne_bytes());
@@ -84,10 +88,11 @@ impl RawDirection {
         out[32..36].copy_from_slice(&self.mode.to_ne_bytes());
         out[36..40].copy_from_slice(&self.pauses.to_ne_bytes());
         out[40..48].copy_from_slice(&self.peak.to_ne_bytes());
+        out[48..56].copy_from_slice(&self.acked.to_ne_bytes());
         out
     }
 
-    fn from_bytes(b: &[u8; 48]) -> RawDirection {
+    fn from_bytes(b: &[u8; DIRECTION_SIZE]) -> RawDirection {
         let u64_at = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
         let u32_at = |i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().unwrap_or([0; 4]));
         RawDirection {
@@ -98,6 +103,7 @@ impl RawDirection {
             mode: u32_at(32),
             pauses: u32_at(36),
             peak: u64_at(40),
+            acked: u64_at(48),
         }
     }
 }
@@ -328,7 +334,7 @@ impl Sockmap {
 
     fn insert(&self, map: RawFd, key: u64, value: &[u8]) -> Result<(), JoinError> {
         // SAFETY: key and value point to live buffers of the sizes the map was created with
-        // (8-byte keys; values of 48 or 8 bytes as the program declares them).
+        // (8-byte keys; values of DIRECTION_SIZE or 8 bytes as the program declares them).
         let rc = unsafe {
             libbpf_sys::bpf_map_update_elem(
                 map,
@@ -372,8 +378,8 @@ impl Sockmap {
 
     /// The direction read from the socket with `cookie`.
     pub fn direction(&self, cookie: u64) -> Option<Direction> {
-        let mut raw = [0u8; 48];
-        // SAFETY: the value buffer is the map's value size (48 bytes); key is 8 bytes.
+        let mut raw = [0u8; DIRECTION_SIZE];
+        // SAFETY: the value buffer is the map's value size; key is 8 bytes.
         let rc = unsafe {
             libbpf_sys::bpf_map_lookup_elem(
                 self.directions,

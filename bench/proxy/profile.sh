@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# CPU profiles of tendril under `pgbench -S -M prepared -c16 -j2` (perf, cpu-clock, call
+# graphs): the userspace proxy process (io_uring driver), and the whole machine while the
+# kernel path forwards. Writes perf reports to results/profile-<ts>/. Needs perf
+# (linux-perf) and the release binaries in TENDRIL_BIN; starts and stops its own PostgreSQL,
+# etcd and proxies with setup.sh, tendril-up.sh and teardown.sh.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+. "$HERE/env.sh"
+: "${TENDRIL_BIN:?set TENDRIL_BIN to the directory of the release binaries}"
+: "${SECONDS_PER_PROFILE:=15}"
+PERF=$(command -v perf || ls /usr/bin/perf_* 2>/dev/null | head -1 || true)
+[ -n "$PERF" ] || { echo "perf not found: apt-get install linux-perf" >&2; exit 2; }
+OUT="$HERE/results/profile-$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$OUT"
+trap 'bash "$HERE/teardown.sh" >/dev/null 2>&1 || true' EXIT
+bash "$HERE/setup.sh" >/dev/null
+TENDRIL_BIN="$TENDRIL_BIN" bash "$HERE/tendril-up.sh"
+load() {
+  "$PGBIN/pgbench" -h 127.0.0.1 -p "$1" -U "$PG_USER" -S -M prepared -c 16 -j 2 \
+    -T "$((SECONDS_PER_PROFILE + 2))" "$PG_DB" >"$OUT/pgbench-$2.txt" 2>&1 &
+  echo $!
+}
+# Userspace forwarding: the proxy process only.
+pid=$(load 25500 uring)
+sleep 1
+"$PERF" record -q -e cpu-clock -F 999 -g -p "$(cat "$RUN_DIR/tendril-uring.pid")" \
+  -o "$OUT/uring.data" -- sleep "$SECONDS_PER_PROFILE" 2>/dev/null
+wait "$pid" || true
+"$PERF" report -i "$OUT/uring.data" --no-children --sort dso,sym --stdio 2>/dev/null \
+  | grep -v '^$' | head -80 >"$OUT/uring-report.txt"
+# Kernel forwarding: nothing runs in the proxy, so profile every CPU.
+pid=$(load 25502 kernel)
+sleep 1
+"$PERF" record -q -e cpu-clock -F 999 -g -a -o "$OUT/kernel.data" -- sleep "$SECONDS_PER_PROFILE" 2>/dev/null
+wait "$pid" || true
+"$PERF" report -i "$OUT/kernel.data" --no-children --sort comm,sym --stdio 2>/dev/null \
+  | grep -v '^$' | head -120 >"$OUT/kernel-report.txt"
+rm -f "$OUT"/*.data
+grep -h "tps = \|latency average" "$OUT"/pgbench-*.txt || true
+echo "profiles in $OUT"
