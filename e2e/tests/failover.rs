@@ -271,5 +271,34 @@ async fn planned_switchover_under_load_holds_instead_of_failing() {
         report.max_gap_after(started)
     );
     assert_no_acked_write_lost(&cluster, &report.ids()).await;
+
+    // A switchover to the asynchronous standby: the sentinel makes it synchronous first.
+    cluster.wait_healthy(3, Duration::from_secs(90)).await;
+    let writer = Writer::start(cluster.proxy_port(), 2, Mode::PerTransaction).await;
+    let cd = cluster.cluster_data().await;
+    let master_db = &cd.dbs[cd.master.as_ref().unwrap()];
+    let target = cd
+        .dbs
+        .values()
+        .find(|d| d.uid != master_db.uid && !master_db.spec.synchronous_standbys.contains(&d.uid))
+        .map(|d| d.spec.keeper_uid.clone())
+        .expect("one of the two standbys is asynchronous (max_synchronous_standbys 1)");
+    let out = cluster.ctl(&["switchover", "--to", &target]);
+    assert!(
+        out.status.success(),
+        "switchover to the asynchronous {target}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        cluster.master_keeper().await.as_deref(),
+        Some(target.as_str())
+    );
+    let events: String = cluster.sentinels.iter().map(|s| s.log_text()).collect();
+    assert!(
+        events.contains("synchronous standby before switching"),
+        "the target was made synchronous first:\n{events}"
+    );
+    let report = writer.stop().await;
+    assert_no_acked_write_lost(&cluster, &report.ids()).await;
     cluster.assert_never_two_masters_routable();
 }

@@ -1,7 +1,8 @@
 //! Kernel forwarding (`--forwarding kernel`, the BPF sockmap path) with real PostgreSQL, real
 //! etcd and the real proxy binary: psql and pgbench, 100 MB each way with checksums, a
 //! stalled reader held to the documented bound, fence under traffic, closes and resets on
-//! either side without leaks, and the fallbacks (map full, program refused).
+//! either side without leaks, a failed redirect, and the fallbacks (map full, program
+//! refused).
 //!
 //! Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) and a kernel with sockmap: on these
 //! machines that is always there, so a missing piece fails loudly instead of skipping.
@@ -811,4 +812,105 @@ async fn without_bpf_privileges_auto_falls_back_and_kernel_refuses_to_start() {
             && (text.contains("forwarding=\"userspace\"") || text.contains("forwarding=userspace")),
         "{text}"
     );
+}
+
+/// The id of the proxy's sockhash (`peers`), from its descriptors' fdinfo.
+fn sockhash_id(pid: u32) -> u32 {
+    const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+        let field = |name: &str| -> Option<u32> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        if field("map_type:") == Some(BPF_MAP_TYPE_SOCKHASH) {
+            return field("map_id:").unwrap();
+        }
+    }
+    panic!("no sockhash among the proxy's descriptors");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_redirect_closes_the_connection() {
+    let _serial = SERIAL.lock().await;
+    let mut env = Env::new().await;
+    let (backend, _open) = echo_backend();
+    env.route(Some(("echo", backend)), false).await;
+    let proxy = start_kernel_proxy(&env, "k7", &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", proxy.port)) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = s.write_all(b"e-1");
+            let mut b = [0u8; 3];
+            if s.read_exact(&mut b).is_ok() && &b == b"e-1" {
+                break s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never routed to the echo backend"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Take the backend socket out of the sockhash behind the proxy's back (bpftool): the
+    // entry keyed by the client socket's cookie holds it, so the client's next message finds
+    // no peer to go to. The proxy's client socket is found with `ss` (its cookie is `sk:`).
+    let ss = Command::new("ss")
+        .args([
+            "-tneH",
+            "state",
+            "established",
+            "(",
+            "sport",
+            "=",
+            &format!(":{}", proxy.port),
+            ")",
+        ])
+        .output()
+        .expect("ss");
+    let ss = String::from_utf8_lossy(&ss.stdout).into_owned();
+    let cookies: Vec<u64> = ss
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("sk:"))
+        .map(|h| u64::from_str_radix(h, 16).unwrap())
+        .collect();
+    assert_eq!(
+        cookies.len(),
+        1,
+        "one client connection on the proxy port: {ss}"
+    );
+    let id = sockhash_id(proxy.child.id()).to_string();
+    let key: Vec<String> = cookies[0]
+        .to_le_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let out = Command::new("bpftool")
+        .args(["map", "delete", "id", &id, "key", "hex"])
+        .args(&key)
+        .output()
+        .expect("bpftool (installed by cargo xtask deps)");
+    assert!(
+        out.status.success(),
+        "bpftool map delete: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The next message cannot be delivered: the connection is closed, not left hanging.
+    s.write_all(b"e-2").unwrap();
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) => assert!(
+            e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut,
+            "the connection hung after a failed redirect"
+        ),
+    }
+    assert!(rest.is_empty() || rest == b"e-2", "{rest:?}");
+    let failed = metric(
+        &proxy,
+        "tendril_proxy_kernel_verdicts_total{cluster=\"pxy\",outcome=\"failed\"}",
+    );
+    assert!(failed >= 1.0, "{}", proxy.metrics());
 }

@@ -66,6 +66,11 @@ const TEST_PACKAGES: &[Package] = &[
         why: "the killer test drops capabilities with setpriv",
     },
     Package {
+        name: "iproute2",
+        probe: "/usr/bin/ss",
+        why: "the partition tests use ip netns, the kernel forwarding test ss",
+    },
+    Package {
         name: "postgresql-15",
         probe: "/usr/lib/postgresql/15/bin/postgres",
         why: "keeper and end-to-end tests run a real PostgreSQL 15",

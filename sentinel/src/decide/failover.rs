@@ -10,7 +10,7 @@ use tendril_control_model::{
     ClusterRole, DbInitMode, DbRole, FollowConfig, Lsn, ProxyRoute, SwitchoverPhase,
 };
 
-use super::Ctx;
+use super::{Ctx, standbys};
 
 /// Sets the proxy section to "no master" (bumping its generation), unless it already is.
 /// `hold`: proxies hold new connections instead of refusing them (a planned switchover).
@@ -318,11 +318,43 @@ pub(super) fn switchover(ctx: &mut Ctx<'_>) {
     let limit = ctx.cd.spec.convergence_timeout + ctx.cd.spec.proxy_timeout;
     match sw.phase {
         SwitchoverPhase::Requested => {
-            if !ctx.good(&master) {
+            if !ctx.healthy(&master) {
                 abandon(
                     ctx,
                     &format!("master {master} is not healthy; a failover handles it"),
                 );
+                return;
+            }
+            if !ctx.converged(&master) {
+                // A spec change (new synchronous standbys, parameters) is being applied.
+                if age > limit {
+                    abandon(
+                        ctx,
+                        &format!("master {master} did not converge to its spec in time"),
+                    );
+                }
+                return;
+            }
+            if let Some(db) = target_not_ready(ctx, &master, sw.target_keeper.as_deref()) {
+                // The chosen standby is healthy but not eligible yet (converging, or
+                // asynchronous): with synchronous replication it is made synchronous first,
+                // then the switch goes on, so the promotion loses no acknowledged commit.
+                if age > limit {
+                    abandon(
+                        ctx,
+                        &format!("{db} did not become eligible in time (converged and in sync)"),
+                    );
+                    return;
+                }
+                let listed = ctx.cd.dbs[&master].spec.synchronous_standbys.contains(&db);
+                standbys::manage(ctx, &master, Some(&db));
+                let listed_now = ctx.cd.dbs[&master].spec.synchronous_standbys.contains(&db);
+                if !listed && listed_now {
+                    ctx.event(
+                        "switchover",
+                        format!("making the target {db} a synchronous standby before switching"),
+                    );
+                }
                 return;
             }
             let target = match choose_switchover_target(ctx, &master, sw.target_keeper.as_deref()) {
@@ -418,6 +450,34 @@ pub(super) fn switchover(ctx: &mut Ctx<'_>) {
 
 fn trim(d: Duration) -> Duration {
     Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The database of the requested target keeper when it is a healthy standby of `master` that
+/// will be eligible soon: it is still converging to its spec, or (with synchronous
+/// replication) it can be synchronous but is not yet known in sync.
+fn target_not_ready(ctx: &Ctx<'_>, master: &str, keeper: Option<&str>) -> Option<String> {
+    let keeper = keeper?;
+    let m = ctx.cd.dbs.get(master)?;
+    let db = ctx
+        .cd
+        .dbs
+        .values()
+        .find(|d| d.spec.keeper_uid == keeper && d.uid != master)?;
+    let k = ctx.cd.keepers.get(keeper)?;
+    let sync = m.spec.synchronous_replication && ctx.cd.spec.max_synchronous_standbys > 0;
+    let in_sync = m.spec.synchronous_standbys.contains(&db.uid)
+        && m.status.synchronous_standbys.contains(&db.uid);
+    let follows =
+        matches!(&db.spec.follow, Some(FollowConfig::Internal { db_uid }) if db_uid == master);
+    let could_be_target = db.spec.role == DbRole::Standby
+        && follows
+        && k.status.healthy
+        && k.status.can_be_master
+        && (!sync || k.status.can_be_synchronous_replica)
+        && ctx.healthy(&db.uid)
+        && db.status.timeline_id == m.status.timeline_id;
+    let pending = !ctx.converged(&db.uid) || (sync && !in_sync);
+    (could_be_target && pending).then(|| db.uid.clone())
 }
 
 fn choose_switchover_target(

@@ -292,7 +292,7 @@ fn normal(ctx: &mut Ctx<'_>) {
     }
     failover::publish(ctx, &master);
     if ctx.good(&master) {
-        standbys::manage(ctx, &master);
+        standbys::manage(ctx, &master, None);
     }
 }
 

@@ -9,8 +9,9 @@ use tendril_control_model::{
 
 use super::Ctx;
 
-/// Standby management for `master` (healthy and converged).
-pub(super) fn manage(ctx: &mut Ctx<'_>, master: &str) {
+/// Standby management for `master` (healthy and converged). `prefer` is a standby to make
+/// synchronous first (the target of a planned switchover).
+pub(super) fn manage(ctx: &mut Ctx<'_>, master: &str, prefer: Option<&str>) {
     remove_old_masters(ctx, master);
     remove_invalid(ctx, master);
     let standbys: Vec<String> = standbys(ctx, master);
@@ -26,7 +27,7 @@ pub(super) fn manage(ctx: &mut Ctx<'_>, master: &str) {
             });
         }
     }
-    synchronous(ctx, master);
+    synchronous(ctx, master, prefer);
     count(ctx, master);
 }
 
@@ -225,8 +226,9 @@ fn remove(ctx: &mut Ctx<'_>, uid: &str, why: &str) {
 /// Synchronous standby selection. The master waits for every listed standby, so whichever
 /// listed one survives has every commit. Changes happen in two steps (new members join the old
 /// ones, the old leave once the new are known in sync), so a standby known to be in sync is
-/// always listed.
-fn synchronous(ctx: &mut Ctx<'_>, master: &str) {
+/// always listed. `prefer`, when eligible, takes the first place (a switchover target must be
+/// in sync before it can be promoted without losing commits).
+fn synchronous(ctx: &mut Ctx<'_>, master: &str, prefer: Option<&str>) {
     let spec = &ctx.cd.spec;
     let enabled = spec.synchronous_replication && spec.role == ClusterRole::Master;
     let (min, max) = (
@@ -283,6 +285,22 @@ fn synchronous(ctx: &mut Ctx<'_>, master: &str) {
             })
             .collect();
         by_position(ctx, &mut extra);
+        if let Some(p) = prefer
+            && max > 0
+        {
+            let eligible = next.iter().chain(extra.iter()).any(|u| u == p);
+            if eligible {
+                next.retain(|u| u != p);
+                extra.retain(|u| u != p);
+                next.insert(0, p.to_owned());
+                // Members pushed out by the preferred one stay candidates for the free places.
+                while next.len() > max {
+                    if let Some(u) = next.pop() {
+                        extra.insert(0, u);
+                    }
+                }
+            }
+        }
         for u in extra {
             if next.len() >= max {
                 break;
