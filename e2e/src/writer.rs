@@ -140,7 +140,12 @@ async fn work(
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
     while !stop.load(Ordering::Relaxed) {
-        if client.as_ref().is_none_or(|c| c.is_closed()) || mode == Mode::PerTransaction {
+        if mode == Mode::PerTransaction {
+            // Close the previous connection before opening the next, as a client that
+            // connects per transaction does.
+            client = None;
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = match tokio::time::timeout(
                 Duration::from_secs(40),
                 crate::connect("127.0.0.1", port),

@@ -259,14 +259,15 @@ async fn planned_switchover_under_load_holds_instead_of_failing() {
         .iter()
         .filter(|(at, _)| *at >= started)
         .collect();
-    // Only transactions in flight when the proxies fenced may fail: one per writer at most.
+    // The proxies drain: transactions in flight when they fenced finish on the old master
+    // (which hands everything to the new one before it is promoted), new ones are held.
     assert!(
-        failed.len() <= 4,
+        failed.is_empty(),
         "{} failed transactions during the switchover: {failed:?}",
         failed.len()
     );
     println!(
-        "switchover: {} failed transactions (in flight), longest write gap {:?}",
+        "switchover: {} failed transactions, longest write gap {:?}",
         failed.len(),
         report.max_gap_after(started)
     );

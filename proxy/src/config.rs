@@ -33,6 +33,11 @@ pub struct ProxyArgs {
     /// (0: refuse at once).
     #[arg(long, env = "TENDRIL_HOLD_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub hold_timeout: Duration,
+    /// During a switchover, how long connections to the old master may finish what they are
+    /// doing (new connections are held meanwhile) before they are cut (0: cut at once). The
+    /// drain ends as soon as the last of them closes. A failover never waits.
+    #[arg(long, env = "TENDRIL_SWITCHOVER_GRACE", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub switchover_grace: Duration,
     /// Serve Prometheus metrics on this address.
     #[arg(long, env = "TENDRIL_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
@@ -119,6 +124,8 @@ pub struct ProxyConfig {
     pub workers: usize,
     /// Hold timeout.
     pub hold_timeout: Duration,
+    /// Switchover grace.
+    pub switchover_grace: Duration,
     /// Metrics address.
     pub metrics_address: Option<SocketAddr>,
     /// Connection limit.
@@ -192,6 +199,7 @@ impl ProxyArgs {
                 uid,
                 workers,
                 hold_timeout: self.hold_timeout,
+                switchover_grace: self.switchover_grace,
                 metrics_address: self.metrics_address,
                 max_connections: self.max_connections,
                 connect_timeout: self.connect_timeout,

@@ -255,13 +255,18 @@ impl<S: Store> Control<S> {
     ) {
         let old = self.shared.table.load_full();
         self.epoch += 1;
-        let table = RoutingTable {
+        let mut table = RoutingTable {
             epoch: self.epoch,
             generation,
             backend,
             hold,
+            draining: None,
         };
-        let cut = old.backend().filter(|b| table.fences(b)).cloned();
+        let cut = old
+            .backend()
+            .or(old.draining.as_ref())
+            .filter(|b| table.fences(b))
+            .cloned();
         let started = Instant::now();
         tracing::info!(
             generation = %generation,
@@ -269,8 +274,31 @@ impl<S: Store> Control<S> {
             hold,
             "routing table published"
         );
+        let grace = self.shared.settings.switchover_grace;
+        let Some(old_backend) = cut else {
+            self.shared.table.store(Arc::new(table));
+            return;
+        };
+        if hold && table.backend().is_none() && !grace.is_zero() {
+            // A planned switchover: the old master is healthy and everything it commits
+            // reaches the new one before the promotion, so connections to it may finish their
+            // work while new ones wait; most end by themselves, which spares their
+            // transactions. Only a switchover drains: a failover cuts at once.
+            table.draining = Some(old_backend.clone());
+            self.shared.table.store(Arc::new(table.clone()));
+            let left = self.drain_switchover(grace).await;
+            tracing::info!(
+                old = %old_backend.addr,
+                generation = %generation,
+                left,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "switchover drain over; cutting what is left"
+            );
+            self.epoch += 1;
+            table.epoch = self.epoch;
+            table.draining = None;
+        }
         self.shared.table.store(Arc::new(table));
-        let Some(old_backend) = cut else { return };
         self.wake_workers();
         self.wait_applied(self.epoch).await;
         if let Some(killer) = self.killer.as_mut() {
@@ -290,6 +318,19 @@ impl<S: Store> Control<S> {
             elapsed_us = started.elapsed().as_micros() as u64,
             "fence complete: every connection to the old master is closed"
         );
+    }
+
+    /// Waits until no connection is linked to a backend, or `grace` ran out; returns how
+    /// many are left.
+    async fn drain_switchover(&self, grace: Duration) -> u64 {
+        let deadline = Instant::now() + grace;
+        loop {
+            let left = self.shared.linked_connections();
+            if left == 0 || Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     fn wake_workers(&mut self) {

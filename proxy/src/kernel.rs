@@ -189,6 +189,7 @@ impl KernelPath {
             })?;
         let metrics = &self.shared.workers[self.index];
         metrics.active.fetch_add(1, Ordering::Relaxed);
+        metrics.linked.fetch_add(1, Ordering::Relaxed);
         let handoff = Handoff {
             fds,
             joined,
@@ -202,6 +203,7 @@ impl KernelPath {
                 crate::sys::shutdown_both(fd.as_raw_fd());
             }
             metrics.active.fetch_sub(1, Ordering::Relaxed);
+            metrics.linked.fetch_sub(1, Ordering::Relaxed);
             return Err(AdoptError::Stopped);
         }
         let one: u64 = 1;
@@ -633,6 +635,7 @@ impl Thread {
         metrics.bytes_to_backend.fetch_add(up, Ordering::Relaxed);
         metrics.bytes_to_client.fetch_add(down, Ordering::Relaxed);
         metrics.active.fetch_sub(1, Ordering::Relaxed);
+        metrics.linked.fetch_sub(1, Ordering::Relaxed);
         metrics.closed(reason);
         tracing::debug!(
             client = %pair.peer,

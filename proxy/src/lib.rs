@@ -116,6 +116,7 @@ impl App {
                 hold_timeout: config.hold_timeout,
                 startup_timeout: Duration::from_secs(10),
                 drain_timeout: config.drain_timeout,
+                switchover_grace: config.switchover_grace,
             },
         );
         let cores = core_affinity::get_core_ids().unwrap_or_default();

@@ -64,6 +64,8 @@ pub struct WorkerMetrics {
     pub accepted: AtomicU64,
     /// Connections open.
     pub active: AtomicU64,
+    /// Connections linked to a backend (a switchover's drain waits for these to end).
+    pub linked: AtomicU64,
     /// Closed, by reason (indexed like [`CloseReason::ALL`]).
     pub closed: [AtomicU64; 9],
     /// Bytes from clients to the backend.

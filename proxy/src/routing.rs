@@ -41,6 +41,9 @@ pub struct RoutingTable {
     pub backend: Result<Backend, NoBackend>,
     /// With no backend: hold new connections instead of refusing them (switchover).
     pub hold: bool,
+    /// During a switchover's drain: connections to this former backend are left to finish
+    /// (new ones are held) until they end or the grace period runs out.
+    pub draining: Option<Backend>,
 }
 
 impl RoutingTable {
@@ -51,6 +54,7 @@ impl RoutingTable {
             generation: Generation::NONE,
             backend: Err(NoBackend::Starting),
             hold: false,
+            draining: None,
         }
     }
 
@@ -61,7 +65,7 @@ impl RoutingTable {
 
     /// Whether a connection to `backend` must be closed under this table.
     pub fn fences(&self, backend: &Backend) -> bool {
-        self.backend() != Some(backend)
+        self.backend() != Some(backend) && self.draining.as_ref() != Some(backend)
     }
 }
 
@@ -142,6 +146,7 @@ mod tests {
             generation: Generation(1),
             backend: Ok(a.clone()),
             hold: false,
+            draining: None,
         };
         assert!(!table.fences(&a));
         assert!(table.fences(&b));
@@ -150,5 +155,17 @@ mod tests {
             "same database at a new address: old connections go"
         );
         assert!(RoutingTable::starting().fences(&a));
+        let drain = RoutingTable {
+            epoch: 2,
+            generation: Generation(2),
+            backend: Err(NoBackend::NoMaster),
+            hold: true,
+            draining: Some(a.clone()),
+        };
+        assert!(
+            !drain.fences(&a),
+            "a draining backend keeps its connections"
+        );
+        assert!(drain.fences(&b));
     }
 }

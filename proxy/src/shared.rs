@@ -26,6 +26,9 @@ pub struct Settings {
     pub startup_timeout: Duration,
     /// How long to wait for connections to end on SIGTERM.
     pub drain_timeout: Duration,
+    /// In a switchover, how long connections to the old master may go on (new ones are held)
+    /// before they are cut; zero cuts at once.
+    pub switchover_grace: Duration,
 }
 
 /// Shared state.
@@ -76,6 +79,14 @@ impl Shared {
         self.workers
             .iter()
             .map(|w| w.active.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Connections linked to a backend across workers and the kernel path.
+    pub fn linked_connections(&self) -> u64 {
+        self.workers
+            .iter()
+            .map(|w| w.linked.load(Ordering::Relaxed))
             .sum()
     }
 

@@ -159,6 +159,21 @@ impl Ctx {
     fn metrics(&self) -> &WorkerMetrics {
         &self.shared.workers[self.id]
     }
+
+    /// Registers a connection linked to its backend, for the fence.
+    fn link(&self, entry: Entry) -> usize {
+        self.metrics().linked.fetch_add(1, Ordering::Relaxed);
+        self.registry.borrow_mut().insert(entry)
+    }
+
+    /// Forgets a linked connection.
+    fn unlink(&self, key: usize) -> Option<Entry> {
+        let entry = self.registry.borrow_mut().remove(key);
+        if entry.is_some() {
+            self.metrics().linked.fetch_sub(1, Ordering::Relaxed);
+        }
+        entry
+    }
 }
 
 /// Runs worker `id` on the current thread until the proxy drains. `started` hears once: the
@@ -366,7 +381,7 @@ async fn routed(
     };
     let _ = server.set_nodelay(true);
     set_keepalive(&server);
-    let key = ctx.registry.borrow_mut().insert(Entry {
+    let key = ctx.link(Entry {
         backend: backend.clone(),
         client_fd: client.as_raw_fd(),
         backend_fd: server.as_raw_fd(),
@@ -376,7 +391,7 @@ async fn routed(
     // connection: look again now that it is registered.
     let now = ctx.shared.table.load();
     if now.epoch != epoch && now.fences(&backend) {
-        ctx.registry.borrow_mut().remove(key);
+        ctx.unlink(key);
         return CloseReason::Fenced.into();
     }
     drop(now);
@@ -384,7 +399,7 @@ async fn routed(
     if !prefix.is_empty() {
         let (res, _) = server.write_all(prefix).await;
         if res.is_err() {
-            ctx.registry.borrow_mut().remove(key);
+            ctx.unlink(key);
             return CloseReason::Backend.into();
         }
     }
@@ -399,11 +414,11 @@ async fn routed(
         ) {
             Ok(()) => {
                 // The kernel path holds its own descriptors; ours close when dropped here.
-                ctx.registry.borrow_mut().remove(key);
+                ctx.unlink(key);
                 return Outcome::HandedOff;
             }
             Err(AdoptError::Stopped) => {
-                ctx.registry.borrow_mut().remove(key);
+                ctx.unlink(key);
                 return CloseReason::Error.into();
             }
             Err(e) => {
@@ -417,7 +432,7 @@ async fn routed(
         }
     }
     let ended = ctx.forwarder.forward(client, server, ctx.metrics()).await;
-    let entry = ctx.registry.borrow_mut().remove(key);
+    let entry = ctx.unlink(key);
     if entry.is_some_and(|e| e.fenced) {
         return CloseReason::Fenced.into();
     }

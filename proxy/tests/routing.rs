@@ -227,6 +227,77 @@ async fn hold_waits_for_the_new_master_during_a_switchover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_lets_open_transactions_finish_then_cuts_the_rest() {
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    for forwarding in ["userspace", "kernel"] {
+        env.route(Some(("db1", pg.port())), false).await;
+        let uid = format!("drain-{forwarding}");
+        let proxy = ProxyProc::start(
+            &env,
+            &uid,
+            &[
+                "--switchover-grace",
+                "4s",
+                "--hold-timeout",
+                "20s",
+                "--forwarding",
+                forwarding,
+            ],
+            &[],
+        );
+        wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
+        let busy = connect(proxy.port).await.unwrap();
+        let idle = connect(proxy.port).await.unwrap();
+        busy.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+        // A planned switchover fences with hold: new connections wait, open ones drain.
+        let fence = env.route(None, true).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let port = proxy.port;
+        let held = tokio::spawn(async move { connect(port).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !held.is_finished(),
+            "{forwarding}: a new connection was answered during the drain"
+        );
+        busy.batch_execute("SELECT pg_sleep(0.2); COMMIT")
+            .await
+            .unwrap_or_else(|e| panic!("{forwarding}: the open transaction was cut: {e}"));
+        assert!(
+            env.acked(&uid).await.is_none_or(|g| g < fence),
+            "{forwarding}: the fence was acknowledged while connections were still open"
+        );
+        drop(busy);
+        // The idle session is cut when the grace runs out, then the fence is acknowledged.
+        let cut = Instant::now();
+        let deadline = cut + Duration::from_secs(15);
+        while idle.simple_query("SELECT 1").await.is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "{forwarding}: the idle session never cut"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        env.wait_acked(&uid, fence, Duration::from_secs(10)).await;
+        println!(
+            "{forwarding}: idle session cut {:?} after the last busy one closed",
+            cut.elapsed()
+        );
+        assert!(proxy.log_text().contains("switchover drain over"));
+
+        // The new master appears: the held connection goes there.
+        env.route(Some(("db1", pg.port())), false).await;
+        let client = tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(backend_port(&client).await, pg.port());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_slow_clients_affect_no_one_else() {
     let mut env = Env::new().await;
     let pg = support::pg();
