@@ -625,6 +625,12 @@ impl<S: Store> Keeper<S> {
         let postgres_state = (self.data.pgdata_initialised() || running).then(|| {
             let pgdata = self.data.pgdata();
             let p = probe.clone().unwrap_or_default();
+            let history = sql::timeline_history(&pgdata, 10);
+            let timeline_id = if p.in_recovery {
+                sql::standby_timeline(p.timeline, &history, p.xlog_pos())
+            } else {
+                p.timeline
+            };
             PostgresState {
                 uid: self.db_state.uid.clone(),
                 generation: self.db_state.generation,
@@ -634,13 +640,13 @@ impl<S: Store> Keeper<S> {
                 healthy: probe.is_some() && !self.db_state.initializing,
                 in_recovery: p.in_recovery,
                 system_id: p.system_id.clone(),
-                timeline_id: p.timeline,
+                timeline_id,
                 xlog_pos: p.xlog_pos(),
                 flush_lsn: p.flush_lsn,
                 receive_lsn: p.receive_lsn,
                 replay_lsn: p.replay_lsn,
                 checkpoint_lsn,
-                timelines_history: sql::timeline_history(&pgdata, 10),
+                timelines_history: history,
                 pg_parameters: p.parameters.clone(),
                 synchronous_standbys: p
                     .sync_standbys

@@ -84,6 +84,7 @@ pub fn parameters(input: &ConfInput<'_>) -> BTreeMap<String, String> {
     let user_wal_level = p.get("wal_level").cloned();
     let user_keep = p.get("wal_keep_size").cloned();
     let user_retry = p.contains_key("wal_retrieve_retry_interval");
+    let user_status = p.contains_key("wal_receiver_status_interval");
     let mut set = |k: &str, v: String| {
         p.insert(k.to_owned(), v);
     };
@@ -102,6 +103,12 @@ pub fn parameters(input: &ConfInput<'_>) -> BTreeMap<String, String> {
     // replication every commit waits that long after a master restart or a failover.
     if !user_retry {
         set("wal_retrieve_retry_interval", "500ms".into());
+    }
+    // A standby that caught up counts as synchronous only from its next reply; when every
+    // commit is already waiting for it no new WAL triggers one, and the default 10 s status
+    // interval would keep commits blocked that long after a failover.
+    if !user_status {
+        set("wal_receiver_status_interval", "1s".into());
     }
     set("hot_standby", "on".into());
     set("listen_addresses", input.listen_address.into());
@@ -367,6 +374,7 @@ mod tests {
         assert_eq!(p["max_wal_senders"], "47");
         assert_eq!(p["wal_log_hints"], "on");
         assert_eq!(p["wal_retrieve_retry_interval"], "500ms");
+        assert_eq!(p["wal_receiver_status_interval"], "1s");
         assert!(!p.contains_key("primary_conninfo"));
     }
 

@@ -262,6 +262,18 @@ pub fn timeline_history(pgdata: &Path, keep: usize) -> Vec<TimelineHistoryEntry>
     all[all.len().saturating_sub(keep)..].to_vec()
 }
 
+/// The timeline a standby is on. `reported` comes from the WAL receiver or, when it is not
+/// connected (its upstream is gone), from the last restartpoint, which lags a timeline switch
+/// until the next restartpoint. A standby that followed a switch holds the new timeline's
+/// history file (streamed from its upstream): past that file's switch point it is on the new
+/// timeline, whatever the stale sources say. A standby that forked never received that file.
+pub fn standby_timeline(reported: u32, newest_history: &[TimelineHistoryEntry], pos: Lsn) -> u32 {
+    match newest_history.last() {
+        Some(last) if pos >= last.switch_point => reported.max(last.timeline_id + 1),
+        _ => reported,
+    }
+}
+
 /// Parses a timeline history file: `<tli>\t<switch lsn>\t<reason>` per line.
 pub fn parse_history(text: &str) -> Vec<TimelineHistoryEntry> {
     text.lines()
@@ -292,6 +304,19 @@ pub fn oldest_wal_file(pgdata: &Path) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_standby_past_a_switch_point_is_on_the_new_timeline() {
+        let history = parse_history("1\t0/40000A0\tno recovery target specified\n");
+        let at = |t: &str| -> Lsn { t.parse().unwrap() };
+        // Receiver down, restartpoint still on timeline 1, WAL replayed past the switch.
+        assert_eq!(super::standby_timeline(1, &history, at("0/40BFAD0")), 2);
+        // Before the switch point it is still on timeline 1 (and compatible with 2).
+        assert_eq!(super::standby_timeline(1, &history, at("0/4000000")), 1);
+        // Without the history file (a fork) the reported timeline stands.
+        assert_eq!(super::standby_timeline(1, &[], at("0/40BFAD0")), 1);
+        assert_eq!(super::standby_timeline(3, &history, at("0/40BFAD0")), 3);
+    }
+
     use super::*;
 
     #[test]

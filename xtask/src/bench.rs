@@ -1,6 +1,6 @@
 //! `cargo xtask bench proxy [--quick]`: the proxy benchmark against direct PostgreSQL, HAProxy
 //! and PgBouncer in the same rounds (see bench/proxy/README.md).
-//! `cargo xtask bench failover [--runs N]`: failover timings of whole clusters (e2e harness).
+//! `cargo xtask bench failover [--runs N] [--only default,partition]`: failover timings of whole clusters (e2e harness).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -67,7 +67,7 @@ fn proxy(quick: bool) -> anyhow::Result<()> {
     crate::run(&mut cmd)
 }
 
-/// `cargo xtask bench failover [--runs N]`: release binaries, then the failover timing runs.
+/// `cargo xtask bench failover [--runs N] [--only WORDS]`: release binaries, then the failover timing runs.
 fn failover(args: &[String]) -> anyhow::Result<()> {
     deps::ensure(deps::Purpose::Test)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -151,9 +151,29 @@ fn main() {
         Scenario::Switchover,
     ];
     let specs = [("default", default_spec(true)), ("tuned", tuned_spec(true))];
+    // `--only a,b`: words naming a spec (default, tuned) keep those specs, other words keep
+    // the scenarios whose label contains them.
+    let only: Vec<String> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|s| s.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let (spec_words, scenario_words): (Vec<&String>, Vec<&String>) = only
+        .iter()
+        .partition(|w| specs.iter().any(|(name, _)| name == w));
     let mut rows = Vec::new();
     for (spec_name, spec) in &specs {
+        if !spec_words.is_empty() && !spec_words.iter().any(|w| w == spec_name) {
+            continue;
+        }
         for scenario in scenarios {
+            if !scenario_words.is_empty()
+                && !scenario_words
+                    .iter()
+                    .any(|w| scenario.label().contains(w.as_str()))
+            {
+                continue;
+            }
             let mut samples = Vec::new();
             for run in 0..runs {
                 match runtime.block_on(run_once(scenario, spec)) {
