@@ -16,26 +16,34 @@ mkdir -p "$OUT"
 trap 'bash "$HERE/teardown.sh" >/dev/null 2>&1 || true' EXIT
 bash "$HERE/setup.sh" >/dev/null
 TENDRIL_BIN="$TENDRIL_BIN" bash "$HERE/tendril-up.sh"
+# Started in the background of this shell (not in a command substitution) so `wait` works.
 load() {
   "$PGBIN/pgbench" -h 127.0.0.1 -p "$1" -U "$PG_USER" -S -M prepared -c 16 -j 2 \
     -T "$((SECONDS_PER_PROFILE + 2))" "$PG_DB" >"$OUT/pgbench-$2.txt" 2>&1 &
-  echo $!
 }
 # Userspace forwarding: the proxy process only.
-pid=$(load 25500 uring)
+load 25500 uring
+pid=$!
 sleep 1
 "$PERF" record -q -e cpu-clock -F 999 -g -p "$(cat "$RUN_DIR/tendril-uring.pid")" \
   -o "$OUT/uring.data" -- sleep "$SECONDS_PER_PROFILE" 2>/dev/null
 wait "$pid" || true
-"$PERF" report -i "$OUT/uring.data" --no-children --sort dso,sym --stdio 2>/dev/null \
-  | grep -v '^$' | head -80 >"$OUT/uring-report.txt"
+"$PERF" report -i "$OUT/uring.data" --no-children -g none --percent-limit 0.5 --sort dso,sym --stdio 2>/dev/null \
+  | grep -v '^$' | head -80 >"$OUT/uring-report.txt" || true
 # Kernel forwarding: nothing runs in the proxy, so profile every CPU.
-pid=$(load 25502 kernel)
+load 25502 kernel
+pid=$!
 sleep 1
 "$PERF" record -q -e cpu-clock -F 999 -g -a -o "$OUT/kernel.data" -- sleep "$SECONDS_PER_PROFILE" 2>/dev/null
 wait "$pid" || true
-"$PERF" report -i "$OUT/kernel.data" --no-children --sort comm,sym --stdio 2>/dev/null \
-  | grep -v '^$' | head -120 >"$OUT/kernel-report.txt"
+"$PERF" report -i "$OUT/kernel.data" --no-children -g none --percent-limit 0.4 --sort comm,sym --stdio 2>/dev/null \
+  | grep -v '^$' | head -120 >"$OUT/kernel-report.txt" || true
+# Totals: where the proxy's time goes (its code, libc, the kernel), and which processes and
+# kernel threads use the machine while the kernel path forwards.
+"$PERF" report -i "$OUT/uring.data" --no-children -g none --sort dso --stdio 2>/dev/null \
+  | grep -v '^$' >"$OUT/uring-by-dso.txt" || true
+"$PERF" report -i "$OUT/kernel.data" --no-children -g none --sort comm --stdio 2>/dev/null \
+  | grep -v '^$' >"$OUT/kernel-by-comm.txt" || true
 rm -f "$OUT"/*.data
 grep -h "tps = \|latency average" "$OUT"/pgbench-*.txt || true
 echo "profiles in $OUT"
