@@ -627,7 +627,7 @@ impl<S: Store> Keeper<S> {
             let p = probe.clone().unwrap_or_default();
             let history = sql::timeline_history(&pgdata, 10);
             let timeline_id = if p.in_recovery {
-                sql::standby_timeline(p.timeline, &history, p.xlog_pos())
+                sql::standby_timeline(p.timeline, sql::newest_segment_timeline(&pgdata))
             } else {
                 p.timeline
             };

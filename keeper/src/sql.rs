@@ -264,14 +264,28 @@ pub fn timeline_history(pgdata: &Path, keep: usize) -> Vec<TimelineHistoryEntry>
 
 /// The timeline a standby is on. `reported` comes from the WAL receiver or, when it is not
 /// connected (its upstream is gone), from the last restartpoint, which lags a timeline switch
-/// until the next restartpoint. A standby that followed a switch holds the new timeline's
-/// history file (streamed from its upstream): past that file's switch point it is on the new
-/// timeline, whatever the stale sources say. A standby that forked never received that file.
-pub fn standby_timeline(reported: u32, newest_history: &[TimelineHistoryEntry], pos: Lsn) -> u32 {
-    match newest_history.last() {
-        Some(last) if pos >= last.switch_point => reported.max(last.timeline_id + 1),
-        _ => reported,
-    }
+/// until the next restartpoint. The WAL segments in `pg_wal` tell better: a standby that
+/// followed a switch received (and recycles into) segments named with the new timeline,
+/// while one that forked past the switch point never gets any, even though it may hold the
+/// new timeline's history file (fetched when it tried to follow).
+pub fn standby_timeline(reported: u32, newest_segment_timeline: Option<u32>) -> u32 {
+    reported.max(newest_segment_timeline.unwrap_or(0))
+}
+
+/// The highest timeline among the WAL segment files in `pg_wal` (`TTTTTTTTXXXXXXXXYYYYYYYY`,
+/// also `.partial`).
+pub fn newest_segment_timeline(pgdata: &Path) -> Option<u32> {
+    let entries = std::fs::read_dir(pgdata.join("pg_wal")).ok()?;
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let base = name.strip_suffix(".partial").unwrap_or(&name);
+            (base.len() == 24 && base.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| u32::from_str_radix(&base[..8], 16).ok())
+                .flatten()
+        })
+        .max()
 }
 
 /// Parses a timeline history file: `<tli>\t<switch lsn>\t<reason>` per line.
@@ -305,16 +319,27 @@ pub fn oldest_wal_file(pgdata: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_standby_past_a_switch_point_is_on_the_new_timeline() {
-        let history = parse_history("1\t0/40000A0\tno recovery target specified\n");
-        let at = |t: &str| -> Lsn { t.parse().unwrap() };
-        // Receiver down, restartpoint still on timeline 1, WAL replayed past the switch.
-        assert_eq!(super::standby_timeline(1, &history, at("0/40BFAD0")), 2);
-        // Before the switch point it is still on timeline 1 (and compatible with 2).
-        assert_eq!(super::standby_timeline(1, &history, at("0/4000000")), 1);
-        // Without the history file (a fork) the reported timeline stands.
-        assert_eq!(super::standby_timeline(1, &[], at("0/40BFAD0")), 1);
-        assert_eq!(super::standby_timeline(3, &history, at("0/40BFAD0")), 3);
+    fn a_standby_on_the_segments_of_a_new_timeline_is_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("pg_wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        assert_eq!(super::newest_segment_timeline(dir.path()), None);
+        for f in [
+            "000000010000000000000003",
+            "000000010000000000000004",
+            "00000002.history",
+            "archive_status",
+        ] {
+            std::fs::write(wal.join(f), b"").unwrap();
+        }
+        // A forked standby may hold the new timeline's history, never its segments.
+        assert_eq!(super::newest_segment_timeline(dir.path()), Some(1));
+        assert_eq!(super::standby_timeline(1, Some(1)), 1);
+        std::fs::write(wal.join("000000020000000000000004.partial"), b"").unwrap();
+        assert_eq!(super::newest_segment_timeline(dir.path()), Some(2));
+        // Receiver down, restartpoint still on timeline 1: the segments say 2.
+        assert_eq!(super::standby_timeline(1, Some(2)), 2);
+        assert_eq!(super::standby_timeline(3, Some(2)), 3);
     }
 
     use super::*;
