@@ -301,7 +301,12 @@ impl<S: Store> Control<S> {
         self.shared.table.store(Arc::new(table));
         self.wake_workers();
         self.wait_applied(self.epoch).await;
-        if let Some(killer) = self.killer.as_mut() {
+        // A switchover's old master is stopped by its keeper right after every proxy
+        // acknowledged, which ends every session, proxied or not. Killing host sockets here
+        // would also cut the standbys' replication streams where they share this host, and
+        // the new master must receive the old one's last WAL (its shutdown checkpoint).
+        let killer = if hold { None } else { self.killer.as_mut() };
+        if let Some(killer) = killer {
             match killer.kill(old_backend.addr) {
                 Ok(n) => {
                     self.shared.killed.fetch_add(n, Ordering::Relaxed);

@@ -397,9 +397,15 @@ pub(super) fn switchover(ctx: &mut Ctx<'_>) {
                 .db_state(&master)
                 .filter(|s| !s.running && s.generation == ctx.cd.dbs[&master].generation)
                 .and_then(|s| s.checkpoint_lsn);
-            let caught_up = stopped.is_some_and(|end| {
-                ctx.db_state(&target)
-                    .is_some_and(|t| t.healthy && t.xlog_pos >= end)
+            // The whole shutdown checkpoint record, so no other standby that has it is left
+            // forked; if it does not come (the stream broke as the master stopped), the
+            // record's start is enough for the data after half the time allowed.
+            let caught_up = stopped.is_some_and(|checkpoint| {
+                ctx.db_state(&target).is_some_and(|t| {
+                    t.healthy
+                        && (t.xlog_pos >= shutdown_checkpoint_end(checkpoint)
+                            || (t.xlog_pos >= checkpoint && age > limit / 2))
+                })
             });
             if caught_up {
                 let end = stopped.unwrap_or_default();
@@ -446,6 +452,28 @@ pub(super) fn switchover(ctx: &mut Ctx<'_>) {
             }
         }
     }
+}
+
+/// Where the WAL of a cleanly stopped PostgreSQL 15 ends: just after its shutdown checkpoint
+/// record, which starts at `start` (the control file's latest checkpoint location). The
+/// target must have received the whole record: promoted at its start, it would fork from
+/// every standby that did receive it (they would then need a rewind). The record is 114 bytes
+/// (24-byte header, 2-byte data header, 88-byte `CheckPoint`), 120 once MAXALIGNed; a record
+/// that crosses a page boundary also spans the next page's header (24 bytes, 40 at the
+/// start of a 16 MiB segment).
+fn shutdown_checkpoint_end(start: Lsn) -> Lsn {
+    const PAGE: u64 = 8192;
+    const SEGMENT: u64 = 16 * 1024 * 1024;
+    const RECORD: u64 = 114;
+    let room = PAGE - start.0 % PAGE;
+    let end = if RECORD <= room {
+        start.0 + RECORD
+    } else {
+        let next_page = start.0 + room;
+        let header = if next_page.is_multiple_of(SEGMENT) { 40 } else { 24 };
+        next_page + header + (RECORD - room)
+    };
+    Lsn(end.div_ceil(8) * 8)
 }
 
 fn trim(d: Duration) -> Duration {
@@ -514,4 +542,23 @@ fn abandon(ctx: &mut Ctx<'_>, why: &str) {
     }
     ctx.cd.switchover = None;
     ctx.event("switchover abandoned", why.to_owned());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shutdown_checkpoint_ends_after_its_record() {
+        let at = |t: &str| -> Lsn { t.parse().unwrap_or_default() };
+        // Measured: a stopped PostgreSQL 15 whose checkpoint record starts at 0/403C360 has
+        // its WAL end at 0/403C3D8.
+        assert_eq!(shutdown_checkpoint_end(at("0/403C360")), at("0/403C3D8"));
+        // 16 bytes before a page boundary: the rest follows the next page's header.
+        // (24 + 98 = 122 bytes, MAXALIGNed to 128.)
+        assert_eq!(shutdown_checkpoint_end(at("0/4001FF0")), at("0/4002080"));
+        // Across a segment boundary the header is the long one.
+        // (40 + 98 = 138 bytes, MAXALIGNed to 144.)
+        assert_eq!(shutdown_checkpoint_end(at("0/4FFFFF0")), at("0/5000090"));
+    }
 }
