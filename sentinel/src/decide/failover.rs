@@ -470,7 +470,11 @@ fn shutdown_checkpoint_end(start: Lsn) -> Lsn {
         start.0 + RECORD
     } else {
         let next_page = start.0 + room;
-        let header = if next_page.is_multiple_of(SEGMENT) { 40 } else { 24 };
+        let header = if next_page.is_multiple_of(SEGMENT) {
+            40
+        } else {
+            24
+        };
         next_page + header + (RECORD - room)
     };
     Lsn(end.div_ceil(8) * 8)
