@@ -106,12 +106,10 @@ struct Entry {
 struct Registry {
     entries: Vec<Option<Entry>>,
     free: Vec<usize>,
-    live: usize,
 }
 
 impl Registry {
     fn insert(&mut self, entry: Entry) -> usize {
-        self.live += 1;
         match self.free.pop() {
             Some(i) => {
                 self.entries[i] = Some(entry);
@@ -127,7 +125,6 @@ impl Registry {
     fn remove(&mut self, key: usize) -> Option<Entry> {
         let entry = self.entries.get_mut(key)?.take()?;
         self.free.push(key);
-        self.live -= 1;
         Some(entry)
     }
 

@@ -26,22 +26,25 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const BIN: &str = "/usr/lib/postgresql/15/bin";
 
-fn psql(port: u16, sql: &str) -> std::process::Output {
-    Command::new(format!("{BIN}/psql"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+/// `psql` on `port` as the superuser, stopping at the first error, running `command`.
+fn psql_command(port: u16, command: &str) -> Command {
+    let mut cmd = Command::new(format!("{BIN}/psql"));
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
         .args([
             "-d",
             "postgres",
             "-X",
             "-q",
-            "-At",
             "-v",
             "ON_ERROR_STOP=1",
             "-c",
-            sql,
-        ])
-        .output()
-        .unwrap()
+            command,
+        ]);
+    cmd
+}
+
+fn psql(port: u16, sql: &str) -> std::process::Output {
+    psql_command(port, sql).arg("-At").output().unwrap()
 }
 
 fn psql_ok(port: u16, sql: &str) -> String {
@@ -220,18 +223,7 @@ async fn hundred_megabytes_each_way_arrive_intact() {
         }
     }
     psql_ok(proxy.port, "CREATE TABLE big (a int, b text)");
-    let copy_in = Command::new(format!("{BIN}/psql"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &proxy.port.to_string(),
-            "-U",
-            "postgres",
-        ])
-        .args(["-d", "postgres", "-X", "-q", "-v", "ON_ERROR_STOP=1"])
-        .arg("-c")
-        .arg(format!("\\copy big FROM '{}'", file.display()))
+    let copy_in = psql_command(proxy.port, &format!("\\copy big FROM '{}'", file.display()))
         .output()
         .unwrap();
     assert!(
@@ -295,18 +287,7 @@ async fn a_stalled_reader_holds_bounded_kernel_memory_then_completes() {
         .unwrap();
     let md5_pid = nix::unistd::Pid::from_raw(md5.id() as i32);
     nix::sys::signal::kill(md5_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let mut psql_child = Command::new(format!("{BIN}/psql"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &proxy.port.to_string(),
-            "-U",
-            "postgres",
-        ])
-        .args(["-d", "postgres", "-X", "-q", "-v", "ON_ERROR_STOP=1"])
-        .arg("-c")
-        .arg(format!("COPY ({query}) TO STDOUT"))
+    let mut psql_child = psql_command(proxy.port, &format!("COPY ({query}) TO STDOUT"))
         .stdout(md5.stdin.take().unwrap())
         .spawn()
         .unwrap();
