@@ -24,6 +24,16 @@
  * proxy only after the backlog drained, and redirects resume only after every passed byte
  * was written.
  *
+ * Duplicates. The kernel hands the verdict whole skbs (tcp_read_skb) without trimming bytes
+ * that were already delivered: after a loss on loopback (the receiver pruned its queues under
+ * memory pressure) a retransmission can fill the hole and put an skb that starts before the
+ * next expected byte on the receive queue, and those bytes would reach the peer twice. So each
+ * direction follows the TCP sequence of its source (TCP_SKB_CB(skb)->seq): an skb wholly
+ * before the next expected byte is dropped; one that only starts before it is passed up with
+ * a skip record (the passed-stream offset and the length of the repeated head), which the
+ * proxy honours when it writes the passed bytes to the peer. The verdict cannot trim an skb
+ * it redirects, so a partial duplicate always goes through the proxy.
+ *
  * A verdict for one socket runs serialised under that socket's lock, so its direction's
  * counters need no atomics; the proxy only reads them.
  */
@@ -42,6 +52,14 @@ char LICENSE[] SEC("license") = "GPL";
 
 #define MAX_PAIRS_DEFAULT 65536
 
+#define SKIPS 4 /* a power of two */
+
+/* Bytes of the passed stream the proxy must not write: they repeat earlier bytes. */
+struct skip {
+	__u64 at;  /* offset in the passed stream (counted like `passed`) */
+	__u64 len;
+};
+
 /* One direction, keyed by the cookie of the socket it reads from. Created by the proxy
  * before the socket joins `peers`; afterwards only this program writes it. */
 struct direction {
@@ -53,11 +71,18 @@ struct direction {
 	__u32 pauses;     /* KERNEL -> USER switches */
 	__u64 peak;       /* most bytes seen held when the peer was looked at */
 	__u64 acked;      /* the peer's bytes_acked when last looked at (it only grows) */
+	__u32 next_seq;   /* TCP sequence number of the next byte not seen yet */
+	__u32 seq_known;  /* next_seq is set */
+	__u64 skipped;    /* repeated bytes inside the passed data, for the proxy to drop */
+	__u64 dropped;    /* repeated bytes in skbs dropped whole */
+	__u64 skip_count; /* skip records written (the latest SKIPS are kept) */
+	struct skip skips[SKIPS];
 };
 
-/* What the proxy reports for a direction: bytes of passed data it wrote to the peer. */
+/* What the proxy reports for a direction. */
 struct forwarded {
-	__u64 bytes;
+	__u64 bytes;    /* passed bytes it wrote to the peer */
+	__u64 consumed; /* passed-stream bytes it is done with (written or skipped) */
 };
 
 struct event {
@@ -100,6 +125,7 @@ struct {
 #define STAT_FAILURES 4
 #define STAT_LOST_EVENTS 5
 #define STAT_UNKNOWN 6
+#define STAT_DUPLICATES 7 /* skbs that repeated bytes already seen (dropped or trimmed) */
 #define STAT_COUNT 8
 
 struct {
@@ -136,6 +162,46 @@ static __always_inline int peer_acked(__u64 *key, __u64 *acked)
 	return 0;
 }
 
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+
+/* The TCP sequence number of the skb's first byte. */
+static __always_inline __u32 skb_seq(struct __sk_buff *skb)
+{
+	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
+	struct tcp_skb_cb *cb = (struct tcp_skb_cb *)kskb->cb;
+	return cb->seq;
+}
+
+/* Where the source's reader stands: the first byte nobody has read yet. Before the first
+ * verdict that is what the proxy read in userspace before the socket joined. */
+static __always_inline __u32 first_seq(struct __sk_buff *skb, __u32 seq)
+{
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return seq;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	return tp ? tp->copied_seq : seq;
+}
+
+/* Records that the first `len` bytes of the skb about to be passed up repeat earlier bytes.
+ * A slot is reused only once the proxy is past the record it held. */
+static __always_inline int record_skip(struct direction *d, __u64 *key, __u32 len)
+{
+	__u64 n = d->skip_count;
+	__u32 slot = n & (SKIPS - 1);
+	if (n >= SKIPS) {
+		struct forwarded *f = bpf_map_lookup_elem(&forwarded, key);
+		__u64 consumed = f ? f->consumed : 0;
+		if (consumed < d->skips[slot].at + d->skips[slot].len)
+			return -1;
+	}
+	d->skips[slot].at = d->passed;
+	d->skips[slot].len = len;
+	d->skip_count = n + 1;
+	d->skipped += len;
+	return 0;
+}
+
 SEC("sk_skb/stream_verdict")
 int forward(struct __sk_buff *skb)
 {
@@ -155,10 +221,27 @@ int forward(struct __sk_buff *skb)
 		 * empty skb would make the peer's backlog worker report EPIPE on the peer. */
 		return SK_DROP;
 	}
+	/* Bytes already seen (see Duplicates above). */
+	__u32 seq = skb_seq(skb);
+	__u32 repeated = 0;
+	if (!d->seq_known) {
+		d->next_seq = first_seq(skb, seq);
+		d->seq_known = 1;
+	}
+	__s32 behind = (__s32)(d->next_seq - seq);
+	if (behind > 0) {
+		count(STAT_DUPLICATES);
+		if ((__u32)behind >= len) {
+			d->dropped += len;
+			return SK_DROP;
+		}
+		repeated = behind;
+	}
+	d->next_seq = seq + len;
 	if (d->mode == MODE_JOINING) {
 		/* First skb of this direction. If the peer has not joined yet, keep the bytes, in
 		 * order, for the proxy (USER mode) instead of dropping them. */
-		if (bpf_sk_redirect_hash(skb, &peers, &key, 0) == SK_PASS) {
+		if (!repeated && bpf_sk_redirect_hash(skb, &peers, &key, 0) == SK_PASS) {
 			d->mode = MODE_KERNEL;
 			d->redirected += len;
 			count(STAT_REDIRECTS);
@@ -171,9 +254,18 @@ int forward(struct __sk_buff *skb)
 	__u64 handed = d->base + d->redirected;
 	__u64 acked = d->acked;
 	if (d->mode == MODE_KERNEL) {
-		/* In KERNEL mode everything ever passed up was written by the proxy (that is the
-		 * condition for coming back), so `passed` stands for it. */
-		handed += d->passed;
+		if (repeated) {
+			/* A redirect cannot trim the repeated head: the proxy writes this skb. */
+			d->mode = MODE_USER;
+			d->pauses += 1;
+			count(STAT_PAUSES);
+			notify(key, EVENT_PAUSED);
+			goto pass;
+		}
+		/* In KERNEL mode everything ever passed up was dealt with by the proxy (that is the
+		 * condition for coming back), so `passed` less the skipped bytes stands for what it
+		 * wrote. */
+		handed += d->passed - d->skipped;
 		/* With the last acked count, `held` can only be overestimated: look at the peer
 		 * only when the estimate reaches the limit (once per `limit` bytes when the peer
 		 * keeps up), so the common path is one hash lookup and the redirect. */
@@ -195,8 +287,10 @@ int forward(struct __sk_buff *skb)
 		}
 		goto redirect;
 	}
-	/* USER mode: come back once the proxy wrote everything passed up and the peer caught
-	 * up to half the limit. */
+	/* USER mode: come back once the proxy dealt with everything passed up and the peer
+	 * caught up to half the limit. */
+	if (repeated)
+		goto pass;
 	if (peer_acked(&key, &acked) < 0) {
 		/* The peer is not (or no longer) in the map: keep passing up. */
 		goto pass;
@@ -204,14 +298,17 @@ int forward(struct __sk_buff *skb)
 	d->acked = acked;
 	struct forwarded *f = bpf_map_lookup_elem(&forwarded, &key);
 	__u64 written = f ? f->bytes : 0;
+	__u64 consumed = f ? f->consumed : 0;
 	handed += written;
 	__u64 held = handed > acked ? handed - acked : 0;
-	if (written == d->passed && held < d->limit / 2) {
+	if (consumed == d->passed && held < d->limit / 2) {
 		d->mode = MODE_KERNEL;
 		count(STAT_RESUMES);
 		goto redirect;
 	}
 pass:
+	if (repeated && record_skip(d, &key, repeated) < 0)
+		goto failed;
 	d->passed += len;
 	count(STAT_PASSES);
 	return SK_PASS;
@@ -222,8 +319,8 @@ redirect:
 	count(STAT_REDIRECTS);
 	return SK_PASS;
 failed:
-	/* The peer left the map (closed or fenced): this direction cannot continue. The proxy
-	 * closes the pair when it hears. */
+	/* The peer left the map (closed or fenced), or too many repeated heads wait for the
+	 * proxy: this direction cannot continue. The proxy closes the pair when it hears. */
 	d->mode = MODE_FAILED;
 	count(STAT_FAILURES);
 	notify(key, EVENT_FAILED);

@@ -233,11 +233,12 @@ pub fn render(
         metric(
             "tendril_proxy_kernel_verdicts_total",
             "counter",
-            "skbs seen by the sockmap program, by outcome",
+            "skbs seen by the sockmap program, by outcome (repeated: bytes delivered before, after a retransmission; dropped or trimmed)",
             vec![
                 ("outcome=\"redirected\"".into(), k.stats.redirects),
                 ("outcome=\"passed\"".into(), k.stats.passes),
                 ("outcome=\"failed\"".into(), k.stats.failures),
+                ("outcome=\"repeated\"".into(), k.stats.duplicates),
             ],
         );
         metric(

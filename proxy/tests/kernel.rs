@@ -1,6 +1,7 @@
 //! Kernel forwarding (`--forwarding kernel`, the BPF sockmap path) with real PostgreSQL, real
 //! etcd and the real proxy binary: psql and pgbench, 100 MB each way with checksums, a
-//! stalled reader held to the documented bound, fence under traffic, closes and resets on
+//! stalled reader held to the documented bound, bytes the proxy read before the join sent
+//! once, fence under traffic, closes and resets on
 //! either side without leaks, a failed redirect, and the fallbacks (map full, program
 //! refused).
 //!
@@ -254,6 +255,112 @@ async fn hundred_megabytes_each_way_arrive_intact() {
     assert!(
         to_backend > 100e6 && to_client > 100e6,
         "byte counts reach the metrics: {to_backend} up, {to_client} down"
+    );
+    // How often the kernel handed the program bytes it had delivered before (after a loss
+    // and retransmission); such runs are the ones that used to hang.
+    eprintln!(
+        "skbs that repeated earlier bytes: {}; backpressure pauses: {}",
+        metric(
+            &proxy,
+            "tendril_proxy_kernel_verdicts_total{cluster=\"pxy\",outcome=\"repeated\"}"
+        ),
+        metric(
+            &proxy,
+            "tendril_proxy_kernel_backpressure_total{cluster=\"pxy\",event=\"paused\"}"
+        ),
+    );
+}
+
+/// A frontend message: type byte, length, body.
+fn message(out: &mut Vec<u8>, kind: u8, body: &[u8]) {
+    out.push(kind);
+    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
+/// Counts backend messages of each type in a complete reply stream.
+fn reply_counts(reply: &[u8]) -> std::collections::HashMap<u8, usize> {
+    let mut counts = std::collections::HashMap::new();
+    let mut at = 0;
+    while at + 5 <= reply.len() {
+        let len = u32::from_be_bytes(reply[at + 1..at + 5].try_into().unwrap()) as usize;
+        *counts.entry(reply[at]).or_insert(0) += 1;
+        at += 1 + len;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_read_before_the_join_reach_the_master_once() {
+    // A client held during a switchover sends its startup packet and a pipeline of INSERTs
+    // in one write. The proxy reads the startup packet in 1 KiB steps, so it stops inside
+    // the first skb; when the master appears the socket joins the sockmap and the kernel
+    // hands the program that whole skb again, head included. Those bytes must reach
+    // PostgreSQL once: every INSERT runs exactly once and the protocol stays in step.
+    let _serial = SERIAL.lock().await;
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    psql_ok(pg.port(), "CREATE TABLE pipelined (i int)");
+    let g = env.route(None, true).await;
+    let proxy = start_kernel_proxy(&env, "k9", &["--hold-timeout", "30s"]);
+    env.wait_acked("k9", g, Duration::from_secs(10)).await;
+    const INSERTS: usize = 3000;
+    let mut wire = Vec::new();
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&196_608u32.to_be_bytes());
+    startup.extend_from_slice(b"user\0postgres\0database\0postgres\0\0");
+    wire.extend_from_slice(&(startup.len() as u32 + 4).to_be_bytes());
+    wire.extend_from_slice(&startup);
+    let pad = "x".repeat(60);
+    for i in 0..INSERTS {
+        message(
+            &mut wire,
+            b'Q',
+            format!("INSERT INTO pipelined VALUES ({i}) -- {pad}\0").as_bytes(),
+        );
+    }
+    message(&mut wire, b'X', b"");
+    let port = proxy.port;
+    let client = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(&wire).unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).unwrap();
+        reply
+    });
+    // Let the proxy read the startup packet and start holding.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.route(Some(("db1", pg.port())), false).await;
+    let reply = tokio::task::spawn_blocking(move || client.join().unwrap())
+        .await
+        .unwrap();
+    let counts = reply_counts(&reply);
+    assert_eq!(
+        counts.get(&b'E'),
+        None,
+        "PostgreSQL reported errors: {}",
+        String::from_utf8_lossy(&reply[reply.len().saturating_sub(400)..])
+    );
+    assert_eq!(
+        counts.get(&b'C'),
+        Some(&INSERTS),
+        "every INSERT answered once"
+    );
+    assert_eq!(
+        psql_ok(
+            pg.port(),
+            "SELECT count(*), count(DISTINCT i) FROM pipelined"
+        ),
+        format!("{INSERTS}|{INSERTS}")
+    );
+    let repeated = metric(
+        &proxy,
+        "tendril_proxy_kernel_verdicts_total{cluster=\"pxy\",outcome=\"repeated\"}",
+    );
+    assert!(
+        repeated >= 1.0,
+        "the program never saw the repeated head, so this test did not test it"
     );
 }
 
