@@ -24,15 +24,18 @@
  * proxy only after the backlog drained, and redirects resume only after every passed byte
  * was written.
  *
- * Duplicates. The kernel hands the verdict whole skbs (tcp_read_skb) without trimming bytes
- * that were already delivered: after a loss on loopback (the receiver pruned its queues under
- * memory pressure) a retransmission can fill the hole and put an skb that starts before the
- * next expected byte on the receive queue, and those bytes would reach the peer twice. So each
- * direction follows the TCP sequence of its source (TCP_SKB_CB(skb)->seq): an skb wholly
- * before the next expected byte is dropped; one that only starts before it is passed up with
- * a skip record (the passed-stream offset and the length of the repeated head), which the
- * proxy honours when it writes the passed bytes to the peer. The verdict cannot trim an skb
- * it redirects, so a partial duplicate always goes through the proxy.
+ * Repeated bytes. The kernel hands the verdict whole skbs (tcp_read_skb) without trimming
+ * bytes it delivered before: an skb the proxy had partly read in userspace before the socket
+ * joined, or, after a loss on loopback (the receiver pruned its queues under memory
+ * pressure), a retransmission that filled the hole and starts before the next expected
+ * byte. Those bytes would reach the peer twice. Worse, the kernel then advances the socket's
+ * copied_seq past rcv_nxt by the repeated length, and tcp_data_ready stops waking the
+ * verdict until that much new data has arrived: the tail of every later burst would sit
+ * unread. So each direction follows the TCP sequence of its source (TCP_SKB_CB(skb)->seq,
+ * from the socket's copied_seq at the first skb) and cuts the repeated head off the skb
+ * (bpf_skb_adjust_room, 4095 bytes per call) before redirecting or passing it: the peer
+ * gets each byte once and copied_seq stays in step. An skb wholly seen before is dropped
+ * (TCP does not queue those; defensive).
  *
  * A verdict for one socket runs serialised under that socket's lock, so its direction's
  * counters need no atomics; the proxy only reads them.
@@ -52,14 +55,6 @@ char LICENSE[] SEC("license") = "GPL";
 
 #define MAX_PAIRS_DEFAULT 65536
 
-#define SKIPS 4 /* a power of two */
-
-/* Bytes of the passed stream the proxy must not write: they repeat earlier bytes. */
-struct skip {
-	__u64 at;  /* offset in the passed stream (counted like `passed`) */
-	__u64 len;
-};
-
 /* One direction, keyed by the cookie of the socket it reads from. Created by the proxy
  * before the socket joins `peers`; afterwards only this program writes it. */
 struct direction {
@@ -73,16 +68,13 @@ struct direction {
 	__u64 acked;      /* the peer's bytes_acked when last looked at (it only grows) */
 	__u32 next_seq;   /* TCP sequence number of the next byte not seen yet */
 	__u32 seq_known;  /* next_seq is set */
-	__u64 skipped;    /* repeated bytes inside the passed data, for the proxy to drop */
+	__u64 trimmed;    /* repeated bytes cut off the head of skbs */
 	__u64 dropped;    /* repeated bytes in skbs dropped whole */
-	__u64 skip_count; /* skip records written (the latest SKIPS are kept) */
-	struct skip skips[SKIPS];
 };
 
-/* What the proxy reports for a direction. */
+/* What the proxy reports for a direction: bytes of passed data it wrote to the peer. */
 struct forwarded {
-	__u64 bytes;    /* passed bytes it wrote to the peer */
-	__u64 consumed; /* passed-stream bytes it is done with (written or skipped) */
+	__u64 bytes;
 };
 
 struct event {
@@ -183,23 +175,19 @@ static __always_inline __u32 first_seq(struct __sk_buff *skb, __u32 seq)
 	return tp ? tp->copied_seq : seq;
 }
 
-/* Records that the first `len` bytes of the skb about to be passed up repeat earlier bytes.
- * A slot is reused only once the proxy is past the record it held. */
-static __always_inline int record_skip(struct direction *d, __u64 *key, __u32 len)
+/* Cuts `n` bytes off the head of the skb: the helper pulls them into the linear part and
+ * drops them, at most 4095 per call. Up to 64 calls (256 KiB, more than any skb here). */
+#define TRIM_STEP 4095
+#define TRIM_CALLS 64
+static __always_inline int trim_head(struct __sk_buff *skb, __u32 n)
 {
-	__u64 n = d->skip_count;
-	__u32 slot = n & (SKIPS - 1);
-	if (n >= SKIPS) {
-		struct forwarded *f = bpf_map_lookup_elem(&forwarded, key);
-		__u64 consumed = f ? f->consumed : 0;
-		if (consumed < d->skips[slot].at + d->skips[slot].len)
+	for (int i = 0; i < TRIM_CALLS && n > 0; i++) {
+		__u32 step = n > TRIM_STEP ? TRIM_STEP : n;
+		if (bpf_skb_adjust_room(skb, -(__s32)step, 0, 0))
 			return -1;
+		n -= step;
 	}
-	d->skips[slot].at = d->passed;
-	d->skips[slot].len = len;
-	d->skip_count = n + 1;
-	d->skipped += len;
-	return 0;
+	return n ? -1 : 0;
 }
 
 SEC("sk_skb/stream_verdict")
@@ -221,9 +209,8 @@ int forward(struct __sk_buff *skb)
 		 * empty skb would make the peer's backlog worker report EPIPE on the peer. */
 		return SK_DROP;
 	}
-	/* Bytes already seen (see Duplicates above). */
+	/* Bytes already seen (see Repeated bytes above). */
 	__u32 seq = skb_seq(skb);
-	__u32 repeated = 0;
 	if (!d->seq_known) {
 		d->next_seq = first_seq(skb, seq);
 		d->seq_known = 1;
@@ -235,13 +222,18 @@ int forward(struct __sk_buff *skb)
 			d->dropped += len;
 			return SK_DROP;
 		}
-		repeated = behind;
+		if (trim_head(skb, behind) < 0) {
+			/* No memory to pull the head: better cut the connection than repeat bytes. */
+			goto failed;
+		}
+		d->trimmed += behind;
+		len = skb->len;
 	}
-	d->next_seq = seq + len;
+	d->next_seq = seq + (behind > 0 ? behind : 0) + len;
 	if (d->mode == MODE_JOINING) {
 		/* First skb of this direction. If the peer has not joined yet, keep the bytes, in
 		 * order, for the proxy (USER mode) instead of dropping them. */
-		if (!repeated && bpf_sk_redirect_hash(skb, &peers, &key, 0) == SK_PASS) {
+		if (bpf_sk_redirect_hash(skb, &peers, &key, 0) == SK_PASS) {
 			d->mode = MODE_KERNEL;
 			d->redirected += len;
 			count(STAT_REDIRECTS);
@@ -254,18 +246,9 @@ int forward(struct __sk_buff *skb)
 	__u64 handed = d->base + d->redirected;
 	__u64 acked = d->acked;
 	if (d->mode == MODE_KERNEL) {
-		if (repeated) {
-			/* A redirect cannot trim the repeated head: the proxy writes this skb. */
-			d->mode = MODE_USER;
-			d->pauses += 1;
-			count(STAT_PAUSES);
-			notify(key, EVENT_PAUSED);
-			goto pass;
-		}
-		/* In KERNEL mode everything ever passed up was dealt with by the proxy (that is the
-		 * condition for coming back), so `passed` less the skipped bytes stands for what it
-		 * wrote. */
-		handed += d->passed - d->skipped;
+		/* In KERNEL mode everything ever passed up was written by the proxy (that is the
+		 * condition for coming back), so `passed` stands for it. */
+		handed += d->passed;
 		/* With the last acked count, `held` can only be overestimated: look at the peer
 		 * only when the estimate reaches the limit (once per `limit` bytes when the peer
 		 * keeps up), so the common path is one hash lookup and the redirect. */
@@ -287,10 +270,8 @@ int forward(struct __sk_buff *skb)
 		}
 		goto redirect;
 	}
-	/* USER mode: come back once the proxy dealt with everything passed up and the peer
-	 * caught up to half the limit. */
-	if (repeated)
-		goto pass;
+	/* USER mode: come back once the proxy wrote everything passed up and the peer caught
+	 * up to half the limit. */
 	if (peer_acked(&key, &acked) < 0) {
 		/* The peer is not (or no longer) in the map: keep passing up. */
 		goto pass;
@@ -298,17 +279,14 @@ int forward(struct __sk_buff *skb)
 	d->acked = acked;
 	struct forwarded *f = bpf_map_lookup_elem(&forwarded, &key);
 	__u64 written = f ? f->bytes : 0;
-	__u64 consumed = f ? f->consumed : 0;
 	handed += written;
 	__u64 held = handed > acked ? handed - acked : 0;
-	if (consumed == d->passed && held < d->limit / 2) {
+	if (written == d->passed && held < d->limit / 2) {
 		d->mode = MODE_KERNEL;
 		count(STAT_RESUMES);
 		goto redirect;
 	}
 pass:
-	if (repeated && record_skip(d, &key, repeated) < 0)
-		goto failed;
 	d->passed += len;
 	count(STAT_PASSES);
 	return SK_PASS;
@@ -319,8 +297,8 @@ redirect:
 	count(STAT_REDIRECTS);
 	return SK_PASS;
 failed:
-	/* The peer left the map (closed or fenced), or too many repeated heads wait for the
-	 * proxy: this direction cannot continue. The proxy closes the pair when it hears. */
+	/* The peer left the map (closed or fenced), or a repeated head could not be cut: this
+	 * direction cannot continue. The proxy closes the pair when it hears. */
 	d->mode = MODE_FAILED;
 	count(STAT_FAILURES);
 	notify(key, EVENT_FAILED);

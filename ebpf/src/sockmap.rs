@@ -59,37 +59,8 @@ pub struct Direction {
     pub pauses: u32,
     /// Most bytes seen held in the kernel for this direction at one verdict.
     pub peak: u64,
-    /// Repeated bytes inside the passed data (the proxy must not write them).
-    pub skipped: u64,
-    /// Repeated bytes in skbs the program dropped whole.
-    pub dropped: u64,
-    /// Skip records written so far; the latest [`SKIPS`] are in `skips`.
-    pub skip_count: u64,
-    /// Skip record `i` is in slot `i % SKIPS`.
-    pub skips: [Skip; SKIPS],
-}
-
-/// Slots for skip records in a direction (`SKIPS` in the program).
-pub const SKIPS: usize = 4;
-
-/// Bytes of the passed stream that repeat earlier bytes: the kernel delivered an skb whose
-/// head the peer already has (a retransmission that overlapped what had arrived).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Skip {
-    /// Offset in the passed stream (counted like `passed`).
-    pub at: u64,
-    /// Length.
-    pub len: u64,
-}
-
-impl Direction {
-    /// The skip records the proxy has not finished with: those from index `from` on, in
-    /// order. The program keeps a record until the proxy reports it consumed past it, so
-    /// every record from `from` is still there.
-    pub fn skips_from(&self, from: u64) -> impl Iterator<Item = Skip> + '_ {
-        let first = from.max(self.skip_count.saturating_sub(SKIPS as u64));
-        (first..self.skip_count).map(|i| self.skips[(i % SKIPS as u64) as usize])
-    }
+    /// Repeated bytes the program cut off the head of skbs (delivered before).
+    pub trimmed: u64,
 }
 
 /// `struct direction` of the program.
@@ -106,16 +77,14 @@ struct RawDirection {
     acked: u64,
     next_seq: u32,
     seq_known: u32,
-    skipped: u64,
+    trimmed: u64,
     dropped: u64,
-    skip_count: u64,
-    skips: [Skip; SKIPS],
 }
 
 /// Size of `struct direction`.
-const DIRECTION_SIZE: usize = 88 + 16 * SKIPS;
+const DIRECTION_SIZE: usize = 80;
 /// Size of `struct forwarded`.
-const FORWARDED_SIZE: usize = 16;
+const FORWARDED_SIZE: usize = 8;
 
 impl RawDirection {
     fn bytes(&self) -> [u8; DIRECTION_SIZE] {
@@ -130,14 +99,8 @@ impl RawDirection {
         out[48..56].copy_from_slice(&self.acked.to_ne_bytes());
         out[56..60].copy_from_slice(&self.next_seq.to_ne_bytes());
         out[60..64].copy_from_slice(&self.seq_known.to_ne_bytes());
-        out[64..72].copy_from_slice(&self.skipped.to_ne_bytes());
+        out[64..72].copy_from_slice(&self.trimmed.to_ne_bytes());
         out[72..80].copy_from_slice(&self.dropped.to_ne_bytes());
-        out[80..88].copy_from_slice(&self.skip_count.to_ne_bytes());
-        for (i, skip) in self.skips.iter().enumerate() {
-            let at = 88 + 16 * i;
-            out[at..at + 8].copy_from_slice(&skip.at.to_ne_bytes());
-            out[at + 8..at + 16].copy_from_slice(&skip.len.to_ne_bytes());
-        }
         out
     }
 
@@ -155,13 +118,8 @@ impl RawDirection {
             acked: u64_at(48),
             next_seq: u32_at(56),
             seq_known: u32_at(60),
-            skipped: u64_at(64),
+            trimmed: u64_at(64),
             dropped: u64_at(72),
-            skip_count: u64_at(80),
-            skips: std::array::from_fn(|i| Skip {
-                at: u64_at(88 + 16 * i),
-                len: u64_at(96 + 16 * i),
-            }),
         }
     }
 }
@@ -201,7 +159,7 @@ pub struct Stats {
     pub lost_events: u64,
     /// skbs on sockets with no direction (passed up).
     pub unknown: u64,
-    /// skbs that repeated bytes already delivered (dropped whole, or their head skipped).
+    /// skbs that repeated bytes already delivered (their head cut off, or dropped whole).
     pub duplicates: u64,
 }
 
@@ -383,8 +341,8 @@ impl Sockmap {
         let result = (|| {
             self.insert(self.directions, client, &dir(req.written_to_server).bytes())?;
             self.insert(self.directions, server, &dir(req.written_to_client).bytes())?;
-            self.insert(self.forwarded, client, &[0u8; FORWARDED_SIZE])?;
-            self.insert(self.forwarded, server, &[0u8; FORWARDED_SIZE])?;
+            self.insert(self.forwarded, client, &0u64.to_ne_bytes())?;
+            self.insert(self.forwarded, server, &0u64.to_ne_bytes())?;
             // peers[c] is the socket c's data goes to: inserting it makes that socket join.
             let backend_entry = (client, req.server);
             let client_entry = (server, req.client);
@@ -483,25 +441,18 @@ impl Sockmap {
             },
             pauses: d.pauses,
             peak: d.peak,
-            skipped: d.skipped,
-            dropped: d.dropped,
-            skip_count: d.skip_count,
-            skips: d.skips,
+            trimmed: d.trimmed,
         })
     }
 
-    /// Records that the proxy wrote `bytes` of the direction's passed data to the peer and is
-    /// done with the first `consumed` bytes of the passed stream (written or skipped).
-    pub fn set_forwarded(&self, cookie: u64, bytes: u64, consumed: u64) -> io::Result<()> {
-        let mut value = [0u8; FORWARDED_SIZE];
-        value[0..8].copy_from_slice(&bytes.to_ne_bytes());
-        value[8..16].copy_from_slice(&consumed.to_ne_bytes());
-        // SAFETY: the key is a live 8-byte buffer and the value one of the map's value size.
+    /// Records that the proxy wrote `bytes` of the direction's passed data to the peer.
+    pub fn set_forwarded(&self, cookie: u64, bytes: u64) -> io::Result<()> {
+        // SAFETY: key and value are live 8-byte buffers, the map's sizes.
         let rc = unsafe {
             libbpf_sys::bpf_map_update_elem(
                 self.forwarded,
                 (&cookie as *const u64).cast(),
-                value.as_ptr().cast(),
+                (&bytes as *const u64).cast(),
                 u64::from(libbpf_sys::BPF_EXIST),
             )
         };

@@ -26,9 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use tendril_ebpf::sockmap::{
-    Direction, EventKind, Events, JoinError, JoinRequest, Joined, Mode, Sockmap,
-};
+use tendril_ebpf::sockmap::{EventKind, Events, JoinError, JoinRequest, Joined, Mode, Sockmap};
 
 use crate::metrics::{CloseReason, WorkerMetrics};
 use crate::routing::Backend;
@@ -235,62 +233,6 @@ struct Dir {
     end: usize,
     /// Bytes of passed-up data written to the peer.
     forwarded: u64,
-    /// Bytes of the passed stream read from the source (skipped ones included).
-    taken: u64,
-    /// Where in the passed stream the buffer's bytes start.
-    buf_from: u64,
-    /// Skip records (see [`Direction::skips_from`]) wholly applied.
-    skips_done: u64,
-}
-
-impl Dir {
-    /// Bytes of the passed stream the thread is done with: everything read once the buffer
-    /// is written, otherwise what came before the buffer.
-    fn consumed(&self) -> u64 {
-        if self.start < self.end {
-            self.buf_from
-        } else {
-            self.taken
-        }
-    }
-
-    /// Takes `n` freshly read bytes into the buffer, dropping those the program marked as
-    /// repeats of earlier bytes (records are in stream order and never overlap).
-    fn take(&mut self, n: usize, d: &Direction) {
-        let from = self.taken;
-        let to = from + n as u64;
-        let Some(buf) = self.buf.as_deref_mut() else {
-            return;
-        };
-        let mut keep = 0usize;
-        let mut cursor = from;
-        for skip in d.skips_from(self.skips_done) {
-            if skip.at >= to {
-                break;
-            }
-            let lo = skip.at.max(from);
-            let hi = (skip.at + skip.len).min(to);
-            if lo > cursor {
-                let (a, b) = ((cursor - from) as usize, (lo - from) as usize);
-                buf.copy_within(a..b, keep);
-                keep += b - a;
-            }
-            cursor = cursor.max(hi);
-            if skip.at + skip.len > to {
-                break;
-            }
-            self.skips_done += 1;
-        }
-        if cursor < to {
-            let (a, b) = ((cursor - from) as usize, n);
-            buf.copy_within(a..b, keep);
-            keep += b - a;
-        }
-        self.buf_from = from;
-        self.taken = to;
-        self.start = 0;
-        self.end = keep;
-    }
 }
 
 #[derive(Debug)]
@@ -804,8 +746,7 @@ fn step(map: &Sockmap, pair: &mut Pair, side: usize) -> Result<bool, CloseReason
                 Ok(n) => {
                     dir.start += n;
                     dir.forwarded += n as u64;
-                    map.set_forwarded(cookie, dir.forwarded, dir.consumed())
-                        .map_err(err)?;
+                    map.set_forwarded(cookie, dir.forwarded).map_err(err)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     dir.want_out = true;
@@ -816,7 +757,7 @@ fn step(map: &Sockmap, pair: &mut Pair, side: usize) -> Result<bool, CloseReason
             continue;
         }
         dir.want_out = false;
-        let pending = d.passed > dir.taken;
+        let pending = d.passed > dir.forwarded;
         if !pending && d.mode != Mode::User {
             // Back in the kernel (or never left): nothing to collect.
             dir.reading = false;
@@ -831,26 +772,20 @@ fn step(map: &Sockmap, pair: &mut Pair, side: usize) -> Result<bool, CloseReason
             Ok(0) => {
                 dir.eof = true;
                 d = map.direction(cookie).ok_or(CloseReason::Error)?;
-                if d.passed > dir.taken {
+                if d.passed > dir.forwarded {
                     // Passed bytes still on their way to the queue.
                     return Ok(true);
                 }
                 break;
             }
             Ok(n) => {
-                // Read after the bytes: the program wrote any skip record for them before
-                // they could be read.
+                dir.start = 0;
+                dir.end = n;
                 d = map.direction(cookie).ok_or(CloseReason::Error)?;
-                dir.take(n, &d);
-                if dir.start == dir.end {
-                    // All of it repeated earlier bytes.
-                    map.set_forwarded(cookie, dir.forwarded, dir.consumed())
-                        .map_err(err)?;
-                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 d = map.direction(cookie).ok_or(CloseReason::Error)?;
-                if d.passed > dir.taken {
+                if d.passed > dir.forwarded {
                     // Passed behind the psock's backlog: queued by a kernel worker soon.
                     return Ok(true);
                 }
@@ -869,11 +804,11 @@ fn step(map: &Sockmap, pair: &mut Pair, side: usize) -> Result<bool, CloseReason
     // The source sent its FIN: half-close the peer once every byte before it is there.
     // tcpi_bytes_received counts the FIN's sequence number as one byte.
     let received = tcp_bytes(source).map_err(err)?.received.saturating_sub(1);
-    if d.redirected + d.passed - d.skipped + base_recv < received {
+    if d.redirected + d.passed + base_recv < received {
         // The program has not seen the last bytes yet.
         return Ok(true);
     }
-    if dir.taken < d.passed || dir.start < dir.end {
+    if dir.forwarded < d.passed || dir.start < dir.end {
         return Ok(true);
     }
     if tcp_written(target).map_err(err)? < d.base + d.redirected + dir.forwarded {
@@ -937,97 +872,5 @@ fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tendril_ebpf::sockmap::{SKIPS, Skip};
-
-    fn direction(skips: &[(u64, u64)]) -> Direction {
-        let mut slots = [Skip::default(); SKIPS];
-        for (i, &(at, len)) in skips.iter().enumerate() {
-            slots[i % SKIPS] = Skip { at, len };
-        }
-        Direction {
-            base: 0,
-            limit: 1 << 20,
-            redirected: 0,
-            passed: 1 << 20,
-            mode: Mode::User,
-            pauses: 1,
-            peak: 0,
-            skipped: skips.iter().map(|s| s.1).sum(),
-            dropped: 0,
-            skip_count: skips.len() as u64,
-            skips: slots,
-        }
-    }
-
-    /// Feeds `stream` in reads of `chunk` bytes and returns what would be written.
-    fn run(stream: &[u8], chunk: usize, d: &Direction) -> (Vec<u8>, Dir) {
-        let mut dir = Dir {
-            buf: Some(vec![0u8; chunk].into_boxed_slice()),
-            ..Dir::default()
-        };
-        let mut out = Vec::new();
-        for piece in stream.chunks(chunk) {
-            dir.buf.as_deref_mut().unwrap()[..piece.len()].copy_from_slice(piece);
-            dir.take(piece.len(), d);
-            out.extend_from_slice(&dir.buf.as_deref().unwrap()[dir.start..dir.end]);
-            if dir.start < dir.end {
-                assert_eq!(
-                    dir.consumed(),
-                    dir.buf_from,
-                    "unwritten bytes are not consumed"
-                );
-            }
-            dir.start = dir.end;
-            assert_eq!(dir.consumed(), dir.taken);
-        }
-        (out, dir)
-    }
-
-    #[test]
-    fn repeated_bytes_are_dropped_wherever_the_reads_split_them() {
-        // "abc" + "bc" repeated + "def" + "ef" repeated + "g".
-        let stream = b"abcbcdefefg";
-        let d = direction(&[(3, 2), (8, 2)]);
-        for chunk in 1..=stream.len() {
-            let (out, dir) = run(stream, chunk, &d);
-            assert_eq!(out, b"abcdefg", "reads of {chunk}");
-            assert_eq!(dir.skips_done, 2, "reads of {chunk}");
-            assert_eq!(dir.taken, stream.len() as u64);
-        }
-    }
-
-    #[test]
-    fn a_read_made_only_of_repeated_bytes_leaves_nothing_to_write() {
-        let stream = b"xxxxyz";
-        let d = direction(&[(0, 4)]);
-        let (out, dir) = run(stream, 4, &d);
-        assert_eq!(out, b"yz");
-        assert_eq!(dir.skips_done, 1);
-    }
-
-    #[test]
-    fn only_the_latest_records_are_read_and_done_ones_are_not_applied_again() {
-        // Six records, the program keeps the last four: the first two were done earlier.
-        let stream = b"0123456789";
-        let records: Vec<(u64, u64)> = (0..6).map(|i| (i as u64 * 10, 1)).collect();
-        let mut d = direction(&records);
-        let mut dir = Dir {
-            buf: Some(vec![0u8; 16].into_boxed_slice()),
-            taken: 20,
-            skips_done: 2,
-            ..Dir::default()
-        };
-        d.skips[2] = Skip { at: 20, len: 1 };
-        d.skips[3] = Skip { at: 25, len: 2 };
-        dir.buf.as_deref_mut().unwrap()[..10].copy_from_slice(stream);
-        dir.take(10, &d);
-        assert_eq!(&dir.buf.as_deref().unwrap()[..dir.end], b"1234789");
-        assert_eq!(dir.skips_done, 4);
     }
 }
