@@ -2,8 +2,8 @@
 # Starts what the tendril targets need beside the anchor setup: an etcd, cluster data whose
 # proxy section routes to the benchmark PostgreSQL, and three tendril proxies: userspace
 # forwarding on io_uring (TENDRIL_URING_PORT) and on epoll (TENDRIL_EPOLL_PORT), and kernel
-# forwarding with the BPF sockmap (TENDRIL_KERNEL_PORT). Pids go to $RUN_DIR, stopped by
-# teardown.sh.
+# forwarding with the BPF sockmap (TENDRIL_KERNEL_PORT); with REPLICA_DIR, also the probe's
+# minimal sockmap proxy (REPLICA_PORT). Pids go to $RUN_DIR, stopped by teardown.sh.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 . "$HERE/env.sh"
@@ -43,3 +43,16 @@ for port in "$TENDRIL_URING_PORT" "$TENDRIL_EPOLL_PORT" "$TENDRIL_KERNEL_PORT"; 
   "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null
 done
 echo "tendril proxies up on $TENDRIL_URING_PORT (io_uring), $TENDRIL_EPOLL_PORT (epoll), $TENDRIL_KERNEL_PORT (kernel)"
+# The feasibility probe's minimal sockmap proxy (replica/), when built: the reference the
+# kernel path is compared with in the same rounds.
+: "${REPLICA_PORT:=25503}"
+if [ -n "${REPLICA_DIR:-}" ] && [ -x "$REPLICA_DIR/replica" ]; then
+  "$REPLICA_DIR/replica" "$REPLICA_PORT" "$PG_PORT" "$REPLICA_DIR/replica.bpf.o" >"$RUN_DIR/replica.log" 2>&1 &
+  echo $! >"$RUN_DIR/replica.pid"
+  for _ in $(seq 100); do
+    "$PGBIN/psql" -h 127.0.0.1 -p "$REPLICA_PORT" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  "$PGBIN/psql" -h 127.0.0.1 -p "$REPLICA_PORT" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null
+  echo "sockmap replica up on $REPLICA_PORT"
+fi

@@ -47,16 +47,24 @@ fn proxy(quick: bool) -> anyhow::Result<()> {
         "-p",
         "tendril-control",
     ]))?;
+    // The probe's minimal sockmap proxy, the reference for the kernel path.
+    let replica = target_dir().join("sockmap-replica");
+    crate::run(
+        Command::new("bash")
+            .arg(bench.join("replica/build.sh"))
+            .arg(&replica),
+    )?;
     let run_dir = "/tmp/proxy-anchor/run";
     let mut cmd = Command::new("bash");
     cmd.arg(bench.join("run_all.sh"))
         .current_dir(&bench)
         .env("TENDRIL_BIN", target_dir().join("release"))
+        .env("REPLICA_DIR", &replica)
         .env("PRE_BENCH_HOOK", bench.join("tendril-up.sh"))
         .env(
             "EXTRA_TARGET",
             format!(
-                "tendril-uring:25500::{run_dir}/tendril-uring.pid,tendril-epoll:25501::{run_dir}/tendril-epoll.pid,tendril-kernel:25502::{run_dir}/tendril-kernel.pid"
+                "tendril-uring:25500::{run_dir}/tendril-uring.pid,tendril-epoll:25501::{run_dir}/tendril-epoll.pid,tendril-kernel:25502::{run_dir}/tendril-kernel.pid,sockmap-replica:25503::{run_dir}/replica.pid"
             ),
         );
     if quick {
