@@ -136,6 +136,10 @@ impl<S: Store> Sentinel<S> {
         let mut watch: Option<Watch> = None;
         tokio::pin!(shutdown);
         let mut sleep = Duration::from_secs(1);
+        // The lease the sentinel report was last written with: the key lives as long as that
+        // lease, so it is written once per lease. Writing it every loop would wake every
+        // sentinel's watch, whose wake-up writes it again: a loop at the settle rate.
+        let mut published: Option<tendril_control_store::LeaseId> = None;
         loop {
             if watch.is_none() {
                 watch = self.store.watch(keys.base(), 0).await.ok();
@@ -143,16 +147,21 @@ impl<S: Store> Sentinel<S> {
             // The lease: a new id means the old one expired, and with it any leadership.
             let lease_id = lease.id();
             if let Some(id) = lease_id {
-                let info = SentinelInfo {
-                    format_version: FORMAT_VERSION,
-                    uid: self.config.uid.clone(),
-                };
-                if let Err(e) = self
-                    .store
-                    .put(&keys.sentinel(&self.config.uid), encode(&info), Some(id))
-                    .await
-                {
-                    tracing::debug!(error = %e, "cannot publish the sentinel report");
+                if published != Some(id) {
+                    let info = SentinelInfo {
+                        format_version: FORMAT_VERSION,
+                        uid: self.config.uid.clone(),
+                    };
+                    match self
+                        .store
+                        .put(&keys.sentinel(&self.config.uid), encode(&info), Some(id))
+                        .await
+                    {
+                        Ok(_) => published = Some(id),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot publish the sentinel report")
+                        }
+                    }
                 }
                 let stale = campaign.as_ref().is_some_and(|(_, l)| *l != id)
                     || leadership.as_ref().is_some_and(|l| l.lease != id);

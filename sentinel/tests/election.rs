@@ -1,6 +1,6 @@
 //! Two real sentinel processes against a real etcd: one leads; when it is killed (SIGKILL) the
 //! other takes over within the leadership lease TTL + 1 s and carries on with the same cluster
-//! data.
+//! data. Idle, they leave the store quiet.
 
 #![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
 
@@ -188,5 +188,49 @@ async fn leader_killed_other_takes_over_with_the_same_cluster_data() {
         follower.log().contains("elected leader"),
         "follower log:\n{}",
         follower.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sentinels_leave_the_store_quiet() {
+    // Sentinels watch the cluster prefix to react in milliseconds; anything they write there
+    // on every loop wakes them all again. That once made each sentinel rewrite its report
+    // about 40 times a second (and burn a sixth of a core) on an idle cluster.
+    tendril_testkit::init_logging();
+    let etcd = EtcdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("spec.json");
+    std::fs::write(&spec, r#"{"sleep_interval": "1s"}"#).unwrap();
+    let _a = sentinel(&etcd, dir.path(), "a", &spec);
+    let _b = sentinel(&etcd, dir.path(), "b", &spec);
+    let store = EtcdStore::connect(&StoreConfig::new([etcd.endpoint()]))
+        .await
+        .unwrap();
+    let keys = Keys::new("e").unwrap();
+    wait("a leader elected", Duration::from_secs(20), async || {
+        store.leader(&keys.leader()).await.unwrap()
+    })
+    .await;
+    wait(
+        "cluster data created from the initial spec",
+        Duration::from_secs(20),
+        async || store.get(&keys.cluster_data()).await.unwrap(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut watch = store.watch(keys.base(), 0).await.unwrap();
+    let mut writes = Vec::new();
+    let window = Duration::from_secs(3);
+    let _ = tokio::time::timeout(window, async {
+        while let Some(event) = watch.next().await {
+            writes.push(event);
+        }
+    })
+    .await;
+    println!("{} writes in {window:?} on an idle cluster", writes.len());
+    assert!(
+        writes.len() <= 6,
+        "idle sentinels wrote {} times in {window:?}: {writes:?}",
+        writes.len()
     );
 }
