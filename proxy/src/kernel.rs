@@ -233,6 +233,8 @@ struct Dir {
     end: usize,
     /// Bytes of passed-up data written to the peer.
     forwarded: u64,
+    /// The source's receive buffer was fixed at the limit (on the first pause).
+    clamped: bool,
 }
 
 #[derive(Debug)]
@@ -732,6 +734,16 @@ fn step(map: &Sockmap, pair: &mut Pair, side: usize) -> Result<bool, CloseReason
     let mut d = map.direction(cookie).ok_or(CloseReason::Error)?;
     if d.mode == Mode::Failed {
         return Err(CloseReason::Error);
+    }
+    if d.mode == Mode::User && !dir.clamped {
+        // Paused: from now on what the kernel holds for this direction is mostly the
+        // source's receive buffer, which autotuning may have grown toward tcp_rmem's maximum
+        // (32 MiB on these machines). Fix it at the limit so a stalled peer costs a bounded
+        // amount whatever came before; autotuning stays off for this connection after.
+        if let Err(e) = crate::sys::set_receive_buffer(source, d.limit) {
+            tracing::debug!(error = %e, "kernel path: cannot fix the receive buffer");
+        }
+        dir.clamped = true;
     }
     loop {
         if dir.start < dir.end {
