@@ -92,19 +92,51 @@ async fn wait<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option
     }
 }
 
+/// An etcd, two sentinels `a` and `b` with a 1 s sleep interval, and a store client.
+struct Two {
+    a: Proc,
+    b: Proc,
+    store: EtcdStore,
+    keys: Keys,
+    // Dropped last: the sentinels' logs and the etcd outlive them.
+    _dir: tempfile::TempDir,
+    _etcd: EtcdServer,
+}
+
+impl Two {
+    async fn start() -> Two {
+        tendril_testkit::init_logging();
+        let etcd = EtcdServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().join("spec.json");
+        std::fs::write(&spec, r#"{"sleep_interval": "1s"}"#).unwrap();
+        let a = sentinel(&etcd, dir.path(), "a", &spec);
+        let b = sentinel(&etcd, dir.path(), "b", &spec);
+        let store = EtcdStore::connect(&StoreConfig::new([etcd.endpoint()]))
+            .await
+            .unwrap();
+        Two {
+            a,
+            b,
+            store,
+            keys: Keys::new("e").unwrap(),
+            _dir: dir,
+            _etcd: etcd,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_other_takes_over_with_the_same_cluster_data() {
-    tendril_testkit::init_logging();
-    let etcd = EtcdServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("spec.json");
-    std::fs::write(&spec, r#"{"sleep_interval": "1s"}"#).unwrap();
-    let mut a = sentinel(&etcd, dir.path(), "a", &spec);
-    let mut b = sentinel(&etcd, dir.path(), "b", &spec);
-    let store = EtcdStore::connect(&StoreConfig::new([etcd.endpoint()]))
-        .await
-        .unwrap();
-    let keys = Keys::new("e").unwrap();
+    // Every field bound: `..` would drop the rest (etcd included) at the end of the let.
+    let Two {
+        mut a,
+        mut b,
+        store,
+        keys,
+        _dir,
+        _etcd,
+    } = Two::start().await;
 
     let cd: ClusterData = wait(
         "cluster data created from the initial spec",
@@ -196,17 +228,14 @@ async fn idle_sentinels_leave_the_store_quiet() {
     // Sentinels watch the cluster prefix to react in milliseconds; anything they write there
     // on every loop wakes them all again. That once made each sentinel rewrite its report
     // about 40 times a second (and burn a sixth of a core) on an idle cluster.
-    tendril_testkit::init_logging();
-    let etcd = EtcdServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("spec.json");
-    std::fs::write(&spec, r#"{"sleep_interval": "1s"}"#).unwrap();
-    let _a = sentinel(&etcd, dir.path(), "a", &spec);
-    let _b = sentinel(&etcd, dir.path(), "b", &spec);
-    let store = EtcdStore::connect(&StoreConfig::new([etcd.endpoint()]))
-        .await
-        .unwrap();
-    let keys = Keys::new("e").unwrap();
+    let Two {
+        mut a,
+        mut b,
+        store,
+        keys,
+        _dir,
+        _etcd,
+    } = Two::start().await;
     wait("a leader elected", Duration::from_secs(20), async || {
         store.leader(&keys.leader()).await.unwrap()
     })
@@ -228,6 +257,13 @@ async fn idle_sentinels_leave_the_store_quiet() {
     })
     .await;
     println!("{} writes in {window:?} on an idle cluster", writes.len());
+    for s in [&mut a, &mut b] {
+        assert!(
+            s.child.try_wait().unwrap().is_none(),
+            "a sentinel exited, so its silence proves nothing:\n{}",
+            s.log()
+        );
+    }
     assert!(
         writes.len() <= 6,
         "idle sentinels wrote {} times in {window:?}: {writes:?}",
