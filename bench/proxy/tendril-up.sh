@@ -35,24 +35,20 @@ for variant in uring:$TENDRIL_URING_PORT:auto:userspace epoll:$TENDRIL_EPOLL_POR
     --io-driver "$driver" --forwarding "$forwarding" --uid "bench-$name" >"$RUN_DIR/tendril-$name.log" 2>&1 &
   echo $! >"$RUN_DIR/tendril-$name.pid"
 done
-for port in "$TENDRIL_URING_PORT" "$TENDRIL_EPOLL_PORT" "$TENDRIL_KERNEL_PORT"; do
+# The feasibility probe's minimal sockmap proxy (replica/), when built: the reference the
+# kernel path is compared with in the same rounds.
+: "${REPLICA_PORT:=25503}"
+ports=("$TENDRIL_URING_PORT" "$TENDRIL_EPOLL_PORT" "$TENDRIL_KERNEL_PORT")
+if [ -n "${REPLICA_DIR:-}" ] && [ -x "$REPLICA_DIR/replica" ]; then
+  "$REPLICA_DIR/replica" "$REPLICA_PORT" "$PG_PORT" "$REPLICA_DIR/replica.bpf.o" >"$RUN_DIR/replica.log" 2>&1 &
+  echo $! >"$RUN_DIR/replica.pid"
+  ports+=("$REPLICA_PORT")
+fi
+for port in "${ports[@]}"; do
   for _ in $(seq 100); do
     "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null 2>&1 && break
     sleep 0.1
   done
   "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null
 done
-echo "tendril proxies up on $TENDRIL_URING_PORT (io_uring), $TENDRIL_EPOLL_PORT (epoll), $TENDRIL_KERNEL_PORT (kernel)"
-# The feasibility probe's minimal sockmap proxy (replica/), when built: the reference the
-# kernel path is compared with in the same rounds.
-: "${REPLICA_PORT:=25503}"
-if [ -n "${REPLICA_DIR:-}" ] && [ -x "$REPLICA_DIR/replica" ]; then
-  "$REPLICA_DIR/replica" "$REPLICA_PORT" "$PG_PORT" "$REPLICA_DIR/replica.bpf.o" >"$RUN_DIR/replica.log" 2>&1 &
-  echo $! >"$RUN_DIR/replica.pid"
-  for _ in $(seq 100); do
-    "$PGBIN/psql" -h 127.0.0.1 -p "$REPLICA_PORT" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null 2>&1 && break
-    sleep 0.1
-  done
-  "$PGBIN/psql" -h 127.0.0.1 -p "$REPLICA_PORT" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null
-  echo "sockmap replica up on $REPLICA_PORT"
-fi
+echo "proxies up on ${ports[*]} (tendril io_uring, epoll, kernel; then the sockmap replica if built)"

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Builds the BPF objects into OUT_DIR: generates vmlinux.h from the running kernel's BTF with
-# bpftool, then compiles every *.bpf.c with clang (-target bpf -O2 -g). Used by the loader's
-# build script and by `cargo xtask build-ebpf`, so both build the same way.
+# bpftool, then compiles every *.bpf.c of SRC_DIR (default: this directory) with clang
+# (-target bpf -O2 -g). Used by the loader's build script, by `cargo xtask build-ebpf` and by
+# the benchmark's sockmap replica, so all build the same way.
 #
 # Needs: clang (clang-19 or newer preferred; Debian's clang 14 lacks kfunc support in BTF),
 # bpftool, libbpf-dev headers, and /sys/kernel/btf/vmlinux (a kernel with BTF).
 set -euo pipefail
-OUT_DIR=${1:?usage: build.sh OUT_DIR}
+OUT_DIR=${1:?usage: build.sh OUT_DIR [SRC_DIR]}
 HERE="$(cd "$(dirname "$0")" && pwd)"
+SRC_DIR="${2:-$HERE}"
 mkdir -p "$OUT_DIR"
 CLANG=""
 for c in ${CLANG_BPF:-} clang-22 clang-21 clang-20 clang-19 clang; do
@@ -23,7 +25,7 @@ if [ ! -s "$OUT_DIR/vmlinux.h" ]; then
   mv "$OUT_DIR/vmlinux.h.tmp" "$OUT_DIR/vmlinux.h"
 fi
 ARCH=$(uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
-for src in "$HERE"/*.bpf.c; do
+for src in "$SRC_DIR"/*.bpf.c; do
   obj="$OUT_DIR/$(basename "${src%.c}").o"
   "$CLANG" -target bpf -O2 -g -D__TARGET_ARCH_"$ARCH" -I"$OUT_DIR" -I/usr/include/"$(uname -m)"-linux-gnu \
     -c "$src" -o "$obj"

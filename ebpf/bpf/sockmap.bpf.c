@@ -117,7 +117,7 @@ struct {
 #define STAT_FAILURES 4
 #define STAT_LOST_EVENTS 5
 #define STAT_UNKNOWN 6
-#define STAT_DUPLICATES 7 /* skbs that repeated bytes already seen (dropped or trimmed) */
+#define STAT_REPEATED 7 /* skbs that repeated bytes already seen (dropped or trimmed) */
 #define STAT_COUNT 8
 
 struct {
@@ -211,13 +211,14 @@ int forward(struct __sk_buff *skb)
 	}
 	/* Bytes already seen (see Repeated bytes above). */
 	__u32 seq = skb_seq(skb);
+	__u32 end = seq + len;
 	if (!d->seq_known) {
 		d->next_seq = first_seq(skb, seq);
 		d->seq_known = 1;
 	}
 	__s32 behind = (__s32)(d->next_seq - seq);
 	if (behind > 0) {
-		count(STAT_DUPLICATES);
+		count(STAT_REPEATED);
 		if ((__u32)behind >= len) {
 			d->dropped += len;
 			return SK_DROP;
@@ -229,7 +230,7 @@ int forward(struct __sk_buff *skb)
 		d->trimmed += behind;
 		len = skb->len;
 	}
-	d->next_seq = seq + (behind > 0 ? behind : 0) + len;
+	d->next_seq = end;
 	if (d->mode == MODE_JOINING) {
 		/* First skb of this direction. If the peer has not joined yet, keep the bytes, in
 		 * order, for the proxy (USER mode) instead of dropping them. */

@@ -59,8 +59,6 @@ pub struct Direction {
     pub pauses: u32,
     /// Most bytes seen held in the kernel for this direction at one verdict.
     pub peak: u64,
-    /// Repeated bytes the program cut off the head of skbs (delivered before).
-    pub trimmed: u64,
 }
 
 /// `struct direction` of the program.
@@ -160,7 +158,7 @@ pub struct Stats {
     /// skbs on sockets with no direction (passed up).
     pub unknown: u64,
     /// skbs that repeated bytes already delivered (their head cut off, or dropped whole).
-    pub duplicates: u64,
+    pub repeated: u64,
 }
 
 /// Why a pair could not join.
@@ -441,7 +439,6 @@ impl Sockmap {
             },
             pauses: d.pauses,
             peak: d.peak,
-            trimmed: d.trimmed,
         })
     }
 
@@ -484,7 +481,7 @@ impl Sockmap {
             failures: read(4),
             lost_events: read(5),
             unknown: read(6),
-            duplicates: read(7),
+            repeated: read(7),
         }
     }
 

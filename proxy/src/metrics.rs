@@ -238,7 +238,7 @@ pub fn render(
                 ("outcome=\"redirected\"".into(), k.stats.redirects),
                 ("outcome=\"passed\"".into(), k.stats.passes),
                 ("outcome=\"failed\"".into(), k.stats.failures),
-                ("outcome=\"repeated\"".into(), k.stats.duplicates),
+                ("outcome=\"repeated\"".into(), k.stats.repeated),
             ],
         );
         metric(

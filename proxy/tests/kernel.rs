@@ -330,12 +330,7 @@ async fn bytes_read_before_the_join_reach_the_master_once() {
     let proxy = start_kernel_proxy(&env, "k9", &["--hold-timeout", "30s"]);
     env.wait_acked("k9", g, Duration::from_secs(10)).await;
     const INSERTS: usize = 3000;
-    let mut wire = Vec::new();
-    let mut startup = Vec::new();
-    startup.extend_from_slice(&196_608u32.to_be_bytes());
-    startup.extend_from_slice(b"user\0postgres\0database\0postgres\0\0");
-    wire.extend_from_slice(&(startup.len() as u32 + 4).to_be_bytes());
-    wire.extend_from_slice(&startup);
+    let mut wire = support::startup_packet(&[("user", "postgres"), ("database", "postgres")]);
     let pad = "x".repeat(60);
     for i in 0..INSERTS {
         message(

@@ -174,11 +174,8 @@ async fn no_master_answers_57p03_naming_the_cluster() {
     let mut answer = [0u8; 1];
     raw.read_exact(&mut answer).unwrap();
     assert_eq!(&answer, b"N");
-    let mut startup = vec![0, 0, 0, 0, 0, 3, 0, 0];
-    startup.extend_from_slice(b"user\0postgres\0\0");
-    let len = u32::try_from(startup.len()).unwrap().to_be_bytes();
-    startup[..4].copy_from_slice(&len);
-    raw.write_all(&startup).unwrap();
+    raw.write_all(&support::startup_packet(&[("user", "postgres")]))
+        .unwrap();
     let mut reply = Vec::new();
     raw.read_to_end(&mut reply).unwrap();
     assert_eq!(reply[0], b'E');

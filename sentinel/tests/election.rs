@@ -98,7 +98,7 @@ struct Two {
     b: Proc,
     store: EtcdStore,
     keys: Keys,
-    // Dropped last: the sentinels' logs and the etcd outlive them.
+    // Kept for the sentinels' lifetime: their logs and their etcd.
     _dir: tempfile::TempDir,
     _etcd: EtcdServer,
 }
@@ -128,15 +128,8 @@ impl Two {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_other_takes_over_with_the_same_cluster_data() {
-    // Every field bound: `..` would drop the rest (etcd included) at the end of the let.
-    let Two {
-        mut a,
-        mut b,
-        store,
-        keys,
-        _dir,
-        _etcd,
-    } = Two::start().await;
+    let mut two = Two::start().await;
+    let (store, keys) = (&two.store, &two.keys);
 
     let cd: ClusterData = wait(
         "cluster data created from the initial spec",
@@ -152,7 +145,7 @@ async fn leader_killed_other_takes_over_with_the_same_cluster_data() {
     })
     .await;
     // Only the leader writes: a keeper report makes it record the keeper.
-    keeper_report(&store, &keys, &cd.uid, "k1").await;
+    keeper_report(store, keys, &cd.uid, "k1").await;
     let before: ClusterData = wait(
         "the leader records keeper k1",
         Duration::from_secs(10),
@@ -164,10 +157,10 @@ async fn leader_killed_other_takes_over_with_the_same_cluster_data() {
     )
     .await;
 
-    let (leader, follower) = if a.log().contains("elected leader") {
-        (&mut a, &b)
+    let (leader, follower) = if two.a.log().contains("elected leader") {
+        (&mut two.a, &two.b)
     } else {
-        (&mut b, &a)
+        (&mut two.b, &two.a)
     };
     assert!(
         leader.log().contains("elected leader"),
@@ -199,7 +192,7 @@ async fn leader_killed_other_takes_over_with_the_same_cluster_data() {
     assert!(took <= TTL + Duration::from_secs(1));
 
     // The new leader continues the same cluster data: same uid, generations going on.
-    keeper_report(&store, &keys, &cd.uid, "k2").await;
+    keeper_report(store, keys, &cd.uid, "k2").await;
     let after: ClusterData = wait(
         "the new leader records keeper k2",
         Duration::from_secs(10),
@@ -228,14 +221,8 @@ async fn idle_sentinels_leave_the_store_quiet() {
     // Sentinels watch the cluster prefix to react in milliseconds; anything they write there
     // on every loop wakes them all again. That once made each sentinel rewrite its report
     // about 40 times a second (and burn a sixth of a core) on an idle cluster.
-    let Two {
-        mut a,
-        mut b,
-        store,
-        keys,
-        _dir,
-        _etcd,
-    } = Two::start().await;
+    let mut two = Two::start().await;
+    let (store, keys) = (&two.store, &two.keys);
     wait("a leader elected", Duration::from_secs(20), async || {
         store.leader(&keys.leader()).await.unwrap()
     })
@@ -257,7 +244,7 @@ async fn idle_sentinels_leave_the_store_quiet() {
     })
     .await;
     println!("{} writes in {window:?} on an idle cluster", writes.len());
-    for s in [&mut a, &mut b] {
+    for s in [&mut two.a, &mut two.b] {
         assert!(
             s.child.try_wait().unwrap().is_none(),
             "a sentinel exited, so its silence proves nothing:\n{}",

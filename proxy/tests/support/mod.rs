@@ -185,6 +185,24 @@ impl Drop for ProxyProc {
 }
 
 /// Connects through `port` as the superuser.
+/// A protocol 3.0 StartupMessage with these parameters (user, database, ...).
+pub fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for (name, value) in params {
+        for s in [name, value] {
+            body.extend_from_slice(s.as_bytes());
+            body.push(0);
+        }
+    }
+    body.push(0);
+    let mut packet = u32::try_from(body.len() + 4)
+        .unwrap()
+        .to_be_bytes()
+        .to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
+
 pub async fn connect(port: u16) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let conninfo =
         format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=10");
