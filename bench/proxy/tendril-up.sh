@@ -3,7 +3,8 @@
 # proxy section routes to the benchmark PostgreSQL, and three tendril proxies: userspace
 # forwarding on io_uring (TENDRIL_URING_PORT) and on epoll (TENDRIL_EPOLL_PORT), and kernel
 # forwarding with the BPF sockmap (TENDRIL_KERNEL_PORT); with REPLICA_DIR, also the probe's
-# minimal sockmap proxy (REPLICA_PORT). Pids go to $RUN_DIR, stopped by teardown.sh.
+# minimal sockmap proxy (REPLICA_PORT) and the experiment forwarding on the client's own
+# socket (MSG_PORT). Pids go to $RUN_DIR, stopped by teardown.sh.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 . "$HERE/env.sh"
@@ -44,6 +45,15 @@ if [ -n "${REPLICA_DIR:-}" ] && [ -x "$REPLICA_DIR/replica" ]; then
   echo $! >"$RUN_DIR/replica.pid"
   ports+=("$REPLICA_PORT")
 fi
+# Forwarding on the client's own socket (replica/msg.c, an experiment for issue 8): its
+# sockops program goes on the cgroup v2 root through a link that ends with the process.
+: "${MSG_PORT:=25504}"
+CGROUP2_DIR=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
+if [ -n "${REPLICA_DIR:-}" ] && [ -x "$REPLICA_DIR/msg" ] && [ -n "$CGROUP2_DIR" ]; then
+  "$REPLICA_DIR/msg" "$MSG_PORT" "$PG_PORT" "$REPLICA_DIR/msg.bpf.o" "$CGROUP2_DIR" >"$RUN_DIR/msg.log" 2>&1 &
+  echo $! >"$RUN_DIR/msg.pid"
+  ports+=("$MSG_PORT")
+fi
 for port in "${ports[@]}"; do
   for _ in $(seq 100); do
     "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null 2>&1 && break
@@ -51,4 +61,4 @@ for port in "${ports[@]}"; do
   done
   "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null
 done
-echo "proxies up on ${ports[*]} (tendril io_uring, epoll, kernel; then the sockmap replica if built)"
+echo "proxies up on ${ports[*]} (tendril io_uring, epoll, kernel; then the sockmap replica and msg stand-ins if built)"

@@ -47,7 +47,8 @@ fn proxy(quick: bool) -> anyhow::Result<()> {
         "-p",
         "tendril-control",
     ]))?;
-    // The probe's minimal sockmap proxy, the reference for the kernel path.
+    // The probe's minimal sockmap proxy, the reference for the kernel path, and the
+    // experiment that forwards on the client's own socket (bench/proxy/replica/).
     let replica = target_dir().join("sockmap-replica");
     crate::run(
         Command::new("bash")
@@ -64,7 +65,7 @@ fn proxy(quick: bool) -> anyhow::Result<()> {
         .env(
             "EXTRA_TARGET",
             format!(
-                "tendril-uring:25500::{run_dir}/tendril-uring.pid,tendril-epoll:25501::{run_dir}/tendril-epoll.pid,tendril-kernel:25502::{run_dir}/tendril-kernel.pid,sockmap-replica:25503::{run_dir}/replica.pid"
+                "tendril-uring:25500::{run_dir}/tendril-uring.pid,tendril-epoll:25501::{run_dir}/tendril-epoll.pid,tendril-kernel:25502::{run_dir}/tendril-kernel.pid,sockmap-replica:25503::{run_dir}/replica.pid,sockmap-msg:25504::{run_dir}/msg.pid"
             ),
         );
     if quick {

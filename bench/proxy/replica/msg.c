@@ -1,0 +1,153 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * A benchmark stand-in for issue 8, not product code: measures forwarding on the client's
+ * own socket (msg.bpf.c) beside tendril's kernel path and the probe's replica (replica.c).
+ * One epoll thread: attach the sockops program to the cgroup v2 root through a link (gone
+ * when this process exits), accept, blocking connect to PostgreSQL, then the server socket
+ * joins `servers` and the routes are written; bytes the client sent before that (its
+ * startup packet) are read and written here. Only works for clients on this host; no
+ * backpressure, no fencing; on a hang-up it waits 2 ms for the backlog before the
+ * half-close.
+ *
+ * usage: msg LISTEN_PORT PG_PORT OBJECT CGROUP2_DIR
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define MAX_FD 65536
+
+static int peer[MAX_FD];
+static char hung_up[MAX_FD];
+static uint32_t client_port[MAX_FD], server_port[MAX_FD];
+
+static struct sockaddr_in loopback(int port)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
+	inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+	return a;
+}
+
+static int map_fd(struct bpf_object *obj, const char *name)
+{
+	return bpf_object__find_map_fd_by_name(obj, name);
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 5) {
+		fprintf(stderr, "usage: %s LISTEN_PORT PG_PORT OBJECT CGROUP2_DIR\n", argv[0]);
+		return 2;
+	}
+	uint32_t port = atoi(argv[1]);
+	struct sockaddr_in listen_at = loopback(port);
+	struct sockaddr_in pg = loopback(atoi(argv[2]));
+	struct bpf_object *obj = bpf_object__open_file(argv[3], NULL);
+	struct bpf_map *rodata = obj ? bpf_object__find_map_by_name(obj, ".rodata") : NULL;
+	if (!rodata || bpf_map__set_initial_value(rodata, &port, sizeof(port)) ||
+	    bpf_object__load(obj)) {
+		perror("load the BPF object");
+		return 1;
+	}
+	int clients = map_fd(obj, "clients"), servers = map_fd(obj, "servers");
+	int to_server = map_fd(obj, "to_server"), to_client = map_fd(obj, "to_client");
+	struct bpf_program *ops = bpf_object__find_program_by_name(obj, "client_established");
+	int send_prog = bpf_program__fd(bpf_object__find_program_by_name(obj, "client_send"));
+	int recv_prog = bpf_program__fd(bpf_object__find_program_by_name(obj, "server_receive"));
+	int cgroup = open(argv[4], O_RDONLY | O_DIRECTORY);
+	if (cgroup < 0 || bpf_prog_attach(send_prog, clients, BPF_SK_MSG_VERDICT, 0) ||
+	    bpf_prog_attach(recv_prog, servers, BPF_SK_SKB_STREAM_VERDICT, 0) ||
+	    !bpf_program__attach_cgroup(ops, cgroup)) {
+		perror("attach the programs");
+		return 1;
+	}
+	int one = 1;
+	int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(ls, (struct sockaddr *)&listen_at, sizeof(listen_at)) || listen(ls, 1024)) {
+		perror("listen");
+		return 1;
+	}
+	int ep = epoll_create1(EPOLL_CLOEXEC);
+	struct epoll_event lev = { .events = EPOLLIN, .data.fd = ls };
+	epoll_ctl(ep, EPOLL_CTL_ADD, ls, &lev);
+	fprintf(stderr, "msg replica listening on %s\n", argv[1]);
+	static char buf[65536];
+	for (;;) {
+		struct epoll_event evs[64];
+		int n = epoll_wait(ep, evs, 64, -1);
+		for (int i = 0; i < n; i++) {
+			int fd = evs[i].data.fd;
+			if (fd == ls) {
+				struct sockaddr_in from;
+				socklen_t from_len = sizeof(from);
+				int c = accept4(ls, (struct sockaddr *)&from, &from_len, SOCK_CLOEXEC);
+				if (c < 0)
+					continue;
+				int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+				if (c >= MAX_FD || s < 0 || s >= MAX_FD ||
+				    connect(s, (struct sockaddr *)&pg, sizeof(pg))) {
+					close(c);
+					if (s >= 0)
+						close(s);
+					continue;
+				}
+				setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+				struct sockaddr_in me;
+				socklen_t me_len = sizeof(me);
+				getsockname(s, (struct sockaddr *)&me, &me_len);
+				uint32_t cp = ntohs(from.sin_port), sp = ntohs(me.sin_port);
+				uint64_t sfd = s;
+				if (bpf_map_update_elem(servers, &sp, &sfd, BPF_ANY) ||
+				    bpf_map_update_elem(to_client, &sp, &cp, BPF_ANY) ||
+				    bpf_map_update_elem(to_server, &cp, &sp, BPF_ANY)) {
+					perror("join");
+					close(c);
+					close(s);
+					continue;
+				}
+				client_port[c] = client_port[s] = cp;
+				server_port[c] = server_port[s] = sp;
+				peer[c] = s;
+				peer[s] = c;
+				hung_up[c] = hung_up[s] = 0;
+				/* The accepted socket carries only what the client sent before
+				 * the routes existed, and the client's FIN. */
+				struct epoll_event ec = { .events = EPOLLIN | EPOLLRDHUP, .data.fd = c };
+				struct epoll_event es = { .events = EPOLLRDHUP, .data.fd = s };
+				epoll_ctl(ep, EPOLL_CTL_ADD, c, &ec);
+				epoll_ctl(ep, EPOLL_CTL_ADD, s, &es);
+				continue;
+			}
+			if (evs[i].events & EPOLLIN) {
+				ssize_t r;
+				while ((r = recv(fd, buf, sizeof(buf), MSG_DONTWAIT)) > 0)
+					send(peer[fd], buf, r, MSG_NOSIGNAL);
+			}
+			if ((evs[i].events & (EPOLLRDHUP | EPOLLHUP)) && !hung_up[fd]) {
+				int p = peer[fd];
+				hung_up[fd] = 1;
+				usleep(2000);
+				shutdown(p, SHUT_WR);
+				if (hung_up[p]) {
+					epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
+					epoll_ctl(ep, EPOLL_CTL_DEL, p, NULL);
+					bpf_map_delete_elem(to_server, &client_port[fd]);
+					bpf_map_delete_elem(to_client, &server_port[fd]);
+					close(fd);
+					close(p);
+				}
+			}
+		}
+	}
+}
