@@ -5,9 +5,10 @@
  * One epoll thread: attach the sockops program to the cgroup v2 root through a link (gone
  * when this process exits), accept, blocking connect to PostgreSQL, then the server socket
  * joins `servers` and the routes are written; bytes the client sent before that (its
- * startup packet) are read and written here. Only works for clients on this host; no
- * backpressure, no fencing; on a hang-up it waits 2 ms for the backlog before the
- * half-close.
+ * startup packet), and what the client sends while the server is backed up, are read and
+ * written here with blocking writes, and counted in `forwarded` (see msg.bpf.c). Only for
+ * clients on this host; no receive-side bound, no fencing; on a hang-up it waits 2 ms for
+ * the backlog before the half-close.
  *
  * usage: msg LISTEN_PORT PG_PORT OBJECT CGROUP2_DIR
  */
@@ -30,6 +31,7 @@
 static int peer[MAX_FD];
 static char hung_up[MAX_FD];
 static uint32_t client_port[MAX_FD], server_port[MAX_FD];
+static uint64_t forwarded_total[MAX_FD];
 
 static struct sockaddr_in loopback(int port)
 {
@@ -54,7 +56,9 @@ int main(int argc, char **argv)
 	struct sockaddr_in pg = loopback(atoi(argv[2]));
 	struct bpf_object *obj = bpf_object__open_file(argv[3], NULL);
 	struct bpf_map *rodata = obj ? bpf_object__find_map_by_name(obj, ".rodata") : NULL;
-	if (!rodata || bpf_map__set_initial_value(rodata, &port, sizeof(port)) ||
+	/* msg.bpf.c's read-only globals, in order: listen_port, pg_port, limit. */
+	struct { uint32_t listen, pg; uint64_t limit; } ro = { port, atoi(argv[2]), 1 << 20 };
+	if (!rodata || bpf_map__set_initial_value(rodata, &ro, sizeof(ro)) ||
 	    bpf_object__load(obj)) {
 		perror("load the BPF object");
 		return 1;
@@ -62,6 +66,8 @@ int main(int argc, char **argv)
 	int clients = map_fd(obj, "clients"), servers = map_fd(obj, "servers");
 	int to_server = map_fd(obj, "to_server"), to_client = map_fd(obj, "to_client");
 	struct bpf_program *ops = bpf_object__find_program_by_name(obj, "client_established");
+	int acked = map_fd(obj, "acked"), forwarded = map_fd(obj, "forwarded");
+	int sends = map_fd(obj, "sends");
 	int send_prog = bpf_program__fd(bpf_object__find_program_by_name(obj, "client_send"));
 	int recv_prog = bpf_program__fd(bpf_object__find_program_by_name(obj, "server_receive"));
 	int cgroup = open(argv[4], O_RDONLY | O_DIRECTORY);
@@ -107,7 +113,10 @@ int main(int argc, char **argv)
 				socklen_t me_len = sizeof(me);
 				getsockname(s, (struct sockaddr *)&me, &me_len);
 				uint32_t cp = ntohs(from.sin_port), sp = ntohs(me.sin_port);
-				uint64_t sfd = s;
+				uint64_t sfd = s, zero = 0;
+				forwarded_total[c] = 0;
+				bpf_map_update_elem(acked, &sp, &zero, BPF_ANY);
+				bpf_map_update_elem(forwarded, &cp, &zero, BPF_ANY);
 				if (bpf_map_update_elem(servers, &sp, &sfd, BPF_ANY) ||
 				    bpf_map_update_elem(to_client, &sp, &cp, BPF_ANY) ||
 				    bpf_map_update_elem(to_server, &cp, &sp, BPF_ANY)) {
@@ -131,8 +140,20 @@ int main(int argc, char **argv)
 			}
 			if (evs[i].events & EPOLLIN) {
 				ssize_t r;
-				while ((r = recv(fd, buf, sizeof(buf), MSG_DONTWAIT)) > 0)
-					send(peer[fd], buf, r, MSG_NOSIGNAL);
+				while ((r = recv(fd, buf, sizeof(buf), MSG_DONTWAIT)) > 0) {
+					/* A blocking write (server sockets are blocking here): the
+					 * server's flow control holds the proxy, the accepted socket's
+					 * window holds the client. */
+					ssize_t off = 0;
+					while (off < r) {
+						ssize_t w = send(peer[fd], buf + off, r - off, MSG_NOSIGNAL);
+						if (w <= 0)
+							break;
+						off += w;
+					}
+					forwarded_total[fd] += off;
+					bpf_map_update_elem(forwarded, &client_port[fd], &forwarded_total[fd], BPF_ANY);
+				}
 			}
 			if ((evs[i].events & (EPOLLRDHUP | EPOLLHUP)) && !hung_up[fd]) {
 				int p = peer[fd];
@@ -144,6 +165,9 @@ int main(int argc, char **argv)
 					epoll_ctl(ep, EPOLL_CTL_DEL, p, NULL);
 					bpf_map_delete_elem(to_server, &client_port[fd]);
 					bpf_map_delete_elem(to_client, &server_port[fd]);
+					bpf_map_delete_elem(acked, &server_port[fd]);
+					bpf_map_delete_elem(forwarded, &client_port[fd]);
+					bpf_map_delete_elem(sends, &client_port[fd]);
 					close(fd);
 					close(p);
 				}
