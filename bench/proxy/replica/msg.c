@@ -26,19 +26,14 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define MAX_FD 65536
 
 static int peer[MAX_FD];
 static char hung_up[MAX_FD];
 static uint32_t client_port[MAX_FD], server_port[MAX_FD];
 static uint64_t forwarded_total[MAX_FD];
-
-static struct sockaddr_in loopback(int port)
-{
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
-	inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-	return a;
-}
 
 static int map_fd(struct bpf_object *obj, const char *name)
 {
@@ -52,7 +47,6 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	uint32_t port = atoi(argv[1]);
-	struct sockaddr_in listen_at = loopback(port);
 	struct sockaddr_in pg = loopback(atoi(argv[2]));
 	struct bpf_object *obj = bpf_object__open_file(argv[3], NULL);
 	struct bpf_map *rodata = obj ? bpf_object__find_map_by_name(obj, ".rodata") : NULL;
@@ -77,16 +71,10 @@ int main(int argc, char **argv)
 		perror("attach the programs");
 		return 1;
 	}
-	int one = 1;
-	int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (bind(ls, (struct sockaddr *)&listen_at, sizeof(listen_at)) || listen(ls, 1024)) {
-		perror("listen");
+	int ep;
+	int ls = listen_with_epoll(atoi(argv[1]), &ep);
+	if (ls < 0)
 		return 1;
-	}
-	int ep = epoll_create1(EPOLL_CLOEXEC);
-	struct epoll_event lev = { .events = EPOLLIN, .data.fd = ls };
-	epoll_ctl(ep, EPOLL_CTL_ADD, ls, &lev);
 	fprintf(stderr, "msg replica listening on %s\n", argv[1]);
 	static char buf[65536];
 	for (;;) {
@@ -96,19 +84,9 @@ int main(int argc, char **argv)
 			int fd = evs[i].data.fd;
 			if (fd == ls) {
 				struct sockaddr_in from;
-				socklen_t from_len = sizeof(from);
-				int c = accept4(ls, (struct sockaddr *)&from, &from_len, SOCK_CLOEXEC);
+				int s, c = accept_and_connect(ls, &pg, &from, MAX_FD, &s);
 				if (c < 0)
 					continue;
-				int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-				if (c >= MAX_FD || s < 0 || s >= MAX_FD ||
-				    connect(s, (struct sockaddr *)&pg, sizeof(pg))) {
-					close(c);
-					if (s >= 0)
-						close(s);
-					continue;
-				}
-				setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 				struct sockaddr_in me;
 				socklen_t me_len = sizeof(me);
 				getsockname(s, (struct sockaddr *)&me, &me_len);

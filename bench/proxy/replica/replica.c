@@ -23,6 +23,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #ifndef SO_COOKIE
 #define SO_COOKIE 57
 #endif
@@ -39,20 +41,12 @@ static uint64_t cookie(int fd)
 	return c;
 }
 
-static struct sockaddr_in loopback(int port)
-{
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
-	inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-	return a;
-}
-
 int main(int argc, char **argv)
 {
 	if (argc != 4) {
 		fprintf(stderr, "usage: %s LISTEN_PORT PG_PORT OBJECT\n", argv[0]);
 		return 2;
 	}
-	struct sockaddr_in listen_at = loopback(atoi(argv[1]));
 	struct sockaddr_in pg = loopback(atoi(argv[2]));
 	struct bpf_object *obj = bpf_object__open_file(argv[3], NULL);
 	if (!obj || bpf_object__load(obj)) {
@@ -65,16 +59,10 @@ int main(int argc, char **argv)
 		perror("attach the verdict");
 		return 1;
 	}
-	int one = 1;
-	int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (bind(ls, (struct sockaddr *)&listen_at, sizeof(listen_at)) || listen(ls, 1024)) {
-		perror("listen");
+	int one = 1, ep;
+	int ls = listen_with_epoll(atoi(argv[1]), &ep);
+	if (ls < 0)
 		return 1;
-	}
-	int ep = epoll_create1(EPOLL_CLOEXEC);
-	struct epoll_event lev = { .events = EPOLLIN, .data.fd = ls };
-	epoll_ctl(ep, EPOLL_CTL_ADD, ls, &lev);
 	fprintf(stderr, "replica listening on %s\n", argv[1]);
 	for (;;) {
 		struct epoll_event evs[64];
@@ -82,19 +70,10 @@ int main(int argc, char **argv)
 		for (int i = 0; i < n; i++) {
 			int fd = evs[i].data.fd;
 			if (fd == ls) {
-				int c = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
+				int s, c = accept_and_connect(ls, &pg, NULL, MAX_FD, &s);
 				if (c < 0)
 					continue;
-				int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-				if (c >= MAX_FD || s < 0 || s >= MAX_FD ||
-				    connect(s, (struct sockaddr *)&pg, sizeof(pg))) {
-					close(c);
-					if (s >= 0)
-						close(s);
-					continue;
-				}
 				setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-				setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 				uint64_t kc = cookie(c), ks = cookie(s), vc = c, vs = s;
 				bpf_map_update_elem(map, &kc, &vs, BPF_ANY);
 				bpf_map_update_elem(map, &ks, &vc, BPF_ANY);
