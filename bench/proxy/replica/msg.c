@@ -6,9 +6,11 @@
  * when this process exits), accept, blocking connect to PostgreSQL, then the server socket
  * joins `servers` and the routes are written; bytes the client sent before that (its
  * startup packet), and what the client sends while the server is backed up, are read and
- * written here with blocking writes, and counted in `forwarded` (see msg.bpf.c). Only for
- * clients on this host; no receive-side bound, no fencing; on a hang-up it waits 2 ms for
- * the backlog before the half-close.
+ * written here with blocking writes, and counted in `forwarded`; replies the verdict passed
+ * up during a receive-side pause are copied to the accepted socket once the ring buffer
+ * says the client drained, within the verdict's allowance, and counted in `recv_written`
+ * (see msg.bpf.c). Only for clients on this host; no fencing; on a hang-up it waits 2 ms
+ * for the backlog before the half-close.
  *
  * usage: msg LISTEN_PORT PG_PORT OBJECT CGROUP2_DIR
  */
@@ -22,6 +24,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -34,6 +37,85 @@ static int peer[MAX_FD];
 static char hung_up[MAX_FD];
 static uint32_t client_port[MAX_FD], server_port[MAX_FD];
 static uint64_t forwarded_total[MAX_FD];
+static uint64_t written_total[MAX_FD];
+static int by_server_port[65536];
+static int recv_written_fd, epfd;
+
+struct recv_state {
+	uint64_t timer[2];
+	uint32_t client, mode;
+	uint64_t passed;
+	uint32_t server, pauses;
+	uint32_t next_seq, seq_known;
+	uint64_t allow, unchecked;
+};
+
+static int recv_states_fd;
+/* Replies read beyond the allowance, written after the next drained event. */
+static char *held[MAX_FD];
+static size_t held_len[MAX_FD];
+
+static int write_all(int c, const char *b, size_t n)
+{
+	int fl = fcntl(c, F_GETFL);
+	fcntl(c, F_SETFL, fl & ~O_NONBLOCK);
+	size_t off = 0;
+	while (off < n) {
+		ssize_t w = send(c, b + off, n - off, MSG_NOSIGNAL);
+		if (w <= 0)
+			return -1;
+		off += w;
+	}
+	return 0;
+}
+
+/* Copies what the verdict passed up on server socket s to the client's accepted socket,
+ * but only as far as the verdict allows: bytes passed after a pause wait (held here, the
+ * socket no longer polled for input) until the client's backlog has drained. */
+static void copy_replies(int s)
+{
+	static char rbuf[65536];
+	struct recv_state st;
+	if (held_len[s]) {
+		if (bpf_map_lookup_elem(recv_states_fd, &server_port[s], &st) ||
+		    written_total[s] + held_len[s] > st.allow)
+			return;
+		write_all(peer[s], held[s], held_len[s]);
+		written_total[s] += held_len[s];
+		held_len[s] = 0;
+		bpf_map_update_elem(recv_written_fd, &server_port[s], &written_total[s], BPF_ANY);
+	}
+	ssize_t r;
+	while ((r = recv(s, rbuf, sizeof(rbuf), MSG_DONTWAIT)) > 0) {
+		/* Read the allowance after the bytes are in hand: a pause lowers it before the
+		 * bytes it holds back are queued. */
+		if (bpf_map_lookup_elem(recv_states_fd, &server_port[s], &st) ||
+		    written_total[s] + r > st.allow) {
+			if (!held[s])
+				held[s] = malloc(65536);
+			memcpy(held[s], rbuf, r);
+			held_len[s] = r;
+			struct epoll_event es = { .events = EPOLLRDHUP, .data.fd = s };
+			epoll_ctl(epfd, EPOLL_CTL_MOD, s, &es);
+			return;
+		}
+		write_all(peer[s], rbuf, r);
+		written_total[s] += r;
+		bpf_map_update_elem(recv_written_fd, &server_port[s], &written_total[s], BPF_ANY);
+	}
+}
+
+static int on_drained(void *ctx, void *data, size_t size)
+{
+	uint32_t sp = *(uint32_t *)data;
+	int s = by_server_port[sp];
+	if (s <= 0)
+		return 0;
+	struct epoll_event es = { .events = EPOLLIN | EPOLLRDHUP, .data.fd = s };
+	epoll_ctl(epfd, EPOLL_CTL_MOD, s, &es);
+	copy_replies(s);
+	return 0;
+}
 
 static int map_fd(struct bpf_object *obj, const char *name)
 {
@@ -51,7 +133,7 @@ int main(int argc, char **argv)
 	struct bpf_object *obj = bpf_object__open_file(argv[3], NULL);
 	struct bpf_map *rodata = obj ? bpf_object__find_map_by_name(obj, ".rodata") : NULL;
 	/* msg.bpf.c's read-only globals, in order: listen_port, pg_port, limit. */
-	struct { uint32_t listen, pg; uint64_t limit; } ro = { port, atoi(argv[2]), 1 << 20 };
+	struct { uint32_t listen, pg; uint64_t limit, recv_limit; } ro = { port, atoi(argv[2]), 1 << 20, 1 << 20 };
 	if (!rodata || bpf_map__set_initial_value(rodata, &ro, sizeof(ro)) ||
 	    bpf_object__load(obj)) {
 		perror("load the BPF object");
@@ -62,6 +144,9 @@ int main(int argc, char **argv)
 	struct bpf_program *ops = bpf_object__find_program_by_name(obj, "client_established");
 	int acked = map_fd(obj, "acked"), forwarded = map_fd(obj, "forwarded");
 	int sends = map_fd(obj, "sends");
+	int accepted = map_fd(obj, "accepted"), recv_states = map_fd(obj, "recv_states");
+	recv_states_fd = recv_states;
+	recv_written_fd = map_fd(obj, "recv_written");
 	int send_prog = bpf_program__fd(bpf_object__find_program_by_name(obj, "client_send"));
 	int recv_prog = bpf_program__fd(bpf_object__find_program_by_name(obj, "server_receive"));
 	int cgroup = open(argv[4], O_RDONLY | O_DIRECTORY);
@@ -75,6 +160,11 @@ int main(int argc, char **argv)
 	int ls = listen_with_epoll(atoi(argv[1]), &ep);
 	if (ls < 0)
 		return 1;
+	epfd = ep;
+	struct ring_buffer *rb = ring_buffer__new(map_fd(obj, "drained"), on_drained, NULL, NULL);
+	int rbfd = ring_buffer__epoll_fd(rb);
+	struct epoll_event rev = { .events = EPOLLIN, .data.fd = rbfd };
+	epoll_ctl(ep, EPOLL_CTL_ADD, rbfd, &rev);
 	fprintf(stderr, "msg replica listening on %s\n", argv[1]);
 	static char buf[65536];
 	for (;;) {
@@ -91,7 +181,14 @@ int main(int argc, char **argv)
 				socklen_t me_len = sizeof(me);
 				getsockname(s, (struct sockaddr *)&me, &me_len);
 				uint32_t cp = ntohs(from.sin_port), sp = ntohs(me.sin_port);
-				uint64_t sfd = s, zero = 0;
+				uint64_t sfd = s, zero = 0, cfd = c;
+				struct recv_state rst = { .client = cp, .server = sp };
+				written_total[s] = 0;
+				held_len[s] = 0;
+				by_server_port[sp] = s;
+				bpf_map_update_elem(recv_states, &sp, &rst, BPF_ANY);
+				bpf_map_update_elem(recv_written_fd, &sp, &zero, BPF_ANY);
+				bpf_map_update_elem(accepted, &cp, &cfd, BPF_ANY);
 				forwarded_total[c] = 0;
 				bpf_map_update_elem(acked, &sp, &zero, BPF_ANY);
 				bpf_map_update_elem(forwarded, &cp, &zero, BPF_ANY);
@@ -116,7 +213,13 @@ int main(int argc, char **argv)
 				epoll_ctl(ep, EPOLL_CTL_ADD, s, &es);
 				continue;
 			}
-			if (evs[i].events & EPOLLIN) {
+			if (fd == rbfd) {
+				ring_buffer__consume(rb);
+				continue;
+			}
+			if ((evs[i].events & EPOLLIN) && fd == peer[peer[fd]] && by_server_port[server_port[fd]] == fd) {
+				copy_replies(fd);
+			} else if (evs[i].events & EPOLLIN) {
 				ssize_t r;
 				while ((r = recv(fd, buf, sizeof(buf), MSG_DONTWAIT)) > 0) {
 					/* A blocking write (server sockets are blocking here): the
@@ -146,6 +249,9 @@ int main(int argc, char **argv)
 					bpf_map_delete_elem(acked, &server_port[fd]);
 					bpf_map_delete_elem(forwarded, &client_port[fd]);
 					bpf_map_delete_elem(sends, &client_port[fd]);
+					bpf_map_delete_elem(recv_states_fd, &server_port[fd]);
+					bpf_map_delete_elem(recv_written_fd, &server_port[fd]);
+					by_server_port[server_port[fd]] = 0;
 					close(fd);
 					close(p);
 				}
