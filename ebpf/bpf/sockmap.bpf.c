@@ -43,6 +43,8 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 
+#include "skb_seq.h"
+
 char LICENSE[] SEC("license") = "GPL";
 
 #define MODE_KERNEL 0
@@ -152,42 +154,6 @@ static __always_inline int peer_acked(__u64 *key, __u64 *acked)
 	*acked = tp ? tp->bytes_acked : 0;
 	bpf_sk_release(peer);
 	return 0;
-}
-
-extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
-
-/* The TCP sequence number of the skb's first byte. */
-static __always_inline __u32 skb_seq(struct __sk_buff *skb)
-{
-	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
-	struct tcp_skb_cb *cb = (struct tcp_skb_cb *)kskb->cb;
-	return cb->seq;
-}
-
-/* Where the source's reader stands: the first byte nobody has read yet. Before the first
- * verdict that is what the proxy read in userspace before the socket joined. */
-static __always_inline __u32 first_seq(struct __sk_buff *skb, __u32 seq)
-{
-	struct bpf_sock *sk = skb->sk;
-	if (!sk)
-		return seq;
-	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
-	return tp ? tp->copied_seq : seq;
-}
-
-/* Cuts `n` bytes off the head of the skb: the helper pulls them into the linear part and
- * drops them, at most 4095 per call. Up to 64 calls (256 KiB, more than any skb here). */
-#define TRIM_STEP 4095
-#define TRIM_CALLS 64
-static __always_inline int trim_head(struct __sk_buff *skb, __u32 n)
-{
-	for (int i = 0; i < TRIM_CALLS && n > 0; i++) {
-		__u32 step = n > TRIM_STEP ? TRIM_STEP : n;
-		if (bpf_skb_adjust_room(skb, -(__s32)step, 0, 0))
-			return -1;
-		n -= step;
-	}
-	return n ? -1 : 0;
 }
 
 SEC("sk_skb/stream_verdict")

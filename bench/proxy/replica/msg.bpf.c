@@ -24,6 +24,9 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_core_read.h>
 
+/* Repeated bytes: tcp_read_skb hands whole skbs, including bytes a retransmission repeats. */
+#include "../../../ebpf/bpf/skb_seq.h"
+
 char LICENSE[] SEC("license") = "GPL";
 
 /* Set by the loader before load. */
@@ -231,28 +234,6 @@ static int drain_check(void *map, __u32 *key, struct recv_state *st)
 	return 0;
 }
 
-extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
-
-/* Repeated bytes (see ebpf/bpf/sockmap.bpf.c): tcp_read_skb hands whole skbs, including
- * bytes a retransmission repeats; cut them off the head. */
-static __always_inline __u32 skb_seq(struct __sk_buff *skb)
-{
-	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
-	struct tcp_skb_cb *cb = (struct tcp_skb_cb *)kskb->cb;
-	return cb->seq;
-}
-
-static __always_inline int trim_head(struct __sk_buff *skb, __u32 n)
-{
-	for (int i = 0; i < 64 && n > 0; i++) {
-		__u32 step = n > 4095 ? 4095 : n;
-		if (bpf_skb_adjust_room(skb, -(__s32)step, 0, 0))
-			return -1;
-		n -= step;
-	}
-	return n ? -1 : 0;
-}
-
 SEC("sk_skb/stream_verdict")
 int server_receive(struct __sk_buff *skb)
 {
@@ -263,9 +244,7 @@ int server_receive(struct __sk_buff *skb)
 		return SK_DROP;
 	__u32 seq = skb_seq(skb);
 	if (!st->seq_known) {
-		struct bpf_sock *sk = skb->sk;
-		struct tcp_sock *tp = sk ? bpf_skc_to_tcp_sock(sk) : 0;
-		st->next_seq = tp ? tp->copied_seq : seq;
+		st->next_seq = first_seq(skb, seq);
 		st->seq_known = 1;
 	}
 	__s32 behind = (__s32)(st->next_seq - seq);

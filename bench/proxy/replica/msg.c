@@ -55,10 +55,10 @@ static int recv_states_fd;
 static char *held[MAX_FD];
 static size_t held_len[MAX_FD];
 
+/* Accepted sockets are blocking (accept4 without SOCK_NONBLOCK): the client's window holds
+ * the proxy here. */
 static int write_all(int c, const char *b, size_t n)
 {
-	int fl = fcntl(c, F_GETFL);
-	fcntl(c, F_SETFL, fl & ~O_NONBLOCK);
 	size_t off = 0;
 	while (off < n) {
 		ssize_t w = send(c, b + off, n - off, MSG_NOSIGNAL);

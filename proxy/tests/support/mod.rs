@@ -184,7 +184,6 @@ impl Drop for ProxyProc {
     }
 }
 
-/// Connects through `port` as the superuser.
 /// A protocol 3.0 StartupMessage with these parameters (user, database, ...).
 pub fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
     let mut body = 196_608u32.to_be_bytes().to_vec();
@@ -203,6 +202,7 @@ pub fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
     packet
 }
 
+/// Connects through `port` as the superuser.
 pub async fn connect(port: u16) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let conninfo =
         format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=10");
