@@ -12,13 +12,15 @@
 //! 3. **none**: the proxy closes its own connections only.
 //!
 //! The crate also loads the kernel-forwarding program ([`sockmap`]): the proxy's in-kernel
-//! fast path, built and loaded the same way.
+//! fast path, built and loaded the same way, and [`local`], its variant for clients on the
+//! proxy's own host, which forwards on the client's own socket.
 //!
 //! Both walk only the network namespace of the calling process. A destroyed socket's owner
 //! sees `ECONNABORTED` on its next operation (pending io_uring operations complete with it);
 //! the peer sees a reset.
 
 mod bpf;
+pub mod local;
 mod netlink;
 pub mod sockmap;
 

@@ -222,7 +222,7 @@ fn unavailable(reason: impl Into<String>) -> Unavailable {
     }
 }
 
-fn errno(rc: i32) -> io::Error {
+pub(crate) fn errno(rc: i32) -> io::Error {
     if rc < 0 {
         io::Error::from_raw_os_error(-rc)
     } else {
@@ -458,21 +458,7 @@ impl Sockmap {
 
     /// Program-wide counters, summed over CPUs.
     pub fn stats(&self) -> Stats {
-        // SAFETY: libbpf_num_possible_cpus reads sysfs and returns a count or a negative errno.
-        let cpus = unsafe { libbpf_sys::libbpf_num_possible_cpus() }.max(1) as usize;
-        let read = |i: u32| -> u64 {
-            let mut values = vec![0u64; cpus];
-            // SAFETY: a per-CPU array lookup writes one 8-byte value per possible CPU into
-            // the buffer, which has exactly that many.
-            let rc = unsafe {
-                libbpf_sys::bpf_map_lookup_elem(
-                    self.stats,
-                    (&i as *const u32).cast(),
-                    values.as_mut_ptr().cast(),
-                )
-            };
-            if rc == 0 { values.iter().sum() } else { 0 }
-        };
+        let read = |i: u32| percpu_sum(self.stats, i);
         Stats {
             redirects: read(0),
             passes: read(1),
@@ -488,9 +474,9 @@ impl Sockmap {
     /// Entries in (peers, directions, forwarded): what a leak check looks at.
     pub fn entries(&self) -> (usize, usize, usize) {
         (
-            count_keys(self.peers),
-            count_keys(self.directions),
-            count_keys(self.forwarded),
+            count_keys(self.peers, 8),
+            count_keys(self.directions, 8),
+            count_keys(self.forwarded, 8),
         )
     }
 
@@ -608,7 +594,7 @@ pub fn cookie(fd: RawFd) -> io::Result<u64> {
 /// Runs the verdict over bytes that reached the socket before it joined (a receive on a
 /// sockmap socket first feeds its TCP queue to the program). A peek, so anything the
 /// program passes up stays queued for the proxy.
-fn push_queued(fd: RawFd) {
+pub(crate) fn push_queued(fd: RawFd) {
     let mut byte = 0u8;
     // SAFETY: recv writes at most 1 byte into `byte`; MSG_DONTWAIT never blocks.
     unsafe {
@@ -621,29 +607,68 @@ fn push_queued(fd: RawFd) {
     }
 }
 
-fn count_keys(map: RawFd) -> usize {
+/// Keys in a map whose keys are `key_size` bytes (at most 64).
+pub(crate) fn count_keys(map: RawFd, key_size: usize) -> usize {
     let mut n = 0;
-    let mut key: u64 = 0;
-    let mut next: u64 = 0;
+    let mut key = [0u8; 64];
+    let mut next = [0u8; 64];
     let mut first = true;
+    debug_assert!(key_size <= 64);
     loop {
         let prev: *const c_void = if first {
             std::ptr::null()
         } else {
-            (&key as *const u64).cast()
+            key.as_ptr().cast()
         };
-        // SAFETY: both keys are live 8-byte buffers (the maps' key size); a null previous
-        // key asks for the first key.
-        let rc =
-            unsafe { libbpf_sys::bpf_map_get_next_key(map, prev, (&mut next as *mut u64).cast()) };
+        // SAFETY: both key buffers are 64 bytes, at least the map's key size; a null
+        // previous key asks for the first key.
+        let rc = unsafe { libbpf_sys::bpf_map_get_next_key(map, prev, next.as_mut_ptr().cast()) };
         if rc != 0 {
             return n;
         }
         n += 1;
-        key = next;
+        key[..key_size].copy_from_slice(&next[..key_size]);
         first = false;
         if n > 1 << 24 {
             return n;
         }
     }
+}
+
+/// Entry `i` of a per-CPU array of u64, summed over CPUs (0 when it cannot be read).
+pub(crate) fn percpu_sum(map: RawFd, i: u32) -> u64 {
+    // SAFETY: libbpf_num_possible_cpus reads sysfs and returns a count or a negative errno.
+    let cpus = unsafe { libbpf_sys::libbpf_num_possible_cpus() }.max(1) as usize;
+    let mut values = vec![0u64; cpus];
+    // SAFETY: a per-CPU array lookup writes one 8-byte value per possible CPU into the
+    // buffer, which has exactly that many.
+    let rc = unsafe {
+        libbpf_sys::bpf_map_lookup_elem(map, (&i as *const u32).cast(), values.as_mut_ptr().cast())
+    };
+    if rc == 0 { values.iter().sum() } else { 0 }
+}
+
+/// Bytes the peer of a TCP socket acknowledged (`tcpi_bytes_acked`, at offset 120).
+pub(crate) fn tcp_acked(fd: RawFd) -> io::Result<u64> {
+    let mut buf = [0u8; 256];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `buf`, which lives on this frame.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < 128 {
+        return Err(io::Error::other("TCP_INFO too short (kernel < 4.1)"));
+    }
+    Ok(u64::from_ne_bytes(
+        buf[120..128].try_into().unwrap_or([0; 8]),
+    ))
 }

@@ -66,6 +66,21 @@ pub struct ProxyArgs {
     /// Connections the sockmap has room for; more stay in userspace.
     #[arg(long, env = "TENDRIL_KERNEL_MAX_CONNECTIONS", default_value_t = 65_536)]
     pub kernel_max_connections: u32,
+    /// Kernel forwarding for clients on this host: `on` forwards on the client's own socket
+    /// (sk_msg redirect to the server socket, replies into the client's receive queue; one
+    /// loopback hop fewer), when its programs load; `off` keeps every connection on the
+    /// proxy's two sockets.
+    #[arg(long, env = "TENDRIL_KERNEL_CLIENT_SOCKET", default_value = "on")]
+    pub kernel_client_socket: Switch,
+}
+
+/// On or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
 }
 
 /// The forwarding strategy asked for.
@@ -142,6 +157,8 @@ pub struct ProxyConfig {
     pub kernel_buffer_limit: u64,
     /// Sockmap capacity (connections).
     pub kernel_max_connections: u32,
+    /// Forward local clients on their own socket.
+    pub kernel_client_socket: bool,
 }
 
 impl ProxyArgs {
@@ -208,6 +225,7 @@ impl ProxyArgs {
                 forwarding: self.forwarding,
                 kernel_buffer_limit: self.kernel_buffer_limit,
                 kernel_max_connections: self.kernel_max_connections,
+                kernel_client_socket: self.kernel_client_socket == Switch::On,
             }),
             _ => Err(errors.join("\n  - ")),
         }

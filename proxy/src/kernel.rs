@@ -26,6 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+use tendril_ebpf::local::{self, ClientKey, Local, ReplyMode, RouteError, RouteRequest};
 use tendril_ebpf::sockmap::{EventKind, Events, JoinError, JoinRequest, Joined, Mode, Sockmap};
 
 use crate::metrics::{CloseReason, WorkerMetrics};
@@ -36,6 +37,7 @@ use crate::sys::{dup, tcp_bytes, tcp_written};
 const TOKEN_COMMANDS: u64 = u64::MAX;
 const TOKEN_FENCE: u64 = u64::MAX - 1;
 const TOKEN_EVENTS: u64 = u64::MAX - 2;
+const TOKEN_LOCAL_EVENTS: u64 = u64::MAX - 3;
 /// Buffer of a direction the thread forwards itself (paused for backpressure).
 const USER_BUFFER: usize = 64 * 1024;
 /// First and last delay of a pair's timed retries (waiting for a queue to drain).
@@ -58,10 +60,30 @@ pub enum AdoptError {
     Stopped,
 }
 
+/// How the kernel forwards a connection.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// Both proxy sockets joined `peers`: the verdict redirects between them.
+    Pair(Joined),
+    /// Routed on the client's own socket (a client in the proxy's namespace).
+    Local(LocalRoute),
+}
+
+/// A connection routed on the client's socket.
+#[derive(Debug, Clone, Copy)]
+struct LocalRoute {
+    key: ClientKey,
+    /// The server socket's cookie.
+    server: u64,
+    /// What the proxy had read from the client and written to the server before the route.
+    from_client: u64,
+    to_server: u64,
+}
+
 /// A joined pair on its way to the thread.
 struct Handoff {
     fds: [OwnedFd; 2],
-    joined: Joined,
+    kind: Kind,
     base_recv: [u64; 2],
     backend: Backend,
     peer: SocketAddr,
@@ -71,6 +93,7 @@ struct Handoff {
 #[derive(Debug)]
 pub struct KernelPath {
     map: Arc<Sockmap>,
+    local: Option<Arc<Local>>,
     limit: u64,
     tx: mpsc::Sender<Handoff>,
     wake: OwnedFd,
@@ -83,6 +106,7 @@ impl KernelPath {
     /// socket the control thread writes to after publishing a table.
     pub fn start(
         map: Sockmap,
+        local: Option<Local>,
         limit: u64,
         shared: Arc<Shared>,
         index: usize,
@@ -90,6 +114,8 @@ impl KernelPath {
     ) -> io::Result<(Arc<KernelPath>, std::thread::JoinHandle<()>)> {
         let map = Arc::new(map);
         let events = map.events()?;
+        let local = local.map(Arc::new);
+        let local_events = local.as_ref().map(|l| l.events()).transpose()?;
         // SAFETY: eventfd returns a new descriptor or -1.
         let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if wake < 0 {
@@ -109,7 +135,9 @@ impl KernelPath {
         let thread_wake = dup(wake.as_raw_fd())?;
         let thread = Thread {
             map: map.clone(),
+            local: local.clone(),
             events,
+            local_events,
             epfd,
             commands: rx,
             wake: thread_wake,
@@ -132,12 +160,16 @@ impl KernelPath {
         )?;
         thread.watch(thread.fence.as_raw_fd(), TOKEN_FENCE, libc::EPOLLIN as u32)?;
         thread.watch(thread.events.fd(), TOKEN_EVENTS, libc::EPOLLIN as u32)?;
+        if let Some(events) = &thread.local_events {
+            thread.watch(events.fd(), TOKEN_LOCAL_EVENTS, libc::EPOLLIN as u32)?;
+        }
         let handle = std::thread::Builder::new()
             .name("tendril-kernel".into())
             .spawn(move || thread.run())?;
         Ok((
             Arc::new(KernelPath {
                 map,
+                local,
                 limit,
                 tx,
                 wake,
@@ -151,6 +183,56 @@ impl KernelPath {
     /// The program and its maps (stats, tests).
     pub fn map(&self) -> &Arc<Sockmap> {
         &self.map
+    }
+
+    /// The client-socket programs, when they loaded.
+    pub fn local(&self) -> Option<&Arc<Local>> {
+        self.local.as_ref()
+    }
+
+    /// Routes the connection on the client's own socket when the client is in this network
+    /// namespace and its socket joined the client sockhash at connect. `Ok(None)`: not such
+    /// a client (the pair path takes it).
+    fn route_local(
+        &self,
+        client: RawFd,
+        server: RawFd,
+        consumed_from_client: u64,
+    ) -> Result<Option<LocalRoute>, AdoptError> {
+        let Some(local) = &self.local else {
+            return Ok(None);
+        };
+        let Ok(key) = ClientKey::of_accepted(client) else {
+            return Ok(None);
+        };
+        if !local.has_client(&key) {
+            return Ok(None);
+        }
+        let to_server = tcp_written(server).map_err(AdoptError::Refused)?;
+        // The bounds of local.bpf.c, kept by the kernel's own accounting too: the server
+        // socket's send buffer stays above what the client may redirect into it (a redirect
+        // into a full socket fails and the client would retry at once), and the accepted
+        // socket, which only carries what the program passes, holds at most the limit.
+        let _ = crate::sys::set_send_buffer(server, self.limit.saturating_mul(2));
+        let _ = crate::sys::set_receive_buffer(client, self.limit);
+        let server_cookie = local
+            .route(&RouteRequest {
+                key,
+                accepted: client,
+                server,
+                from_client: consumed_from_client,
+                to_server,
+            })
+            .map_err(|e| match e {
+                RouteError::MapFull => AdoptError::MapFull,
+                RouteError::Refused(e) => AdoptError::Refused(e),
+            })?;
+        Ok(Some(LocalRoute {
+            key,
+            server: server_cookie,
+            from_client: consumed_from_client,
+            to_server,
+        }))
     }
 
     /// Joins a connected pair to the sockmap and hands it to the thread; from here on the
@@ -172,33 +254,58 @@ impl KernelPath {
             dup(client).map_err(AdoptError::Refused)?,
             dup(server).map_err(AdoptError::Refused)?,
         ];
-        let written_to_client = tcp_written(client).map_err(AdoptError::Refused)?;
-        let written_to_server = tcp_written(server).map_err(AdoptError::Refused)?;
-        let joined = self
-            .map
-            .join(&JoinRequest {
-                client,
-                server,
-                written_to_client,
-                written_to_server,
-                limit: self.limit,
-            })
-            .map_err(|e| match e {
-                JoinError::MapFull => AdoptError::MapFull,
-                JoinError::Refused(e) => AdoptError::Refused(e),
-            })?;
+        let local = match self.route_local(client, server, consumed_from_client) {
+            Ok(route) => route,
+            Err(e) => {
+                // Nothing was routed (the client's sends still take the ordinary path): the
+                // pair path takes the connection instead.
+                tracing::debug!(client = %peer, error = %e, "client-socket route refused: forwarding on the proxy's sockets");
+                None
+            }
+        };
+        let kind = match local {
+            Some(route) => Kind::Local(route),
+            None => {
+                let written_to_client = tcp_written(client).map_err(AdoptError::Refused)?;
+                let written_to_server = tcp_written(server).map_err(AdoptError::Refused)?;
+                let joined = self
+                    .map
+                    .join(&JoinRequest {
+                        client,
+                        server,
+                        written_to_client,
+                        written_to_server,
+                        limit: self.limit,
+                    })
+                    .map_err(|e| match e {
+                        JoinError::MapFull => AdoptError::MapFull,
+                        JoinError::Refused(e) => AdoptError::Refused(e),
+                    })?;
+                Kind::Pair(joined)
+            }
+        };
         let metrics = &self.shared.workers[self.index];
         metrics.active.fetch_add(1, Ordering::Relaxed);
         metrics.linked.fetch_add(1, Ordering::Relaxed);
+        if matches!(kind, Kind::Local(_)) {
+            metrics.kernel_local.fetch_add(1, Ordering::Relaxed);
+        }
         let handoff = Handoff {
             fds,
-            joined,
+            kind,
             base_recv: [consumed_from_client, 0],
             backend: backend.clone(),
             peer,
         };
         if let Err(mpsc::SendError(h)) = self.tx.send(handoff) {
-            self.map.forget(&h.joined);
+            match h.kind {
+                Kind::Pair(joined) => self.map.forget(&joined),
+                Kind::Local(r) => {
+                    if let Some(local) = &self.local {
+                        local.forget(&r.key, r.server);
+                    }
+                }
+            }
             for fd in &h.fds {
                 crate::sys::shutdown_both(fd.as_raw_fd());
             }
@@ -235,12 +342,15 @@ struct Dir {
     forwarded: u64,
     /// The source's receive buffer was fixed at the limit (on the first pause).
     clamped: bool,
+    /// A read returned end of file (client-socket connections: every byte before the FIN
+    /// was read).
+    fin_read: bool,
 }
 
 #[derive(Debug)]
 struct Pair {
     fds: [OwnedFd; 2],
-    joined: Joined,
+    kind: Kind,
     base_recv: [u64; 2],
     dirs: [Dir; 2],
     backend: Backend,
@@ -253,18 +363,29 @@ struct Pair {
 }
 
 impl Pair {
-    fn cookie(&self, side: usize) -> u64 {
-        if side == 0 {
-            self.joined.client
-        } else {
-            self.joined.server
+    /// The cookies the program's events name this connection by.
+    fn cookies(&self) -> Vec<u64> {
+        match self.kind {
+            Kind::Pair(j) => vec![j.client, j.server],
+            Kind::Local(r) => vec![r.server],
         }
+    }
+}
+
+/// The cookie of the socket a pair-path direction reads from.
+fn cookie(joined: &Joined, side: usize) -> u64 {
+    if side == 0 {
+        joined.client
+    } else {
+        joined.server
     }
 }
 
 struct Thread {
     map: Arc<Sockmap>,
+    local: Option<Arc<Local>>,
     events: Events,
+    local_events: Option<local::Events>,
     epfd: OwnedFd,
     commands: mpsc::Receiver<Handoff>,
     wake: OwnedFd,
@@ -332,6 +453,7 @@ impl Thread {
                     TOKEN_COMMANDS => self.take_handoffs(),
                     TOKEN_FENCE => self.fence(),
                     TOKEN_EVENTS => self.take_events(),
+                    TOKEN_LOCAL_EVENTS => self.take_local_events(),
                     t => self.socket_ready(
                         (t >> 32) as u32,
                         ((t & 0xffff_ffff) >> 1) as usize,
@@ -392,12 +514,10 @@ impl Thread {
                 self.pairs.len() - 1
             }
         };
-        self.by_cookie.insert(h.joined.client, slot);
-        self.by_cookie.insert(h.joined.server, slot);
         let interest = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
         let pair = Pair {
             fds: h.fds,
-            joined: h.joined,
+            kind: h.kind,
             base_recv: h.base_recv,
             dirs: [Dir::default(), Dir::default()],
             backend: h.backend,
@@ -411,7 +531,10 @@ impl Thread {
         let pair_gen = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
         let fds = [pair.fds[0].as_raw_fd(), pair.fds[1].as_raw_fd()];
-        tracing::debug!(client = %pair.peer, backend = %pair.backend.addr, "connection forwarded in the kernel");
+        for c in pair.cookies() {
+            self.by_cookie.insert(c, slot);
+        }
+        tracing::debug!(client = %pair.peer, backend = %pair.backend.addr, client_socket = matches!(pair.kind, Kind::Local(_)), "connection forwarded in the kernel");
         self.pairs[slot] = Some(pair);
         if fenced {
             // A fence was published between the worker's table load and now.
@@ -480,6 +603,27 @@ impl Thread {
         }
     }
 
+    fn take_local_events(&mut self) {
+        let Some(events) = self.local_events.as_mut() else {
+            return;
+        };
+        for event in events.drain() {
+            let Some(&slot) = self.by_cookie.get(&event.server) else {
+                continue;
+            };
+            match event.kind {
+                local::EventKind::Drained | local::EventKind::Delivered => self.progress(slot),
+                local::EventKind::Failed => {
+                    tracing::debug!(
+                        cookie = event.server,
+                        "reply could not reach the client socket: closing the connection"
+                    );
+                    self.abort(slot, CloseReason::Error);
+                }
+            }
+        }
+    }
+
     fn socket_ready(&mut self, generation: u32, slot: usize, side: usize, bits: u32) {
         if self
             .pairs
@@ -534,7 +678,8 @@ impl Thread {
             return false;
         }
         self.last_housekeeping = Instant::now();
-        let lost = self.map.stats().lost_events;
+        let lost =
+            self.map.stats().lost_events + self.local.as_ref().map_or(0, |l| l.stats().lost_events);
         if lost != self.lost_seen {
             // The event ring overflowed: look at every pair.
             self.lost_seen = lost;
@@ -583,7 +728,7 @@ impl Thread {
             return;
         };
         let pair_gen = pair.generation;
-        match advance(&self.map, pair) {
+        match advance(&self.map, self.local.as_deref(), pair) {
             Advance::Close(reason) => self.close(slot, reason),
             Advance::Abort(reason) => self.abort(slot, reason),
             Advance::Watch(changes) => {
@@ -603,7 +748,14 @@ impl Thread {
     /// Cuts a pair at once: out of the map, both sockets shut down and closed.
     fn abort(&mut self, slot: usize, reason: CloseReason) {
         if let Some(pair) = self.pairs.get(slot).and_then(Option::as_ref) {
-            self.map.leave(&pair.joined);
+            match pair.kind {
+                Kind::Pair(joined) => self.map.leave(&joined),
+                Kind::Local(r) => {
+                    if let Some(local) = &self.local {
+                        local.leave(&r.key, r.server);
+                    }
+                }
+            }
             for fd in &pair.fds {
                 crate::sys::shutdown_both(fd.as_raw_fd());
             }
@@ -619,21 +771,44 @@ impl Thread {
         for fd in &pair.fds {
             let _ = self.ctl(libc::EPOLL_CTL_DEL, fd.as_raw_fd(), 0, 0);
         }
-        self.by_cookie.remove(&pair.joined.client);
-        self.by_cookie.remove(&pair.joined.server);
-        let moved = |side: usize| {
-            self.map
-                .direction(pair.cookie(side))
-                .map_or(0, |d| d.redirected)
-                + pair.dirs[side].forwarded
+        for c in pair.cookies() {
+            self.by_cookie.remove(&c);
+        }
+        let (up, down, pauses) = match pair.kind {
+            Kind::Pair(joined) => {
+                let moved = |side: usize| {
+                    self.map
+                        .direction(cookie(&joined, side))
+                        .map_or(0, |d| d.redirected)
+                        + pair.dirs[side].forwarded
+                };
+                let pauses: u32 = (0..2)
+                    .filter_map(|s| self.map.direction(cookie(&joined, s)))
+                    .map(|d| d.pauses)
+                    .sum();
+                let moved = (moved(0), moved(1));
+                self.map.forget(&joined);
+                (moved.0, moved.1, pauses)
+            }
+            Kind::Local(r) => {
+                // To the backend: everything written to the server socket, by the client's
+                // redirects and by the proxy. To the client: what the verdict saw.
+                let up = tcp_written(pair.fds[1].as_raw_fd())
+                    .unwrap_or(0)
+                    .saturating_sub(r.to_server)
+                    + r.from_client;
+                let reply = self.local.as_ref().and_then(|l| l.reply(r.server));
+                let down = reply.map_or(0, |x| x.redirected + x.passed);
+                if let Some(local) = &self.local {
+                    local.forget(&r.key, r.server);
+                }
+                (up, down, reply.map_or(0, |x| x.pauses))
+            }
         };
-        let (up, down) = (moved(0), moved(1));
-        let pauses: u32 = (0..2)
-            .filter_map(|s| self.map.direction(pair.cookie(s)))
-            .map(|d| d.pauses)
-            .sum();
-        self.map.forget(&pair.joined);
         let metrics = self.metrics();
+        if matches!(pair.kind, Kind::Local(_)) {
+            metrics.kernel_local.fetch_sub(1, Ordering::Relaxed);
+        }
         metrics.bytes_to_backend.fetch_add(up, Ordering::Relaxed);
         metrics.bytes_to_client.fetch_add(down, Ordering::Relaxed);
         metrics.active.fetch_sub(1, Ordering::Relaxed);
@@ -663,10 +838,16 @@ enum Advance {
     Watch(Vec<(RawFd, usize, u32)>),
 }
 
-fn advance(map: &Sockmap, pair: &mut Pair) -> Advance {
+fn advance(map: &Sockmap, local: Option<&Local>, pair: &mut Pair) -> Advance {
     let mut wait = false;
     for side in 0..2 {
-        match step(map, pair, side) {
+        let stepped = match (pair.kind, local) {
+            (Kind::Pair(joined), _) => step(map, pair, &joined, side),
+            (Kind::Local(route), Some(local)) if side == 0 => step_sends(local, pair, &route),
+            (Kind::Local(route), Some(local)) => step_replies(local, pair, &route),
+            (Kind::Local(_), None) => Err(CloseReason::Error),
+        };
+        match stepped {
             Ok(w) => wait |= w,
             Err(reason) => return Advance::Abort(reason),
         }
@@ -714,10 +895,10 @@ fn token(generation: u32, slot: usize, side: usize) -> u64 {
 /// Moves one direction forward: collects and writes bytes passed up to the thread, and
 /// half-closes the peer once the source's FIN is the next thing in line. Returns whether it
 /// waits on something epoll does not report (a kernel queue draining).
-fn step(map: &Sockmap, pair: &mut Pair, side: usize) -> Result<bool, CloseReason> {
+fn step(map: &Sockmap, pair: &mut Pair, joined: &Joined, side: usize) -> Result<bool, CloseReason> {
     let source = pair.fds[side].as_raw_fd();
     let target = pair.fds[1 - side].as_raw_fd();
-    let cookie = pair.cookie(side);
+    let cookie = cookie(joined, side);
     let base_recv = pair.base_recv[side];
     if pair.dirs[1 - side].reset {
         // Its peer is gone: nothing more can be delivered this way.
@@ -825,6 +1006,205 @@ fn step(map: &Sockmap, pair: &mut Pair, side: usize) -> Result<bool, CloseReason
     }
     if tcp_written(target).map_err(err)? < d.base + d.redirected + dir.forwarded {
         // Still in the peer's psock backlog.
+        return Ok(true);
+    }
+    if !dir.reset {
+        // SAFETY: shutdown takes an integer; `target` is a socket this pair owns.
+        unsafe {
+            libc::shutdown(target, libc::SHUT_WR);
+        }
+    }
+    dir.shut = true;
+    dir.reading = false;
+    dir.buf = None;
+    Ok(false)
+}
+
+/// Client-socket connections, client to backend: the client's sends reach the server socket
+/// in the kernel, except what the program passes to the ordinary path (sent before the route
+/// existed, or while the server socket was backed up). Those arrive on the accepted socket
+/// and are written here, in order: the program redirects again only once the count written
+/// here equals what it passed. The client's FIN arrives here too, after every byte it sent,
+/// and is forwarded as a half-close. Returns whether it waits on something epoll does not
+/// report.
+fn step_sends(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bool, CloseReason> {
+    let source = pair.fds[0].as_raw_fd();
+    let target = pair.fds[1].as_raw_fd();
+    if pair.dirs[1].reset {
+        return Ok(false);
+    }
+    let dir = &mut pair.dirs[0];
+    if dir.shut {
+        return Ok(false);
+    }
+    dir.reading = true;
+    loop {
+        if dir.start < dir.end {
+            let buf = dir.buf.as_deref().unwrap_or(&[]);
+            match send(target, &buf[dir.start..dir.end]) {
+                Ok(n) => {
+                    dir.start += n;
+                    dir.forwarded += n as u64;
+                    local
+                        .set_forwarded(
+                            &route.key,
+                            route.server,
+                            route.from_client + dir.forwarded,
+                            route.to_server + dir.forwarded,
+                        )
+                        .map_err(|e| {
+                            tracing::debug!(error = %e, "client-socket route update failed");
+                            CloseReason::Error
+                        })?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    dir.want_out = true;
+                    return Ok(false);
+                }
+                Err(_) => return Err(CloseReason::Error),
+            }
+            continue;
+        }
+        dir.want_out = false;
+        if dir.fin_read {
+            break;
+        }
+        let buf = dir
+            .buf
+            .get_or_insert_with(|| vec![0u8; USER_BUFFER].into_boxed_slice());
+        match recv(source, buf) {
+            Ok(0) => {
+                dir.fin_read = true;
+                dir.eof = true;
+                break;
+            }
+            Ok(n) => {
+                dir.start = 0;
+                dir.end = n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(_) => return Err(CloseReason::Error),
+        }
+    }
+    if !dir.reset {
+        // SAFETY: shutdown takes an integer; `target` is a socket this pair owns.
+        unsafe {
+            libc::shutdown(target, libc::SHUT_WR);
+        }
+    }
+    dir.shut = true;
+    dir.reading = false;
+    dir.buf = None;
+    Ok(false)
+}
+
+/// Client-socket connections, backend to client: replies go into the client socket in the
+/// kernel. While the program pauses them (the client stopped reading), they wait in the
+/// server socket's queue; once the client's backlog drained, this copies them through the
+/// accepted socket, within the allowance the program sets (bytes passed after a pause wait
+/// until what was redirected before them has been delivered). The server's FIN is forwarded
+/// as a half-close of the accepted socket once every reply before it reached the client.
+fn step_replies(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bool, CloseReason> {
+    let source = pair.fds[1].as_raw_fd();
+    let target = pair.fds[0].as_raw_fd();
+    if pair.dirs[0].reset {
+        return Ok(false);
+    }
+    let dir = &mut pair.dirs[1];
+    if dir.shut {
+        return Ok(false);
+    }
+    let mut r = local.reply(route.server).ok_or(CloseReason::Error)?;
+    if r.mode == ReplyMode::Failed {
+        return Err(CloseReason::Error);
+    }
+    if r.mode != ReplyMode::Kernel && !dir.clamped {
+        // Paused: the server socket's receive buffer now holds the replies; fix it at the
+        // limit so a stalled client costs a bounded amount (see step's comment).
+        if let Err(e) = crate::sys::set_receive_buffer(source, local.recv_limit()) {
+            tracing::debug!(error = %e, "kernel path: cannot fix the receive buffer");
+        }
+        dir.clamped = true;
+    }
+    loop {
+        if dir.start < dir.end {
+            if dir.forwarded + (dir.end - dir.start) as u64 > r.allow {
+                // Passed during a pause: wait (not reading) until the client's backlog
+                // ahead of these bytes has drained; the program says so with an event.
+                dir.reading = false;
+                return Ok(false);
+            }
+            let buf = dir.buf.as_deref().unwrap_or(&[]);
+            match send(target, &buf[dir.start..dir.end]) {
+                Ok(n) => {
+                    dir.start += n;
+                    dir.forwarded += n as u64;
+                    local
+                        .set_reply_written(route.server, dir.forwarded)
+                        .map_err(|_| CloseReason::Error)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    dir.want_out = true;
+                    return Ok(false);
+                }
+                Err(_) => return Err(CloseReason::Error),
+            }
+            continue;
+        }
+        dir.want_out = false;
+        let pending = r.passed > dir.forwarded;
+        if dir.fin_read || (!pending && r.mode != ReplyMode::User) {
+            dir.reading = false;
+            dir.buf = None;
+            break;
+        }
+        dir.reading = true;
+        let buf = dir
+            .buf
+            .get_or_insert_with(|| vec![0u8; USER_BUFFER].into_boxed_slice());
+        match recv(source, buf) {
+            Ok(0) => {
+                dir.fin_read = true;
+                dir.eof = true;
+                r = local.reply(route.server).ok_or(CloseReason::Error)?;
+                if r.passed > dir.forwarded {
+                    return Ok(true);
+                }
+                break;
+            }
+            Ok(n) => {
+                dir.start = 0;
+                dir.end = n;
+                // The allowance is read with the bytes in hand: a pause lowers it before the
+                // bytes it holds back are queued.
+                r = local.reply(route.server).ok_or(CloseReason::Error)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                r = local.reply(route.server).ok_or(CloseReason::Error)?;
+                if r.passed > dir.forwarded && r.mode == ReplyMode::User {
+                    // Passed behind the socket's backlog: queued by a kernel worker soon.
+                    return Ok(true);
+                }
+                break;
+            }
+            Err(_) => return Err(CloseReason::Error),
+        }
+    }
+    if !dir.eof {
+        return Ok(false);
+    }
+    // The server sent its FIN: half-close toward the client once every reply is there.
+    if dir.start < dir.end || r.passed > dir.forwarded {
+        return Ok(r.mode == ReplyMode::User);
+    }
+    let delivered = match r.mode {
+        ReplyMode::Kernel => r.delivered,
+        ReplyMode::User => dir.fin_read,
+        ReplyMode::Draining | ReplyMode::Failed => false,
+    };
+    if !delivered {
+        // The program reports delivery (or a drained backlog) with an event; retry anyway
+        // in case the FIN has not reached it yet.
         return Ok(true);
     }
     if !dir.reset {

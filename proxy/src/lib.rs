@@ -127,6 +127,27 @@ impl App {
         let kernel = match sockmap {
             None => None,
             Some(map) => {
+                let local = if config.kernel_client_socket {
+                    match tendril_ebpf::local::Local::load(
+                        listen,
+                        config.kernel_max_connections,
+                        config.kernel_buffer_limit,
+                        config.kernel_buffer_limit,
+                    ) {
+                        Ok(local) => {
+                            tracing::info!(
+                                "kernel forwarding on the client's own socket for clients on this host"
+                            );
+                            Some(local)
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "client-socket forwarding unavailable: every connection on the proxy's two sockets");
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
                 let (control_end, thread_end) = std::os::unix::net::UnixStream::pair()
                     .map_err(|e| ProxyError::Other(format!("socketpair: {e}")))?;
                 control_end
@@ -135,6 +156,7 @@ impl App {
                 wakers.push(control_end);
                 let (path, handle) = kernel::KernelPath::start(
                     map,
+                    local,
                     config.kernel_buffer_limit,
                     shared.clone(),
                     config.workers,
@@ -142,7 +164,7 @@ impl App {
                 )
                 .map_err(|e| ProxyError::Other(format!("start the kernel path: {e}")))?;
                 kernel_thread = Some(handle);
-                kernel_stats = Some(path.map().clone());
+                kernel_stats = Some((path.map().clone(), path.local().cloned()));
                 Some(path)
             }
         };
@@ -268,7 +290,10 @@ fn spawn_control(
     shared: Arc<Shared>,
     wakers: Vec<std::os::unix::net::UnixStream>,
     listener_fds: Vec<std::os::fd::RawFd>,
-    kernel: Option<Arc<tendril_ebpf::sockmap::Sockmap>>,
+    kernel: Option<(
+        Arc<tendril_ebpf::sockmap::Sockmap>,
+        Option<Arc<tendril_ebpf::local::Local>>,
+    )>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<JoinHandle<()>, ProxyError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -321,7 +346,11 @@ fn spawn_control(
                         listener,
                         Arc::new(move || {
                             let table = s.table.load();
-                            let kernel = kernel.as_ref().map(|k| metrics::KernelMetrics {
+                            let kernel = kernel.as_ref().map(|(k, local)| metrics::KernelMetrics {
+                                local: local.as_ref().map(|l| {
+                                    let open = s.workers.iter().map(|w| w.kernel_local.load(std::sync::atomic::Ordering::Relaxed)).sum();
+                                    (l.stats(), open, l.entries())
+                                }),
                                 stats: k.stats(),
                                 fallback_full: s.kernel_fallback_full.load(std::sync::atomic::Ordering::Relaxed),
                                 fallback_refused: s.kernel_fallback_refused.load(std::sync::atomic::Ordering::Relaxed),

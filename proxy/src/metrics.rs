@@ -66,6 +66,8 @@ pub struct WorkerMetrics {
     pub active: AtomicU64,
     /// Connections linked to a backend (a switchover's drain waits for these to end).
     pub linked: AtomicU64,
+    /// Kernel-forwarded connections on the client's own socket, open now.
+    pub kernel_local: AtomicU64,
     /// Closed, by reason (indexed like [`CloseReason::ALL`]).
     pub closed: [AtomicU64; 9],
     /// Bytes from clients to the backend.
@@ -87,6 +89,14 @@ impl WorkerMetrics {
     }
 }
 
+/// Client-socket path values: the program's counters, connections open now, and entries in
+/// (clients, routes, servers, replies).
+pub type ClientSocketMetrics = (
+    tendril_ebpf::local::Stats,
+    u64,
+    (usize, usize, usize, usize),
+);
+
 /// Kernel-path values for the metrics.
 #[derive(Debug, Clone, Copy)]
 pub struct KernelMetrics {
@@ -100,6 +110,9 @@ pub struct KernelMetrics {
     pub active: u64,
     /// Entries in the program's maps (peers, directions, forwarded).
     pub entries: (usize, usize, usize),
+    /// The client-socket programs, when loaded: counters, open connections, and entries
+    /// in (clients, routes, servers, replies).
+    pub local: Option<ClientSocketMetrics>,
 }
 
 /// Renders the Prometheus text for all workers plus the control-plane values.
@@ -266,6 +279,47 @@ pub fn render(
             "program events lost to a full ring (the proxy then rescans)",
             vec![(String::new(), k.stats.lost_events)],
         );
+        if let Some((stats, active, entries)) = k.local {
+            metric(
+                "tendril_proxy_kernel_client_socket_connections",
+                "gauge",
+                "kernel-forwarded connections on the client's own socket (clients on this host)",
+                vec![(String::new(), active)],
+            );
+            metric(
+                "tendril_proxy_kernel_client_socket_total",
+                "counter",
+                "client-socket path events: sends and reply skbs redirected or passed, pauses, failures",
+                vec![
+                    ("event=\"client_joined\"".into(), stats.clients),
+                    ("event=\"client_map_full\"".into(), stats.clients_full),
+                    ("event=\"send_redirected\"".into(), stats.sends_redirected),
+                    ("event=\"send_passed\"".into(), stats.sends_passed),
+                    ("event=\"send_paused\"".into(), stats.send_pauses),
+                    (
+                        "event=\"reply_redirected\"".into(),
+                        stats.replies_redirected,
+                    ),
+                    ("event=\"reply_passed\"".into(), stats.replies_passed),
+                    ("event=\"reply_paused\"".into(), stats.reply_pauses),
+                    ("event=\"failed\"".into(), stats.failures),
+                    ("event=\"repeated\"".into(), stats.repeated),
+                    ("event=\"events_lost\"".into(), stats.lost_events),
+                    ("event=\"timer_failed\"".into(), stats.timer_failures),
+                ],
+            );
+            metric(
+                "tendril_proxy_kernel_client_socket_map_entries",
+                "gauge",
+                "entries in the client-socket program's maps (clients: sockets connected to the proxy port on this host)",
+                vec![
+                    ("map=\"clients\"".into(), entries.0 as u64),
+                    ("map=\"routes\"".into(), entries.1 as u64),
+                    ("map=\"servers\"".into(), entries.2 as u64),
+                    ("map=\"replies\"".into(), entries.3 as u64),
+                ],
+            );
+        }
     }
     out
 }

@@ -107,17 +107,27 @@ pub fn dup(fd: RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(new) })
 }
 
+/// Fixes a socket's send buffer (`SO_SNDBUF`; doubled by the kernel, capped by
+/// `net.core.wmem_max`, autotuning off for that socket).
+pub fn set_send_buffer(fd: RawFd, bytes: u64) -> std::io::Result<()> {
+    set_buffer(fd, libc::SO_SNDBUF, bytes)
+}
+
 /// Fixes a socket's receive buffer (`SO_RCVBUF`; the kernel doubles the value for its own
 /// bookkeeping, capped by `net.core.rmem_max`). It also turns receive-buffer autotuning off
 /// for that socket.
 pub fn set_receive_buffer(fd: RawFd, bytes: u64) -> std::io::Result<()> {
+    set_buffer(fd, libc::SO_RCVBUF, bytes)
+}
+
+fn set_buffer(fd: RawFd, option: libc::c_int, bytes: u64) -> std::io::Result<()> {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: setsockopt reads one int from `value`, which lives on this frame.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
+            option,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )

@@ -1,9 +1,10 @@
-//! Kernel forwarding (`--forwarding kernel`, the BPF sockmap path) with real PostgreSQL, real
-//! etcd and the real proxy binary: psql and pgbench, 100 MB each way with checksums, a
-//! stalled reader held to the documented bound, bytes the proxy read before the join sent
-//! once, fence under traffic, closes and resets on
-//! either side without leaks, a failed redirect, and the fallbacks (map full, program
-//! refused).
+//! Kernel forwarding (`--forwarding kernel`, the BPF sockmap paths) with real PostgreSQL,
+//! real etcd and the real proxy binary, each data-path test once on the pair path (the
+//! proxy's two sockets joined) and once on the client-socket path (clients on the proxy's
+//! host): psql and pgbench, 100 MB each way with checksums, a stalled reader held to the
+//! documented bound, a reader stopped and resumed every 20 ms, bytes sent before the join
+//! reaching the master once, fence under traffic, closes and resets on either side without
+//! leaks; then a failed redirect and the fallbacks (map full, program refused).
 //!
 //! Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) and a kernel with sockmap: on these
 //! machines that is always there, so a missing piece fails loudly instead of skipping.
@@ -80,6 +81,109 @@ fn copy_out_md5(port: u16, query: &str) -> String {
         .to_owned()
 }
 
+/// Which kernel path a test drives. Clients of these tests run on the proxy's host, so by
+/// default they take the client-socket path; `--kernel-client-socket off` keeps them on the
+/// proxy's two sockets (the path remote clients take).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// The accepted socket and the server socket joined in `peers` (sockmap.bpf.c).
+    Pair,
+    /// Forwarding on the client's own socket (local.bpf.c).
+    ClientSocket,
+}
+
+/// One test body, run once per kernel path.
+macro_rules! on_both_paths {
+    ($body:ident, $pair:ident, $client_socket:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $pair() {
+            $body(Path::Pair).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $client_socket() {
+            $body(Path::ClientSocket).await
+        }
+    };
+}
+
+fn start_path_proxy(env: &Env, uid: &str, path: Path, extra: &[&str]) -> ProxyProc {
+    let mut args = extra.to_vec();
+    if path == Path::Pair {
+        args.extend_from_slice(&["--kernel-client-socket", "off"]);
+    }
+    let proxy = start_kernel_proxy(env, uid, &args);
+    assert_eq!(
+        proxy
+            .log_text()
+            .contains("client's own socket for clients on this host"),
+        path == Path::ClientSocket,
+        "the proxy does not say which kernel path it takes:\n{}",
+        proxy.log_text()
+    );
+    proxy
+}
+
+/// Messages (sends and reply skbs) the kernel path forwarded without the proxy.
+fn kernel_redirects(proxy: &ProxyProc, path: Path) -> f64 {
+    match path {
+        Path::Pair => metric(
+            proxy,
+            "tendril_proxy_kernel_verdicts_total{cluster=\"pxy\",outcome=\"redirected\"}",
+        ),
+        Path::ClientSocket => ["send_redirected", "reply_redirected"]
+            .iter()
+            .map(|e| client_socket_metric(proxy, e))
+            .sum(),
+    }
+}
+
+/// Times a direction paused for backpressure.
+fn kernel_pauses(proxy: &ProxyProc, path: Path) -> f64 {
+    match path {
+        Path::Pair => metric(
+            proxy,
+            "tendril_proxy_kernel_backpressure_total{cluster=\"pxy\",event=\"paused\"}",
+        ),
+        Path::ClientSocket => ["send_paused", "reply_paused"]
+            .iter()
+            .map(|e| client_socket_metric(proxy, e))
+            .sum(),
+    }
+}
+
+fn client_socket_metric(proxy: &ProxyProc, event: &str) -> f64 {
+    metric(
+        proxy,
+        &format!("tendril_proxy_kernel_client_socket_total{{cluster=\"pxy\",event=\"{event}\"}}"),
+    )
+}
+
+/// Entries left in every map of both kernel paths.
+fn kernel_map_entries(proxy: &ProxyProc) -> f64 {
+    let pair: f64 = ["peers", "directions", "forwarded"]
+        .iter()
+        .map(|m| {
+            metric(
+                proxy,
+                &format!("tendril_proxy_kernel_map_entries{{cluster=\"pxy\",map=\"{m}\"}}"),
+            )
+        })
+        .sum();
+    let client_socket: f64 = ["clients", "routes", "servers", "replies"]
+        .iter()
+        .map(|m| {
+            metric(
+                proxy,
+                &format!(
+                    "tendril_proxy_kernel_client_socket_map_entries{{cluster=\"pxy\",map=\"{m}\"}}"
+                ),
+            )
+        })
+        .sum();
+    pair + client_socket
+}
+
 fn start_kernel_proxy(env: &Env, uid: &str, extra: &[&str]) -> ProxyProc {
     let mut args = vec!["--forwarding", "kernel"];
     args.extend_from_slice(extra);
@@ -105,13 +209,18 @@ fn eof_lines(pg_log: &str) -> Vec<&str> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn psql_and_pgbench_run_through_the_kernel_path() {
+on_both_paths!(
+    psql_and_pgbench_run_through_the_kernel_path,
+    psql_and_pgbench_on_the_pair_path,
+    psql_and_pgbench_on_the_client_socket_path
+);
+
+async fn psql_and_pgbench_run_through_the_kernel_path(path: Path) {
     let _serial = SERIAL.lock().await;
     let mut env = Env::new().await;
     let pg = support::pg();
     env.route(Some(("db1", pg.port())), false).await;
-    let proxy = start_kernel_proxy(&env, "k1", &[]);
+    let proxy = start_path_proxy(&env, "k1", path, &[]);
     wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
     assert!(
         proxy
@@ -166,10 +275,7 @@ async fn psql_and_pgbench_run_through_the_kernel_path() {
     assert!(processed > 100, "{text}");
     assert!(text.contains("number of failed transactions: 0"), "{text}");
     // The bytes went through the program, not the proxy's buffers.
-    let redirected = metric(
-        &proxy,
-        "tendril_proxy_kernel_verdicts_total{cluster=\"pxy\",outcome=\"redirected\"}",
-    );
+    let redirected = kernel_redirects(&proxy, path);
     assert!(redirected > processed as f64, "{}", proxy.metrics());
     // The same rows through the proxy and directly.
     let through = psql_ok(
@@ -192,13 +298,18 @@ async fn psql_and_pgbench_run_through_the_kernel_path() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hundred_megabytes_each_way_arrive_intact() {
+on_both_paths!(
+    hundred_megabytes_each_way_arrive_intact,
+    hundred_megabytes_each_way_on_the_pair_path,
+    hundred_megabytes_each_way_on_the_client_socket_path
+);
+
+async fn hundred_megabytes_each_way_arrive_intact(path: Path) {
     let _serial = SERIAL.lock().await;
     let mut env = Env::new().await;
     let pg = support::pg();
     env.route(Some(("db1", pg.port())), false).await;
-    let proxy = start_kernel_proxy(&env, "k2", &[]);
+    let proxy = start_path_proxy(&env, "k2", path, &[]);
     wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
     // ~100 MB result set.
     let query = "SELECT i, repeat(md5(i::text), 31) FROM generate_series(1, 100000) i";
@@ -315,8 +426,13 @@ fn read_until_ready(s: &mut TcpStream, ready: usize) -> Vec<u8> {
     kinds
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bytes_read_before_the_join_reach_the_master_once() {
+on_both_paths!(
+    bytes_read_before_the_join_reach_the_master_once,
+    bytes_read_before_the_join_reach_the_master_once_on_the_pair_path,
+    bytes_sent_before_the_route_reach_the_master_once_on_the_client_socket_path
+);
+
+async fn bytes_read_before_the_join_reach_the_master_once(path: Path) {
     // A client held during a switchover sends its startup packet and a pipeline of INSERTs
     // in one write. The proxy reads the startup packet in 1 KiB steps, so it stops inside
     // the first skb; when the master appears the socket joins the sockmap and the kernel
@@ -327,7 +443,7 @@ async fn bytes_read_before_the_join_reach_the_master_once() {
     let pg = support::pg();
     psql_ok(pg.port(), "CREATE TABLE pipelined (i int)");
     let g = env.route(None, true).await;
-    let proxy = start_kernel_proxy(&env, "k9", &["--hold-timeout", "30s"]);
+    let proxy = start_path_proxy(&env, "k9", path, &["--hold-timeout", "30s"]);
     env.wait_acked("k9", g, Duration::from_secs(10)).await;
     const INSERTS: usize = 3000;
     let mut wire = support::startup_packet(&[("user", "postgres"), ("database", "postgres")]);
@@ -379,14 +495,24 @@ async fn bytes_read_before_the_join_reach_the_master_once() {
         ),
         format!("{INSERTS}|{INSERTS}")
     );
-    let repeated = metric(
-        &proxy,
-        "tendril_proxy_kernel_verdicts_total{cluster=\"pxy\",outcome=\"repeated\"}",
-    );
-    assert!(
-        repeated >= 1.0,
-        "the program never saw the repeated head, so this test did not test it"
-    );
+    match path {
+        Path::Pair => {
+            let repeated = metric(
+                &proxy,
+                "tendril_proxy_kernel_verdicts_total{cluster=\"pxy\",outcome=\"repeated\"}",
+            );
+            assert!(
+                repeated >= 1.0,
+                "the program never saw the repeated head, so this test did not test it"
+            );
+        }
+        Path::ClientSocket => {
+            // The pipeline was sent before the route existed: the program passed it to the
+            // accepted socket and the proxy forwarded it; later sends went in the kernel.
+            assert!(client_socket_metric(&proxy, "send_passed") >= 1.0);
+            assert!(client_socket_metric(&proxy, "send_redirected") >= 1.0);
+        }
+    }
 }
 
 /// Kills the listed processes when dropped (they are gone already when the test passed).
@@ -444,13 +570,18 @@ fn mem_available_kib() -> u64 {
     field("MemFree:") + field("Buffers:") + field("Cached:") + field("SReclaimable:")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_reader_holds_bounded_kernel_memory_then_completes() {
+on_both_paths!(
+    a_stalled_reader_holds_bounded_kernel_memory_then_completes,
+    a_stalled_reader_is_bounded_on_the_pair_path,
+    a_stalled_reader_is_bounded_on_the_client_socket_path
+);
+
+async fn a_stalled_reader_holds_bounded_kernel_memory_then_completes(path: Path) {
     let _serial = SERIAL.lock().await;
     let mut env = Env::new().await;
     let pg = support::pg();
     env.route(Some(("db1", pg.port())), false).await;
-    let proxy = start_kernel_proxy(&env, "k3", &["--kernel-buffer-limit", "1MiB"]);
+    let proxy = start_path_proxy(&env, "k3", path, &["--kernel-buffer-limit", "1MiB"]);
     wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
     // ~300 MB result; the reader (md5sum) is stopped, so psql blocks on its stdout pipe and
     // stops reading its socket.
@@ -501,10 +632,7 @@ async fn a_stalled_reader_holds_bounded_kernel_memory_then_completes() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let paused = metric(
-        &proxy,
-        "tendril_proxy_kernel_backpressure_total{cluster=\"pxy\",event=\"paused\"}",
-    );
+    let paused = kernel_pauses(&proxy, path);
     println!(
         "stalled: memory held beyond the client's own receive queue: at most {worst} KiB; \
          directions paused: {paused}"
@@ -538,13 +666,77 @@ async fn a_stalled_reader_holds_bounded_kernel_memory_then_completes() {
     println!("resumed in the kernel {resumed} times");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fence_under_traffic_closes_both_sides_at_once() {
+on_both_paths!(
+    a_reader_stopped_and_resumed_gets_every_byte,
+    a_reader_stopped_and_resumed_gets_every_byte_on_the_pair_path,
+    a_reader_stopped_and_resumed_gets_every_byte_on_the_client_socket_path
+);
+
+/// psql stopped and resumed every 20 ms while a 50 MB result streams to it, five times:
+/// each stop can pause the reply direction (the client's queue fills) and each resume
+/// brings it back to the kernel, with replies the proxy copied in between. Every byte must
+/// arrive once and in order (checksums against a direct read).
+async fn a_reader_stopped_and_resumed_gets_every_byte(path: Path) {
+    let _serial = SERIAL.lock().await;
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    env.route(Some(("db1", pg.port())), false).await;
+    let proxy = start_path_proxy(&env, "k8", path, &["--kernel-buffer-limit", "256KiB"]);
+    wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
+    let query = "SELECT i, repeat(md5(i::text), 15) FROM generate_series(1, 100000) i";
+    let direct = copy_out_md5(pg.port(), query);
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..5 {
+        let out = dir.path().join(format!("md5-{round}"));
+        let mut md5 = Command::new("md5sum")
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .spawn()
+            .unwrap();
+        let mut psql_child = psql_command(proxy.port, &format!("COPY ({query}) TO STDOUT"))
+            .stdout(md5.stdin.take().unwrap())
+            .spawn()
+            .unwrap();
+        let _reap = KillOnDrop(vec![md5.id(), psql_child.id()]);
+        let pid = nix::unistd::Pid::from_raw(psql_child.id() as i32);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = psql_child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: psql never finished"
+            );
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP);
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "round {round}: psql failed");
+        assert!(md5.wait().unwrap().success());
+        let got = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(
+            got.split_whitespace().next().unwrap(),
+            direct,
+            "round {round}: the result changed on its way through"
+        );
+    }
+    println!("pauses: {}", kernel_pauses(&proxy, path));
+}
+
+on_both_paths!(
+    a_fence_under_traffic_closes_both_sides_at_once,
+    a_fence_under_traffic_on_the_pair_path,
+    a_fence_under_traffic_on_the_client_socket_path
+);
+
+async fn a_fence_under_traffic_closes_both_sides_at_once(path: Path) {
     let _serial = SERIAL.lock().await;
     let mut env = Env::new().await;
     let (pg1, pg2) = (support::pg(), support::pg());
     let g1 = env.route(Some(("db1", pg1.port())), false).await;
-    let proxy = start_kernel_proxy(&env, "k4", &[]);
+    let proxy = start_path_proxy(&env, "k4", path, &[]);
     env.wait_acked("k4", g1, Duration::from_secs(10)).await;
     wait_routed(proxy.port, pg1.port(), Duration::from_secs(10)).await;
     // Busy clients: a stream of queries each, and one large result in flight.
@@ -710,13 +902,18 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn closes_and_resets_reach_the_peer_and_nothing_leaks() {
+on_both_paths!(
+    closes_and_resets_reach_the_peer_and_nothing_leaks,
+    closes_and_resets_without_leaks_on_the_pair_path,
+    closes_and_resets_without_leaks_on_the_client_socket_path
+);
+
+async fn closes_and_resets_reach_the_peer_and_nothing_leaks(path: Path) {
     let _serial = SERIAL.lock().await;
     let mut env = Env::new().await;
     let (backend, backend_open) = echo_backend();
     env.route(Some(("echo", backend)), false).await;
-    let proxy = start_kernel_proxy(&env, "k5", &[]);
+    let proxy = start_path_proxy(&env, "k5", path, &[]);
     // Wait for routing.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -822,15 +1019,7 @@ async fn closes_and_resets_reach_the_peer_and_nothing_leaks() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let active = metric(&proxy, "tendril_proxy_connections_active{cluster=\"pxy\"}");
-        let entries: f64 = ["peers", "directions", "forwarded"]
-            .iter()
-            .map(|m| {
-                metric(
-                    &proxy,
-                    &format!("tendril_proxy_kernel_map_entries{{cluster=\"pxy\",map=\"{m}\"}}"),
-                )
-            })
-            .sum();
+        let entries = kernel_map_entries(&proxy);
         let fds = open_fds(proxy.child.id());
         // A few descriptors come and go on their own (store and metrics connections);
         // a leak of even 1% of 10,000 connections would be hundreds.
@@ -878,7 +1067,16 @@ async fn a_full_map_keeps_extra_connections_in_userspace() {
     let mut env = Env::new().await;
     let pg = support::pg();
     env.route(Some(("db1", pg.port())), false).await;
-    let proxy = start_kernel_proxy(&env, "k6", &["--kernel-max-connections", "2"]);
+    let proxy = start_kernel_proxy(
+        &env,
+        "k6",
+        &[
+            "--kernel-max-connections",
+            "2",
+            "--kernel-client-socket",
+            "off",
+        ],
+    );
     wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
     // wait_routed's connections are gone once the map is empty again.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1007,7 +1205,7 @@ async fn a_failed_redirect_closes_the_connection() {
     let mut env = Env::new().await;
     let (backend, _open) = echo_backend();
     env.route(Some(("echo", backend)), false).await;
-    let proxy = start_kernel_proxy(&env, "k7", &[]);
+    let proxy = start_kernel_proxy(&env, "k7", &["--kernel-client-socket", "off"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut s = loop {
         if let Ok(mut s) = TcpStream::connect(("127.0.0.1", proxy.port)) {

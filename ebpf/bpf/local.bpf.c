@@ -1,0 +1,568 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * tendril kernel forwarding for clients on the proxy's own host: forwarding on the client's
+ * own socket. sockmap.bpf.c joins the proxy's two sockets (accepted and server) and redirects
+ * between them; for a client in the proxy's network namespace this program goes one hop
+ * further and takes the accepted socket out of the data path:
+ *
+ * - a sockops program on the cgroup v2 root puts every socket that connects to the proxy's
+ *   listening port into `clients` (keyed by network namespace and the connection's four
+ *   addresses, so the proxy finds it from its accepted socket);
+ * - an sk_msg program on those sockets redirects each send straight to the egress of the
+ *   proxy's server socket, synchronously in the client's sendmsg (no kernel worker, no
+ *   loopback hop through the accepted socket) once the proxy has routed the connection;
+ * - the server socket's stream verdict redirects replies into the client socket's receive
+ *   queue (BPF_F_INGRESS).
+ * The accepted socket stays open: it carries what the client sent before the route existed
+ * (the startup packet), whatever the bounds below pass to the ordinary path, and the
+ * client's FIN.
+ *
+ * Send-side bound. A redirect into a backed-up server socket fails at once and the client's
+ * own socket stays writable, so the client would spin while PostgreSQL stalls. The sk_msg
+ * program cannot look at the server socket (sk_msg programs have no bpf_sk_release), so the
+ * sockops RTT callback follows the server socket's acknowledged bytes (the proxy's own
+ * connections ask for it at connect) and the sk_msg program passes sends to the accepted
+ * socket, where TCP flow control holds the client, once more than `send_limit` bytes are
+ * unacknowledged. It goes back to redirecting only when the proxy has written every passed
+ * byte to the server socket and the server caught up to half the limit: redirected bytes are
+ * in the server socket's queue when the client's sendmsg returns, so nothing passed later
+ * overtakes them, and nothing redirected overtakes passed bytes. A new client starts in the
+ * passing state, so bytes sent before the route existed are the proxy's to forward first.
+ *
+ * Receive-side bound. The kernel's backlog worker delivers redirected replies into the
+ * client socket and holds them without bound when the client stops reading. So the verdict
+ * looks at the client's psock (kernel internals read through BTF: msg_tot_len, the backlog
+ * length, whether the backlog worker runs) once per CHECK_EVERY redirected bytes and, past
+ * `recv_limit`, pauses: it passes replies to the server socket's own queue, where they count
+ * against its receive buffer and its TCP window closes (DRAINING). A timer checks every
+ * millisecond until the client's backlog is empty and the worker idle, then tells the proxy
+ * (USER): the proxy copies the passed replies through the accepted socket. The verdict
+ * redirects again once the proxy wrote every passed byte, the accepted socket's data was
+ * acknowledged and the client read its TCP queue, so each byte reaches the client in order.
+ * A pause lowers the proxy's allowance to what was passed before it: bytes passed while
+ * DRAINING wait until the backlog ahead of them was delivered.
+ *
+ * Close ordering. The server's FIN reaches the client through the accepted socket, which the
+ * proxy half-closes; replies still in the client's backlog would be overtaken. So the verdict
+ * notes the FIN and the timer reports when the backlog is empty (DELIVERED); the proxy
+ * half-closes only then. The client's FIN comes through the accepted socket after every
+ * byte it sent (redirected ones are already in the server socket's queue).
+ *
+ * Repeated bytes: see sockmap.bpf.c; the reply direction trims them the same way.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
+
+#include "skb_seq.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Set by the loader before load (one struct, so its layout is fixed). */
+struct config {
+	__u32 listen_ip[4]; /* IPv4 mapped to IPv6, network order; all zero: any address */
+	__u32 listen_port;  /* host order */
+	__u32 proxy_tgid;   /* the proxy's process: its connects are followed */
+	__u64 send_limit;   /* most unacknowledged bytes redirected to a server socket */
+	__u64 recv_limit;   /* most reply bytes held for a client that does not read */
+};
+const volatile struct config cfg = {};
+
+#define MAX_CLIENTS_DEFAULT 65536
+/* The psock is looked at once per this many redirected bytes, not per skb: replies of a few
+ * hundred bytes cost one map look-up each, and the bound grows by this much. */
+#define CHECK_EVERY (256 * 1024)
+
+#define TCPHDR_FIN 0x01
+
+/* A connection, from the client's side: its network namespace and four addresses. */
+struct client_key {
+	__u64 netns;
+	__u32 client_ip[4];
+	__u32 proxy_ip[4];
+	__u32 client_port; /* host order */
+	__u32 proxy_port;  /* host order */
+};
+
+/* Client sockets (sk_msg attached). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, MAX_CLIENTS_DEFAULT);
+	__type(key, struct client_key);
+	__type(value, __u64);
+} clients SEC(".maps");
+
+/* A client socket's send accounting, made at connect and freed with the socket. */
+struct sends {
+	__u64 redirected; /* bytes redirected to the server socket */
+	__u64 passed;     /* bytes passed to the ordinary path (the accepted socket) */
+	__u32 redirecting;
+	__u32 pauses;
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sends);
+} client_sends SEC(".maps");
+
+/* Written by the proxy only (replaced whole, so freed after a grace period: no prealloc). */
+struct route {
+	__u64 server;      /* the server socket's cookie */
+	__u64 from_client; /* bytes the proxy read from the accepted socket and wrote to the server */
+	__u64 to_server;   /* bytes the proxy wrote to the server socket */
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_CLIENTS_DEFAULT);
+	__type(key, struct client_key);
+	__type(value, struct route);
+} routes SEC(".maps");
+
+/* The proxy's server sockets by cookie (stream verdict attached), and the accepted socket of
+ * each, by the server socket's cookie (no program: read by the resume check). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, MAX_CLIENTS_DEFAULT);
+	__type(key, __u64);
+	__type(value, __u64);
+} servers SEC(".maps");
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, MAX_CLIENTS_DEFAULT);
+	__type(key, __u64);
+	__type(value, __u64);
+} accepted SEC(".maps");
+
+/* Server socket cookie -> its bytes_acked, kept by the RTT callback (entry made by the proxy). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_CLIENTS_DEFAULT);
+	__type(key, __u64);
+	__type(value, __u64);
+} server_acked SEC(".maps");
+
+#define R_KERNEL 0
+#define R_DRAINING 1
+#define R_USER 2
+#define R_FAILED 3
+
+/* The reply direction, by the server socket's cookie: made by the proxy at the join, then
+ * written only by this program. */
+struct reply {
+	struct bpf_timer timer;
+	struct client_key client;
+	__u64 server;     /* the server socket's cookie (the timer's way back) */
+	__u64 redirected; /* reply bytes redirected to the client socket */
+	__u64 passed;     /* reply bytes passed to the server socket's own queue */
+	__u64 allow;      /* the proxy may write passed bytes up to this count */
+	__u64 unchecked;  /* bytes redirected since the client's psock was last looked at */
+	__u64 peak;       /* most bytes seen held for the client */
+	__u32 mode;       /* R_* */
+	__u32 pauses;
+	__u32 next_seq;   /* TCP sequence of the next reply byte not seen yet */
+	__u32 seq_known;
+	__u32 fin;        /* the server's FIN was seen */
+	__u32 delivered;  /* after the FIN: everything redirected reached the client */
+};
+/* Not preallocated: a recycled element would carry the timer of a deleted connection while
+ * the kernel still frees it (arming it then fails). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_CLIENTS_DEFAULT);
+	__type(key, __u64);
+	__type(value, struct reply);
+} replies SEC(".maps");
+
+/* Server socket cookie -> bytes of passed replies the proxy wrote to the accepted socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_CLIENTS_DEFAULT);
+	__type(key, __u64);
+	__type(value, __u64);
+} reply_written SEC(".maps");
+
+#define EVENT_DRAINED 1   /* the client's backlog drained: copy the passed replies */
+#define EVENT_DELIVERED 2 /* after the server's FIN, everything reached the client */
+#define EVENT_FAILED 3    /* a reply could not be delivered: close the connection */
+
+struct event {
+	__u64 server;
+	__u32 kind;
+	__u32 pad;
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+#define STAT_CLIENTS 0        /* client sockets put into `clients` */
+#define STAT_CLIENTS_FULL 1   /* client sockets left out (map full) */
+#define STAT_SENDS_REDIRECTED 2
+#define STAT_SENDS_PASSED 3
+#define STAT_SEND_PAUSES 4
+#define STAT_REPLIES_REDIRECTED 5
+#define STAT_REPLIES_PASSED 6
+#define STAT_REPLY_PAUSES 7
+#define STAT_FAILURES 8
+#define STAT_LOST_EVENTS 9
+#define STAT_REPEATED 10
+#define STAT_TIMER_FAILURES 11
+#define STAT_COUNT 12
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+static __always_inline void count(__u32 which)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &which);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void notify(__u64 server, __u32 kind)
+{
+	struct event e = { .server = server, .kind = kind };
+	/* A full ring loses the event; the proxy sees the counter and looks at every pair. */
+	if (bpf_ringbuf_output(&events, &e, sizeof(e), 0))
+		count(STAT_LOST_EVENTS);
+}
+
+/* Reads a context field into a register: the compiler would otherwise turn a choice between
+ * two fields into arithmetic on the context pointer, which the verifier refuses. */
+#define CTX(x)                                                                                     \
+	({                                                                                         \
+		__u32 _v = (x);                                                                    \
+		asm volatile("" : "+r"(_v));                                                       \
+		_v;                                                                                \
+	})
+
+static __always_inline void set_ip(__u32 *out, __u32 family, __u32 ip4, const __u32 *ip6)
+{
+	if (family == 2 /* AF_INET */) {
+		out[0] = 0;
+		out[1] = 0;
+		out[2] = bpf_htonl(0xffff);
+		out[3] = ip4;
+	} else {
+		out[0] = ip6[0];
+		out[1] = ip6[1];
+		out[2] = ip6[2];
+		out[3] = ip6[3];
+	}
+}
+
+SEC("sockops")
+int watch_sockets(struct bpf_sock_ops *ops)
+{
+	switch (ops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		/* connect() runs in the caller's context: the proxy's own connections (to the
+		 * master) get their acknowledgements followed. */
+		if ((bpf_get_current_pid_tgid() >> 32) == cfg.proxy_tgid)
+			bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_RTT_CB_FLAG);
+		return 1;
+	case BPF_SOCK_OPS_RTT_CB: {
+		__u64 cookie = bpf_get_socket_cookie(ops);
+		__u64 *a = bpf_map_lookup_elem(&server_acked, &cookie);
+		if (a)
+			*a = ops->bytes_acked;
+		return 1;
+	}
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		break;
+	default:
+		return 1;
+	}
+	if (ops->family != 2 && ops->family != 10)
+		return 1;
+	if (bpf_ntohl(ops->remote_port) != cfg.listen_port)
+		return 1;
+	struct client_key key = {};
+	__u32 family = CTX(ops->family);
+	__u32 r6[4] = { CTX(ops->remote_ip6[0]), CTX(ops->remote_ip6[1]), CTX(ops->remote_ip6[2]),
+			CTX(ops->remote_ip6[3]) };
+	__u32 l6[4] = { CTX(ops->local_ip6[0]), CTX(ops->local_ip6[1]), CTX(ops->local_ip6[2]),
+			CTX(ops->local_ip6[3]) };
+	set_ip(key.proxy_ip, family, CTX(ops->remote_ip4), r6);
+	if (cfg.listen_ip[0] | cfg.listen_ip[1] | cfg.listen_ip[2] | cfg.listen_ip[3]) {
+		if (key.proxy_ip[0] != cfg.listen_ip[0] || key.proxy_ip[1] != cfg.listen_ip[1] ||
+		    key.proxy_ip[2] != cfg.listen_ip[2] || key.proxy_ip[3] != cfg.listen_ip[3])
+			return 1;
+	}
+	set_ip(key.client_ip, family, CTX(ops->local_ip4), l6);
+	key.client_port = ops->local_port;
+	key.proxy_port = cfg.listen_port;
+	key.netns = bpf_get_netns_cookie(ops);
+	struct bpf_sock *sk = ops->sk;
+	if (!sk)
+		return 1;
+	if (!bpf_sk_storage_get(&client_sends, sk, 0, BPF_SK_STORAGE_GET_F_CREATE))
+		return 1;
+	if (bpf_sock_hash_update(ops, &clients, &key, BPF_NOEXIST))
+		count(STAT_CLIENTS_FULL);
+	else
+		count(STAT_CLIENTS);
+	return 1;
+}
+
+SEC("sk_msg")
+int client_send(struct sk_msg_md *msg)
+{
+	struct bpf_sock *sk = msg->sk;
+	if (!sk)
+		return SK_PASS;
+	struct sends *st = bpf_sk_storage_get(&client_sends, sk, 0, 0);
+	if (!st)
+		return SK_PASS;
+	__u32 size = msg->size;
+	struct client_key key = {};
+	__u32 family = CTX(msg->family);
+	__u32 l6[4] = { CTX(msg->local_ip6[0]), CTX(msg->local_ip6[1]), CTX(msg->local_ip6[2]),
+			CTX(msg->local_ip6[3]) };
+	__u32 r6[4] = { CTX(msg->remote_ip6[0]), CTX(msg->remote_ip6[1]), CTX(msg->remote_ip6[2]),
+			CTX(msg->remote_ip6[3]) };
+	set_ip(key.client_ip, family, CTX(msg->local_ip4), l6);
+	set_ip(key.proxy_ip, family, CTX(msg->remote_ip4), r6);
+	key.client_port = msg->local_port;
+	key.proxy_port = bpf_ntohl(msg->remote_port);
+	key.netns = bpf_get_netns_cookie(msg);
+	struct route *r = bpf_map_lookup_elem(&routes, &key);
+	if (!r)
+		goto pass;
+	__u64 server = r->server;
+	__u64 *a = bpf_map_lookup_elem(&server_acked, &server);
+	__u64 ack = a ? *a : 0;
+	__u64 handed = r->to_server + st->redirected;
+	__u64 held = handed > ack ? handed - ack : 0;
+	if (!st->redirecting) {
+		if (r->from_client != st->passed || held >= cfg.send_limit / 2)
+			goto pass;
+		st->redirecting = 1;
+	} else if (held + size > cfg.send_limit) {
+		st->redirecting = 0;
+		st->pauses++;
+		count(STAT_SEND_PAUSES);
+		goto pass;
+	}
+	if (bpf_msg_redirect_hash(msg, &servers, &server, 0) != SK_PASS) {
+		/* The server socket left (fence, close): the proxy closes the accepted socket. */
+		st->redirecting = 0;
+		goto pass;
+	}
+	st->redirected += size;
+	count(STAT_SENDS_REDIRECTED);
+	return SK_PASS;
+pass:
+	st->passed += size;
+	count(STAT_SENDS_PASSED);
+	return SK_PASS;
+}
+
+/* The client socket's psock: bytes delivered and unread, skbs not yet delivered, and
+ * whether the backlog worker is running. -1 when the client is gone. */
+static __always_inline int client_psock(struct client_key *ckey, __u32 *tot, __u32 *qlen,
+					int *busy)
+{
+	struct bpf_sock *sk = bpf_map_lookup_elem(&clients, ckey);
+	if (!sk)
+		return -1;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	if (tp) {
+		struct sock *ks = (struct sock *)tp;
+		/* sk_user_data holds the psock with flag bits in the low three bits. */
+		unsigned long ud = (unsigned long)BPF_CORE_READ(ks, sk_user_data);
+		struct sk_psock *psock = (struct sk_psock *)(ud & ~7UL);
+		*tot = BPF_CORE_READ(psock, msg_tot_len);
+		*qlen = BPF_CORE_READ(psock, ingress_skb.qlen);
+		*busy = BPF_CORE_READ(psock, work_mutex.owner.counter) != 0;
+	}
+	bpf_sk_release(sk);
+	return 0;
+}
+
+/* The client has read everything the proxy wrote through the accepted socket. */
+static __always_inline int tcp_path_empty(__u64 *server, struct client_key *ckey)
+{
+	struct bpf_sock *a = bpf_map_lookup_elem(&accepted, server);
+	if (!a)
+		return 0;
+	struct tcp_sock *ap = bpf_skc_to_tcp_sock(a);
+	int sent = ap && ap->write_seq == ap->snd_una;
+	bpf_sk_release(a);
+	if (!sent)
+		return 0;
+	struct bpf_sock *c = bpf_map_lookup_elem(&clients, ckey);
+	if (!c)
+		return 0;
+	struct tcp_sock *cp = bpf_skc_to_tcp_sock(c);
+	int empty = cp && cp->copied_seq == cp->rcv_nxt;
+	bpf_sk_release(c);
+	return empty;
+}
+
+static int backlog_check(void *map, __u64 *key, struct reply *st)
+{
+	if (st->mode != R_DRAINING && !(st->fin && !st->delivered))
+		return 0;
+	__u32 tot = 0, qlen = 0;
+	int busy = 0;
+	struct client_key c = st->client;
+	if (client_psock(&c, &tot, &qlen, &busy) < 0 || (qlen == 0 && !busy)) {
+		if (st->mode == R_DRAINING) {
+			st->mode = R_USER;
+			st->allow = ~0ULL;
+			notify(st->server, EVENT_DRAINED);
+		}
+		if (st->fin && !st->delivered) {
+			st->delivered = 1;
+			notify(st->server, EVENT_DELIVERED);
+		}
+		return 0;
+	}
+	bpf_timer_start(&st->timer, 1000000, 0);
+	return 0;
+}
+
+static __always_inline void start_backlog_check(struct reply *st)
+{
+	/* The timer was initialised at the route (init_timer): initialising allocates, and
+	 * that allocation fails now and then in the softirq this runs in. */
+	if (bpf_timer_set_callback(&st->timer, backlog_check) ||
+	    bpf_timer_start(&st->timer, 1000000, 0))
+		count(STAT_TIMER_FAILURES);
+}
+
+/* Run by the proxy (BPF_PROG_RUN, in its own thread) when it routes a connection: sets up
+ * the reply direction's timer where allocating cannot fail for want of a lock. */
+struct init_args {
+	__u64 server;
+	__s64 result;
+};
+SEC("syscall")
+int init_timer(struct init_args *args)
+{
+	__u64 server = args->server;
+	struct reply *st = bpf_map_lookup_elem(&replies, &server);
+	if (!st) {
+		args->result = -2 /* ENOENT */;
+		return 0;
+	}
+	args->result = bpf_timer_init(&st->timer, &replies, 1 /* CLOCK_MONOTONIC */);
+	return 0;
+}
+
+static __always_inline __u32 skb_tcp_flags(struct __sk_buff *skb)
+{
+	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
+	struct tcp_skb_cb *cb = (struct tcp_skb_cb *)kskb->cb;
+	return cb->tcp_flags;
+}
+
+SEC("sk_skb/stream_verdict")
+int server_receive(struct __sk_buff *skb)
+{
+	__u64 key = bpf_get_socket_cookie(skb);
+	__u32 len = skb->len;
+	struct reply *st = bpf_map_lookup_elem(&replies, &key);
+	if (!st)
+		return SK_PASS;
+	if (st->mode == R_FAILED)
+		return SK_DROP;
+	int fin = skb_tcp_flags(skb) & TCPHDR_FIN;
+	if (len == 0) {
+		/* The skb of a bare FIN: TCP has recorded the shutdown, which the proxy forwards
+		 * once the replies before it reached the client. */
+		goto fin_only;
+	}
+	__u32 seq = skb_seq(skb);
+	if (!st->seq_known) {
+		st->next_seq = first_seq(skb, seq);
+		st->seq_known = 1;
+	}
+	__s32 behind = (__s32)(st->next_seq - seq);
+	if (behind > 0) {
+		count(STAT_REPEATED);
+		if ((__u32)behind >= len)
+			goto fin_only;
+		if (trim_head(skb, behind) < 0)
+			goto failed;
+		len = skb->len;
+		seq += behind;
+	}
+	st->next_seq = seq + len;
+	struct client_key c = st->client;
+	int verdict;
+	if (st->mode == R_KERNEL) {
+		if (st->unchecked + len > CHECK_EVERY) {
+			__u32 tot = 0, qlen = 0;
+			int busy = 0;
+			if (client_psock(&c, &tot, &qlen, &busy) < 0)
+				goto failed;
+			/* Bytes the client holds: delivered and unread, plus at most 64 KiB per skb
+			 * still in its backlog; room is left for the next CHECK_EVERY bytes. */
+			__u64 held = (__u64)tot + (__u64)qlen * 65536;
+			if (held > st->peak)
+				st->peak = held;
+			if (held + len + CHECK_EVERY > cfg.recv_limit) {
+				st->mode = R_DRAINING;
+				st->allow = st->passed;
+				st->pauses++;
+				count(STAT_REPLY_PAUSES);
+				start_backlog_check(st);
+				goto pass;
+			}
+			st->unchecked = 0;
+		}
+		goto redirect;
+	}
+	if (st->mode == R_USER) {
+		__u64 *w = bpf_map_lookup_elem(&reply_written, &key);
+		if (w && *w == st->passed && tcp_path_empty(&key, &c)) {
+			st->mode = R_KERNEL;
+			st->unchecked = CHECK_EVERY; /* look at the psock on the next skb */
+			goto redirect;
+		}
+	}
+pass:
+	st->passed += len;
+	count(STAT_REPLIES_PASSED);
+	verdict = SK_PASS;
+	goto out;
+redirect:
+	if (bpf_sk_redirect_hash(skb, &clients, &c, BPF_F_INGRESS) != SK_PASS)
+		goto failed;
+	st->unchecked += len;
+	st->redirected += len;
+	count(STAT_REPLIES_REDIRECTED);
+	verdict = SK_PASS;
+out:
+	if (fin && st->mode == R_KERNEL && !st->fin) {
+		st->fin = 1;
+		start_backlog_check(st);
+	} else if (fin) {
+		st->fin = 1;
+	}
+	return verdict;
+fin_only:
+	if (fin && !st->fin) {
+		st->fin = 1;
+		if (st->mode == R_KERNEL)
+			start_backlog_check(st);
+	}
+	return SK_DROP;
+failed:
+	/* The client socket is gone (closed), or a repeated head could not be cut: replies
+	 * cannot be delivered in order. The proxy closes the connection when it hears. */
+	st->mode = R_FAILED;
+	count(STAT_FAILURES);
+	notify(key, EVENT_FAILED);
+	return SK_DROP;
+}

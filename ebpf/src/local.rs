@@ -1,0 +1,780 @@
+//! Kernel forwarding on the client's own socket, for clients in the proxy's network namespace
+//! (`bpf/local.bpf.c`): a sockops program on the cgroup v2 root puts client sockets that
+//! connect to the proxy into a sockhash, an sk_msg program redirects their sends to the
+//! proxy's server socket, and the server socket's verdict redirects replies into the client
+//! socket's receive queue. This module loads it (the sockops program through a cgroup link,
+//! so it goes away with the process), routes a connection once the proxy has connected it,
+//! and reads the reply direction's state and the program's events.
+//!
+//! The program reads psock internals through BTF (CO-RE): on a kernel where they do not
+//! resolve, loading fails and the proxy keeps the pair path of [`crate::sockmap`].
+
+use std::ffi::c_void;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::Arc;
+
+use libbpf_rs::libbpf_sys;
+use libbpf_rs::{Link, MapCore, Object, ObjectBuilder};
+
+use crate::Unavailable;
+use crate::sockmap::{cookie, count_keys, errno, push_queued};
+
+/// The object file, empty when the build could not make it.
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/local.bpf.o"));
+/// Why the object is empty.
+const BUILD_ERROR: &str = env!("TENDRIL_BPF_BUILD_ERROR");
+
+/// Size of `struct client_key`.
+const KEY_SIZE: usize = 48;
+/// Size of `struct route`.
+const ROUTE_SIZE: usize = 24;
+/// Size of `struct reply` (the bpf_timer is 16 bytes).
+const REPLY_SIZE: usize = 16 + KEY_SIZE + 48 + 24;
+/// Size of `struct config`, the read-only data.
+const CONFIG_SIZE: usize = 40;
+
+const R_KERNEL: u32 = 0;
+const R_DRAINING: u32 = 1;
+const R_USER: u32 = 2;
+const R_FAILED: u32 = 3;
+
+const EVENT_DRAINED: u32 = 1;
+const EVENT_DELIVERED: u32 = 2;
+const EVENT_FAILED: u32 = 3;
+
+/// A connection as the client sees it: its network namespace and its four addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    /// The network namespace's cookie (`SO_NETNS_COOKIE`).
+    pub netns: u64,
+    /// The client's address (the accepted socket's peer).
+    pub client: SocketAddr,
+    /// The proxy's address the client connected to (the accepted socket's local address).
+    pub proxy: SocketAddr,
+}
+
+impl ClientKey {
+    /// The key of the client connected to the accepted socket `fd`.
+    pub fn of_accepted(fd: RawFd) -> io::Result<ClientKey> {
+        Ok(ClientKey {
+            netns: netns_cookie(fd)?,
+            client: socket_addr(fd, true)?,
+            proxy: socket_addr(fd, false)?,
+        })
+    }
+
+    fn bytes(&self) -> [u8; KEY_SIZE] {
+        let mut out = [0u8; KEY_SIZE];
+        out[0..8].copy_from_slice(&self.netns.to_ne_bytes());
+        out[8..24].copy_from_slice(&mapped(self.client.ip()));
+        out[24..40].copy_from_slice(&mapped(self.proxy.ip()));
+        out[40..44].copy_from_slice(&u32::from(self.client.port()).to_ne_bytes());
+        out[44..48].copy_from_slice(&u32::from(self.proxy.port()).to_ne_bytes());
+        out
+    }
+}
+
+/// IPv4 mapped into IPv6, as the program keys addresses (network order).
+fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// How the reply direction moves its bytes right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyMode {
+    /// Redirected into the client socket.
+    Kernel,
+    /// Paused: replies wait in the server socket's queue until the client's backlog drained.
+    Draining,
+    /// Paused: the proxy copies the passed replies through the accepted socket.
+    User,
+    /// A reply could not be delivered: the connection must be closed.
+    Failed,
+}
+
+/// The reply direction of a routed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    /// Current mode.
+    pub mode: ReplyMode,
+    /// Reply bytes redirected into the client socket.
+    pub redirected: u64,
+    /// Reply bytes passed to the server socket's own queue (for the proxy to copy).
+    pub passed: u64,
+    /// The proxy may write passed bytes up to this count.
+    pub allow: u64,
+    /// Most bytes seen held for the client at one look.
+    pub peak: u64,
+    /// Times the direction paused.
+    pub pauses: u32,
+    /// The server's FIN was seen.
+    pub fin: bool,
+    /// After the FIN, every redirected byte reached the client socket.
+    pub delivered: bool,
+}
+
+/// What the program reports, for the server socket with `server` cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    /// The server socket's cookie.
+    pub server: u64,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// Kinds of [`Event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// The client's backlog drained during a pause: copy the passed replies.
+    Drained,
+    /// After the server's FIN, every reply reached the client: the FIN may follow.
+    Delivered,
+    /// A reply could not be delivered.
+    Failed,
+}
+
+/// Program-wide counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Client sockets put into the sockhash at connect.
+    pub clients: u64,
+    /// Client sockets left out because the sockhash was full.
+    pub clients_full: u64,
+    /// Client sends redirected to the server socket.
+    pub sends_redirected: u64,
+    /// Client sends passed to the accepted socket.
+    pub sends_passed: u64,
+    /// Send-side pauses (server socket backed up).
+    pub send_pauses: u64,
+    /// Reply skbs redirected into the client socket.
+    pub replies_redirected: u64,
+    /// Reply skbs passed to the server socket's queue.
+    pub replies_passed: u64,
+    /// Receive-side pauses (client not reading).
+    pub reply_pauses: u64,
+    /// Replies that could not be delivered.
+    pub failures: u64,
+    /// Events lost because the ring was full.
+    pub lost_events: u64,
+    /// Reply skbs that repeated bytes already seen.
+    pub repeated: u64,
+    /// Backlog checks that could not be armed (a pause or a FIN then waits for the proxy's
+    /// retries; should stay 0).
+    pub timer_failures: u64,
+}
+
+/// Why a connection could not be routed on the client's socket.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The maps are full.
+    #[error("the client-socket maps are full")]
+    MapFull,
+    /// The kernel refused.
+    #[error("cannot route on the client socket: {0}")]
+    Refused(io::Error),
+}
+
+/// A connection to route.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRequest {
+    /// The client's connection.
+    pub key: ClientKey,
+    /// The accepted socket.
+    pub accepted: RawFd,
+    /// The server socket.
+    pub server: RawFd,
+    /// Bytes the proxy read from the accepted socket and dealt with.
+    pub from_client: u64,
+    /// Bytes the proxy wrote to the server socket.
+    pub to_server: u64,
+}
+
+/// The loaded programs and their maps.
+pub struct Local {
+    _object: Object,
+    _link: Link,
+    clients: RawFd,
+    routes: RawFd,
+    servers: RawFd,
+    accepted: RawFd,
+    server_acked: RawFd,
+    replies: RawFd,
+    reply_written: RawFd,
+    events: RawFd,
+    stats: RawFd,
+    init_timer: RawFd,
+    max_clients: u32,
+    recv_limit: u64,
+}
+
+impl std::fmt::Debug for Local {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Local")
+            .field("max_clients", &self.max_clients)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(reason: impl Into<String>) -> Unavailable {
+    Unavailable {
+        mechanism: "kernel forwarding on the client socket (sk_msg)",
+        reason: reason.into(),
+    }
+}
+
+/// Where cgroup v2 is mounted (the first cgroup2 line of /proc/mounts).
+fn cgroup2_root() -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == "cgroup2").then(|| dir.replace("\\040", " "))
+    })
+}
+
+impl Local {
+    /// Loads the programs for a proxy listening on `listen`, with room for `max_clients`
+    /// connections, `send_limit` and `recv_limit` bytes held per direction, and attaches the
+    /// sockops program to the cgroup v2 root (through a link: detached when this is dropped).
+    pub fn load(
+        listen: SocketAddr,
+        max_clients: u32,
+        send_limit: u64,
+        recv_limit: u64,
+    ) -> Result<Local, Unavailable> {
+        if OBJECT.is_empty() {
+            return Err(unavailable(format!(
+                "the BPF object was not built: {BUILD_ERROR}"
+            )));
+        }
+        if max_clients == 0 {
+            return Err(unavailable("room for 0 connections"));
+        }
+        let root = cgroup2_root().ok_or_else(|| unavailable("no cgroup v2 mount"))?;
+        let mut open = ObjectBuilder::default()
+            .open_memory(OBJECT)
+            .map_err(|e| unavailable(format!("cannot open the BPF object: {e}")))?;
+        let mut config = [0u8; CONFIG_SIZE];
+        if !listen.ip().is_unspecified() {
+            config[0..16].copy_from_slice(&mapped(listen.ip()));
+        }
+        config[16..20].copy_from_slice(&u32::from(listen.port()).to_ne_bytes());
+        config[20..24].copy_from_slice(&std::process::id().to_ne_bytes());
+        config[24..32].copy_from_slice(&send_limit.to_ne_bytes());
+        config[32..40].copy_from_slice(&recv_limit.to_ne_bytes());
+        for mut map in open.maps_mut() {
+            let name = map.name().to_string_lossy().into_owned();
+            if name.ends_with(".rodata") {
+                let data = map
+                    .initial_value_mut()
+                    .ok_or_else(|| unavailable("no read-only data in the object"))?;
+                if data.len() < CONFIG_SIZE {
+                    return Err(unavailable(format!(
+                        "read-only data of {} bytes, the loader writes {CONFIG_SIZE}",
+                        data.len()
+                    )));
+                }
+                data[..CONFIG_SIZE].copy_from_slice(&config);
+            } else if matches!(
+                name.as_str(),
+                "clients"
+                    | "routes"
+                    | "servers"
+                    | "accepted"
+                    | "server_acked"
+                    | "replies"
+                    | "reply_written"
+            ) {
+                map.set_max_entries(max_clients)
+                    .map_err(|e| unavailable(format!("size map {name}: {e}")))?;
+            }
+        }
+        let object = open.load().map_err(|e| {
+            let text = e.to_string();
+            if text.contains("Operation not permitted") || text.contains("ermission") {
+                unavailable(format!(
+                    "loading needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON ({text})"
+                ))
+            } else {
+                unavailable(format!("the kernel refused the programs: {text}"))
+            }
+        })?;
+        let map = |name: &str, size: Option<usize>| -> Result<RawFd, Unavailable> {
+            let m = object
+                .maps()
+                .find(|m| m.name() == name)
+                .ok_or_else(|| unavailable(format!("map {name} missing from the object")))?;
+            if let Some(size) = size
+                && m.value_size() as usize != size
+            {
+                return Err(unavailable(format!(
+                    "map {name} holds {}-byte values, the loader expects {size}",
+                    m.value_size()
+                )));
+            }
+            Ok(m.as_fd().as_raw_fd())
+        };
+        let clients = map("clients", None)?;
+        let routes = map("routes", Some(ROUTE_SIZE))?;
+        let servers = map("servers", None)?;
+        let accepted = map("accepted", None)?;
+        let server_acked = map("server_acked", Some(8))?;
+        let replies = map("replies", Some(REPLY_SIZE))?;
+        let reply_written = map("reply_written", Some(8))?;
+        let events = map("events", None)?;
+        let stats = map("stats", None)?;
+        let cgroup = std::fs::File::open(&root)
+            .map_err(|e| unavailable(format!("open the cgroup v2 root {root}: {e}")))?;
+        let mut link = None;
+        for prog in object.progs_mut() {
+            let name = prog.name().to_string_lossy().into_owned();
+            match name.as_str() {
+                "client_send" => prog.attach_sockmap(clients),
+                "server_receive" => prog.attach_sockmap(servers),
+                "watch_sockets" => prog.attach_cgroup(cgroup.as_raw_fd()).map(|l| {
+                    link = Some(l);
+                }),
+                _ => Ok(()),
+            }
+            .map_err(|e| unavailable(format!("attach {name}: {e}")))?;
+        }
+        let link =
+            link.ok_or_else(|| unavailable("program watch_sockets missing from the object"))?;
+        let init_timer = object
+            .progs()
+            .find(|p| p.name() == "init_timer")
+            .map(|p| p.as_fd().as_raw_fd())
+            .ok_or_else(|| unavailable("program init_timer missing from the object"))?;
+        Ok(Local {
+            _object: object,
+            _link: link,
+            clients,
+            routes,
+            servers,
+            accepted,
+            server_acked,
+            replies,
+            reply_written,
+            events,
+            stats,
+            init_timer,
+            max_clients,
+            recv_limit,
+        })
+    }
+
+    /// Most reply bytes held for a client that does not read.
+    pub fn recv_limit(&self) -> u64 {
+        self.recv_limit
+    }
+
+    /// Connections the maps have room for.
+    pub fn max_clients(&self) -> u32 {
+        self.max_clients
+    }
+
+    /// Whether the client's socket joined the sockhash at connect (so it can be routed).
+    pub fn has_client(&self, key: &ClientKey) -> bool {
+        let k = key.bytes();
+        let mut value = 0u64;
+        // SAFETY: the key buffer is the map's key size; a sockhash lookup from userspace
+        // writes the socket's 8-byte cookie into `value`.
+        let rc = unsafe {
+            libbpf_sys::bpf_map_lookup_elem(
+                self.clients,
+                k.as_ptr().cast(),
+                (&mut value as *mut u64).cast(),
+            )
+        };
+        rc == 0
+    }
+
+    fn insert(&self, map: RawFd, key: &[u8], value: &[u8], flags: u32) -> Result<(), RouteError> {
+        // SAFETY: key and value point to live buffers of the sizes the map was created with
+        // (checked at load for the value sizes this module writes).
+        let rc = unsafe {
+            libbpf_sys::bpf_map_update_elem(
+                map,
+                key.as_ptr().cast(),
+                value.as_ptr().cast(),
+                u64::from(flags),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = errno(rc);
+        match err.raw_os_error() {
+            Some(libc::E2BIG) | Some(libc::ENOMEM) | Some(libc::ENOSPC) => Err(RouteError::MapFull),
+            _ => Err(RouteError::Refused(err)),
+        }
+    }
+
+    fn delete(&self, map: RawFd, key: &[u8]) {
+        // SAFETY: key points to a live buffer of the map's key size; ENOENT is ignored.
+        unsafe {
+            libbpf_sys::bpf_map_delete_elem(map, key.as_ptr().cast());
+        }
+    }
+
+    /// Routes a connection: from now on the client's sends go to `server` and the server's
+    /// replies into the client socket, in the kernel. Returns the server socket's cookie. On
+    /// error nothing is left in the maps.
+    pub fn route(&self, req: &RouteRequest) -> Result<u64, RouteError> {
+        let server = cookie(req.server).map_err(RouteError::Refused)?;
+        let acked = crate::sockmap::tcp_acked(req.server).map_err(RouteError::Refused)?;
+        let s = server.to_ne_bytes();
+        let key = req.key.bytes();
+        let mut reply = [0u8; REPLY_SIZE];
+        reply[16..16 + KEY_SIZE].copy_from_slice(&key);
+        reply[16 + KEY_SIZE..24 + KEY_SIZE].copy_from_slice(&server.to_ne_bytes());
+        let noexist = libbpf_sys::BPF_NOEXIST;
+        let result = (|| {
+            self.insert(self.server_acked, &s, &acked.to_ne_bytes(), noexist)?;
+            self.insert(self.replies, &s, &reply, noexist)?;
+            // Setting the timer up allocates without sleeping, which fails now and then
+            // while many connections churn (freed timers wait for a grace period).
+            let mut tries = 0;
+            while let Err(e) = self.init_timer(server) {
+                tries += 1;
+                if tries == 8 {
+                    return Err(e);
+                }
+                std::thread::yield_now();
+            }
+            self.insert(self.reply_written, &s, &0u64.to_ne_bytes(), noexist)?;
+            self.insert(
+                self.accepted,
+                &s,
+                &(req.accepted as u64).to_ne_bytes(),
+                noexist,
+            )?;
+            // The server socket joins: its replies go to the client from here on.
+            self.insert(
+                self.servers,
+                &s,
+                &(req.server as u64).to_ne_bytes(),
+                noexist,
+            )?;
+            // The route: the client's sends follow once the proxy has forwarded what the
+            // client sent before (the program compares counts).
+            let route = route_bytes(server, req.from_client, req.to_server);
+            self.insert(self.routes, &key, &route, noexist)
+        })();
+        if let Err(e) = result {
+            self.forget(&req.key, server);
+            return Err(e);
+        }
+        push_queued(req.server);
+        Ok(server)
+    }
+
+    /// Sets up the reply direction's timer (the program's `init_timer`, run here).
+    fn init_timer(&self, server: u64) -> Result<(), RouteError> {
+        let mut args = [0u8; 16];
+        args[0..8].copy_from_slice(&server.to_ne_bytes());
+        // SAFETY: an all-zero bpf_test_run_opts is valid; sz is set as libbpf requires.
+        let mut opts: libbpf_sys::bpf_test_run_opts = unsafe { std::mem::zeroed() };
+        opts.sz = std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _;
+        // A syscall program's context is copied back to ctx_in after the run.
+        opts.ctx_in = args.as_mut_ptr().cast();
+        opts.ctx_size_in = args.len() as u32;
+        // SAFETY: ctx_in points to `args`, 16 live bytes, which the kernel reads and writes.
+        let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(self.init_timer, &mut opts) };
+        if rc != 0 {
+            return Err(RouteError::Refused(errno(rc)));
+        }
+        let result = i64::from_ne_bytes(args[8..16].try_into().unwrap_or([0; 8]));
+        if result != 0 {
+            return Err(RouteError::Refused(io::Error::from_raw_os_error(
+                (-result) as i32,
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records what the proxy forwarded from the accepted socket to the server socket.
+    pub fn set_forwarded(
+        &self,
+        key: &ClientKey,
+        server: u64,
+        from_client: u64,
+        to_server: u64,
+    ) -> io::Result<()> {
+        let route = route_bytes(server, from_client, to_server);
+        self.insert(self.routes, &key.bytes(), &route, libbpf_sys::BPF_EXIST)
+            .map_err(|e| match e {
+                RouteError::MapFull => io::Error::other("route map full"),
+                RouteError::Refused(e) => e,
+            })
+    }
+
+    /// Records how many passed reply bytes the proxy wrote to the accepted socket.
+    pub fn set_reply_written(&self, server: u64, bytes: u64) -> io::Result<()> {
+        self.insert(
+            self.reply_written,
+            &server.to_ne_bytes(),
+            &bytes.to_ne_bytes(),
+            libbpf_sys::BPF_EXIST,
+        )
+        .map_err(|e| match e {
+            RouteError::MapFull => io::Error::other("reply map full"),
+            RouteError::Refused(e) => e,
+        })
+    }
+
+    /// The reply direction of the connection whose server socket has `server` cookie.
+    pub fn reply(&self, server: u64) -> Option<Reply> {
+        let mut raw = [0u8; REPLY_SIZE];
+        // SAFETY: the value buffer is the map's value size (checked at load); key is 8 bytes.
+        let rc = unsafe {
+            libbpf_sys::bpf_map_lookup_elem(
+                self.replies,
+                (&server as *const u64).cast(),
+                raw.as_mut_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        let base = 16 + KEY_SIZE + 8;
+        let u64_at = |i: usize| u64::from_ne_bytes(raw[i..i + 8].try_into().unwrap_or([0; 8]));
+        let u32_at = |i: usize| u32::from_ne_bytes(raw[i..i + 4].try_into().unwrap_or([0; 4]));
+        let flags = base + 40;
+        Some(Reply {
+            redirected: u64_at(base),
+            passed: u64_at(base + 8),
+            allow: u64_at(base + 16),
+            peak: u64_at(base + 32),
+            mode: match u32_at(flags) {
+                R_KERNEL => ReplyMode::Kernel,
+                R_DRAINING => ReplyMode::Draining,
+                R_USER => ReplyMode::User,
+                R_FAILED => ReplyMode::Failed,
+                other => {
+                    tracing::warn!(mode = other, "unknown reply mode: stopping the connection");
+                    ReplyMode::Failed
+                }
+            },
+            pauses: u32_at(flags + 4),
+            fin: u32_at(flags + 16) != 0,
+            delivered: u32_at(flags + 20) != 0,
+        })
+    }
+
+    /// Stops kernel forwarding for the connection (the fence): the client's sends and the
+    /// server's replies find no route.
+    pub fn leave(&self, key: &ClientKey, server: u64) {
+        self.delete(self.routes, &key.bytes());
+        let s = server.to_ne_bytes();
+        self.delete(self.servers, &s);
+        self.delete(self.accepted, &s);
+    }
+
+    /// Removes every trace of the connection from the maps.
+    pub fn forget(&self, key: &ClientKey, server: u64) {
+        self.leave(key, server);
+        let s = server.to_ne_bytes();
+        for map in [self.server_acked, self.replies, self.reply_written] {
+            self.delete(map, &s);
+        }
+    }
+
+    /// Program-wide counters, summed over CPUs.
+    pub fn stats(&self) -> Stats {
+        let read = |i: u32| crate::sockmap::percpu_sum(self.stats, i);
+        Stats {
+            clients: read(0),
+            clients_full: read(1),
+            sends_redirected: read(2),
+            sends_passed: read(3),
+            send_pauses: read(4),
+            replies_redirected: read(5),
+            replies_passed: read(6),
+            reply_pauses: read(7),
+            failures: read(8),
+            lost_events: read(9),
+            repeated: read(10),
+            timer_failures: read(11),
+        }
+    }
+
+    /// Entries in (clients, routes, servers, replies): what a leak check looks at.
+    pub fn entries(&self) -> (usize, usize, usize, usize) {
+        (
+            count_keys(self.clients, KEY_SIZE),
+            count_keys(self.routes, KEY_SIZE),
+            count_keys(self.servers, 8),
+            count_keys(self.replies, 8),
+        )
+    }
+
+    /// Opens the event ring (one consumer: the proxy's kernel-path thread).
+    pub fn events(self: &Arc<Self>) -> io::Result<Events> {
+        let mut sink: Box<Vec<Event>> = Box::default();
+        let ctx: *mut Vec<Event> = &mut *sink;
+        // SAFETY: the callback receives `ctx`, which points into the boxed Vec owned by the
+        // returned Events (its heap address does not move) and outlives the ring buffer,
+        // freed first in Drop. The map fd stays open as long as `owner` (an Arc) lives.
+        let rb = unsafe {
+            libbpf_sys::ring_buffer__new(self.events, Some(on_event), ctx.cast(), std::ptr::null())
+        };
+        if rb.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Events {
+            rb,
+            sink,
+            _owner: self.clone(),
+        })
+    }
+}
+
+fn route_bytes(server: u64, from_client: u64, to_server: u64) -> [u8; ROUTE_SIZE] {
+    let mut route = [0u8; ROUTE_SIZE];
+    route[0..8].copy_from_slice(&server.to_ne_bytes());
+    route[8..16].copy_from_slice(&from_client.to_ne_bytes());
+    route[16..24].copy_from_slice(&to_server.to_ne_bytes());
+    route
+}
+
+unsafe extern "C" fn on_event(
+    ctx: *mut c_void,
+    data: *mut c_void,
+    size: libbpf_sys::size_t,
+) -> i32 {
+    if ctx.is_null() || data.is_null() || (size as usize) < 12 {
+        return 0;
+    }
+    // SAFETY: ctx is the Vec set up in `Local::events`; libbpf calls back on the thread that
+    // consumes, while `Events` (which owns the Vec) is borrowed mutably by that call.
+    let sink = unsafe { &mut *ctx.cast::<Vec<Event>>() };
+    let mut raw = [0u8; 12];
+    // SAFETY: data points to a ring record of `size` >= 12 bytes.
+    unsafe { std::ptr::copy_nonoverlapping(data.cast::<u8>(), raw.as_mut_ptr(), 12) };
+    let server = u64::from_ne_bytes(raw[0..8].try_into().unwrap_or([0; 8]));
+    let kind = match u32::from_ne_bytes(raw[8..12].try_into().unwrap_or([0; 4])) {
+        EVENT_DRAINED => EventKind::Drained,
+        EVENT_DELIVERED => EventKind::Delivered,
+        EVENT_FAILED => EventKind::Failed,
+        _ => return 0,
+    };
+    sink.push(Event { server, kind });
+    0
+}
+
+/// The program's event ring.
+pub struct Events {
+    rb: *mut libbpf_sys::ring_buffer,
+    #[allow(
+        clippy::box_collection,
+        reason = "the callback holds the Vec's address, which must not move with Events"
+    )]
+    sink: Box<Vec<Event>>,
+    _owner: Arc<Local>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Events")
+    }
+}
+
+// SAFETY: the ring buffer is only used through &mut self, by one thread at a time.
+unsafe impl Send for Events {}
+
+impl Events {
+    /// A descriptor that is readable when events are waiting (for epoll).
+    pub fn fd(&self) -> RawFd {
+        // SAFETY: rb is a live ring buffer until Drop.
+        unsafe { libbpf_sys::ring_buffer__epoll_fd(self.rb) }
+    }
+
+    /// Takes every waiting event.
+    pub fn drain(&mut self) -> Vec<Event> {
+        // SAFETY: rb is live; the callback writes into self.sink, which nothing else
+        // borrows during this call.
+        unsafe {
+            libbpf_sys::ring_buffer__consume(self.rb);
+        }
+        std::mem::take(&mut *self.sink)
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        // SAFETY: rb came from ring_buffer__new and is freed once.
+        unsafe { libbpf_sys::ring_buffer__free(self.rb) }
+    }
+}
+
+/// The network namespace cookie of a socket (`SO_NETNS_COOKIE`, Linux >= 5.14).
+pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut value: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, which lives on this frame.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut value as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A socket's peer (`peer`) or local address.
+fn socket_addr(fd: RawFd, peer: bool) -> io::Result<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let ptr = (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr>();
+    // SAFETY: the call writes at most `len` bytes into `storage`.
+    let rc = unsafe {
+        if peer {
+            libc::getpeername(fd, ptr, &mut len)
+        } else {
+            libc::getsockname(fd, ptr, &mut len)
+        }
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a = unsafe {
+                &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            Ok(SocketAddr::from((
+                std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a = unsafe {
+                &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            Ok(SocketAddr::from((
+                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+            )))
+        }
+        other => Err(io::Error::other(format!(
+            "address family {other} is not TCP/IP"
+        ))),
+    }
+}
