@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Starts what the tendril targets need beside the anchor setup: an etcd, cluster data whose
-# proxy section routes to the benchmark PostgreSQL, and three tendril proxies: userspace
-# forwarding on io_uring (TENDRIL_URING_PORT) and on epoll (TENDRIL_EPOLL_PORT), and kernel
-# forwarding with the BPF sockmap (TENDRIL_KERNEL_PORT); with REPLICA_DIR, also the probe's
-# minimal sockmap proxy (REPLICA_PORT) and the experiment forwarding on the client's own
-# socket (MSG_PORT). Pids go to $RUN_DIR, stopped by teardown.sh.
+# proxy section routes to the benchmark PostgreSQL, and four tendril proxies: userspace
+# forwarding on io_uring (TENDRIL_URING_PORT) and on epoll (TENDRIL_EPOLL_PORT), kernel
+# forwarding as it runs by default (TENDRIL_KERNEL_PORT: local clients, like pgbench here,
+# on their own socket) and on the proxy's two sockets, the path remote clients take
+# (TENDRIL_KERNEL_PAIR_PORT); with REPLICA_DIR, also the probe's minimal sockmap proxy
+# (REPLICA_PORT). Pids go to $RUN_DIR, stopped by teardown.sh.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 . "$HERE/env.sh"
@@ -12,6 +13,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 : "${TENDRIL_URING_PORT:=25500}"
 : "${TENDRIL_EPOLL_PORT:=25501}"
 : "${TENDRIL_KERNEL_PORT:=25502}"
+: "${TENDRIL_KERNEL_PAIR_PORT:=25505}"
 : "${ETCD_CLIENT_PORT:=25579}"
 : "${ETCD_PEER_PORT:=25580}"
 mkdir -p "$RUN_DIR/etcd"
@@ -29,30 +31,22 @@ cd = json.load(sys.stdin)
 cd['proxy']['generation'] += 1
 cd['proxy']['master'] = {'db_uid': 'bench', 'address': '127.0.0.1', 'port': int('$PG_PORT')}
 print(json.dumps(cd))" | "$TENDRIL_BIN/tendrilctl" clusterdata write --yes >/dev/null
-for variant in uring:$TENDRIL_URING_PORT:auto:userspace epoll:$TENDRIL_EPOLL_PORT:epoll:userspace \
-  kernel:$TENDRIL_KERNEL_PORT:auto:kernel; do
-  IFS=: read -r name port driver forwarding <<<"$variant"
+for variant in uring:$TENDRIL_URING_PORT:auto:userspace:on epoll:$TENDRIL_EPOLL_PORT:epoll:userspace:on \
+  kernel:$TENDRIL_KERNEL_PORT:auto:kernel:on kernel-pair:$TENDRIL_KERNEL_PAIR_PORT:auto:kernel:off; do
+  IFS=: read -r name port driver forwarding client_socket <<<"$variant"
   TENDRIL_LOG=warn "$TENDRIL_BIN/tendril-proxy" --listen-address "127.0.0.1:$port" --workers 2 \
-    --io-driver "$driver" --forwarding "$forwarding" --uid "bench-$name" >"$RUN_DIR/tendril-$name.log" 2>&1 &
+    --io-driver "$driver" --forwarding "$forwarding" --kernel-client-socket "$client_socket" \
+    --uid "bench-$name" >"$RUN_DIR/tendril-$name.log" 2>&1 &
   echo $! >"$RUN_DIR/tendril-$name.pid"
 done
 # The feasibility probe's minimal sockmap proxy (replica/), when built: the reference the
 # kernel path is compared with in the same rounds.
 : "${REPLICA_PORT:=25503}"
-ports=("$TENDRIL_URING_PORT" "$TENDRIL_EPOLL_PORT" "$TENDRIL_KERNEL_PORT")
+ports=("$TENDRIL_URING_PORT" "$TENDRIL_EPOLL_PORT" "$TENDRIL_KERNEL_PORT" "$TENDRIL_KERNEL_PAIR_PORT")
 if [ -n "${REPLICA_DIR:-}" ] && [ -x "$REPLICA_DIR/replica" ]; then
   "$REPLICA_DIR/replica" "$REPLICA_PORT" "$PG_PORT" "$REPLICA_DIR/replica.bpf.o" >"$RUN_DIR/replica.log" 2>&1 &
   echo $! >"$RUN_DIR/replica.pid"
   ports+=("$REPLICA_PORT")
-fi
-# Forwarding on the client's own socket (replica/msg.c, an experiment for issue 8): its
-# sockops program goes on the cgroup v2 root through a link that ends with the process.
-: "${MSG_PORT:=25504}"
-CGROUP2_DIR=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
-if [ -n "${REPLICA_DIR:-}" ] && [ -x "$REPLICA_DIR/msg" ] && [ -n "$CGROUP2_DIR" ]; then
-  "$REPLICA_DIR/msg" "$MSG_PORT" "$PG_PORT" "$REPLICA_DIR/msg.bpf.o" "$CGROUP2_DIR" >"$RUN_DIR/msg.log" 2>&1 &
-  echo $! >"$RUN_DIR/msg.pid"
-  ports+=("$MSG_PORT")
 fi
 for port in "${ports[@]}"; do
   for _ in $(seq 100); do
@@ -61,4 +55,4 @@ for port in "${ports[@]}"; do
   done
   "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null
 done
-echo "proxies up on ${ports[*]} (tendril io_uring, epoll, kernel; then the sockmap replica and msg stand-ins if built)"
+echo "proxies up on ${ports[*]} (tendril io_uring, epoll, kernel, kernel-pair; then the sockmap replica if built)"

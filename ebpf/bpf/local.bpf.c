@@ -189,6 +189,7 @@ struct {
 #define EVENT_DRAINED 1   /* the client's backlog drained: copy the passed replies */
 #define EVENT_DELIVERED 2 /* after the server's FIN, everything reached the client */
 #define EVENT_FAILED 3    /* a reply could not be delivered: close the connection */
+#define EVENT_PAUSED 4    /* replies now wait in the server socket: fix its receive buffer */
 
 struct event {
 	__u64 server;
@@ -517,6 +518,7 @@ int server_receive(struct __sk_buff *skb)
 				st->pauses++;
 				count(STAT_REPLY_PAUSES);
 				start_backlog_check(st);
+				notify(key, EVENT_PAUSED);
 				goto pass;
 			}
 			st->unchecked = 0;

@@ -43,6 +43,7 @@ const R_FAILED: u32 = 3;
 const EVENT_DRAINED: u32 = 1;
 const EVENT_DELIVERED: u32 = 2;
 const EVENT_FAILED: u32 = 3;
+const EVENT_PAUSED: u32 = 4;
 
 /// A connection as the client sees it: its network namespace and its four addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -136,6 +137,9 @@ pub enum EventKind {
     Delivered,
     /// A reply could not be delivered.
     Failed,
+    /// Replies paused (the client stopped reading): they now wait in the server socket,
+    /// whose receive buffer the proxy fixes at the limit.
+    Paused,
 }
 
 /// Program-wide counters.
@@ -662,6 +666,7 @@ unsafe extern "C" fn on_event(
         EVENT_DRAINED => EventKind::Drained,
         EVENT_DELIVERED => EventKind::Delivered,
         EVENT_FAILED => EventKind::Failed,
+        EVENT_PAUSED => EventKind::Paused,
         _ => return 0,
     };
     sink.push(Event { server, kind });

@@ -612,7 +612,9 @@ impl Thread {
                 continue;
             };
             match event.kind {
-                local::EventKind::Drained | local::EventKind::Delivered => self.progress(slot),
+                local::EventKind::Drained
+                | local::EventKind::Delivered
+                | local::EventKind::Paused => self.progress(slot),
                 local::EventKind::Failed => {
                     tracing::debug!(
                         cookie = event.server,

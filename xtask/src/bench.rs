@@ -47,8 +47,8 @@ fn proxy(quick: bool) -> anyhow::Result<()> {
         "-p",
         "tendril-control",
     ]))?;
-    // The probe's minimal sockmap proxy, the reference for the kernel path, and the
-    // experiment that forwards on the client's own socket (bench/proxy/replica/).
+    // The probe's minimal sockmap proxy, the reference for the kernel path
+    // (bench/proxy/replica/).
     let replica = target_dir().join("sockmap-replica");
     crate::run(
         Command::new("bash")
@@ -65,7 +65,7 @@ fn proxy(quick: bool) -> anyhow::Result<()> {
         .env(
             "EXTRA_TARGET",
             format!(
-                "tendril-uring:25500::{run_dir}/tendril-uring.pid,tendril-epoll:25501::{run_dir}/tendril-epoll.pid,tendril-kernel:25502::{run_dir}/tendril-kernel.pid,sockmap-replica:25503::{run_dir}/replica.pid,sockmap-msg:25504::{run_dir}/msg.pid"
+                "tendril-uring:25500::{run_dir}/tendril-uring.pid,tendril-epoll:25501::{run_dir}/tendril-epoll.pid,tendril-kernel:25502::{run_dir}/tendril-kernel.pid,tendril-kernel-pair:25505::{run_dir}/tendril-kernel-pair.pid,sockmap-replica:25503::{run_dir}/replica.pid"
             ),
         );
     if quick {

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
-/* What the two benchmark stand-ins (replica.c, msg.c) share: loopback addresses, and a
- * listening socket registered with a new epoll instance. */
+/* What the benchmark stand-in (replica.c) uses: loopback addresses, and a listening socket
+ * registered with a new epoll instance. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
