@@ -191,16 +191,6 @@ struct {
 #define EVENT_FAILED 3    /* a reply could not be delivered: close the connection */
 #define EVENT_PAUSED 4    /* replies now wait in the server socket: fix its receive buffer */
 
-struct event {
-	__u64 server;
-	__u32 kind;
-	__u32 pad;
-};
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
-} events SEC(".maps");
-
 #define STAT_CLIENTS 0        /* client sockets put into `clients` */
 #define STAT_CLIENTS_FULL 1   /* client sockets left out (map full) */
 #define STAT_SENDS_REDIRECTED 2
@@ -214,27 +204,7 @@ struct {
 #define STAT_REPEATED 10
 #define STAT_TIMER_FAILURES 11
 #define STAT_COUNT 12
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, STAT_COUNT);
-	__type(key, __u32);
-	__type(value, __u64);
-} stats SEC(".maps");
-
-static __always_inline void count(__u32 which)
-{
-	__u64 *v = bpf_map_lookup_elem(&stats, &which);
-	if (v)
-		*v += 1;
-}
-
-static __always_inline void notify(__u64 server, __u32 kind)
-{
-	struct event e = { .server = server, .kind = kind };
-	/* A full ring loses the event; the proxy sees the counter and looks at every pair. */
-	if (bpf_ringbuf_output(&events, &e, sizeof(e), 0))
-		count(STAT_LOST_EVENTS);
-}
+#include "stats_events.h"
 
 /* Reads a context field into a register: the compiler would otherwise turn a choice between
  * two fields into arithmetic on the context pointer, which the verifier refuses. */

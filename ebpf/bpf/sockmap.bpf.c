@@ -79,12 +79,6 @@ struct forwarded {
 	__u64 bytes;
 };
 
-struct event {
-	__u64 cookie;
-	__u32 kind; /* EVENT_* */
-	__u32 pad;
-};
-
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, MAX_PAIRS_DEFAULT);
@@ -106,11 +100,6 @@ struct {
 	__type(value, struct forwarded);
 } forwarded SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
-} events SEC(".maps");
-
 /* Global counters: redirected skbs, passed skbs, pauses, resumes, failures, lost events. */
 #define STAT_REDIRECTS 0
 #define STAT_PASSES 1
@@ -122,27 +111,7 @@ struct {
 #define STAT_REPEATED 7 /* skbs that repeated bytes already seen (dropped or trimmed) */
 #define STAT_COUNT 8
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, STAT_COUNT);
-	__type(key, __u32);
-	__type(value, __u64);
-} stats SEC(".maps");
-
-static __always_inline void count(__u32 which)
-{
-	__u64 *v = bpf_map_lookup_elem(&stats, &which);
-	if (v)
-		*v += 1;
-}
-
-static __always_inline void notify(__u64 cookie, __u32 kind)
-{
-	struct event e = { .cookie = cookie, .kind = kind };
-	/* A full ring loses the event; the proxy sees the counter and rescans its pairs. */
-	if (bpf_ringbuf_output(&events, &e, sizeof(e), 0))
-		count(STAT_LOST_EVENTS);
-}
+#include "stats_events.h"
 
 /* Bytes the peer's TCP has had acknowledged, or 0 when the peer is gone. */
 static __always_inline int peer_acked(__u64 *key, __u64 *acked)

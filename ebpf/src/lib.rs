@@ -22,6 +22,7 @@
 mod bpf;
 pub mod local;
 mod netlink;
+pub mod ring;
 pub mod sockmap;
 
 use std::net::{IpAddr, SocketAddr};

@@ -9,7 +9,6 @@
 //! The program reads psock internals through BTF (CO-RE): on a kernel where they do not
 //! resolve, loading fails and the proxy keeps the pair path of [`crate::sockmap`].
 
-use std::ffi::c_void;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -19,6 +18,7 @@ use libbpf_rs::libbpf_sys;
 use libbpf_rs::{Link, MapCore, Object, ObjectBuilder};
 
 use crate::Unavailable;
+use crate::ring::{Ring, cookie_and_kind};
 use crate::sockmap::{cookie, count_keys, errno, push_queued};
 
 /// The object file, empty when the build could not make it.
@@ -431,7 +431,8 @@ impl Local {
     /// error nothing is left in the maps.
     pub fn route(&self, req: &RouteRequest) -> Result<u64, RouteError> {
         let server = cookie(req.server).map_err(RouteError::Refused)?;
-        let acked = crate::sockmap::tcp_acked(req.server).map_err(RouteError::Refused)?;
+        let (acked, _) =
+            crate::sockmap::tcp_byte_counts(req.server).map_err(RouteError::Refused)?;
         let s = server.to_ne_bytes();
         let key = req.key.bytes();
         let mut reply = [0u8; REPLY_SIZE];
@@ -620,22 +621,7 @@ impl Local {
 
     /// Opens the event ring (one consumer: the proxy's kernel-path thread).
     pub fn events(self: &Arc<Self>) -> io::Result<Events> {
-        let mut sink: Box<Vec<Event>> = Box::default();
-        let ctx: *mut Vec<Event> = &mut *sink;
-        // SAFETY: the callback receives `ctx`, which points into the boxed Vec owned by the
-        // returned Events (its heap address does not move) and outlives the ring buffer,
-        // freed first in Drop. The map fd stays open as long as `owner` (an Arc) lives.
-        let rb = unsafe {
-            libbpf_sys::ring_buffer__new(self.events, Some(on_event), ctx.cast(), std::ptr::null())
-        };
-        if rb.is_null() {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Events {
-            rb,
-            sink,
-            _owner: self.clone(),
-        })
+        Ring::open(self.events, decode_event, self.clone())
     }
 }
 
@@ -647,75 +633,19 @@ fn route_bytes(server: u64, from_client: u64, to_server: u64) -> [u8; ROUTE_SIZE
     route
 }
 
-unsafe extern "C" fn on_event(
-    ctx: *mut c_void,
-    data: *mut c_void,
-    size: libbpf_sys::size_t,
-) -> i32 {
-    if ctx.is_null() || data.is_null() || (size as usize) < 12 {
-        return 0;
-    }
-    // SAFETY: ctx is the Vec set up in `Local::events`; libbpf calls back on the thread that
-    // consumes, while `Events` (which owns the Vec) is borrowed mutably by that call.
-    let sink = unsafe { &mut *ctx.cast::<Vec<Event>>() };
-    let mut raw = [0u8; 12];
-    // SAFETY: data points to a ring record of `size` >= 12 bytes.
-    unsafe { std::ptr::copy_nonoverlapping(data.cast::<u8>(), raw.as_mut_ptr(), 12) };
-    let server = u64::from_ne_bytes(raw[0..8].try_into().unwrap_or([0; 8]));
-    let kind = match u32::from_ne_bytes(raw[8..12].try_into().unwrap_or([0; 4])) {
+/// The program's event ring.
+pub type Events = Ring<Event, Arc<Local>>;
+
+fn decode_event(record: &[u8]) -> Option<Event> {
+    let (server, kind) = cookie_and_kind(record)?;
+    let kind = match kind {
         EVENT_DRAINED => EventKind::Drained,
         EVENT_DELIVERED => EventKind::Delivered,
         EVENT_FAILED => EventKind::Failed,
         EVENT_PAUSED => EventKind::Paused,
-        _ => return 0,
+        _ => return None,
     };
-    sink.push(Event { server, kind });
-    0
-}
-
-/// The program's event ring.
-pub struct Events {
-    rb: *mut libbpf_sys::ring_buffer,
-    #[allow(
-        clippy::box_collection,
-        reason = "the callback holds the Vec's address, which must not move with Events"
-    )]
-    sink: Box<Vec<Event>>,
-    _owner: Arc<Local>,
-}
-
-impl std::fmt::Debug for Events {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Events")
-    }
-}
-
-// SAFETY: the ring buffer is only used through &mut self, by one thread at a time.
-unsafe impl Send for Events {}
-
-impl Events {
-    /// A descriptor that is readable when events are waiting (for epoll).
-    pub fn fd(&self) -> RawFd {
-        // SAFETY: rb is a live ring buffer until Drop.
-        unsafe { libbpf_sys::ring_buffer__epoll_fd(self.rb) }
-    }
-
-    /// Takes every waiting event.
-    pub fn drain(&mut self) -> Vec<Event> {
-        // SAFETY: rb is live; the callback writes into self.sink, which nothing else
-        // borrows during this call.
-        unsafe {
-            libbpf_sys::ring_buffer__consume(self.rb);
-        }
-        std::mem::take(&mut *self.sink)
-    }
-}
-
-impl Drop for Events {
-    fn drop(&mut self) {
-        // SAFETY: rb came from ring_buffer__new and is freed once.
-        unsafe { libbpf_sys::ring_buffer__free(self.rb) }
-    }
+    Some(Event { server, kind })
 }
 
 /// The network namespace cookie of a socket (`SO_NETNS_COOKIE`, Linux >= 5.14).

@@ -15,6 +15,7 @@ use libbpf_rs::libbpf_sys;
 use libbpf_rs::{MapCore, Object, ObjectBuilder};
 
 use crate::Unavailable;
+use crate::ring::{Ring, cookie_and_kind};
 
 /// The object file, empty when the build could not make it.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap.bpf.o"));
@@ -482,92 +483,21 @@ impl Sockmap {
 
     /// Opens the event ring (one consumer: the proxy's kernel-path thread).
     pub fn events(self: &Arc<Self>) -> io::Result<Events> {
-        let mut sink: Box<Vec<Event>> = Box::default();
-        let ctx: *mut Vec<Event> = &mut *sink;
-        // SAFETY: the callback receives `ctx`, which points into the boxed Vec owned by the
-        // returned Events (its heap address does not move) and outlives the ring buffer,
-        // freed first in Drop. The map fd stays open as long as `owner` (an Arc) lives.
-        let rb = unsafe {
-            libbpf_sys::ring_buffer__new(self.events, Some(on_event), ctx.cast(), std::ptr::null())
-        };
-        if rb.is_null() {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Events {
-            rb,
-            sink,
-            _owner: self.clone(),
-        })
+        Ring::open(self.events, decode_event, self.clone())
     }
-}
-
-unsafe extern "C" fn on_event(
-    ctx: *mut c_void,
-    data: *mut c_void,
-    size: libbpf_sys::size_t,
-) -> i32 {
-    if ctx.is_null() || data.is_null() || (size as usize) < 12 {
-        return 0;
-    }
-    // SAFETY: ctx is the Vec set up in `Sockmap::events`; libbpf calls back on the thread
-    // that consumes, while `Events` (which owns the Vec) is borrowed mutably by that call.
-    let sink = unsafe { &mut *ctx.cast::<Vec<Event>>() };
-    let mut raw = [0u8; 12];
-    // SAFETY: data points to a ring record of `size` >= 12 bytes.
-    unsafe { std::ptr::copy_nonoverlapping(data.cast::<u8>(), raw.as_mut_ptr(), 12) };
-    let cookie = u64::from_ne_bytes(raw[0..8].try_into().unwrap_or([0; 8]));
-    let kind = match u32::from_ne_bytes(raw[8..12].try_into().unwrap_or([0; 4])) {
-        EVENT_PAUSED => EventKind::Paused,
-        EVENT_FAILED => EventKind::Failed,
-        _ => return 0,
-    };
-    sink.push(Event { cookie, kind });
-    0
 }
 
 /// The program's event ring.
-pub struct Events {
-    rb: *mut libbpf_sys::ring_buffer,
-    #[allow(
-        clippy::box_collection,
-        reason = "the callback holds the Vec's address, which must not move with Events"
-    )]
-    sink: Box<Vec<Event>>,
-    _owner: Arc<Sockmap>,
-}
+pub type Events = Ring<Event, Arc<Sockmap>>;
 
-impl std::fmt::Debug for Events {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Events")
-    }
-}
-
-// SAFETY: the ring buffer is only used through &mut self, by one thread at a time.
-unsafe impl Send for Events {}
-
-impl Events {
-    /// A descriptor that is readable when events are waiting (for epoll).
-    pub fn fd(&self) -> RawFd {
-        // SAFETY: rb is a live ring buffer until Drop.
-        unsafe { libbpf_sys::ring_buffer__epoll_fd(self.rb) }
-    }
-
-    /// Takes every waiting event.
-    pub fn drain(&mut self) -> Vec<Event> {
-        // SAFETY: rb is live; the callback writes into self.sink, which nothing else
-        // borrows during this call.
-        unsafe {
-            libbpf_sys::ring_buffer__consume(self.rb);
-        }
-        std::mem::take(&mut *self.sink)
-    }
-}
-
-impl Drop for Events {
-    fn drop(&mut self) {
-        // SAFETY: rb came from ring_buffer__new and is freed once.
-        unsafe { libbpf_sys::ring_buffer__free(self.rb) }
-    }
+fn decode_event(record: &[u8]) -> Option<Event> {
+    let (cookie, kind) = cookie_and_kind(record)?;
+    let kind = match kind {
+        EVENT_PAUSED => EventKind::Paused,
+        EVENT_FAILED => EventKind::Failed,
+        _ => return None,
+    };
+    Some(Event { cookie, kind })
 }
 
 /// A socket's cookie (`SO_COOKIE`): unique for the life of the system.
@@ -648,8 +578,10 @@ pub(crate) fn percpu_sum(map: RawFd, i: u32) -> u64 {
     if rc == 0 { values.iter().sum() } else { 0 }
 }
 
-/// Bytes the peer of a TCP socket acknowledged (`tcpi_bytes_acked`, at offset 120).
-pub(crate) fn tcp_acked(fd: RawFd) -> io::Result<u64> {
+/// A TCP socket's `tcpi_bytes_acked` and `tcpi_bytes_received` (Linux >= 4.1), in that
+/// order. `struct tcp_info` is longer than libc's definition: the raw bytes are read and the
+/// two u64 fields taken at their fixed offsets (120 and 128, stable since 4.1).
+pub fn tcp_byte_counts(fd: RawFd) -> io::Result<(u64, u64)> {
     let mut buf = [0u8; 256];
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `buf`, which lives on this frame.
@@ -665,10 +597,9 @@ pub(crate) fn tcp_acked(fd: RawFd) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    if (len as usize) < 128 {
+    if (len as usize) < 136 {
         return Err(io::Error::other("TCP_INFO too short (kernel < 4.1)"));
     }
-    Ok(u64::from_ne_bytes(
-        buf[120..128].try_into().unwrap_or([0; 8]),
-    ))
+    let at = |i: usize| u64::from_ne_bytes(buf[i..i + 8].try_into().unwrap_or([0; 8]));
+    Ok((at(120), at(128)))
 }

@@ -347,6 +347,41 @@ struct Dir {
     fin_read: bool,
 }
 
+impl Dir {
+    /// Writes what is buffered (from `start`) to `target`: `Some(n)` bytes went out (counted
+    /// in `forwarded`), `None` when the socket is full (`want_out` set, wait for EPOLLOUT).
+    fn write_buffered(&mut self, target: RawFd) -> Result<Option<usize>, CloseReason> {
+        let buf = self.buf.as_deref().unwrap_or(&[]);
+        match send(target, &buf[self.start..self.end]) {
+            Ok(n) => {
+                self.start += n;
+                self.forwarded += n as u64;
+                Ok(Some(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.want_out = true;
+                Ok(None)
+            }
+            Err(_) => Err(CloseReason::Error),
+        }
+    }
+
+    /// Everything before the source's FIN is out: half-close `target` (unless the source
+    /// was reset; the pair is cut then) and stop reading.
+    fn half_close(&mut self, target: RawFd) -> Result<bool, CloseReason> {
+        if !self.reset {
+            // SAFETY: shutdown takes an integer; `target` is a socket of this pair.
+            unsafe {
+                libc::shutdown(target, libc::SHUT_WR);
+            }
+        }
+        self.shut = true;
+        self.reading = false;
+        self.buf = None;
+        Ok(false)
+    }
+}
+
 #[derive(Debug)]
 struct Pair {
     fds: [OwnedFd; 2],
@@ -936,19 +971,10 @@ fn step(map: &Sockmap, pair: &mut Pair, joined: &Joined, side: usize) -> Result<
                 dir.want_out = false;
                 return Ok(true);
             }
-            let buf = dir.buf.as_deref().unwrap_or(&[]);
-            match send(target, &buf[dir.start..dir.end]) {
-                Ok(n) => {
-                    dir.start += n;
-                    dir.forwarded += n as u64;
-                    map.set_forwarded(cookie, dir.forwarded).map_err(err)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    dir.want_out = true;
-                    return Ok(false);
-                }
-                Err(_) => return Err(CloseReason::Error),
+            if dir.write_buffered(target)?.is_none() {
+                return Ok(false);
             }
+            map.set_forwarded(cookie, dir.forwarded).map_err(err)?;
             continue;
         }
         dir.want_out = false;
@@ -1010,16 +1036,7 @@ fn step(map: &Sockmap, pair: &mut Pair, joined: &Joined, side: usize) -> Result<
         // Still in the peer's psock backlog.
         return Ok(true);
     }
-    if !dir.reset {
-        // SAFETY: shutdown takes an integer; `target` is a socket this pair owns.
-        unsafe {
-            libc::shutdown(target, libc::SHUT_WR);
-        }
-    }
-    dir.shut = true;
-    dir.reading = false;
-    dir.buf = None;
-    Ok(false)
+    dir.half_close(target)
 }
 
 /// Client-socket connections, client to backend: the client's sends reach the server socket
@@ -1042,29 +1059,20 @@ fn step_sends(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bool
     dir.reading = true;
     loop {
         if dir.start < dir.end {
-            let buf = dir.buf.as_deref().unwrap_or(&[]);
-            match send(target, &buf[dir.start..dir.end]) {
-                Ok(n) => {
-                    dir.start += n;
-                    dir.forwarded += n as u64;
-                    local
-                        .set_forwarded(
-                            &route.key,
-                            route.server,
-                            route.from_client + dir.forwarded,
-                            route.to_server + dir.forwarded,
-                        )
-                        .map_err(|e| {
-                            tracing::debug!(error = %e, "client-socket route update failed");
-                            CloseReason::Error
-                        })?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    dir.want_out = true;
-                    return Ok(false);
-                }
-                Err(_) => return Err(CloseReason::Error),
+            if dir.write_buffered(target)?.is_none() {
+                return Ok(false);
             }
+            local
+                .set_forwarded(
+                    &route.key,
+                    route.server,
+                    route.from_client + dir.forwarded,
+                    route.to_server + dir.forwarded,
+                )
+                .map_err(|e| {
+                    tracing::debug!(error = %e, "client-socket route update failed");
+                    CloseReason::Error
+                })?;
             continue;
         }
         dir.want_out = false;
@@ -1088,16 +1096,7 @@ fn step_sends(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bool
             Err(_) => return Err(CloseReason::Error),
         }
     }
-    if !dir.reset {
-        // SAFETY: shutdown takes an integer; `target` is a socket this pair owns.
-        unsafe {
-            libc::shutdown(target, libc::SHUT_WR);
-        }
-    }
-    dir.shut = true;
-    dir.reading = false;
-    dir.buf = None;
-    Ok(false)
+    dir.half_close(target)
 }
 
 /// Client-socket connections, backend to client: replies go into the client socket in the
@@ -1136,21 +1135,12 @@ fn step_replies(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bo
                 dir.reading = false;
                 return Ok(false);
             }
-            let buf = dir.buf.as_deref().unwrap_or(&[]);
-            match send(target, &buf[dir.start..dir.end]) {
-                Ok(n) => {
-                    dir.start += n;
-                    dir.forwarded += n as u64;
-                    local
-                        .set_reply_written(route.server, dir.forwarded)
-                        .map_err(|_| CloseReason::Error)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    dir.want_out = true;
-                    return Ok(false);
-                }
-                Err(_) => return Err(CloseReason::Error),
+            if dir.write_buffered(target)?.is_none() {
+                return Ok(false);
             }
+            local
+                .set_reply_written(route.server, dir.forwarded)
+                .map_err(|_| CloseReason::Error)?;
             continue;
         }
         dir.want_out = false;
@@ -1209,16 +1199,7 @@ fn step_replies(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bo
         // in case the FIN has not reached it yet.
         return Ok(true);
     }
-    if !dir.reset {
-        // SAFETY: shutdown takes an integer; `target` is a socket this pair owns.
-        unsafe {
-            libc::shutdown(target, libc::SHUT_WR);
-        }
-    }
-    dir.shut = true;
-    dir.reading = false;
-    dir.buf = None;
-    Ok(false)
+    dir.half_close(target)
 }
 
 /// The pending error of a socket (`SO_ERROR`).

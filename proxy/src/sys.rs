@@ -54,31 +54,8 @@ pub struct TcpBytes {
 
 /// Reads `tcpi_bytes_acked` and `tcpi_bytes_received` (Linux >= 4.1).
 pub fn tcp_bytes(fd: RawFd) -> std::io::Result<TcpBytes> {
-    // struct tcp_info is longer than libc's definition: read the raw bytes and take the two
-    // u64 fields at their fixed offsets (120 and 128, stable since 4.1).
-    let mut buf = [0u8; 256];
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `buf`, which lives on this frame.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if (len as usize) < 136 {
-        return Err(std::io::Error::other("TCP_INFO too short (kernel < 4.1)"));
-    }
-    let at = |i: usize| u64::from_ne_bytes(buf[i..i + 8].try_into().unwrap_or([0; 8]));
-    Ok(TcpBytes {
-        acked: at(120),
-        received: at(128),
-    })
+    let (acked, received) = tendril_ebpf::sockmap::tcp_byte_counts(fd)?;
+    Ok(TcpBytes { acked, received })
 }
 
 /// Bytes written to a TCP socket since it connected: acknowledged plus still in the send

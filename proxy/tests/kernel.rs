@@ -397,9 +397,9 @@ fn read_until_ready(s: &mut TcpStream, ready: usize) -> Vec<u8> {
     let mut seen = 0;
     let mut chunk = [0u8; 65536];
     while seen < ready {
-        let n = s
-            .read(&mut chunk)
-            .expect("the reply stopped (read timed out)");
+        let n = s.read(&mut chunk).unwrap_or_else(|e| {
+            panic!("the reply stopped after {seen} of {ready} ReadyForQuery: {e}")
+        });
         assert!(n > 0, "the connection closed after {seen} ReadyForQuery");
         pending.extend_from_slice(&chunk[..n]);
         let mut at = 0;
