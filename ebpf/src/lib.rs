@@ -22,6 +22,7 @@
 mod bpf;
 pub mod local;
 mod netlink;
+mod object;
 pub mod ring;
 pub mod sockmap;
 

@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 
 use libbpf_rs::libbpf_sys;
-use libbpf_rs::{Link, MapCore, Object, ObjectBuilder};
+use libbpf_rs::{Link, MapCore, Object};
 
 use crate::Unavailable;
 use crate::ring::{Ring, cookie_and_kind};
@@ -224,9 +224,12 @@ impl std::fmt::Debug for Local {
     }
 }
 
+/// The name the proxy logs when this path is unavailable.
+const MECHANISM: &str = "kernel forwarding on the client socket (sk_msg)";
+
 fn unavailable(reason: impl Into<String>) -> Unavailable {
     Unavailable {
-        mechanism: "kernel forwarding on the client socket (sk_msg)",
+        mechanism: MECHANISM,
         reason: reason.into(),
     }
 }
@@ -251,18 +254,11 @@ impl Local {
         send_limit: u64,
         recv_limit: u64,
     ) -> Result<Local, Unavailable> {
-        if OBJECT.is_empty() {
-            return Err(unavailable(format!(
-                "the BPF object was not built: {BUILD_ERROR}"
-            )));
-        }
         if max_clients == 0 {
             return Err(unavailable("room for 0 connections"));
         }
         let root = cgroup2_root().ok_or_else(|| unavailable("no cgroup v2 mount"))?;
-        let mut open = ObjectBuilder::default()
-            .open_memory(OBJECT)
-            .map_err(|e| unavailable(format!("cannot open the BPF object: {e}")))?;
+        let mut open = crate::object::open(OBJECT, BUILD_ERROR, MECHANISM)?;
         let mut config = [0u8; CONFIG_SIZE];
         if !listen.ip().is_unspecified() {
             config[0..16].copy_from_slice(&mapped(listen.ip()));
@@ -298,16 +294,7 @@ impl Local {
                     .map_err(|e| unavailable(format!("size map {name}: {e}")))?;
             }
         }
-        let object = open.load().map_err(|e| {
-            let text = e.to_string();
-            if text.contains("Operation not permitted") || text.contains("ermission") {
-                unavailable(format!(
-                    "loading needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON ({text})"
-                ))
-            } else {
-                unavailable(format!("the kernel refused the programs: {text}"))
-            }
-        })?;
+        let object = crate::object::load(open, MECHANISM)?;
         let map = |name: &str, size: Option<usize>| -> Result<RawFd, Unavailable> {
             let m = object
                 .maps()

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 
 use libbpf_rs::libbpf_sys;
-use libbpf_rs::{MapCore, Object, ObjectBuilder};
+use libbpf_rs::{MapCore, Object};
 
 use crate::Unavailable;
 use crate::ring::{Ring, cookie_and_kind};
@@ -216,9 +216,12 @@ impl std::fmt::Debug for Sockmap {
     }
 }
 
+/// The name the proxy logs when this path is unavailable.
+const MECHANISM: &str = "kernel forwarding (BPF sockmap)";
+
 fn unavailable(reason: impl Into<String>) -> Unavailable {
     Unavailable {
-        mechanism: "kernel forwarding (BPF sockmap)",
+        mechanism: MECHANISM,
         reason: reason.into(),
     }
 }
@@ -236,17 +239,10 @@ impl Sockmap {
     /// sockhash. Fails (with why) when the object was not built, the kernel lacks sockmap,
     /// or the process lacks CAP_BPF/CAP_NET_ADMIN/CAP_PERFMON.
     pub fn load(max_pairs: u32) -> Result<Sockmap, Unavailable> {
-        if OBJECT.is_empty() {
-            return Err(unavailable(format!(
-                "the BPF object was not built: {BUILD_ERROR}"
-            )));
-        }
         if max_pairs == 0 {
             return Err(unavailable("room for 0 connections"));
         }
-        let mut open = ObjectBuilder::default()
-            .open_memory(OBJECT)
-            .map_err(|e| unavailable(format!("cannot open the BPF object: {e}")))?;
+        let mut open = crate::object::open(OBJECT, BUILD_ERROR, MECHANISM)?;
         let sockets = max_pairs.saturating_mul(2);
         for mut map in open.maps_mut() {
             let name = map.name().to_string_lossy().into_owned();
@@ -255,16 +251,7 @@ impl Sockmap {
                     .map_err(|e| unavailable(format!("size map {name}: {e}")))?;
             }
         }
-        let object = open.load().map_err(|e| {
-            let text = e.to_string();
-            if text.contains("Operation not permitted") || text.contains("ermission") {
-                unavailable(format!(
-                    "loading needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON ({text})"
-                ))
-            } else {
-                unavailable(format!("the kernel refused the program: {text}"))
-            }
-        })?;
+        let object = crate::object::load(open, MECHANISM)?;
         let fd = |name: &str| -> Result<RawFd, Unavailable> {
             object
                 .maps()

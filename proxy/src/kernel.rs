@@ -1039,6 +1039,15 @@ fn step(map: &Sockmap, pair: &mut Pair, joined: &Joined, side: usize) -> Result<
     dir.half_close(target)
 }
 
+/// The (source, target) descriptors of direction `side`, or None when nothing more can move
+/// that way: its target was reset, or it is half-closed already.
+fn live_direction(pair: &Pair, side: usize) -> Option<(RawFd, RawFd)> {
+    if pair.dirs[1 - side].reset || pair.dirs[side].shut {
+        return None;
+    }
+    Some((pair.fds[side].as_raw_fd(), pair.fds[1 - side].as_raw_fd()))
+}
+
 /// Client-socket connections, client to backend: the client's sends reach the server socket
 /// in the kernel, except what the program passes to the ordinary path (sent before the route
 /// existed, or while the server socket was backed up). Those arrive on the accepted socket
@@ -1047,15 +1056,10 @@ fn step(map: &Sockmap, pair: &mut Pair, joined: &Joined, side: usize) -> Result<
 /// and is forwarded as a half-close. Returns whether it waits on something epoll does not
 /// report.
 fn step_sends(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bool, CloseReason> {
-    let source = pair.fds[0].as_raw_fd();
-    let target = pair.fds[1].as_raw_fd();
-    if pair.dirs[1].reset {
+    let Some((source, target)) = live_direction(pair, 0) else {
         return Ok(false);
-    }
+    };
     let dir = &mut pair.dirs[0];
-    if dir.shut {
-        return Ok(false);
-    }
     dir.reading = true;
     loop {
         if dir.start < dir.end {
@@ -1106,15 +1110,10 @@ fn step_sends(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bool
 /// until what was redirected before them has been delivered). The server's FIN is forwarded
 /// as a half-close of the accepted socket once every reply before it reached the client.
 fn step_replies(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bool, CloseReason> {
-    let source = pair.fds[1].as_raw_fd();
-    let target = pair.fds[0].as_raw_fd();
-    if pair.dirs[0].reset {
+    let Some((source, target)) = live_direction(pair, 1) else {
         return Ok(false);
-    }
+    };
     let dir = &mut pair.dirs[1];
-    if dir.shut {
-        return Ok(false);
-    }
     let mut r = local.reply(route.server).ok_or(CloseReason::Error)?;
     if r.mode == ReplyMode::Failed {
         return Err(CloseReason::Error);
