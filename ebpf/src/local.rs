@@ -364,11 +364,6 @@ impl Local {
         self.recv_limit
     }
 
-    /// Connections the maps have room for.
-    pub fn max_clients(&self) -> u32 {
-        self.max_clients
-    }
-
     /// Whether the client's socket joined the sockhash at connect (so it can be routed).
     pub fn has_client(&self, key: &ClientKey) -> bool {
         let k = key.bytes();

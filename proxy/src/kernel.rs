@@ -198,41 +198,47 @@ impl KernelPath {
         client: RawFd,
         server: RawFd,
         consumed_from_client: u64,
-    ) -> Result<Option<LocalRoute>, AdoptError> {
-        let Some(local) = &self.local else {
-            return Ok(None);
-        };
-        let Ok(key) = ClientKey::of_accepted(client) else {
-            return Ok(None);
-        };
+        peer: SocketAddr,
+    ) -> Option<LocalRoute> {
+        let local = self.local.as_ref()?;
+        let key = ClientKey::of_accepted(client).ok()?;
         if !local.has_client(&key) {
-            return Ok(None);
+            return None;
         }
-        let to_server = tcp_written(server).map_err(AdoptError::Refused)?;
+        let routed = tcp_written(server)
+            .map_err(RouteError::Refused)
+            .and_then(|to_server| {
+                let request = RouteRequest {
+                    key,
+                    accepted: client,
+                    server,
+                    from_client: consumed_from_client,
+                    to_server,
+                };
+                local.route(&request).map(|cookie| (cookie, to_server))
+            });
+        let (server_cookie, to_server) = match routed {
+            Ok(r) => r,
+            Err(e) => {
+                // Nothing was routed (the client's sends still take the ordinary path): the
+                // pair path takes the connection instead.
+                tracing::debug!(client = %peer, error = %e, "client-socket route refused: forwarding on the proxy's sockets");
+                return None;
+            }
+        };
         // The bounds of local.bpf.c, kept by the kernel's own accounting too: the server
         // socket's send buffer stays above what the client may redirect into it (a redirect
         // into a full socket fails and the client would retry at once), and the accepted
         // socket, which only carries what the program passes, holds at most the limit.
+        // Set only once routed: the pair path keeps autotuning.
         let _ = crate::sys::set_send_buffer(server, self.limit.saturating_mul(2));
         let _ = crate::sys::set_receive_buffer(client, self.limit);
-        let server_cookie = local
-            .route(&RouteRequest {
-                key,
-                accepted: client,
-                server,
-                from_client: consumed_from_client,
-                to_server,
-            })
-            .map_err(|e| match e {
-                RouteError::MapFull => AdoptError::MapFull,
-                RouteError::Refused(e) => AdoptError::Refused(e),
-            })?;
-        Ok(Some(LocalRoute {
+        Some(LocalRoute {
             key,
             server: server_cookie,
             from_client: consumed_from_client,
             to_server,
-        }))
+        })
     }
 
     /// Joins a connected pair to the sockmap and hands it to the thread; from here on the
@@ -254,15 +260,7 @@ impl KernelPath {
             dup(client).map_err(AdoptError::Refused)?,
             dup(server).map_err(AdoptError::Refused)?,
         ];
-        let local = match self.route_local(client, server, consumed_from_client) {
-            Ok(route) => route,
-            Err(e) => {
-                // Nothing was routed (the client's sends still take the ordinary path): the
-                // pair path takes the connection instead.
-                tracing::debug!(client = %peer, error = %e, "client-socket route refused: forwarding on the proxy's sockets");
-                None
-            }
-        };
+        let local = self.route_local(client, server, consumed_from_client, peer);
         let kind = match local {
             Some(route) => Kind::Local(route),
             None => {
@@ -364,6 +362,20 @@ impl Dir {
             }
             Err(_) => Err(CloseReason::Error),
         }
+    }
+
+    /// Reads from `source` into the direction's buffer (allocated on first use): `Ok(n)`
+    /// bytes now wait from `start`, `Ok(0)` is the source's end of file.
+    fn fill(&mut self, source: RawFd) -> io::Result<usize> {
+        let buf = self
+            .buf
+            .get_or_insert_with(|| vec![0u8; USER_BUFFER].into_boxed_slice());
+        let n = recv(source, buf)?;
+        if n > 0 {
+            self.start = 0;
+            self.end = n;
+        }
+        Ok(n)
     }
 
     /// Everything before the source's FIN is out: half-close `target` (unless the source
@@ -986,10 +998,7 @@ fn step(map: &Sockmap, pair: &mut Pair, joined: &Joined, side: usize) -> Result<
             break;
         }
         dir.reading = true;
-        let buf = dir
-            .buf
-            .get_or_insert_with(|| vec![0u8; USER_BUFFER].into_boxed_slice());
-        match recv(source, buf) {
+        match dir.fill(source) {
             Ok(0) => {
                 dir.eof = true;
                 d = map.direction(cookie).ok_or(CloseReason::Error)?;
@@ -999,9 +1008,7 @@ fn step(map: &Sockmap, pair: &mut Pair, joined: &Joined, side: usize) -> Result<
                 }
                 break;
             }
-            Ok(n) => {
-                dir.start = 0;
-                dir.end = n;
+            Ok(_) => {
                 d = map.direction(cookie).ok_or(CloseReason::Error)?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -1083,19 +1090,13 @@ fn step_sends(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bool
         if dir.fin_read {
             break;
         }
-        let buf = dir
-            .buf
-            .get_or_insert_with(|| vec![0u8; USER_BUFFER].into_boxed_slice());
-        match recv(source, buf) {
+        match dir.fill(source) {
             Ok(0) => {
                 dir.fin_read = true;
                 dir.eof = true;
                 break;
             }
-            Ok(n) => {
-                dir.start = 0;
-                dir.end = n;
-            }
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(_) => return Err(CloseReason::Error),
         }
@@ -1150,10 +1151,7 @@ fn step_replies(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bo
             break;
         }
         dir.reading = true;
-        let buf = dir
-            .buf
-            .get_or_insert_with(|| vec![0u8; USER_BUFFER].into_boxed_slice());
-        match recv(source, buf) {
+        match dir.fill(source) {
             Ok(0) => {
                 dir.fin_read = true;
                 dir.eof = true;
@@ -1163,9 +1161,7 @@ fn step_replies(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bo
                 }
                 break;
             }
-            Ok(n) => {
-                dir.start = 0;
-                dir.end = n;
+            Ok(_) => {
                 // The allowance is read with the bytes in hand: a pause lowers it before the
                 // bytes it holds back are queued.
                 r = local.reply(route.server).ok_or(CloseReason::Error)?;
