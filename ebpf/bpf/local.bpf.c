@@ -107,6 +107,19 @@ struct {
 	__type(value, struct sends);
 } client_sends SEC(".maps");
 
+/* Clients whose socket was in blocking mode at their last send before the route. The
+ * kernel's receive path for a socket in a sockmap (tcp_bpf_recvmsg) can end a blocking read
+ * with EAGAIN when the reader is woken without data (for instance by write space freed for
+ * a writer blocked on the same socket); a non-blocking reader expects EAGAIN at any time, a
+ * blocking one takes it as an error. So the proxy takes such clients out of `clients` and
+ * forwards them on its own sockets. LRU: a client that never gets routed leaves no trace. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_CLIENTS_DEFAULT);
+	__type(key, struct client_key);
+	__type(value, __u32);
+} blocking SEC(".maps");
+
 /* Written by the proxy only (replaced whole, so freed after a grace period: no prealloc). */
 struct route {
 	__u64 server;      /* the server socket's cookie */
@@ -284,6 +297,19 @@ int watch_sockets(struct bpf_sock_ops *ops)
 	return 1;
 }
 
+#define O_NONBLOCK_FLAG 04000
+
+/* Whether the socket's file is in blocking mode (no O_NONBLOCK). */
+static __always_inline int socket_blocks(struct bpf_sock *sk)
+{
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0;
+	struct sock *ks = (struct sock *)tp;
+	unsigned int flags = BPF_CORE_READ(ks, sk_socket, file, f_flags);
+	return !(flags & O_NONBLOCK_FLAG);
+}
+
 SEC("sk_msg")
 int client_send(struct sk_msg_md *msg)
 {
@@ -306,8 +332,17 @@ int client_send(struct sk_msg_md *msg)
 	key.proxy_port = bpf_ntohl(msg->remote_port);
 	key.netns = bpf_get_netns_cookie(msg);
 	struct route *r = bpf_map_lookup_elem(&routes, &key);
-	if (!r)
+	if (!r) {
+		/* Before the route (the startup packet, authentication): note how the client
+		 * reads, for the proxy's choice of path. */
+		if (socket_blocks(sk)) {
+			__u32 one = 1;
+			bpf_map_update_elem(&blocking, &key, &one, BPF_ANY);
+		} else {
+			bpf_map_delete_elem(&blocking, &key);
+		}
 		goto pass;
+	}
 	__u64 server = r->server;
 	__u64 *a = bpf_map_lookup_elem(&server_acked, &server);
 	__u64 ack = a ? *a : 0;

@@ -203,6 +203,7 @@ pub struct Local {
     _object: Object,
     _link: Link,
     clients: RawFd,
+    blocking: RawFd,
     routes: RawFd,
     servers: RawFd,
     accepted: RawFd,
@@ -283,6 +284,7 @@ impl Local {
             } else if matches!(
                 name.as_str(),
                 "clients"
+                    | "blocking"
                     | "routes"
                     | "servers"
                     | "accepted"
@@ -311,6 +313,7 @@ impl Local {
             Ok(m.as_fd().as_raw_fd())
         };
         let clients = map("clients", None)?;
+        let blocking = map("blocking", Some(4))?;
         let routes = map("routes", Some(ROUTE_SIZE))?;
         let servers = map("servers", None)?;
         let accepted = map("accepted", None)?;
@@ -345,6 +348,7 @@ impl Local {
             _object: object,
             _link: link,
             clients,
+            blocking,
             routes,
             servers,
             accepted,
@@ -378,6 +382,33 @@ impl Local {
             )
         };
         rc == 0
+    }
+
+    /// Whether the client's socket was in blocking mode when it last sent before the route.
+    /// Such a client must not be routed here: the kernel's receive path for a socket in a
+    /// sockmap can end a blocking read with EAGAIN after a wake-up without data, which a
+    /// blocking reader takes as an error (a non-blocking one, like libpq, polls again).
+    pub fn client_blocks(&self, key: &ClientKey) -> bool {
+        let k = key.bytes();
+        let mut value = 0u32;
+        // SAFETY: the key buffer is the map's key size and the value 4 bytes (checked at load).
+        let rc = unsafe {
+            libbpf_sys::bpf_map_lookup_elem(
+                self.blocking,
+                k.as_ptr().cast(),
+                (&mut value as *mut u32).cast(),
+            )
+        };
+        rc == 0
+    }
+
+    /// Takes a client that will not be routed here out of the sockhash, so its socket is an
+    /// ordinary TCP socket again (no sk_msg program on its sends, the kernel's own receive
+    /// path). Nothing was redirected into it before a route, so nothing is lost.
+    pub fn release_client(&self, key: &ClientKey) {
+        let k = key.bytes();
+        self.delete(self.clients, &k);
+        self.delete(self.blocking, &k);
     }
 
     fn insert(&self, map: RawFd, key: &[u8], value: &[u8], flags: u32) -> Result<(), RouteError> {
@@ -566,6 +597,7 @@ impl Local {
     /// Removes every trace of the connection from the maps.
     pub fn forget(&self, key: &ClientKey, server: u64) {
         self.leave(key, server);
+        self.delete(self.blocking, &key.bytes());
         let s = server.to_ne_bytes();
         for map in [self.server_acked, self.replies, self.reply_written] {
             self.delete(map, &s);

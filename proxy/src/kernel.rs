@@ -205,6 +205,16 @@ impl KernelPath {
         if !local.has_client(&key) {
             return None;
         }
+        if local.client_blocks(&key) {
+            // A blocking reader could get EAGAIN from the kernel on this path (see
+            // Local::client_blocks): the pair path takes it, on an ordinary socket.
+            local.release_client(&key);
+            self.shared
+                .kernel_local_blocking
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = %peer, "client reads in blocking mode: forwarding on the proxy's sockets");
+            return None;
+        }
         let routed = tcp_written(server)
             .map_err(RouteError::Refused)
             .and_then(|to_server| {
@@ -223,6 +233,7 @@ impl KernelPath {
                 // Nothing was routed (the client's sends still take the ordinary path): the
                 // pair path takes the connection instead.
                 tracing::debug!(client = %peer, error = %e, "client-socket route refused: forwarding on the proxy's sockets");
+                local.release_client(&key);
                 return None;
             }
         };

@@ -349,7 +349,12 @@ fn spawn_control(
                             let kernel = kernel.as_ref().map(|(k, local)| metrics::KernelMetrics {
                                 local: local.as_ref().map(|l| {
                                     let open = s.workers.iter().map(|w| w.kernel_local.load(std::sync::atomic::Ordering::Relaxed)).sum();
-                                    (l.stats(), open, l.entries())
+                                    metrics::ClientSocketMetrics {
+                                        stats: l.stats(),
+                                        active: open,
+                                        blocking: s.kernel_local_blocking.load(std::sync::atomic::Ordering::Relaxed),
+                                        entries: l.entries(),
+                                    }
                                 }),
                                 stats: k.stats(),
                                 fallback_full: s.kernel_fallback_full.load(std::sync::atomic::Ordering::Relaxed),

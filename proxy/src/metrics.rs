@@ -89,13 +89,18 @@ impl WorkerMetrics {
     }
 }
 
-/// Client-socket path values: the program's counters, connections open now, and entries in
-/// (clients, routes, servers, replies).
-pub type ClientSocketMetrics = (
-    tendril_ebpf::local::Stats,
-    u64,
-    (usize, usize, usize, usize),
-);
+/// Client-socket path values.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientSocketMetrics {
+    /// The program's counters.
+    pub stats: tendril_ebpf::local::Stats,
+    /// Connections forwarded on the client's socket now.
+    pub active: u64,
+    /// Clients that read in blocking mode, given the pair path instead.
+    pub blocking: u64,
+    /// Entries in (clients, routes, servers, replies).
+    pub entries: (usize, usize, usize, usize),
+}
 
 /// Kernel-path values for the metrics.
 #[derive(Debug, Clone, Copy)]
@@ -279,7 +284,13 @@ pub fn render(
             "program events lost to a full ring (the proxy then rescans)",
             vec![(String::new(), k.stats.lost_events)],
         );
-        if let Some((stats, active, entries)) = k.local {
+        if let Some(ClientSocketMetrics {
+            stats,
+            active,
+            blocking,
+            entries,
+        }) = k.local
+        {
             metric(
                 "tendril_proxy_kernel_client_socket_connections",
                 "gauge",
@@ -289,7 +300,7 @@ pub fn render(
             metric(
                 "tendril_proxy_kernel_client_socket_total",
                 "counter",
-                "client-socket path events: sends and reply skbs redirected or passed, pauses, failures",
+                "client-socket path events: sends and reply skbs redirected or passed, pauses, failures, clients given the pair path because they read in blocking mode",
                 vec![
                     ("event=\"client_joined\"".into(), stats.clients),
                     ("event=\"client_map_full\"".into(), stats.clients_full),
@@ -306,6 +317,7 @@ pub fn render(
                     ("event=\"repeated\"".into(), stats.repeated),
                     ("event=\"events_lost\"".into(), stats.lost_events),
                     ("event=\"timer_failed\"".into(), stats.timer_failures),
+                    ("event=\"blocking_client\"".into(), blocking),
                 ],
             );
             metric(

@@ -23,8 +23,84 @@ use std::time::{Duration, Instant};
 
 use support::{Env, ProxyProc, backend_port, connect, wait_routed};
 
-/// EAGAIN returned to a blocking read before its timeout (see `read_until_ready`).
-static SPURIOUS_EAGAIN: AtomicUsize = AtomicUsize::new(0);
+/// A client in non-blocking mode that waits in poll(2), as libpq does: the client-socket path
+/// forwards such clients (one that reads in blocking mode gets the pair path, see
+/// `a_blocking_client_gets_the_pair_path`). Read and Write wait up to the timeout, then fail
+/// with TimedOut.
+struct Client {
+    stream: TcpStream,
+    timeout: Duration,
+}
+
+impl Client {
+    fn connect(port: u16) -> std::io::Result<Client> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_nonblocking(true)?;
+        Ok(Client {
+            stream,
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Waits until the socket is ready for `events` (POLLIN/POLLOUT), an error or a hang-up.
+    fn wait(&self, events: libc::c_short, started: Instant) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let left = self.timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        let mut fd = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut fd, 1, left.as_millis().max(1) as libc::c_int) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Read for Client {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let started = Instant::now();
+        loop {
+            match self.stream.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.wait(libc::POLLIN, started)?
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+impl Write for Client {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let started = Instant::now();
+        loop {
+            match self.stream.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.wait(libc::POLLOUT, started)?
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Each test has its own runtime: an async-aware lock that works across them.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -84,9 +160,9 @@ fn copy_out_md5(port: u16, query: &str) -> String {
         .to_owned()
 }
 
-/// Which kernel path a test drives: the proxy's two sockets (the default, and the path remote
-/// clients take), or, with `--kernel-client-socket on`, the client's own socket (clients of
-/// these tests run on the proxy's host).
+/// Which kernel path a test drives: the proxy's two sockets (`--kernel-client-socket off`;
+/// the path of remote clients and of clients that read in blocking mode), or the client's own
+/// socket (the default for non-blocking clients on the proxy's host, as every client here).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
     /// The accepted socket and the server socket joined in `peers` (sockmap.bpf.c).
@@ -395,28 +471,15 @@ fn message(out: &mut Vec<u8>, kind: u8, body: &[u8]) {
 
 /// Reads backend messages until `ready` ReadyForQuery messages have arrived; returns every
 /// message type seen, in order (errors end the test with the server's words).
-fn read_until_ready(s: &mut TcpStream, ready: usize) -> Vec<u8> {
+fn read_until_ready(s: &mut impl Read, ready: usize) -> Vec<u8> {
     let mut kinds = Vec::new();
     let mut pending: Vec<u8> = Vec::new();
     let mut seen = 0;
     let mut chunk = [0u8; 65536];
     while seen < ready {
-        // On the client-socket path the kernel's tcp_bpf_recvmsg can return EAGAIN to a
-        // blocking reader after a wake-up that brought no data (here: the write space
-        // freed as the pipeline drains); blocking clients must read again, as libpq's
-        // poll loop does. A real timeout (20 s) still fails.
-        let started = Instant::now();
-        let n = loop {
-            match s.read(&mut chunk) {
-                Ok(n) => break n,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        && started.elapsed() < Duration::from_secs(10) =>
-                {
-                    SPURIOUS_EAGAIN.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => panic!("the reply stopped after {seen} of {ready} ReadyForQuery: {e}"),
-            }
+        let n = match s.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) => panic!("the reply stopped after {seen} of {ready} ReadyForQuery: {e}"),
         };
         assert!(n > 0, "the connection closed after {seen} ReadyForQuery");
         pending.extend_from_slice(&chunk[..n]);
@@ -475,8 +538,8 @@ async fn bytes_read_before_the_join_reach_the_master_once(path: Path) {
     }
     let port = proxy.port;
     let client = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut s = Client::connect(port).unwrap();
+        s.set_timeout(Duration::from_secs(20));
         s.write_all(&wire).unwrap();
         // The startup's ReadyForQuery, then one per INSERT.
         let kinds = read_until_ready(&mut s, INSERTS + 1);
@@ -513,10 +576,6 @@ async fn bytes_read_before_the_join_reach_the_master_once(path: Path) {
         ),
         format!("{INSERTS}|{INSERTS}")
     );
-    println!(
-        "EAGAIN returned to blocking reads so far: {}",
-        SPURIOUS_EAGAIN.load(Ordering::Relaxed)
-    );
     match path {
         Path::Pair => {
             let repeated = metric(
@@ -535,6 +594,126 @@ async fn bytes_read_before_the_join_reach_the_master_once(path: Path) {
             assert!(client_socket_metric(&proxy, "send_redirected") >= 1.0);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_client_gets_the_pair_path() {
+    // With the client's socket in a sockmap, the kernel's receive path (tcp_bpf_recvmsg) can
+    // end a blocking read with EAGAIN when the reader is woken without data, for instance by
+    // the write space freed for a writer blocked on the same socket. So a client that reads
+    // in blocking mode gets the pair path on an ordinary socket, while a non-blocking client
+    // (libpq, tokio-postgres) keeps the client-socket path. Here a blocking client streams a
+    // pipeline of INSERTs from one thread while another reads every reply with blocking
+    // reads: no read may fail, every INSERT lands once.
+    let _serial = SERIAL.lock().await;
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    psql_ok(
+        pg.port(),
+        "DROP TABLE IF EXISTS duplex; CREATE TABLE duplex (i int)",
+    );
+    env.route(Some(("db1", pg.port())), false).await;
+    let proxy = start_path_proxy(&env, "k10", Path::ClientSocket, &[]);
+    wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
+    let local_open = |proxy: &ProxyProc| {
+        metric(
+            proxy,
+            "tendril_proxy_kernel_client_socket_connections{cluster=\"pxy\"}",
+        )
+    };
+    let kernel_open = |proxy: &ProxyProc| {
+        metric(
+            proxy,
+            "tendril_proxy_kernel_connections_active{cluster=\"pxy\"}",
+        )
+    };
+    // wait_routed's connections end first.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kernel_open(&proxy) > 0.0 {
+        assert!(Instant::now() < deadline, "{}", proxy.metrics());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let libpq_like = connect(proxy.port).await.unwrap();
+    libpq_like.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(local_open(&proxy), 1.0, "{}", proxy.metrics());
+
+    const INSERTS: usize = 20_000;
+    let port = proxy.port;
+    let (connected_tx, connected) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let client = std::thread::spawn(move || {
+        let mut reader = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        reader
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut writer = reader.try_clone().unwrap();
+        writer
+            .write_all(&support::startup_packet(&[
+                ("user", "postgres"),
+                ("database", "postgres"),
+            ]))
+            .unwrap();
+        read_until_ready(&mut reader, 1);
+        connected_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        let pump = std::thread::spawn(move || {
+            let pad = "y".repeat(200);
+            let mut wire = Vec::new();
+            for i in 0..INSERTS {
+                message(
+                    &mut wire,
+                    b'Q',
+                    format!("INSERT INTO duplex VALUES ({i}) -- {pad}\0").as_bytes(),
+                );
+                if wire.len() > 256 * 1024 {
+                    writer.write_all(&wire).unwrap();
+                    wire.clear();
+                }
+            }
+            writer.write_all(&wire).unwrap();
+            writer
+        });
+        let kinds = read_until_ready(&mut reader, INSERTS);
+        let mut writer = pump.join().unwrap();
+        let mut bye = Vec::new();
+        message(&mut bye, b'X', b"");
+        writer.write_all(&bye).unwrap();
+        kinds
+    });
+    tokio::task::spawn_blocking(move || connected.recv_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the blocking client never got through the startup");
+    assert_eq!(
+        client_socket_metric(&proxy, "blocking_client"),
+        1.0,
+        "{}",
+        proxy.metrics()
+    );
+    assert_eq!(
+        (local_open(&proxy), kernel_open(&proxy)),
+        (1.0, 2.0),
+        "the libpq-like client on its socket, the blocking one on the pair path\n{}",
+        proxy.metrics()
+    );
+    go.send(()).unwrap();
+    let kinds = tokio::task::spawn_blocking(move || client.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(kinds.iter().filter(|&&k| k == b'C').count(), INSERTS);
+    assert_eq!(
+        psql_ok(pg.port(), "SELECT count(*), count(DISTINCT i) FROM duplex"),
+        format!("{INSERTS}|{INSERTS}")
+    );
+    assert!(
+        metric(
+            &proxy,
+            "tendril_proxy_kernel_verdicts_total{cluster=\"pxy\",outcome=\"redirected\"}"
+        ) > 0.0,
+        "the pair path forwarded the blocking client in the kernel\n{}",
+        proxy.metrics()
+    );
+    libpq_like.simple_query("SELECT 2").await.unwrap();
 }
 
 /// Kills the listed processes when dropped (they are gone already when the test passed).
@@ -951,8 +1130,8 @@ async fn closes_and_resets_reach_the_peer_and_nothing_leaks(path: Path) {
     // Wait for routing.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", proxy.port)) {
-            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        if let Ok(mut s) = Client::connect(proxy.port) {
+            s.set_timeout(Duration::from_secs(1));
             let _ = s.write_all(b"e-ping");
             let mut b = [0u8; 6];
             // Before the route is published the proxy answers with an error instead.
@@ -984,8 +1163,8 @@ async fn closes_and_resets_reach_the_peer_and_nothing_leaks(path: Path) {
     wait_backend_idle("routing probes");
     // Each way to end a connection, one by one: the other side sees the end.
     for (first, how) in [(b'c', "server close"), (b'r', "server reset")] {
-        let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut s = Client::connect(proxy.port).unwrap();
+        s.set_timeout(Duration::from_secs(5));
         s.write_all(&[first, b'x']).unwrap();
         let mut got = [0u8; 2];
         s.read_exact(&mut got).unwrap();
@@ -1007,13 +1186,13 @@ async fn closes_and_resets_reach_the_peer_and_nothing_leaks(path: Path) {
         }
     }
     for (way, how) in [(b'e', "client close"), (b'R', "client reset")] {
-        let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut s = Client::connect(proxy.port).unwrap();
+        s.set_timeout(Duration::from_secs(5));
         s.write_all(b"e!").unwrap();
         let mut got = [0u8; 2];
         s.read_exact(&mut got).unwrap();
         if way == b'R' {
-            reset(&s);
+            reset(&s.stream);
         }
         drop(s);
         wait_backend_idle(how);
@@ -1026,8 +1205,7 @@ async fn closes_and_resets_reach_the_peer_and_nothing_leaks(path: Path) {
             std::thread::spawn(move || {
                 for i in 0..625 {
                     let way = ways[(t + i) % ways.len()];
-                    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    let mut s = Client::connect(port).unwrap();
                     let msg = [if way == b'R' { b'e' } else { way }, b'.', b'.'];
                     s.write_all(&msg).unwrap();
                     let mut b = [0u8; 3];
@@ -1037,7 +1215,7 @@ async fn closes_and_resets_reach_the_peer_and_nothing_leaks(path: Path) {
                     assert_eq!(b, msg);
                     match way {
                         // The client resets.
-                        b'R' => reset(&s),
+                        b'R' => reset(&s.stream),
                         // The client closes; for c/r the server already ended it.
                         _ => drop(s),
                     }
@@ -1093,6 +1271,16 @@ async fn closes_and_resets_reach_the_peer_and_nothing_leaks(path: Path) {
         fallbacks, 0.0,
         "every connection went through the kernel path"
     );
+    if path == Path::ClientSocket {
+        // Each connection's one message comes before the route (the proxy forwards it); its
+        // echo comes back in the kernel, on the client's socket, unless it beat the route.
+        assert!(
+            client_socket_metric(&proxy, "reply_redirected") >= 9_000.0,
+            "{}",
+            proxy.metrics()
+        );
+        assert_eq!(client_socket_metric(&proxy, "blocking_client"), 0.0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
