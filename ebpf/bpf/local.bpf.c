@@ -488,22 +488,15 @@ int server_receive(struct __sk_buff *skb)
 		 * once the replies before it reached the client. */
 		goto fin_only;
 	}
-	__u32 seq = skb_seq(skb);
-	if (!st->seq_known) {
-		st->next_seq = first_seq(skb, seq);
-		st->seq_known = 1;
-	}
-	__s32 behind = (__s32)(st->next_seq - seq);
-	if (behind > 0) {
+	__u32 cut = 0;
+	int seen = skip_seen(skb, &st->next_seq, &st->seq_known, &cut);
+	if (seen != SKB_NEW || cut)
 		count(STAT_REPEATED);
-		if ((__u32)behind >= len)
-			goto fin_only;
-		if (trim_head(skb, behind) < 0)
-			goto failed;
-		len = skb->len;
-		seq += behind;
-	}
-	st->next_seq = seq + len;
+	if (seen == SKB_SEEN)
+		goto fin_only;
+	if (seen == SKB_UNCUT)
+		goto failed;
+	len = skb->len;
 	struct client_key c = st->client;
 	int verdict;
 	if (st->mode == R_KERNEL) {

@@ -3,8 +3,7 @@
  * Following a TCP source's sequence in a stream verdict (see "Repeated bytes" in
  * sockmap.bpf.c): tcp_read_skb hands the verdict whole skbs, including bytes delivered
  * before, so a verdict that forwards must know where each skb starts and cut what it has
- * seen already. Shared by sockmap.bpf.c and the benchmark's client-socket stand-in
- * (bench/proxy/replica/msg.bpf.c). Include after vmlinux.h and bpf_helpers.h.
+ * seen already. Shared by the stream verdicts of sockmap.bpf.c and local.bpf.c. Include after vmlinux.h and bpf_helpers.h.
  */
 #ifndef TENDRIL_SKB_SEQ_H
 #define TENDRIL_SKB_SEQ_H
@@ -43,6 +42,35 @@ static __always_inline int trim_head(struct __sk_buff *skb, __u32 n)
 		n -= step;
 	}
 	return n ? -1 : 0;
+}
+
+#define SKB_NEW 0    /* nothing seen before, or the repeated head was cut off */
+#define SKB_SEEN 1   /* every byte was seen before: drop the skb */
+#define SKB_UNCUT -1 /* the repeated head could not be cut: the direction cannot go on */
+
+/* Follows the source's sequence in *next_seq (set from the socket at the first skb, *known
+ * then 1) and cuts bytes seen before off the skb's head; *cut says how many. Returns SKB_*;
+ * *next_seq moves past the skb only on SKB_NEW. */
+static __always_inline int skip_seen(struct __sk_buff *skb, __u32 *next_seq, __u32 *known,
+				     __u32 *cut)
+{
+	__u32 len = skb->len;
+	__u32 seq = skb_seq(skb);
+	*cut = 0;
+	if (!*known) {
+		*next_seq = first_seq(skb, seq);
+		*known = 1;
+	}
+	__s32 behind = (__s32)(*next_seq - seq);
+	if (behind > 0) {
+		if ((__u32)behind >= len)
+			return SKB_SEEN;
+		if (trim_head(skb, behind) < 0)
+			return SKB_UNCUT;
+		*cut = behind;
+	}
+	*next_seq = seq + len;
+	return SKB_NEW;
 }
 
 #endif

@@ -145,27 +145,20 @@ int forward(struct __sk_buff *skb)
 		return SK_DROP;
 	}
 	/* Bytes already seen (see Repeated bytes above). */
-	__u32 seq = skb_seq(skb);
-	__u32 end = seq + len;
-	if (!d->seq_known) {
-		d->next_seq = first_seq(skb, seq);
-		d->seq_known = 1;
-	}
-	__s32 behind = (__s32)(d->next_seq - seq);
-	if (behind > 0) {
+	__u32 cut = 0;
+	int seen = skip_seen(skb, &d->next_seq, &d->seq_known, &cut);
+	if (seen != SKB_NEW || cut)
 		count(STAT_REPEATED);
-		if ((__u32)behind >= len) {
-			d->dropped += len;
-			return SK_DROP;
-		}
-		if (trim_head(skb, behind) < 0) {
-			/* No memory to pull the head: better cut the connection than repeat bytes. */
-			goto failed;
-		}
-		d->trimmed += behind;
-		len = skb->len;
+	if (seen == SKB_SEEN) {
+		d->dropped += len;
+		return SK_DROP;
 	}
-	d->next_seq = end;
+	if (seen == SKB_UNCUT) {
+		/* No memory to pull the head: better cut the connection than repeat bytes. */
+		goto failed;
+	}
+	d->trimmed += cut;
+	len = skb->len;
 	if (d->mode == MODE_JOINING) {
 		/* First skb of this direction. If the peer has not joined yet, keep the bytes, in
 		 * order, for the proxy (USER mode) instead of dropping them. */
