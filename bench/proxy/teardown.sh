@@ -22,6 +22,7 @@ stop_pid() {  # name pidfile
 stop_pid tendril-uring "$RUN_DIR/tendril-uring.pid"
 stop_pid tendril-epoll "$RUN_DIR/tendril-epoll.pid"
 stop_pid tendril-kernel "$RUN_DIR/tendril-kernel.pid"
+stop_pid tendril-kernel-pair "$RUN_DIR/tendril-kernel-pair.pid"
 stop_pid replica "$RUN_DIR/replica.pid"
 stop_pid tendril-etcd "$RUN_DIR/tendril-etcd.pid"
 stop_pid pgb-session "$RUN_DIR/pgb-session.pid"
