@@ -2,9 +2,9 @@
 # Starts what the tendril targets need beside the anchor setup: an etcd, cluster data whose
 # proxy section routes to the benchmark PostgreSQL, and four tendril proxies: userspace
 # forwarding on io_uring (TENDRIL_URING_PORT) and on epoll (TENDRIL_EPOLL_PORT), kernel
-# forwarding as it runs by default (TENDRIL_KERNEL_PORT: local non-blocking clients, like
-# pgbench here, on their own socket) and with --kernel-client-socket off, on the proxy's two
-# sockets, the path remote and blocking clients take (TENDRIL_KERNEL_PAIR_PORT); with
+# forwarding with --kernel-client-socket on (TENDRIL_KERNEL_PORT: local non-blocking
+# clients, like pgbench here, on their own socket) and as it runs by default, on the proxy's
+# two sockets, the path remote clients take (TENDRIL_KERNEL_PAIR_PORT); with
 # REPLICA_DIR, also the probe's minimal sockmap proxy
 # (REPLICA_PORT). Pids go to $RUN_DIR, stopped by teardown.sh.
 set -euo pipefail

@@ -66,14 +66,15 @@ pub struct ProxyArgs {
     /// Connections the sockmap has room for; more stay in userspace.
     #[arg(long, env = "TENDRIL_KERNEL_MAX_CONNECTIONS", default_value_t = 65_536)]
     pub kernel_max_connections: u32,
-    /// Kernel forwarding for clients on this host: `on` (the default) forwards on the
-    /// client's own socket (sk_msg redirect to the server socket, replies into the client's
-    /// receive queue; one loopback hop fewer, the fastest path here) when its programs load;
-    /// `off` keeps every connection on the proxy's two sockets. Clients that read in blocking
-    /// mode take the proxy's two sockets either way: with the client's socket in a sockmap
-    /// the kernel's receive path can end a blocking read with EAGAIN after a wake-up without
-    /// data (libpq and other non-blocking clients just poll again).
-    #[arg(long, env = "TENDRIL_KERNEL_CLIENT_SOCKET", default_value = "on")]
+    /// Kernel forwarding for clients on this host: `on` forwards on the client's own socket
+    /// (sk_msg redirect to the server socket, replies into the client's receive queue; one
+    /// loopback hop fewer, the fastest path here) when its programs load; `off` keeps every
+    /// connection on the proxy's two sockets. Off by default: with the client's socket in a
+    /// sockmap the kernel's receive path can end a blocking read with EAGAIN after a wake-up
+    /// without data, and the program's check for blocking readers (their first send) does not
+    /// see every client's first send yet (libpq and other non-blocking clients just poll
+    /// again).
+    #[arg(long, env = "TENDRIL_KERNEL_CLIENT_SOCKET", default_value = "off")]
     pub kernel_client_socket: Switch,
 }
 
