@@ -370,18 +370,8 @@ impl Local {
 
     /// Whether the client's socket joined the sockhash at connect (so it can be routed).
     pub fn has_client(&self, key: &ClientKey) -> bool {
-        let k = key.bytes();
-        let mut value = 0u64;
-        // SAFETY: the key buffer is the map's key size; a sockhash lookup from userspace
-        // writes the socket's 8-byte cookie into `value`.
-        let rc = unsafe {
-            libbpf_sys::bpf_map_lookup_elem(
-                self.clients,
-                k.as_ptr().cast(),
-                (&mut value as *mut u64).cast(),
-            )
-        };
-        rc == 0
+        // A sockhash lookup from userspace writes the socket's 8-byte cookie.
+        self.key_present(self.clients, key, &mut [0u8; 8])
     }
 
     /// Whether the client's socket was in blocking mode when it last sent before the route.
@@ -389,15 +379,16 @@ impl Local {
     /// sockmap can end a blocking read with EAGAIN after a wake-up without data, which a
     /// blocking reader takes as an error (a non-blocking one, like libpq, polls again).
     pub fn client_blocks(&self, key: &ClientKey) -> bool {
+        self.key_present(self.blocking, key, &mut [0u8; 4])
+    }
+
+    /// Whether `map` (keyed by client) holds `key`; the value lands in `value`, which must be
+    /// the map's value size (checked at load for the maps this module reads).
+    fn key_present(&self, map: RawFd, key: &ClientKey, value: &mut [u8]) -> bool {
         let k = key.bytes();
-        let mut value = 0u32;
-        // SAFETY: the key buffer is the map's key size and the value 4 bytes (checked at load).
+        // SAFETY: the key buffer is the map's key size and `value` its value size.
         let rc = unsafe {
-            libbpf_sys::bpf_map_lookup_elem(
-                self.blocking,
-                k.as_ptr().cast(),
-                (&mut value as *mut u32).cast(),
-            )
+            libbpf_sys::bpf_map_lookup_elem(map, k.as_ptr().cast(), value.as_mut_ptr().cast())
         };
         rc == 0
     }
