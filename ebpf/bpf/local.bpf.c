@@ -112,10 +112,14 @@ struct {
  * with EAGAIN when the reader is woken without data (for instance by write space freed for
  * a writer blocked on the same socket); a non-blocking reader expects EAGAIN at any time, a
  * blocking one takes it as an error. So the proxy takes such clients out of `clients` and
- * forwards them on its own sockets. LRU: a client that never gets routed leaves no trace. */
+ * forwards them on its own sockets. LRU: a client that never gets routed leaves no trace.
+ * An entry only matters between a client's first send and its route (the proxy deletes it
+ * then), so the map holds that many handshakes, not every connection (LRU maps are
+ * preallocated: 8192 entries are about 1 MiB of kernel memory, the full 65536 eight). */
+#define MAX_HANDSHAKES 8192
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, MAX_CLIENTS_DEFAULT);
+	__uint(max_entries, MAX_HANDSHAKES);
 	__type(key, struct client_key);
 	__type(value, __u32);
 } blocking SEC(".maps");

@@ -284,7 +284,6 @@ impl Local {
             } else if matches!(
                 name.as_str(),
                 "clients"
-                    | "blocking"
                     | "routes"
                     | "servers"
                     | "accepted"
@@ -588,7 +587,6 @@ impl Local {
     /// Removes every trace of the connection from the maps.
     pub fn forget(&self, key: &ClientKey, server: u64) {
         self.leave(key, server);
-        self.delete(self.blocking, &key.bytes());
         let s = server.to_ne_bytes();
         for map in [self.server_acked, self.replies, self.reply_written] {
             self.delete(map, &s);

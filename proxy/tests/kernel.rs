@@ -70,13 +70,18 @@ impl Client {
     }
 }
 
-impl Read for Client {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+impl Client {
+    /// Runs `op` until it does not report WouldBlock, waiting for `events` in between.
+    fn retry<T>(
+        &mut self,
+        events: libc::c_short,
+        mut op: impl FnMut(&mut TcpStream) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
         let started = Instant::now();
         loop {
-            match self.stream.read(buf) {
+            match op(&mut self.stream) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.wait(libc::POLLIN, started)?
+                    self.wait(events, started)?
                 }
                 r => return r,
             }
@@ -84,17 +89,15 @@ impl Read for Client {
     }
 }
 
+impl Read for Client {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.retry(libc::POLLIN, |s| s.read(buf))
+    }
+}
+
 impl Write for Client {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let started = Instant::now();
-        loop {
-            match self.stream.write(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.wait(libc::POLLOUT, started)?
-                }
-                r => return r,
-            }
-        }
+        self.retry(libc::POLLOUT, |s| s.write(buf))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
