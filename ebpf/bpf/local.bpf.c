@@ -95,6 +95,7 @@ struct {
 
 /* A client socket's send accounting, made at connect and freed with the socket. */
 struct sends {
+	__u64 cookie;     /* the client socket's cookie: a route is this socket's only if it names it */
 	__u64 redirected; /* bytes redirected to the server socket */
 	__u64 passed;     /* bytes passed to the ordinary path (the accepted socket) */
 	__u32 redirecting;
@@ -112,7 +113,10 @@ struct {
  * with EAGAIN when the reader is woken without data (for instance by write space freed for
  * a writer blocked on the same socket); a non-blocking reader expects EAGAIN at any time, a
  * blocking one takes it as an error. So the proxy takes such clients out of `clients` and
- * forwards them on its own sockets. LRU: a client that never gets routed leaves no trace.
+ * forwards them on its own sockets. The mode is looked at on a send, not at connect: many
+ * clients connect in blocking mode and switch right after. The proxy routes a client only
+ * after its first bytes arrived, so every client has an entry or not by then. LRU: a client
+ * that never gets routed leaves no trace.
  * An entry only matters between a client's first send and its route (the proxy deletes it
  * then), so the map holds that many handshakes, not every connection (LRU maps are
  * preallocated: 8192 entries are about 1 MiB of kernel memory, the full 65536 eight). */
@@ -127,6 +131,7 @@ struct {
 /* Written by the proxy only (replaced whole, so freed after a grace period: no prealloc). */
 struct route {
 	__u64 server;      /* the server socket's cookie */
+	__u64 client;      /* the client socket's cookie (four addresses can be reused) */
 	__u64 from_client; /* bytes the proxy read from the accepted socket and wrote to the server */
 	__u64 to_server;   /* bytes the proxy wrote to the server socket */
 };
@@ -247,6 +252,19 @@ static __always_inline void set_ip(__u32 *out, __u32 family, __u32 ip4, const __
 	}
 }
 
+#define O_NONBLOCK_FLAG 04000
+
+/* Whether the socket's file is in blocking mode (no O_NONBLOCK). */
+static __always_inline int socket_blocks(struct bpf_sock *sk)
+{
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0;
+	struct sock *ks = (struct sock *)tp;
+	unsigned int flags = BPF_CORE_READ(ks, sk_socket, file, f_flags);
+	return !(flags & O_NONBLOCK_FLAG);
+}
+
 SEC("sockops")
 int watch_sockets(struct bpf_sock_ops *ops)
 {
@@ -292,26 +310,15 @@ int watch_sockets(struct bpf_sock_ops *ops)
 	struct bpf_sock *sk = ops->sk;
 	if (!sk)
 		return 1;
-	if (!bpf_sk_storage_get(&client_sends, sk, 0, BPF_SK_STORAGE_GET_F_CREATE))
+	struct sends *st = bpf_sk_storage_get(&client_sends, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
 		return 1;
+	st->cookie = bpf_get_socket_cookie(ops);
 	if (bpf_sock_hash_update(ops, &clients, &key, BPF_NOEXIST))
 		count(STAT_CLIENTS_FULL);
 	else
 		count(STAT_CLIENTS);
 	return 1;
-}
-
-#define O_NONBLOCK_FLAG 04000
-
-/* Whether the socket's file is in blocking mode (no O_NONBLOCK). */
-static __always_inline int socket_blocks(struct bpf_sock *sk)
-{
-	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp)
-		return 0;
-	struct sock *ks = (struct sock *)tp;
-	unsigned int flags = BPF_CORE_READ(ks, sk_socket, file, f_flags);
-	return !(flags & O_NONBLOCK_FLAG);
 }
 
 SEC("sk_msg")
@@ -336,6 +343,11 @@ int client_send(struct sk_msg_md *msg)
 	key.proxy_port = bpf_ntohl(msg->remote_port);
 	key.netns = bpf_get_netns_cookie(msg);
 	struct route *r = bpf_map_lookup_elem(&routes, &key);
+	if (r && r->client != st->cookie) {
+		/* The route of an earlier connection with the same four addresses, not removed
+		 * yet: not this socket's. */
+		r = 0;
+	}
 	if (!r) {
 		/* Before the route (the startup packet, authentication): note how the client
 		 * reads, for the proxy's choice of path. */

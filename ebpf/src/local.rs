@@ -29,7 +29,7 @@ const BUILD_ERROR: &str = env!("TENDRIL_BPF_BUILD_ERROR");
 /// Size of `struct client_key`.
 const KEY_SIZE: usize = 48;
 /// Size of `struct route`.
-const ROUTE_SIZE: usize = 24;
+const ROUTE_SIZE: usize = 32;
 /// Size of `struct reply` (the bpf_timer is 16 bytes).
 const REPLY_SIZE: usize = 16 + KEY_SIZE + 48 + 24;
 /// Size of `struct config`, the read-only data.
@@ -188,6 +188,8 @@ pub enum RouteError {
 pub struct RouteRequest {
     /// The client's connection.
     pub key: ClientKey,
+    /// The client socket's cookie ([`Local::client_cookie`]).
+    pub client: u64,
     /// The accepted socket.
     pub accepted: RawFd,
     /// The server socket.
@@ -367,10 +369,13 @@ impl Local {
         self.recv_limit
     }
 
-    /// Whether the client's socket joined the sockhash at connect (so it can be routed).
-    pub fn has_client(&self, key: &ClientKey) -> bool {
+    /// The cookie of the client's socket when it joined the sockhash at connect (so it can
+    /// be routed); `None` when it did not (another host or namespace, blocking mode, full).
+    pub fn client_cookie(&self, key: &ClientKey) -> Option<u64> {
         // A sockhash lookup from userspace writes the socket's 8-byte cookie.
-        self.key_present(self.clients, key, &mut [0u8; 8])
+        let mut cookie = [0u8; 8];
+        self.key_present(self.clients, key, &mut cookie)
+            .then(|| u64::from_ne_bytes(cookie))
     }
 
     /// Whether the client's socket was in blocking mode when it last sent before the route.
@@ -445,15 +450,23 @@ impl Local {
         let result = (|| {
             self.insert(self.server_acked, &s, &acked.to_ne_bytes(), noexist)?;
             self.insert(self.replies, &s, &reply, noexist)?;
-            // Setting the timer up allocates without sleeping, which fails now and then
-            // while many connections churn (freed timers wait for a grace period).
+            // Setting the timer up allocates without sleeping, which fails now and then:
+            // measured here, under churn most failures pass after a sleep of 10 us, but
+            // some last hundreds of milliseconds whatever the retries (the pair path then
+            // takes the connection). So a few yields and three short sleeps, at most about
+            // 70 us of this worker's time.
+            let mut pause = std::time::Duration::from_micros(10);
             let mut tries = 0;
             while let Err(e) = self.init_timer(server) {
                 tries += 1;
-                if tries == 8 {
+                if tries <= 4 {
+                    std::thread::yield_now();
+                } else if pause <= std::time::Duration::from_micros(40) {
+                    std::thread::sleep(pause);
+                    pause *= 2;
+                } else {
                     return Err(e);
                 }
-                std::thread::yield_now();
             }
             self.insert(self.reply_written, &s, &0u64.to_ne_bytes(), noexist)?;
             self.insert(
@@ -471,7 +484,7 @@ impl Local {
             )?;
             // The route: the client's sends follow once the proxy has forwarded what the
             // client sent before (the program compares counts).
-            let route = route_bytes(server, req.from_client, req.to_server);
+            let route = route_bytes(server, req.client, req.from_client, req.to_server);
             self.insert(self.routes, &key, &route, noexist)
         })();
         if let Err(e) = result {
@@ -511,10 +524,11 @@ impl Local {
         &self,
         key: &ClientKey,
         server: u64,
+        client: u64,
         from_client: u64,
         to_server: u64,
     ) -> io::Result<()> {
-        let route = route_bytes(server, from_client, to_server);
+        let route = route_bytes(server, client, from_client, to_server);
         self.insert(self.routes, &key.bytes(), &route, libbpf_sys::BPF_EXIST)
             .map_err(|e| match e {
                 RouteError::MapFull => io::Error::other("route map full"),
@@ -628,11 +642,12 @@ impl Local {
     }
 }
 
-fn route_bytes(server: u64, from_client: u64, to_server: u64) -> [u8; ROUTE_SIZE] {
+fn route_bytes(server: u64, client: u64, from_client: u64, to_server: u64) -> [u8; ROUTE_SIZE] {
     let mut route = [0u8; ROUTE_SIZE];
     route[0..8].copy_from_slice(&server.to_ne_bytes());
-    route[8..16].copy_from_slice(&from_client.to_ne_bytes());
-    route[16..24].copy_from_slice(&to_server.to_ne_bytes());
+    route[8..16].copy_from_slice(&client.to_ne_bytes());
+    route[16..24].copy_from_slice(&from_client.to_ne_bytes());
+    route[24..32].copy_from_slice(&to_server.to_ne_bytes());
     route
 }
 

@@ -69,12 +69,11 @@ pub struct ProxyArgs {
     /// Kernel forwarding for clients on this host: `on` forwards on the client's own socket
     /// (sk_msg redirect to the server socket, replies into the client's receive queue; one
     /// loopback hop fewer, the fastest path here) when its programs load; `off` keeps every
-    /// connection on the proxy's two sockets. Off by default: with the client's socket in a
+    /// connection on the proxy's two sockets. A client whose socket is in blocking mode when
+    /// it sends its first bytes gets the two sockets anyway: with the client's socket in a
     /// sockmap the kernel's receive path can end a blocking read with EAGAIN after a wake-up
-    /// without data, and the program's check for blocking readers (their first send) does not
-    /// see every client's first send yet (libpq and other non-blocking clients just poll
-    /// again).
-    #[arg(long, env = "TENDRIL_KERNEL_CLIENT_SOCKET", default_value = "off")]
+    /// without data (libpq and other non-blocking clients just poll again).
+    #[arg(long, env = "TENDRIL_KERNEL_CLIENT_SOCKET", default_value = "on")]
     pub kernel_client_socket: Switch,
 }
 

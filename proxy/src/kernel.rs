@@ -75,9 +75,20 @@ struct LocalRoute {
     key: ClientKey,
     /// The server socket's cookie.
     server: u64,
+    /// The client socket's cookie.
+    client: u64,
     /// What the proxy had read from the client and written to the server before the route.
     from_client: u64,
     to_server: u64,
+}
+
+/// A client on this host whose socket joined the client sockhash at connect: the
+/// client-socket path can take it once its first bytes arrived ([`KernelPath::local_client`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LocalClient {
+    key: ClientKey,
+    /// The client socket's cookie.
+    cookie: u64,
 }
 
 /// A joined pair on its way to the thread.
@@ -190,21 +201,41 @@ impl KernelPath {
         self.local.as_ref()
     }
 
-    /// Routes the connection on the client's own socket when the client is in this network
-    /// namespace and its socket joined the client sockhash at connect. `Ok(None)`: not such
-    /// a client (the pair path takes it).
+    /// The client connected to the accepted socket `client`, when it is in this network
+    /// namespace and its socket joined the client sockhash at connect. The caller routes it
+    /// ([`KernelPath::adopt`]) only after the client's first bytes went through the program
+    /// (before the route), which is where the program learns how the client reads; or it
+    /// gives the client back with [`KernelPath::release_local`].
+    pub fn local_client(&self, client: RawFd) -> Option<LocalClient> {
+        let local = self.local.as_ref()?;
+        let key = ClientKey::of_accepted(client).ok()?;
+        let cookie = local.client_cookie(&key)?;
+        Some(LocalClient { key, cookie })
+    }
+
+    /// Takes a local client the client-socket path will not forward out of the client
+    /// sockhash: its socket is an ordinary TCP socket again.
+    pub fn release_local(&self, client: &LocalClient) {
+        if let Some(local) = &self.local {
+            local.release_client(&client.key);
+        }
+    }
+
+    /// Routes the connection on the client's own socket unless the program saw the client
+    /// send in blocking mode. `None`: the pair path takes it (and the client is released).
     fn route_local(
         &self,
         client: RawFd,
         server: RawFd,
         consumed_from_client: u64,
         peer: SocketAddr,
+        local_client: LocalClient,
     ) -> Option<LocalRoute> {
         let local = self.local.as_ref()?;
-        let key = ClientKey::of_accepted(client).ok()?;
-        if !local.has_client(&key) {
-            return None;
-        }
+        let LocalClient {
+            key,
+            cookie: client_cookie,
+        } = local_client;
         if local.client_blocks(&key) {
             // A blocking reader could get EAGAIN from the kernel on this path (see
             // Local::client_blocks): the pair path takes it, on an ordinary socket.
@@ -220,6 +251,7 @@ impl KernelPath {
             .and_then(|to_server| {
                 let request = RouteRequest {
                     key,
+                    client: client_cookie,
                     accepted: client,
                     server,
                     from_client: consumed_from_client,
@@ -233,6 +265,9 @@ impl KernelPath {
                 // Nothing was routed (the client's sends still take the ordinary path): the
                 // pair path takes the connection instead.
                 tracing::debug!(client = %peer, error = %e, "client-socket route refused: forwarding on the proxy's sockets");
+                self.shared
+                    .kernel_local_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 local.release_client(&key);
                 return None;
             }
@@ -247,6 +282,7 @@ impl KernelPath {
         Some(LocalRoute {
             key,
             server: server_cookie,
+            client: client_cookie,
             from_client: consumed_from_client,
             to_server,
         })
@@ -257,6 +293,8 @@ impl KernelPath {
     /// touching them). `consumed_from_client` is what the caller read from the client and
     /// already dealt with (the startup packet it wrote to the backend on a held connection).
     /// On `MapFull` and `Refused` nothing changed: the caller forwards in userspace.
+    /// `local`: the client, when the client-socket path may take it (see
+    /// [`KernelPath::local_client`]).
     pub fn adopt(
         &self,
         client: RawFd,
@@ -264,14 +302,21 @@ impl KernelPath {
         consumed_from_client: u64,
         peer: SocketAddr,
         backend: &Backend,
+        local: Option<LocalClient>,
     ) -> Result<(), AdoptError> {
         // Everything that can fail without consequence comes before the join: once joined,
         // the kernel may already be forwarding.
-        let fds = [
-            dup(client).map_err(AdoptError::Refused)?,
-            dup(server).map_err(AdoptError::Refused)?,
-        ];
-        let local = self.route_local(client, server, consumed_from_client, peer);
+        let fds = match dup(client).and_then(|c| Ok([c, dup(server)?])) {
+            Ok(fds) => fds,
+            Err(e) => {
+                if let Some(c) = &local {
+                    self.release_local(c);
+                }
+                return Err(AdoptError::Refused(e));
+            }
+        };
+        let local =
+            local.and_then(|c| self.route_local(client, server, consumed_from_client, peer, c));
         let kind = match local {
             Some(route) => Kind::Local(route),
             None => {
@@ -1088,6 +1133,7 @@ fn step_sends(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bool
                 .set_forwarded(
                     &route.key,
                     route.server,
+                    route.client,
                     route.from_client + dir.forwarded,
                     route.to_server + dir.forwarded,
                 )

@@ -353,6 +353,7 @@ fn spawn_control(
                                         stats: l.stats(),
                                         active: open,
                                         blocking: s.kernel_local_blocking.load(std::sync::atomic::Ordering::Relaxed),
+                                        refused: s.kernel_local_refused.load(std::sync::atomic::Ordering::Relaxed),
                                         entries: l.entries(),
                                     }
                                 }),

@@ -98,6 +98,8 @@ pub struct ClientSocketMetrics {
     pub active: u64,
     /// Clients that read in blocking mode, given the pair path instead.
     pub blocking: u64,
+    /// Clients whose route the kernel refused, given the pair path instead.
+    pub refused: u64,
     /// Entries in (clients, routes, servers, replies).
     pub entries: (usize, usize, usize, usize),
 }
@@ -288,6 +290,7 @@ pub fn render(
             stats,
             active,
             blocking,
+            refused,
             entries,
         }) = k.local
         {
@@ -300,7 +303,7 @@ pub fn render(
             metric(
                 "tendril_proxy_kernel_client_socket_total",
                 "counter",
-                "client-socket path events: sends and reply skbs redirected or passed, pauses, failures, clients given the pair path because they read in blocking mode",
+                "client-socket path events: sends and reply skbs redirected or passed, pauses, failures, clients given the pair path because they read in blocking mode or their route was refused",
                 vec![
                     ("event=\"client_joined\"".into(), stats.clients),
                     ("event=\"client_map_full\"".into(), stats.clients_full),
@@ -318,6 +321,7 @@ pub fn render(
                     ("event=\"events_lost\"".into(), stats.lost_events),
                     ("event=\"timer_failed\"".into(), stats.timer_failures),
                     ("event=\"blocking_client\"".into(), blocking),
+                    ("event=\"route_refused\"".into(), refused),
                 ],
             );
             metric(

@@ -50,6 +50,8 @@ pub struct Shared {
     pub kernel_fallback_refused: AtomicU64,
     /// Local clients given the pair path because they read in blocking mode.
     pub kernel_local_blocking: AtomicU64,
+    /// Local clients given the pair path because the kernel refused their route.
+    pub kernel_local_refused: AtomicU64,
     drivers: Vec<AtomicU8>,
     draining: AtomicBool,
     workers_stopped: std::sync::atomic::AtomicUsize,
@@ -71,6 +73,7 @@ impl Shared {
             kernel_fallback_full: AtomicU64::new(0),
             kernel_fallback_refused: AtomicU64::new(0),
             kernel_local_blocking: AtomicU64::new(0),
+            kernel_local_refused: AtomicU64::new(0),
             drivers: (0..workers).map(|_| AtomicU8::new(0)).collect(),
             draining: AtomicBool::new(false),
             workers_stopped: std::sync::atomic::AtomicUsize::new(0),

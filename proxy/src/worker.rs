@@ -400,14 +400,33 @@ async fn routed(
             return CloseReason::Backend.into();
         }
     }
-    let _ = &mut client;
+    let mut consumed = consumed;
     if let Some(kernel) = &ctx.kernel {
+        let mut local = kernel.local_client(client.as_raw_fd());
+        if let Some(c) = local.filter(|_| consumed == 0) {
+            match first_bytes(&mut client, &mut server, settings.startup_timeout).await {
+                FirstBytes::Forwarded(n) => consumed = n,
+                FirstBytes::Silent => {
+                    kernel.release_local(&c);
+                    local = None;
+                }
+                FirstBytes::Gone(reason) => {
+                    kernel.release_local(&c);
+                    let entry = ctx.unlink(key);
+                    if entry.is_some_and(|e| e.fenced) {
+                        return CloseReason::Fenced.into();
+                    }
+                    return reason.into();
+                }
+            }
+        }
         match kernel.adopt(
             client.as_raw_fd(),
             server.as_raw_fd(),
             consumed,
             peer,
             &backend,
+            local,
         ) {
             Ok(()) => {
                 // The kernel path holds its own descriptors; ours close when dropped here.
@@ -439,6 +458,40 @@ async fn routed(
         Ended::Error => CloseReason::Error,
     }
     .into()
+}
+
+/// What came of waiting for a local client's first bytes.
+enum FirstBytes {
+    /// This many bytes were read from the client and written to the server.
+    Forwarded(u64),
+    /// Nothing arrived within the wait.
+    Silent,
+    /// A side closed or failed.
+    Gone(CloseReason),
+}
+
+/// Forwards what a client on this host sends first (the startup packet, an SSLRequest): the
+/// client-socket program sees those bytes before the route exists, which is where it learns
+/// whether the client reads in blocking mode (such a client must stay off that path). A
+/// PostgreSQL client always speaks first, so this waits for nothing the client would not
+/// send anyway; one that says nothing within `wait` is forwarded on the proxy's sockets.
+async fn first_bytes(client: &mut TcpStream, server: &mut TcpStream, wait: Duration) -> FirstBytes {
+    // Readiness first, then the read: a read cancelled by the timeout could lose bytes.
+    match monoio::time::timeout(wait, client.readable(false)).await {
+        Err(_) => return FirstBytes::Silent,
+        Ok(Err(_)) => return FirstBytes::Gone(CloseReason::Client),
+        Ok(Ok(())) => {}
+    }
+    let (res, buf) = client.read(Vec::with_capacity(1024)).await;
+    let n = match res {
+        Ok(0) | Err(_) => return FirstBytes::Gone(CloseReason::Client),
+        Ok(n) => n,
+    };
+    let (res, _) = server.write_all(buf).await;
+    if res.is_err() {
+        return FirstBytes::Gone(CloseReason::Backend);
+    }
+    FirstBytes::Forwarded(n as u64)
 }
 
 /// No backend: speak just enough protocol to refuse properly, or hold the client during a
