@@ -174,9 +174,8 @@ struct {
 /* The reply direction, by the server socket's cookie: made by the proxy at the join, then
  * written only by this program. */
 struct reply {
-	struct bpf_timer timer;
 	struct client_key client;
-	__u64 server;     /* the server socket's cookie (the timer's way back) */
+	__u64 server;     /* the server socket's cookie */
 	__u64 redirected; /* reply bytes redirected to the client socket */
 	__u64 passed;     /* reply bytes passed to the server socket's own queue */
 	__u64 allow;      /* the proxy may write passed bytes up to this count */
@@ -188,9 +187,10 @@ struct reply {
 	__u32 seq_known;
 	__u32 fin;        /* the server's FIN was seen */
 	__u32 delivered;  /* after the FIN: everything redirected reached the client */
+	__u64 queued;      /* in `pending` (set and cleared atomically: 64-bit atomics) */
+	__u32 queued_tick; /* the checker's tick that queued it again (0: a verdict did) */
+	__u32 pad;
 };
-/* Not preallocated: a recycled element would carry the timer of a deleted connection while
- * the kernel still frees it (arming it then fails). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -198,6 +198,30 @@ struct {
 	__type(key, __u64);
 	__type(value, struct reply);
 } replies SEC(".maps");
+
+/* Backlog checks. One timer for every connection that waits for a client's backlog to
+ * drain (a pause, or the server's FIN): a timer per connection would allocate at every
+ * route, and that allocation (it cannot sleep) fails now and then for hundreds of
+ * milliseconds. The timer is set up once, by the proxy at load (init_checker); a verdict
+ * queues the connection's cookie in `pending` and arms the timer if it is not armed; every
+ * millisecond while anything is queued, the timer looks at each queued connection once. */
+struct checker {
+	struct bpf_timer timer;
+	__u64 armed; /* set and cleared atomically (64-bit atomics) */
+	__u32 tick;  /* runs so far (written by the timer only) */
+	__u32 pad;
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct checker);
+} checker SEC(".maps");
+struct {
+	__uint(type, BPF_MAP_TYPE_QUEUE);
+	__uint(max_entries, MAX_CLIENTS_DEFAULT);
+	__type(value, __u64);
+} pending SEC(".maps");
 
 /* Server socket cookie -> bytes of passed replies the proxy wrote to the accepted socket. */
 struct {
@@ -430,7 +454,9 @@ static __always_inline int tcp_path_empty(__u64 *server, struct client_key *ckey
 	return empty;
 }
 
-static int backlog_check(void *map, __u64 *key, struct reply *st)
+/* Whether the connection still waits for the client's backlog; reports what it waited for
+ * when the backlog is empty (or the client gone). */
+static __always_inline int still_waiting(struct reply *st)
 {
 	if (st->mode != R_DRAINING && !(st->fin && !st->delivered))
 		return 0;
@@ -449,35 +475,123 @@ static int backlog_check(void *map, __u64 *key, struct reply *st)
 		}
 		return 0;
 	}
-	bpf_timer_start(&st->timer, 1000000, 0);
+	return 1;
+}
+
+/* Upper bound of one timer run: every connection at most once. */
+#define MAX_CHECKS (1 << 20)
+
+struct run {
+	__u32 tick;
+	__u32 again; /* something is still queued: run again in a millisecond */
+};
+
+static int run_checks(void *map, __u32 *key, struct checker *g);
+
+static __always_inline void start_checker(struct checker *g)
+{
+	if (__sync_val_compare_and_swap(&g->armed, 0, 1) != 0)
+		return;
+	if (bpf_timer_set_callback(&g->timer, run_checks) ||
+	    bpf_timer_start(&g->timer, 1000000, 0)) {
+		__sync_fetch_and_and(&g->armed, 0);
+		count(STAT_TIMER_FAILURES);
+	}
+}
+
+/* Puts a connection into `pending` unless it is there; `tick` 0 from a verdict. */
+static __always_inline int enqueue(__u64 server, struct reply *st, __u32 tick)
+{
+	if (__sync_val_compare_and_swap(&st->queued, 0, 1) != 0)
+		return 0;
+	st->queued_tick = tick;
+	if (bpf_map_push_elem(&pending, &server, 0)) {
+		__sync_fetch_and_and(&st->queued, 0);
+		count(STAT_TIMER_FAILURES);
+		return -1;
+	}
 	return 0;
 }
 
-static __always_inline void start_backlog_check(struct reply *st)
+extern int bpf_iter_num_new(struct bpf_iter_num *it, int start, int end) __ksym;
+extern int *bpf_iter_num_next(struct bpf_iter_num *it) __ksym;
+extern void bpf_iter_num_destroy(struct bpf_iter_num *it) __ksym;
+
+/* Looks at the next queued connection; 1 when the run is over. */
+static __always_inline int check_next(struct run *r)
 {
-	/* The timer was initialised at the route (init_timer): initialising allocates, and
-	 * that allocation fails now and then in the softirq this runs in. */
-	if (bpf_timer_set_callback(&st->timer, backlog_check) ||
-	    bpf_timer_start(&st->timer, 1000000, 0))
-		count(STAT_TIMER_FAILURES);
+	__u64 server;
+	if (bpf_map_pop_elem(&pending, &server))
+		return 1; /* empty */
+	struct reply *st = bpf_map_lookup_elem(&replies, &server);
+	if (!st)
+		return 0; /* the connection is gone */
+	if (r->tick && st->queued_tick == r->tick) {
+		/* Queued again by this run: the queue has come round. */
+		if (bpf_map_push_elem(&pending, &server, 0)) {
+			__sync_fetch_and_and(&st->queued, 0);
+			count(STAT_TIMER_FAILURES);
+		}
+		r->again = 1;
+		return 1;
+	}
+	/* Cleared before the look, so a verdict that changes the state after it queues the
+	 * connection again itself. */
+	__sync_fetch_and_and(&st->queued, 0);
+	if (still_waiting(st) && enqueue(server, st, r->tick) == 0)
+		r->again = 1;
+	return 0;
 }
 
-/* Run by the proxy (BPF_PROG_RUN, in its own thread) when it routes a connection: sets up
- * the reply direction's timer where allocating cannot fail for want of a lock. */
+static int run_checks(void *map, __u32 *key, struct checker *g)
+{
+	__sync_fetch_and_and(&g->armed, 0);
+	__u32 tick = g->tick + 1;
+	if (tick == 0)
+		tick = 1;
+	g->tick = tick;
+	struct run r = { .tick = tick, .again = 0 };
+	struct bpf_iter_num it;
+	int *i;
+	bpf_iter_num_new(&it, 0, MAX_CHECKS);
+	while ((i = bpf_iter_num_next(&it))) {
+		if (check_next(&r))
+			break;
+	}
+	bpf_iter_num_destroy(&it);
+	if (r.again)
+		start_checker(g);
+	return 0;
+}
+
+/* The connection waits for the client's backlog: the checker looks at it every ms. */
+static __always_inline void start_backlog_check(__u64 server, struct reply *st)
+{
+	__u32 zero = 0;
+	struct checker *g = bpf_map_lookup_elem(&checker, &zero);
+	if (!g) {
+		count(STAT_TIMER_FAILURES);
+		return;
+	}
+	if (enqueue(server, st, 0) == 0)
+		start_checker(g);
+}
+
+/* Run by the proxy (BPF_PROG_RUN) once at load: sets up the checker's timer, which
+ * allocates (in a syscall program it can be retried; in a verdict it would just fail). */
 struct init_args {
-	__u64 server;
 	__s64 result;
 };
 SEC("syscall")
-int init_timer(struct init_args *args)
+int init_checker(struct init_args *args)
 {
-	__u64 server = args->server;
-	struct reply *st = bpf_map_lookup_elem(&replies, &server);
-	if (!st) {
+	__u32 zero = 0;
+	struct checker *g = bpf_map_lookup_elem(&checker, &zero);
+	if (!g) {
 		args->result = -2 /* ENOENT */;
 		return 0;
 	}
-	args->result = bpf_timer_init(&st->timer, &replies, 1 /* CLOCK_MONOTONIC */);
+	args->result = bpf_timer_init(&g->timer, &checker, 1 /* CLOCK_MONOTONIC */);
 	return 0;
 }
 
@@ -531,7 +645,7 @@ int server_receive(struct __sk_buff *skb)
 				st->allow = st->passed;
 				st->pauses++;
 				count(STAT_REPLY_PAUSES);
-				start_backlog_check(st);
+				start_backlog_check(key, st);
 				notify(key, EVENT_PAUSED);
 				goto pass;
 			}
@@ -562,7 +676,7 @@ redirect:
 out:
 	if (fin && st->mode == R_KERNEL && !st->fin) {
 		st->fin = 1;
-		start_backlog_check(st);
+		start_backlog_check(key, st);
 	} else if (fin) {
 		st->fin = 1;
 	}
@@ -571,7 +685,7 @@ fin_only:
 	if (fin && !st->fin) {
 		st->fin = 1;
 		if (st->mode == R_KERNEL)
-			start_backlog_check(st);
+			start_backlog_check(key, st);
 	}
 	return SK_DROP;
 failed:

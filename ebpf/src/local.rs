@@ -30,8 +30,8 @@ const BUILD_ERROR: &str = env!("TENDRIL_BPF_BUILD_ERROR");
 const KEY_SIZE: usize = 48;
 /// Size of `struct route`.
 const ROUTE_SIZE: usize = 32;
-/// Size of `struct reply` (the bpf_timer is 16 bytes).
-const REPLY_SIZE: usize = 16 + KEY_SIZE + 48 + 24;
+/// Size of `struct reply`.
+const REPLY_SIZE: usize = KEY_SIZE + 48 + 40;
 /// Size of `struct config`, the read-only data.
 const CONFIG_SIZE: usize = 40;
 
@@ -142,6 +142,43 @@ pub enum EventKind {
     Paused,
 }
 
+/// Sets up the program's backlog-check timer (its `init_checker`, run here). The set-up
+/// allocates without sleeping and can fail for a while (seen for hundreds of milliseconds
+/// at a time here); at load there is time to retry.
+fn init_checker(object: &Object) -> Result<(), Unavailable> {
+    let prog = object
+        .progs()
+        .find(|p| p.name() == "init_checker")
+        .map(|p| p.as_fd().as_raw_fd())
+        .ok_or_else(|| unavailable("program init_checker missing from the object"))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let mut args = [0u8; 8];
+        // SAFETY: an all-zero bpf_test_run_opts is valid; sz is set as libbpf requires.
+        let mut opts: libbpf_sys::bpf_test_run_opts = unsafe { std::mem::zeroed() };
+        opts.sz = std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _;
+        // A syscall program's context is copied back to ctx_in after the run.
+        opts.ctx_in = args.as_mut_ptr().cast();
+        opts.ctx_size_in = args.len() as u32;
+        // SAFETY: ctx_in points to `args`, 8 live bytes, which the kernel reads and writes.
+        let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(prog, &mut opts) };
+        let result = if rc != 0 {
+            errno(rc)
+        } else {
+            match i64::from_ne_bytes(args) {
+                0 => return Ok(()),
+                e => io::Error::from_raw_os_error((-e) as i32),
+            }
+        };
+        if std::time::Instant::now() >= deadline {
+            return Err(unavailable(format!(
+                "set up the backlog-check timer: {result}"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// Program-wide counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -167,8 +204,8 @@ pub struct Stats {
     pub lost_events: u64,
     /// Reply skbs that repeated bytes already seen.
     pub repeated: u64,
-    /// Backlog checks that could not be armed (a pause or a FIN then waits for the proxy's
-    /// retries; should stay 0).
+    /// Backlog checks that could not be queued or armed (should stay 0: the queue holds
+    /// every connection).
     pub timer_failures: u64,
 }
 
@@ -214,7 +251,6 @@ pub struct Local {
     reply_written: RawFd,
     events: RawFd,
     stats: RawFd,
-    init_timer: RawFd,
     max_clients: u32,
     recv_limit: u64,
 }
@@ -295,6 +331,11 @@ impl Local {
             ) {
                 map.set_max_entries(max_clients)
                     .map_err(|e| unavailable(format!("size map {name}: {e}")))?;
+            } else if name == "pending" {
+                // Each connection is queued at most once, but a closed one's cookie stays
+                // until the next check pops it: room for both.
+                map.set_max_entries(max_clients.saturating_mul(2))
+                    .map_err(|e| unavailable(format!("size map {name}: {e}")))?;
             }
         }
         let object = crate::object::load(open, MECHANISM)?;
@@ -340,11 +381,7 @@ impl Local {
         }
         let link =
             link.ok_or_else(|| unavailable("program watch_sockets missing from the object"))?;
-        let init_timer = object
-            .progs()
-            .find(|p| p.name() == "init_timer")
-            .map(|p| p.as_fd().as_raw_fd())
-            .ok_or_else(|| unavailable("program init_timer missing from the object"))?;
+        init_checker(&object)?;
         Ok(Local {
             _object: object,
             _link: link,
@@ -358,7 +395,6 @@ impl Local {
             reply_written,
             events,
             stats,
-            init_timer,
             max_clients,
             recv_limit,
         })
@@ -444,30 +480,12 @@ impl Local {
         let s = server.to_ne_bytes();
         let key = req.key.bytes();
         let mut reply = [0u8; REPLY_SIZE];
-        reply[16..16 + KEY_SIZE].copy_from_slice(&key);
-        reply[16 + KEY_SIZE..24 + KEY_SIZE].copy_from_slice(&server.to_ne_bytes());
+        reply[..KEY_SIZE].copy_from_slice(&key);
+        reply[KEY_SIZE..KEY_SIZE + 8].copy_from_slice(&server.to_ne_bytes());
         let noexist = libbpf_sys::BPF_NOEXIST;
         let result = (|| {
             self.insert(self.server_acked, &s, &acked.to_ne_bytes(), noexist)?;
             self.insert(self.replies, &s, &reply, noexist)?;
-            // Setting the timer up allocates without sleeping, which fails now and then:
-            // measured here, under churn most failures pass after a sleep of 10 us, but
-            // some last hundreds of milliseconds whatever the retries (the pair path then
-            // takes the connection). So a few yields and three short sleeps, at most about
-            // 70 us of this worker's time.
-            let mut pause = std::time::Duration::from_micros(10);
-            let mut tries = 0;
-            while let Err(e) = self.init_timer(server) {
-                tries += 1;
-                if tries <= 4 {
-                    std::thread::yield_now();
-                } else if pause <= std::time::Duration::from_micros(40) {
-                    std::thread::sleep(pause);
-                    pause *= 2;
-                } else {
-                    return Err(e);
-                }
-            }
             self.insert(self.reply_written, &s, &0u64.to_ne_bytes(), noexist)?;
             self.insert(
                 self.accepted,
@@ -493,30 +511,6 @@ impl Local {
         }
         push_queued(req.server);
         Ok(server)
-    }
-
-    /// Sets up the reply direction's timer (the program's `init_timer`, run here).
-    fn init_timer(&self, server: u64) -> Result<(), RouteError> {
-        let mut args = [0u8; 16];
-        args[0..8].copy_from_slice(&server.to_ne_bytes());
-        // SAFETY: an all-zero bpf_test_run_opts is valid; sz is set as libbpf requires.
-        let mut opts: libbpf_sys::bpf_test_run_opts = unsafe { std::mem::zeroed() };
-        opts.sz = std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _;
-        // A syscall program's context is copied back to ctx_in after the run.
-        opts.ctx_in = args.as_mut_ptr().cast();
-        opts.ctx_size_in = args.len() as u32;
-        // SAFETY: ctx_in points to `args`, 16 live bytes, which the kernel reads and writes.
-        let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(self.init_timer, &mut opts) };
-        if rc != 0 {
-            return Err(RouteError::Refused(errno(rc)));
-        }
-        let result = i64::from_ne_bytes(args[8..16].try_into().unwrap_or([0; 8]));
-        if result != 0 {
-            return Err(RouteError::Refused(io::Error::from_raw_os_error(
-                (-result) as i32,
-            )));
-        }
-        Ok(())
     }
 
     /// Records what the proxy forwarded from the accepted socket to the server socket.
@@ -564,7 +558,7 @@ impl Local {
         if rc != 0 {
             return None;
         }
-        let base = 16 + KEY_SIZE + 8;
+        let base = KEY_SIZE + 8;
         let u64_at = |i: usize| u64::from_ne_bytes(raw[i..i + 8].try_into().unwrap_or([0; 8]));
         let u32_at = |i: usize| u32::from_ne_bytes(raw[i..i + 4].try_into().unwrap_or([0; 4]));
         let flags = base + 40;
