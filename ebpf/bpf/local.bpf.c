@@ -48,6 +48,19 @@
  * half-closes only then. The client's FIN comes through the accepted socket after every
  * byte it sent (redirected ones are already in the server socket's queue).
  *
+ * Direct replies. When PostgreSQL runs on the proxy's host too, the replies' last hand-off
+ * (the verdict's redirect goes through the client psock's backlog, delivered by a kernel
+ * worker) can go: the proxy's workers' connects are noted (TCP_CONNECT_CB, thread ids in
+ * `connectors`), the backend's side of each joins `backends` at its passive establish, and
+ * an sk_msg program on it redirects each send straight into the client socket's receive
+ * queue, synchronously in PostgreSQL's sendmsg. A route starts with direct replies off:
+ * the backend's sends take TCP to the server socket and the verdict (counted on both
+ * sides); the backlog check turns them on once the verdict has seen every byte the backend
+ * sent that way, the client's backlog is empty and the client holds little, so nothing
+ * overtakes. Every CHECK_EVERY direct bytes they go off again: the next bytes take the
+ * verdict, which looks at what the client holds (the receive-side bound), and the check
+ * turns them back on. A pause, the server's FIN or a failed redirect turns them off too.
+ *
  * Repeated bytes: see sockmap.bpf.c; the reply direction trims them the same way.
  */
 #include "vmlinux.h"
@@ -128,6 +141,51 @@ struct {
 	__type(value, __u32);
 } blocking SEC(".maps");
 
+/* Backend sockets on this host. When PostgreSQL runs on the proxy's host, its side of each
+ * of the proxy's server connections joins `backends` (recognised at its passive establish by
+ * the four addresses the proxy's connect left in `proxy_connects`), and an sk_msg program on
+ * it redirects replies straight into the client socket's receive queue, synchronously in
+ * PostgreSQL's sendmsg: no loopback hop, no kernel worker (see "Direct replies"). Keys name
+ * the connecting side as `client` and the listening side as `proxy`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_HANDSHAKES);
+	__type(key, struct client_key);
+	__type(value, __u32);
+} proxy_connects SEC(".maps");
+/* The proxy's threads that connect to backends (its workers), by thread id, written by the
+ * proxy: its other connections (the store's) are left alone. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u32);
+} connectors SEC(".maps");
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, MAX_CLIENTS_DEFAULT);
+	__type(key, struct client_key);
+	__type(value, __u64);
+} backends SEC(".maps");
+/* A backend socket's count of bytes sent the ordinary way (TCP to the server socket). */
+struct backend_sends {
+	__u64 passed;
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct backend_sends);
+} backend_sent SEC(".maps");
+/* Written by the proxy: a routed connection's backend side -> the server socket's cookie. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_CLIENTS_DEFAULT);
+	__type(key, struct client_key);
+	__type(value, __u64);
+} backend_routes SEC(".maps");
+
 /* Written by the proxy only (replaced whole, so freed after a grace period: no prealloc). */
 struct route {
 	__u64 server;      /* the server socket's cookie */
@@ -190,6 +248,12 @@ struct reply {
 	__u64 queued;      /* in `pending` (set and cleared atomically: 64-bit atomics) */
 	__u32 queued_tick; /* the checker's tick that queued it again (0: a verdict did) */
 	__u32 pad;
+	/* Direct replies (a backend on this host): */
+	__u64 direct;         /* reply bytes the backend redirected into the client socket */
+	__u64 backend_passed; /* bytes the backend sent the ordinary way (its count) */
+	__u64 since_check;    /* direct bytes since the client's psock was last looked at */
+	__u32 backend_joined; /* the backend's program has seen this route */
+	__u32 direct_on;      /* the backend redirects into the client socket */
 };
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -249,7 +313,9 @@ struct {
 #define STAT_LOST_EVENTS 9
 #define STAT_REPEATED 10
 #define STAT_TIMER_FAILURES 11
-#define STAT_COUNT 12
+#define STAT_REPLIES_DIRECT 12 /* backend sends redirected straight into a client socket */
+#define STAT_BACKENDS 13       /* backend sockets on this host put into `backends` */
+#define STAT_COUNT 14
 #include "stats_events.h"
 
 /* Reads a context field into a register: the compiler would otherwise turn a choice between
@@ -289,15 +355,53 @@ static __always_inline int socket_blocks(struct bpf_sock *sk)
 	return !(flags & O_NONBLOCK_FLAG);
 }
 
+/* The connection's key from a sockops context: `local_connects` says whether this socket
+ * is the connecting side. 0 when the family is not TCP/IP. */
+static __always_inline int ops_key(struct bpf_sock_ops *ops, struct client_key *key,
+				   int local_connects)
+{
+	__u32 family = CTX(ops->family);
+	if (family != 2 && family != 10)
+		return 0;
+	__u32 r6[4] = { CTX(ops->remote_ip6[0]), CTX(ops->remote_ip6[1]), CTX(ops->remote_ip6[2]),
+			CTX(ops->remote_ip6[3]) };
+	__u32 l6[4] = { CTX(ops->local_ip6[0]), CTX(ops->local_ip6[1]), CTX(ops->local_ip6[2]),
+			CTX(ops->local_ip6[3]) };
+	__u32 lport = ops->local_port;
+	__u32 rport = bpf_ntohl(ops->remote_port);
+	if (local_connects) {
+		set_ip(key->client_ip, family, CTX(ops->local_ip4), l6);
+		set_ip(key->proxy_ip, family, CTX(ops->remote_ip4), r6);
+		key->client_port = lport;
+		key->proxy_port = rport;
+	} else {
+		set_ip(key->client_ip, family, CTX(ops->remote_ip4), r6);
+		set_ip(key->proxy_ip, family, CTX(ops->local_ip4), l6);
+		key->client_port = rport;
+		key->proxy_port = lport;
+	}
+	key->netns = bpf_get_netns_cookie(ops);
+	return 1;
+}
+
 SEC("sockops")
 int watch_sockets(struct bpf_sock_ops *ops)
 {
+	struct client_key key = {};
 	switch (ops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		/* connect() runs in the caller's context: the proxy's own connections (to the
-		 * master) get their acknowledgements followed. */
-		if ((bpf_get_current_pid_tgid() >> 32) == cfg.proxy_tgid)
-			bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_RTT_CB_FLAG);
+		 * master) get their acknowledgements followed, and their addresses noted so a
+		 * backend on this host recognises them. */
+		__u64 id = bpf_get_current_pid_tgid();
+		if ((id >> 32) != cfg.proxy_tgid)
+			return 1;
+		bpf_sock_ops_cb_flags_set(ops, BPF_SOCK_OPS_RTT_CB_FLAG);
+		__u32 tid = (__u32)id;
+		if (bpf_map_lookup_elem(&connectors, &tid) && ops_key(ops, &key, 1)) {
+			__u32 one = 1;
+			bpf_map_update_elem(&proxy_connects, &key, &one, BPF_ANY);
+		}
 		return 1;
 	case BPF_SOCK_OPS_RTT_CB: {
 		__u64 cookie = bpf_get_socket_cookie(ops);
@@ -306,31 +410,34 @@ int watch_sockets(struct bpf_sock_ops *ops)
 			*a = ops->bytes_acked;
 		return 1;
 	}
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: {
+		/* A backend on this host accepting one of the proxy's connections. */
+		if (!ops_key(ops, &key, 0) || !bpf_map_lookup_elem(&proxy_connects, &key))
+			return 1;
+		bpf_map_delete_elem(&proxy_connects, &key);
+		struct bpf_sock *sk = ops->sk;
+		if (!sk)
+			return 1;
+		if (!bpf_sk_storage_get(&backend_sent, sk, 0, BPF_SK_STORAGE_GET_F_CREATE))
+			return 1;
+		if (bpf_sock_hash_update(ops, &backends, &key, BPF_NOEXIST) == 0)
+			count(STAT_BACKENDS);
+		return 1;
+	}
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		break;
 	default:
 		return 1;
 	}
-	if (ops->family != 2 && ops->family != 10)
-		return 1;
 	if (bpf_ntohl(ops->remote_port) != cfg.listen_port)
 		return 1;
-	struct client_key key = {};
-	__u32 family = CTX(ops->family);
-	__u32 r6[4] = { CTX(ops->remote_ip6[0]), CTX(ops->remote_ip6[1]), CTX(ops->remote_ip6[2]),
-			CTX(ops->remote_ip6[3]) };
-	__u32 l6[4] = { CTX(ops->local_ip6[0]), CTX(ops->local_ip6[1]), CTX(ops->local_ip6[2]),
-			CTX(ops->local_ip6[3]) };
-	set_ip(key.proxy_ip, family, CTX(ops->remote_ip4), r6);
+	if (!ops_key(ops, &key, 1))
+		return 1;
 	if (cfg.listen_ip[0] | cfg.listen_ip[1] | cfg.listen_ip[2] | cfg.listen_ip[3]) {
 		if (key.proxy_ip[0] != cfg.listen_ip[0] || key.proxy_ip[1] != cfg.listen_ip[1] ||
 		    key.proxy_ip[2] != cfg.listen_ip[2] || key.proxy_ip[3] != cfg.listen_ip[3])
 			return 1;
 	}
-	set_ip(key.client_ip, family, CTX(ops->local_ip4), l6);
-	key.client_port = ops->local_port;
-	key.proxy_port = cfg.listen_port;
-	key.netns = bpf_get_netns_cookie(ops);
 	struct bpf_sock *sk = ops->sk;
 	if (!sk)
 		return 1;
@@ -412,6 +519,62 @@ pass:
 	return SK_PASS;
 }
 
+/* A backend on this host sending on one of the proxy's connections. While the connection's
+ * replies flow in the kernel (R_KERNEL) and direct replies are on, each send goes straight
+ * into the client socket's receive queue; otherwise it takes the ordinary way (TCP to the
+ * server socket, whose verdict deals with it), counted so the backlog check knows when
+ * everything sent that way has reached the client and direct replies may start (or start
+ * again) without overtaking it. Every CHECK_EVERY direct bytes the direct replies stop: the
+ * next bytes go through the verdict, which looks at what the client holds (the bound), and
+ * the backlog check turns them on again. */
+SEC("sk_msg")
+int backend_send(struct sk_msg_md *msg)
+{
+	struct bpf_sock *sk = msg->sk;
+	if (!sk)
+		return SK_PASS;
+	struct backend_sends *bs = bpf_sk_storage_get(&backend_sent, sk, 0, 0);
+	if (!bs)
+		return SK_PASS;
+	__u32 size = msg->size;
+	struct client_key key = {};
+	__u32 family = CTX(msg->family);
+	__u32 l6[4] = { CTX(msg->local_ip6[0]), CTX(msg->local_ip6[1]), CTX(msg->local_ip6[2]),
+			CTX(msg->local_ip6[3]) };
+	__u32 r6[4] = { CTX(msg->remote_ip6[0]), CTX(msg->remote_ip6[1]), CTX(msg->remote_ip6[2]),
+			CTX(msg->remote_ip6[3]) };
+	set_ip(key.client_ip, family, CTX(msg->remote_ip4), r6);
+	set_ip(key.proxy_ip, family, CTX(msg->local_ip4), l6);
+	key.client_port = bpf_ntohl(msg->remote_port);
+	key.proxy_port = msg->local_port;
+	key.netns = bpf_get_netns_cookie(msg);
+	bs->passed += size;
+	__u64 *server = bpf_map_lookup_elem(&backend_routes, &key);
+	if (!server)
+		return SK_PASS;
+	__u64 cookie = *server;
+	struct reply *st = bpf_map_lookup_elem(&replies, &cookie);
+	if (!st)
+		return SK_PASS;
+	if (st->direct_on) {
+		struct client_key c = st->client;
+		if (st->mode == R_KERNEL && !st->fin && st->since_check + size <= CHECK_EVERY &&
+		    bpf_msg_redirect_hash(msg, &clients, &c, BPF_F_INGRESS) == SK_PASS) {
+			bs->passed -= size;
+			st->since_check += size;
+			st->direct += size;
+			count(STAT_REPLIES_DIRECT);
+			return SK_PASS;
+		}
+		/* Back to the ordinary way; the verdict looks at the client on its next skb. */
+		st->direct_on = 0;
+		st->unchecked = CHECK_EVERY;
+	}
+	st->backend_passed = bs->passed;
+	st->backend_joined = 1;
+	return SK_PASS;
+}
+
 /* The client socket's psock: bytes delivered and unread, skbs not yet delivered, and
  * whether the backlog worker is running. -1 when the client is gone. */
 static __always_inline int client_psock(struct client_key *ckey, __u32 *tot, __u32 *qlen,
@@ -458,12 +621,29 @@ static __always_inline int tcp_path_empty(__u64 *server, struct client_key *ckey
  * when the backlog is empty (or the client gone). */
 static __always_inline int still_waiting(struct reply *st)
 {
-	if (st->mode != R_DRAINING && !(st->fin && !st->delivered))
+	/* Direct replies may start once everything the backend sent the ordinary way went
+	 * through the verdict and was delivered, and the client holds little. */
+	int direct_wait = st->backend_joined && !st->direct_on && st->mode == R_KERNEL && !st->fin;
+	if (st->mode != R_DRAINING && !(st->fin && !st->delivered) && !direct_wait)
 		return 0;
 	__u32 tot = 0, qlen = 0;
 	int busy = 0;
 	struct client_key c = st->client;
-	if (client_psock(&c, &tot, &qlen, &busy) < 0 || (qlen == 0 && !busy)) {
+	int gone = client_psock(&c, &tot, &qlen, &busy) < 0;
+	if (direct_wait) {
+		if (gone)
+			return 0;
+		if (qlen != 0 || busy || st->redirected + st->passed < st->backend_passed)
+			return 1;
+		/* The bound: at most CHECK_EVERY direct bytes before the next look. */
+		if ((__u64)tot + CHECK_EVERY <= cfg.recv_limit) {
+			st->since_check = 0;
+			st->direct_on = 1;
+		}
+		/* Otherwise the client holds too much: the verdict's next skb asks again. */
+		return 0;
+	}
+	if (gone || (qlen == 0 && !busy)) {
 		if (st->mode == R_DRAINING) {
 			st->mode = R_USER;
 			st->allow = ~0ULL;
@@ -673,6 +853,8 @@ redirect:
 	st->redirected += len;
 	count(STAT_REPLIES_REDIRECTED);
 	verdict = SK_PASS;
+	if (st->backend_joined && !st->direct_on && !fin)
+		start_backlog_check(key, st);
 out:
 	if (fin && st->mode == R_KERNEL && !st->fin) {
 		st->fin = 1;

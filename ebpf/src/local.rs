@@ -31,7 +31,7 @@ const KEY_SIZE: usize = 48;
 /// Size of `struct route`.
 const ROUTE_SIZE: usize = 32;
 /// Size of `struct reply`.
-const REPLY_SIZE: usize = KEY_SIZE + 48 + 40;
+const REPLY_SIZE: usize = KEY_SIZE + 48 + 40 + 32;
 /// Size of `struct config`, the read-only data.
 const CONFIG_SIZE: usize = 40;
 
@@ -63,6 +63,17 @@ impl ClientKey {
             netns: netns_cookie(fd)?,
             client: socket_addr(fd, true)?,
             proxy: socket_addr(fd, false)?,
+        })
+    }
+
+    /// The key of the connection the socket `fd` made (the proxy's server socket): the
+    /// connecting side in `client`, the listening side (the backend) in `proxy`, as the
+    /// backend's program sees it.
+    pub fn of_connected(fd: RawFd) -> io::Result<ClientKey> {
+        Ok(ClientKey {
+            netns: netns_cookie(fd)?,
+            client: socket_addr(fd, false)?,
+            proxy: socket_addr(fd, true)?,
         })
     }
 
@@ -107,6 +118,8 @@ pub struct Reply {
     pub redirected: u64,
     /// Reply bytes passed to the server socket's own queue (for the proxy to copy).
     pub passed: u64,
+    /// Reply bytes a backend on this host sent straight into the client socket.
+    pub direct: u64,
     /// The proxy may write passed bytes up to this count.
     pub allow: u64,
     /// Most bytes seen held for the client at one look.
@@ -207,6 +220,10 @@ pub struct Stats {
     /// Backlog checks that could not be queued or armed (should stay 0: the queue holds
     /// every connection).
     pub timer_failures: u64,
+    /// Backend sends redirected straight into a client socket (a backend on this host).
+    pub replies_direct: u64,
+    /// Backend sockets on this host that joined (one per connection the proxy made to it).
+    pub backends: u64,
 }
 
 /// Why a connection could not be routed on the client's socket.
@@ -227,6 +244,9 @@ pub struct RouteRequest {
     pub key: ClientKey,
     /// The client socket's cookie ([`Local::client_cookie`]).
     pub client: u64,
+    /// The server socket's connection as a backend on this host sees it
+    /// ([`ClientKey::of_connected`]).
+    pub backend: ClientKey,
     /// The accepted socket.
     pub accepted: RawFd,
     /// The server socket.
@@ -235,6 +255,21 @@ pub struct RouteRequest {
     pub from_client: u64,
     /// Bytes the proxy wrote to the server socket.
     pub to_server: u64,
+}
+
+/// Entries in the maps of [`Local`] that hold one per connection (a leak check's view).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Entries {
+    /// Client sockets (connected to the proxy's port on this host).
+    pub clients: usize,
+    /// Routed connections.
+    pub routes: usize,
+    /// Server sockets of routed connections.
+    pub servers: usize,
+    /// Reply directions of routed connections.
+    pub replies: usize,
+    /// Backend sockets on this host accepting the proxy's connections.
+    pub backends: usize,
 }
 
 /// The loaded programs and their maps.
@@ -249,6 +284,9 @@ pub struct Local {
     server_acked: RawFd,
     replies: RawFd,
     reply_written: RawFd,
+    backends: RawFd,
+    backend_routes: RawFd,
+    connectors: RawFd,
     events: RawFd,
     stats: RawFd,
     max_clients: u32,
@@ -328,6 +366,8 @@ impl Local {
                     | "server_acked"
                     | "replies"
                     | "reply_written"
+                    | "backends"
+                    | "backend_routes"
             ) {
                 map.set_max_entries(max_clients)
                     .map_err(|e| unavailable(format!("size map {name}: {e}")))?;
@@ -363,6 +403,9 @@ impl Local {
         let replies = map("replies", Some(REPLY_SIZE))?;
         let reply_written = map("reply_written", Some(8))?;
         let events = map("events", None)?;
+        let backends = map("backends", None)?;
+        let backend_routes = map("backend_routes", Some(8))?;
+        let connectors = map("connectors", Some(4))?;
         let stats = map("stats", None)?;
         let cgroup = std::fs::File::open(&root)
             .map_err(|e| unavailable(format!("open the cgroup v2 root {root}: {e}")))?;
@@ -371,6 +414,7 @@ impl Local {
             let name = prog.name().to_string_lossy().into_owned();
             match name.as_str() {
                 "client_send" => prog.attach_sockmap(clients),
+                "backend_send" => prog.attach_sockmap(backends),
                 "server_receive" => prog.attach_sockmap(servers),
                 "watch_sockets" => prog.attach_cgroup(cgroup.as_raw_fd()).map(|l| {
                     link = Some(l);
@@ -393,10 +437,30 @@ impl Local {
             server_acked,
             replies,
             reply_written,
+            backends,
+            backend_routes,
+            connectors,
             events,
             stats,
             max_clients,
             recv_limit,
+        })
+    }
+
+    /// Marks the calling thread as one that connects to backends (a worker): a backend on
+    /// this host that accepts its connections can then send replies straight to the client.
+    pub fn add_connecting_thread(&self) -> io::Result<()> {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        self.insert(
+            self.connectors,
+            &tid.to_ne_bytes(),
+            &1u32.to_ne_bytes(),
+            libbpf_sys::BPF_ANY,
+        )
+        .map_err(|e| match e {
+            RouteError::MapFull => io::Error::other("thread map full"),
+            RouteError::Refused(e) => e,
         })
     }
 
@@ -500,13 +564,15 @@ impl Local {
                 &(req.server as u64).to_ne_bytes(),
                 noexist,
             )?;
+            // A backend on this host: its replies may go straight to the client.
+            self.insert(self.backend_routes, &req.backend.bytes(), &s, noexist)?;
             // The route: the client's sends follow once the proxy has forwarded what the
             // client sent before (the program compares counts).
             let route = route_bytes(server, req.client, req.from_client, req.to_server);
             self.insert(self.routes, &key, &route, noexist)
         })();
         if let Err(e) = result {
-            self.forget(&req.key, server);
+            self.forget(&req.key, &req.backend, server);
             return Err(e);
         }
         push_queued(req.server);
@@ -567,6 +633,8 @@ impl Local {
             passed: u64_at(base + 8),
             allow: u64_at(base + 16),
             peak: u64_at(base + 32),
+            // After the flags (24 bytes), `queued` and its tick (16): the direct replies.
+            direct: u64_at(base + 40 + 24 + 16),
             mode: match u32_at(flags) {
                 R_KERNEL => ReplyMode::Kernel,
                 R_DRAINING => ReplyMode::Draining,
@@ -585,16 +653,17 @@ impl Local {
 
     /// Stops kernel forwarding for the connection (the fence): the client's sends and the
     /// server's replies find no route.
-    pub fn leave(&self, key: &ClientKey, server: u64) {
+    pub fn leave(&self, key: &ClientKey, backend: &ClientKey, server: u64) {
         self.delete(self.routes, &key.bytes());
+        self.delete(self.backend_routes, &backend.bytes());
         let s = server.to_ne_bytes();
         self.delete(self.servers, &s);
         self.delete(self.accepted, &s);
     }
 
     /// Removes every trace of the connection from the maps.
-    pub fn forget(&self, key: &ClientKey, server: u64) {
-        self.leave(key, server);
+    pub fn forget(&self, key: &ClientKey, backend: &ClientKey, server: u64) {
+        self.leave(key, backend, server);
         let s = server.to_ne_bytes();
         for map in [self.server_acked, self.replies, self.reply_written] {
             self.delete(map, &s);
@@ -617,17 +686,20 @@ impl Local {
             lost_events: read(9),
             repeated: read(10),
             timer_failures: read(11),
+            replies_direct: read(12),
+            backends: read(13),
         }
     }
 
-    /// Entries in (clients, routes, servers, replies): what a leak check looks at.
-    pub fn entries(&self) -> (usize, usize, usize, usize) {
-        (
-            count_keys(self.clients, KEY_SIZE),
-            count_keys(self.routes, KEY_SIZE),
-            count_keys(self.servers, 8),
-            count_keys(self.replies, 8),
-        )
+    /// Entries in the maps a leak check looks at.
+    pub fn entries(&self) -> Entries {
+        Entries {
+            clients: count_keys(self.clients, KEY_SIZE),
+            routes: count_keys(self.routes, KEY_SIZE),
+            servers: count_keys(self.servers, 8),
+            replies: count_keys(self.replies, 8),
+            backends: count_keys(self.backends, KEY_SIZE),
+        }
     }
 
     /// Opens the event ring (one consumer: the proxy's kernel-path thread).

@@ -77,6 +77,8 @@ struct LocalRoute {
     server: u64,
     /// The client socket's cookie.
     client: u64,
+    /// The server socket's connection as a backend on this host sees it.
+    backend: ClientKey,
     /// What the proxy had read from the client and written to the server before the route.
     from_client: u64,
     to_server: u64,
@@ -213,6 +215,16 @@ impl KernelPath {
         Some(LocalClient { key, cookie })
     }
 
+    /// Called by each worker thread at start: a backend on this host then recognises the
+    /// worker's connections (see `tendril_ebpf::local`'s direct replies).
+    pub fn register_worker_thread(&self) {
+        if let Some(local) = &self.local
+            && let Err(e) = local.add_connecting_thread()
+        {
+            tracing::warn!(error = %e, "cannot register the worker thread: replies from a backend on this host take the proxy's server socket");
+        }
+    }
+
     /// Takes a local client the client-socket path will not forward out of the client
     /// sockhash: its socket is an ordinary TCP socket again.
     pub fn release_local(&self, client: &LocalClient) {
@@ -246,12 +258,21 @@ impl KernelPath {
             tracing::debug!(client = %peer, "client reads in blocking mode: forwarding on the proxy's sockets");
             return None;
         }
+        let backend = match ClientKey::of_connected(server) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(client = %peer, error = %e, "server socket without addresses: forwarding on the proxy's sockets");
+                local.release_client(&key);
+                return None;
+            }
+        };
         let routed = tcp_written(server)
             .map_err(RouteError::Refused)
             .and_then(|to_server| {
                 let request = RouteRequest {
                     key,
                     client: client_cookie,
+                    backend,
                     accepted: client,
                     server,
                     from_client: consumed_from_client,
@@ -283,6 +304,7 @@ impl KernelPath {
             key,
             server: server_cookie,
             client: client_cookie,
+            backend,
             from_client: consumed_from_client,
             to_server,
         })
@@ -356,7 +378,7 @@ impl KernelPath {
                 Kind::Pair(joined) => self.map.forget(&joined),
                 Kind::Local(r) => {
                     if let Some(local) = &self.local {
-                        local.forget(&r.key, r.server);
+                        local.forget(&r.key, &r.backend, r.server);
                     }
                 }
             }
@@ -857,7 +879,7 @@ impl Thread {
                 Kind::Pair(joined) => self.map.leave(&joined),
                 Kind::Local(r) => {
                     if let Some(local) = &self.local {
-                        local.leave(&r.key, r.server);
+                        local.leave(&r.key, &r.backend, r.server);
                     }
                 }
             }
@@ -897,15 +919,16 @@ impl Thread {
             }
             Kind::Local(r) => {
                 // To the backend: everything written to the server socket, by the client's
-                // redirects and by the proxy. To the client: what the verdict saw.
+                // redirects and by the proxy. To the client: what the verdict saw and what a
+                // backend on this host sent straight to the client.
                 let up = tcp_written(pair.fds[1].as_raw_fd())
                     .unwrap_or(0)
                     .saturating_sub(r.to_server)
                     + r.from_client;
                 let reply = self.local.as_ref().and_then(|l| l.reply(r.server));
-                let down = reply.map_or(0, |x| x.redirected + x.passed);
+                let down = reply.map_or(0, |x| x.redirected + x.passed + x.direct);
                 if let Some(local) = &self.local {
-                    local.forget(&r.key, r.server);
+                    local.forget(&r.key, &r.backend, r.server);
                 }
                 (up, down, reply.map_or(0, |x| x.pauses))
             }

@@ -100,8 +100,8 @@ pub struct ClientSocketMetrics {
     pub blocking: u64,
     /// Clients whose route the kernel refused, given the pair path instead.
     pub refused: u64,
-    /// Entries in (clients, routes, servers, replies).
-    pub entries: (usize, usize, usize, usize),
+    /// Entries in the per-connection maps.
+    pub entries: tendril_ebpf::local::Entries,
 }
 
 /// Kernel-path values for the metrics.
@@ -117,8 +117,8 @@ pub struct KernelMetrics {
     pub active: u64,
     /// Entries in the program's maps (peers, directions, forwarded).
     pub entries: (usize, usize, usize),
-    /// The client-socket programs, when loaded: counters, open connections, and entries
-    /// in (clients, routes, servers, replies).
+    /// The client-socket programs, when loaded: counters, open connections, and map
+    /// entries.
     pub local: Option<ClientSocketMetrics>,
 }
 
@@ -315,6 +315,8 @@ pub fn render(
                         stats.replies_redirected,
                     ),
                     ("event=\"reply_passed\"".into(), stats.replies_passed),
+                    ("event=\"reply_direct\"".into(), stats.replies_direct),
+                    ("event=\"backend_joined\"".into(), stats.backends),
                     ("event=\"reply_paused\"".into(), stats.reply_pauses),
                     ("event=\"failed\"".into(), stats.failures),
                     ("event=\"repeated\"".into(), stats.repeated),
@@ -327,12 +329,13 @@ pub fn render(
             metric(
                 "tendril_proxy_kernel_client_socket_map_entries",
                 "gauge",
-                "entries in the client-socket program's maps (clients: sockets connected to the proxy port on this host)",
+                "entries in the client-socket program's maps (clients: sockets connected to the proxy port on this host; backends: backend sockets on this host accepting the proxy's connections)",
                 vec![
-                    ("map=\"clients\"".into(), entries.0 as u64),
-                    ("map=\"routes\"".into(), entries.1 as u64),
-                    ("map=\"servers\"".into(), entries.2 as u64),
-                    ("map=\"replies\"".into(), entries.3 as u64),
+                    ("map=\"clients\"".into(), entries.clients as u64),
+                    ("map=\"routes\"".into(), entries.routes as u64),
+                    ("map=\"servers\"".into(), entries.servers as u64),
+                    ("map=\"replies\"".into(), entries.replies as u64),
+                    ("map=\"backends\"".into(), entries.backends as u64),
                 ],
             );
         }

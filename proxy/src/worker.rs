@@ -193,6 +193,9 @@ pub fn run(
         }
     };
     shared.set_driver(id, driver);
+    if let Some(k) = &kernel {
+        k.register_worker_thread();
+    }
     let result: std::io::Result<()> = rt.block_on(async move {
         let listener = monoio::net::TcpListener::from_std(listener)?;
         let wake = monoio::net::UnixStream::from_std(wake)?;

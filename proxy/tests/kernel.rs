@@ -254,7 +254,7 @@ fn kernel_map_entries(proxy: &ProxyProc) -> f64 {
             )
         })
         .sum();
-    let client_socket: f64 = ["clients", "routes", "servers", "replies"]
+    let client_socket: f64 = ["clients", "routes", "servers", "replies", "backends"]
         .iter()
         .map(|m| {
             metric(
@@ -361,6 +361,20 @@ async fn psql_and_pgbench_run_through_the_kernel_path(path: Path) {
     // The bytes went through the program, not the proxy's buffers.
     let redirected = kernel_redirects(&proxy, path);
     assert!(redirected > processed as f64, "{}", proxy.metrics());
+    if path == Path::ClientSocket {
+        // PostgreSQL runs on this host: its side of each of the proxy's connections joined,
+        // and most replies went straight from its sends into the clients' sockets.
+        assert!(
+            client_socket_metric(&proxy, "backend_joined") >= 8.0,
+            "{}",
+            proxy.metrics()
+        );
+        assert!(
+            client_socket_metric(&proxy, "reply_direct") > processed as f64,
+            "{}",
+            proxy.metrics()
+        );
+    }
     // The same rows through the proxy and directly.
     let through = psql_ok(
         proxy.port,
