@@ -506,6 +506,13 @@ impl Local {
         self.delete(self.blocking, &k);
     }
 
+    /// Takes the backend's side of a connection the client-socket path does not forward out
+    /// of `backends` (a backend on this host), so its sends take the kernel's ordinary path
+    /// without the program. `backend` is the server socket's [`ClientKey::of_connected`].
+    pub fn release_backend(&self, backend: &ClientKey) {
+        self.delete(self.backends, &backend.bytes());
+    }
+
     fn insert(&self, map: RawFd, key: &[u8], value: &[u8], flags: u32) -> Result<(), RouteError> {
         // SAFETY: key and value point to live buffers of the sizes the map was created with
         // (checked at load for the value sizes this module writes).

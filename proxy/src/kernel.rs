@@ -339,6 +339,14 @@ impl KernelPath {
         };
         let local =
             local.and_then(|c| self.route_local(client, server, consumed_from_client, peer, c));
+        if local.is_none()
+            && let Some(l) = &self.local
+            && let Ok(backend) = ClientKey::of_connected(server)
+        {
+            // A backend on this host whose connection takes the pair path (or userspace):
+            // its sends need no program.
+            l.release_backend(&backend);
+        }
         let kind = match local {
             Some(route) => Kind::Local(route),
             None => {

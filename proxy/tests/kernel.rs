@@ -1602,6 +1602,19 @@ async fn each_local_client_takes_the_path_its_reading_mode_allows() {
         "{}",
         proxy.metrics()
     );
+    // PostgreSQL's side of each connection on the client socket stays in the backends'
+    // sockhash (its replies go straight to the client); the pair path's were taken out.
+    let backends = || {
+        metric(
+            &proxy,
+            "tendril_proxy_kernel_client_socket_map_entries{cluster=\"pxy\",map=\"backends\"}",
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backends() != EACH as f64 {
+        assert!(Instant::now() < deadline, "{}", proxy.metrics());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let redirected_before = client_socket_metric(&proxy, "send_redirected");
     tokio::task::spawn_blocking(move || {
         let mut query = Vec::new();
