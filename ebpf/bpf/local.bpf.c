@@ -452,6 +452,31 @@ int watch_sockets(struct bpf_sock_ops *ops)
 	return 1;
 }
 
+/* The connection's key from an sk_msg context, as ops_key does for sockops. */
+static __always_inline void msg_key(struct sk_msg_md *msg, struct client_key *key,
+				    int local_connects)
+{
+	__u32 family = CTX(msg->family);
+	__u32 l6[4] = { CTX(msg->local_ip6[0]), CTX(msg->local_ip6[1]), CTX(msg->local_ip6[2]),
+			CTX(msg->local_ip6[3]) };
+	__u32 r6[4] = { CTX(msg->remote_ip6[0]), CTX(msg->remote_ip6[1]), CTX(msg->remote_ip6[2]),
+			CTX(msg->remote_ip6[3]) };
+	__u32 lport = msg->local_port;
+	__u32 rport = bpf_ntohl(msg->remote_port);
+	if (local_connects) {
+		set_ip(key->client_ip, family, CTX(msg->local_ip4), l6);
+		set_ip(key->proxy_ip, family, CTX(msg->remote_ip4), r6);
+		key->client_port = lport;
+		key->proxy_port = rport;
+	} else {
+		set_ip(key->client_ip, family, CTX(msg->remote_ip4), r6);
+		set_ip(key->proxy_ip, family, CTX(msg->local_ip4), l6);
+		key->client_port = rport;
+		key->proxy_port = lport;
+	}
+	key->netns = bpf_get_netns_cookie(msg);
+}
+
 SEC("sk_msg")
 int client_send(struct sk_msg_md *msg)
 {
@@ -463,16 +488,7 @@ int client_send(struct sk_msg_md *msg)
 		return SK_PASS;
 	__u32 size = msg->size;
 	struct client_key key = {};
-	__u32 family = CTX(msg->family);
-	__u32 l6[4] = { CTX(msg->local_ip6[0]), CTX(msg->local_ip6[1]), CTX(msg->local_ip6[2]),
-			CTX(msg->local_ip6[3]) };
-	__u32 r6[4] = { CTX(msg->remote_ip6[0]), CTX(msg->remote_ip6[1]), CTX(msg->remote_ip6[2]),
-			CTX(msg->remote_ip6[3]) };
-	set_ip(key.client_ip, family, CTX(msg->local_ip4), l6);
-	set_ip(key.proxy_ip, family, CTX(msg->remote_ip4), r6);
-	key.client_port = msg->local_port;
-	key.proxy_port = bpf_ntohl(msg->remote_port);
-	key.netns = bpf_get_netns_cookie(msg);
+	msg_key(msg, &key, 1);
 	struct route *r = bpf_map_lookup_elem(&routes, &key);
 	if (r && r->client != st->cookie) {
 		/* The route of an earlier connection with the same four addresses, not removed
@@ -538,16 +554,7 @@ int backend_send(struct sk_msg_md *msg)
 		return SK_PASS;
 	__u32 size = msg->size;
 	struct client_key key = {};
-	__u32 family = CTX(msg->family);
-	__u32 l6[4] = { CTX(msg->local_ip6[0]), CTX(msg->local_ip6[1]), CTX(msg->local_ip6[2]),
-			CTX(msg->local_ip6[3]) };
-	__u32 r6[4] = { CTX(msg->remote_ip6[0]), CTX(msg->remote_ip6[1]), CTX(msg->remote_ip6[2]),
-			CTX(msg->remote_ip6[3]) };
-	set_ip(key.client_ip, family, CTX(msg->remote_ip4), r6);
-	set_ip(key.proxy_ip, family, CTX(msg->local_ip4), l6);
-	key.client_port = bpf_ntohl(msg->remote_port);
-	key.proxy_port = msg->local_port;
-	key.netns = bpf_get_netns_cookie(msg);
+	msg_key(msg, &key, 0);
 	bs->passed += size;
 	__u64 *server = bpf_map_lookup_elem(&backend_routes, &key);
 	if (!server)
