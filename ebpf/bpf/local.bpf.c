@@ -355,32 +355,43 @@ static __always_inline int socket_blocks(struct bpf_sock *sk)
 	return !(flags & O_NONBLOCK_FLAG);
 }
 
-/* The connection's key from a sockops context: `local_connects` says whether this socket
- * is the connecting side. 0 when the family is not TCP/IP. */
+/* The addresses of a sockops or sk_msg context, which name them the same way (ports: local
+ * in host order, remote in network order), as locals for fill_key. */
+#define CTX_ADDRS(ctx)                                                                         \
+	__u32 family = CTX((ctx)->family);                                                     \
+	__u32 l6[4] = { CTX((ctx)->local_ip6[0]), CTX((ctx)->local_ip6[1]),                    \
+			CTX((ctx)->local_ip6[2]), CTX((ctx)->local_ip6[3]) };                  \
+	__u32 r6[4] = { CTX((ctx)->remote_ip6[0]), CTX((ctx)->remote_ip6[1]),                  \
+			CTX((ctx)->remote_ip6[2]), CTX((ctx)->remote_ip6[3]) };                \
+	__u32 l4 = CTX((ctx)->local_ip4), r4 = CTX((ctx)->remote_ip4);                         \
+	__u32 lport = (ctx)->local_port, rport = bpf_ntohl((ctx)->remote_port)
+
+/* A connection's key from CTX_ADDRS' locals: `local_connects` says whether this socket is
+ * the connecting side (the key's `client`). */
+#define fill_key(key, local_connects, ns)                                                   \
+	do {                                                                                   \
+		if (local_connects) {                                                          \
+			set_ip((key)->client_ip, family, l4, l6);                              \
+			set_ip((key)->proxy_ip, family, r4, r6);                               \
+			(key)->client_port = lport;                                            \
+			(key)->proxy_port = rport;                                             \
+		} else {                                                                       \
+			set_ip((key)->client_ip, family, r4, r6);                              \
+			set_ip((key)->proxy_ip, family, l4, l6);                               \
+			(key)->client_port = rport;                                            \
+			(key)->proxy_port = lport;                                             \
+		}                                                                              \
+		(key)->netns = (ns);                                                           \
+	} while (0)
+
+/* The connection's key from a sockops context; 0 when the family is not TCP/IP. */
 static __always_inline int ops_key(struct bpf_sock_ops *ops, struct client_key *key,
 				   int local_connects)
 {
-	__u32 family = CTX(ops->family);
+	CTX_ADDRS(ops);
 	if (family != 2 && family != 10)
 		return 0;
-	__u32 r6[4] = { CTX(ops->remote_ip6[0]), CTX(ops->remote_ip6[1]), CTX(ops->remote_ip6[2]),
-			CTX(ops->remote_ip6[3]) };
-	__u32 l6[4] = { CTX(ops->local_ip6[0]), CTX(ops->local_ip6[1]), CTX(ops->local_ip6[2]),
-			CTX(ops->local_ip6[3]) };
-	__u32 lport = ops->local_port;
-	__u32 rport = bpf_ntohl(ops->remote_port);
-	if (local_connects) {
-		set_ip(key->client_ip, family, CTX(ops->local_ip4), l6);
-		set_ip(key->proxy_ip, family, CTX(ops->remote_ip4), r6);
-		key->client_port = lport;
-		key->proxy_port = rport;
-	} else {
-		set_ip(key->client_ip, family, CTX(ops->remote_ip4), r6);
-		set_ip(key->proxy_ip, family, CTX(ops->local_ip4), l6);
-		key->client_port = rport;
-		key->proxy_port = lport;
-	}
-	key->netns = bpf_get_netns_cookie(ops);
+	fill_key(key, local_connects, bpf_get_netns_cookie(ops));
 	return 1;
 }
 
@@ -389,7 +400,7 @@ int watch_sockets(struct bpf_sock_ops *ops)
 {
 	struct client_key key = {};
 	switch (ops->op) {
-	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
 		/* connect() runs in the caller's context: the proxy's own connections (to the
 		 * master) get their acknowledgements followed, and their addresses noted so a
 		 * backend on this host recognises them. */
@@ -403,6 +414,7 @@ int watch_sockets(struct bpf_sock_ops *ops)
 			bpf_map_update_elem(&proxy_connects, &key, &one, BPF_ANY);
 		}
 		return 1;
+	}
 	case BPF_SOCK_OPS_RTT_CB: {
 		__u64 cookie = bpf_get_socket_cookie(ops);
 		__u64 *a = bpf_map_lookup_elem(&server_acked, &cookie);
@@ -452,29 +464,12 @@ int watch_sockets(struct bpf_sock_ops *ops)
 	return 1;
 }
 
-/* The connection's key from an sk_msg context, as ops_key does for sockops. */
+/* The connection's key from an sk_msg context. */
 static __always_inline void msg_key(struct sk_msg_md *msg, struct client_key *key,
 				    int local_connects)
 {
-	__u32 family = CTX(msg->family);
-	__u32 l6[4] = { CTX(msg->local_ip6[0]), CTX(msg->local_ip6[1]), CTX(msg->local_ip6[2]),
-			CTX(msg->local_ip6[3]) };
-	__u32 r6[4] = { CTX(msg->remote_ip6[0]), CTX(msg->remote_ip6[1]), CTX(msg->remote_ip6[2]),
-			CTX(msg->remote_ip6[3]) };
-	__u32 lport = msg->local_port;
-	__u32 rport = bpf_ntohl(msg->remote_port);
-	if (local_connects) {
-		set_ip(key->client_ip, family, CTX(msg->local_ip4), l6);
-		set_ip(key->proxy_ip, family, CTX(msg->remote_ip4), r6);
-		key->client_port = lport;
-		key->proxy_port = rport;
-	} else {
-		set_ip(key->client_ip, family, CTX(msg->remote_ip4), r6);
-		set_ip(key->proxy_ip, family, CTX(msg->local_ip4), l6);
-		key->client_port = rport;
-		key->proxy_port = lport;
-	}
-	key->netns = bpf_get_netns_cookie(msg);
+	CTX_ADDRS(msg);
+	fill_key(key, local_connects, bpf_get_netns_cookie(msg));
 }
 
 SEC("sk_msg")
@@ -686,7 +681,8 @@ static __always_inline void start_checker(struct checker *g)
 	}
 }
 
-/* Puts a connection into `pending` unless it is there; `tick` 0 from a verdict. */
+/* Puts a connection into `pending` unless it is there; `tick` 0 from a verdict. 1: queued
+ * now, 0: it was queued already, -1: the queue is full. */
 static __always_inline int enqueue(__u64 server, struct reply *st, __u32 tick)
 {
 	if (__sync_val_compare_and_swap(&st->queued, 0, 1) != 0)
@@ -697,7 +693,7 @@ static __always_inline int enqueue(__u64 server, struct reply *st, __u32 tick)
 		count(STAT_TIMER_FAILURES);
 		return -1;
 	}
-	return 0;
+	return 1;
 }
 
 extern int bpf_iter_num_new(struct bpf_iter_num *it, int start, int end) __ksym;
@@ -725,7 +721,7 @@ static __always_inline int check_next(struct run *r)
 	/* Cleared before the look, so a verdict that changes the state after it queues the
 	 * connection again itself. */
 	__sync_fetch_and_and(&st->queued, 0);
-	if (still_waiting(st) && enqueue(server, st, r->tick) == 0)
+	if (still_waiting(st) && enqueue(server, st, r->tick) >= 0)
 		r->again = 1;
 	return 0;
 }
@@ -754,14 +750,16 @@ static int run_checks(void *map, __u32 *key, struct checker *g)
 /* The connection waits for the client's backlog: the checker looks at it every ms. */
 static __always_inline void start_backlog_check(__u64 server, struct reply *st)
 {
+	/* Already queued: the timer is armed or running and will look at it (the verdict's
+	 * per-skb cost while waiting for direct replies is this one compare-and-swap). */
+	if (enqueue(server, st, 0) != 1)
+		return;
 	__u32 zero = 0;
 	struct checker *g = bpf_map_lookup_elem(&checker, &zero);
-	if (!g) {
-		count(STAT_TIMER_FAILURES);
-		return;
-	}
-	if (enqueue(server, st, 0) == 0)
+	if (g)
 		start_checker(g);
+	else
+		count(STAT_TIMER_FAILURES);
 }
 
 /* Run by the proxy (BPF_PROG_RUN) once at load: sets up the checker's timer, which

@@ -235,6 +235,7 @@ impl KernelPath {
 
     /// Routes the connection on the client's own socket unless the program saw the client
     /// send in blocking mode. `None`: the pair path takes it (and the client is released).
+    /// `backend`: the server socket's [`ClientKey::of_connected`].
     fn route_local(
         &self,
         client: RawFd,
@@ -242,6 +243,7 @@ impl KernelPath {
         consumed_from_client: u64,
         peer: SocketAddr,
         local_client: LocalClient,
+        backend: ClientKey,
     ) -> Option<LocalRoute> {
         let local = self.local.as_ref()?;
         let LocalClient {
@@ -258,14 +260,6 @@ impl KernelPath {
             tracing::debug!(client = %peer, "client reads in blocking mode: forwarding on the proxy's sockets");
             return None;
         }
-        let backend = match ClientKey::of_connected(server) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::debug!(client = %peer, error = %e, "server socket without addresses: forwarding on the proxy's sockets");
-                local.release_client(&key);
-                return None;
-            }
-        };
         let routed = tcp_written(server)
             .map_err(RouteError::Refused)
             .and_then(|to_server| {
@@ -337,15 +331,32 @@ impl KernelPath {
                 return Err(AdoptError::Refused(e));
             }
         };
-        let local =
-            local.and_then(|c| self.route_local(client, server, consumed_from_client, peer, c));
+        // How a backend on this host keys the connection (only with the client-socket
+        // programs loaded): for the route, or to release its socket below.
+        let backend_key = match self.local.as_ref().map(|_| ClientKey::of_connected(server)) {
+            Some(Ok(k)) => Some(k),
+            Some(Err(e)) => {
+                tracing::debug!(client = %peer, error = %e, "server socket without addresses: forwarding on the proxy's sockets");
+                None
+            }
+            None => None,
+        };
+        let local = match (local, backend_key) {
+            (Some(c), Some(b)) => {
+                self.route_local(client, server, consumed_from_client, peer, c, b)
+            }
+            (Some(c), None) => {
+                self.release_local(&c);
+                None
+            }
+            (None, _) => None,
+        };
         if local.is_none()
-            && let Some(l) = &self.local
-            && let Ok(backend) = ClientKey::of_connected(server)
+            && let (Some(l), Some(b)) = (&self.local, &backend_key)
         {
             // A backend on this host whose connection takes the pair path (or userspace):
             // its sends need no program.
-            l.release_backend(&backend);
+            l.release_backend(b);
         }
         let kind = match local {
             Some(route) => Kind::Local(route),
