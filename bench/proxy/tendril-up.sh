@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Starts what the tendril targets need beside the anchor setup: an etcd, cluster data whose
-# proxy section routes to the benchmark PostgreSQL, and four tendril proxies: userspace
+# proxy section routes to the benchmark PostgreSQL, and five tendril proxies: userspace
 # forwarding on io_uring (TENDRIL_URING_PORT) and on epoll (TENDRIL_EPOLL_PORT), kernel
 # forwarding with --kernel-client-socket on (TENDRIL_KERNEL_PORT: local non-blocking
 # clients, like pgbench here, on their own socket) and as it runs by default, on the proxy's
-# two sockets, the path remote clients take (TENDRIL_KERNEL_PAIR_PORT); with
+# two sockets, the path remote clients take (TENDRIL_KERNEL_PAIR_PORT), userspace on io_uring
+# with a single worker (TENDRIL_URING_W1_PORT: every connection on one ring); with
 # REPLICA_DIR, also the probe's minimal sockmap proxy
 # (REPLICA_PORT). Pids go to $RUN_DIR, stopped by teardown.sh.
 set -euo pipefail
@@ -15,6 +16,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 : "${TENDRIL_EPOLL_PORT:=25501}"
 : "${TENDRIL_KERNEL_PORT:=25502}"
 : "${TENDRIL_KERNEL_PAIR_PORT:=25505}"
+: "${TENDRIL_URING_W1_PORT:=25506}"
 : "${ETCD_CLIENT_PORT:=25579}"
 : "${ETCD_PEER_PORT:=25580}"
 mkdir -p "$RUN_DIR/etcd"
@@ -32,10 +34,11 @@ cd = json.load(sys.stdin)
 cd['proxy']['generation'] += 1
 cd['proxy']['master'] = {'db_uid': 'bench', 'address': '127.0.0.1', 'port': int('$PG_PORT')}
 print(json.dumps(cd))" | "$TENDRIL_BIN/tendrilctl" clusterdata write --yes >/dev/null
-for variant in uring:$TENDRIL_URING_PORT:auto:userspace:on epoll:$TENDRIL_EPOLL_PORT:epoll:userspace:on \
-  kernel:$TENDRIL_KERNEL_PORT:auto:kernel:on kernel-pair:$TENDRIL_KERNEL_PAIR_PORT:auto:kernel:off; do
-  IFS=: read -r name port driver forwarding client_socket <<<"$variant"
-  TENDRIL_LOG=warn "$TENDRIL_BIN/tendril-proxy" --listen-address "127.0.0.1:$port" --workers 2 \
+for variant in uring:$TENDRIL_URING_PORT:auto:userspace:on:2 epoll:$TENDRIL_EPOLL_PORT:epoll:userspace:on:2 \
+  kernel:$TENDRIL_KERNEL_PORT:auto:kernel:on:2 kernel-pair:$TENDRIL_KERNEL_PAIR_PORT:auto:kernel:off:2 \
+  uring-w1:$TENDRIL_URING_W1_PORT:auto:userspace:on:1; do
+  IFS=: read -r name port driver forwarding client_socket workers <<<"$variant"
+  TENDRIL_LOG=warn "$TENDRIL_BIN/tendril-proxy" --listen-address "127.0.0.1:$port" --workers "$workers" \
     --io-driver "$driver" --forwarding "$forwarding" --kernel-client-socket "$client_socket" \
     --uid "bench-$name" >"$RUN_DIR/tendril-$name.log" 2>&1 &
   echo $! >"$RUN_DIR/tendril-$name.pid"
@@ -43,7 +46,7 @@ done
 # The feasibility probe's minimal sockmap proxy (replica/), when built: the reference the
 # kernel path is compared with in the same rounds.
 : "${REPLICA_PORT:=25503}"
-ports=("$TENDRIL_URING_PORT" "$TENDRIL_EPOLL_PORT" "$TENDRIL_KERNEL_PORT" "$TENDRIL_KERNEL_PAIR_PORT")
+ports=("$TENDRIL_URING_PORT" "$TENDRIL_EPOLL_PORT" "$TENDRIL_KERNEL_PORT" "$TENDRIL_KERNEL_PAIR_PORT" "$TENDRIL_URING_W1_PORT")
 if [ -n "${REPLICA_DIR:-}" ] && [ -x "$REPLICA_DIR/replica" ]; then
   "$REPLICA_DIR/replica" "$REPLICA_PORT" "$PG_PORT" "$REPLICA_DIR/replica.bpf.o" >"$RUN_DIR/replica.log" 2>&1 &
   echo $! >"$RUN_DIR/replica.pid"
@@ -56,4 +59,4 @@ for port in "${ports[@]}"; do
   done
   "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null
 done
-echo "proxies up on ${ports[*]} (tendril io_uring, epoll, kernel, kernel-pair; then the sockmap replica if built)"
+echo "proxies up on ${ports[*]} (tendril io_uring, epoll, kernel, kernel-pair, io_uring with one worker; then the sockmap replica if built)"

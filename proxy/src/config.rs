@@ -26,7 +26,10 @@ pub struct ProxyArgs {
     /// This proxy's uid (default: random per start).
     #[arg(long, env = "TENDRIL_PROXY_UID")]
     pub uid: Option<String>,
-    /// Worker threads, each with its own ring and listener (default: one per core).
+    /// Worker threads, each with its own ring and listener (default: one per core). Where the
+    /// proxy shares a few cores with the application and PostgreSQL, fewer workers cost less
+    /// CPU per transaction on the userspace path: one ring serves more connections per
+    /// wake-up (docs/benchmarks.md, "one ring or one per core").
     #[arg(long, env = "TENDRIL_WORKERS")]
     pub workers: Option<usize>,
     /// During a switchover, hold new connections up to this long instead of refusing them

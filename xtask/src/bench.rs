@@ -1,5 +1,7 @@
-//! `cargo xtask bench proxy [--quick]`: the proxy benchmark against direct PostgreSQL, HAProxy
-//! and PgBouncer in the same rounds (see bench/proxy/README.md).
+//! `cargo xtask bench proxy [--quick] [--only TARGETS] [--tests TESTS]`: the proxy benchmark
+//! against direct PostgreSQL, HAProxy and PgBouncer in the same rounds (see
+//! bench/proxy/README.md); `--only` and `--tests` take comma-separated names and run a focused
+//! comparison (direct is always in it).
 //! `cargo xtask bench failover [--runs N] [--only default,partition]`: failover timings of whole clusters (e2e harness).
 
 use std::path::PathBuf;
@@ -10,11 +12,13 @@ use crate::{deps, project_root};
 /// Runs a benchmark by name.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
-        Some("proxy") => proxy(args.iter().any(|a| a == "--quick")),
+        Some("proxy") => proxy(&ProxyArgs::parse(&args[1..])?),
         Some("failover") => failover(&args[1..]),
         Some("fence") => fence(),
         _ => {
-            anyhow::bail!("usage: cargo xtask bench proxy [--quick] | failover [--runs N] | fence")
+            anyhow::bail!(
+                "usage: cargo xtask bench proxy [--quick] [--only TARGETS] [--tests TESTS] | failover [--runs N] | fence"
+            )
         }
     }
 }
@@ -25,7 +29,80 @@ pub fn target_dir() -> PathBuf {
         .map_or_else(|| project_root().join("target"), PathBuf::from)
 }
 
-fn proxy(quick: bool) -> anyhow::Result<()> {
+/// The tendril proxies `bench/proxy/tendril-up.sh` starts (name, port, pid file name) and the
+/// probe's sockmap replica.
+const TENDRIL_TARGETS: [(&str, u16, &str); 6] = [
+    ("tendril-uring", 25500, "tendril-uring"),
+    ("tendril-epoll", 25501, "tendril-epoll"),
+    ("tendril-kernel", 25502, "tendril-kernel"),
+    ("tendril-kernel-pair", 25505, "tendril-kernel-pair"),
+    ("tendril-uring-w1", 25506, "tendril-uring-w1"),
+    ("sockmap-replica", 25503, "replica"),
+];
+
+/// The harness's own targets (bench.py's BUILTIN).
+const BUILTIN_TARGETS: [&str; 4] = ["direct", "haproxy", "pgb-session", "pgb-txn"];
+
+/// Options of `bench proxy`.
+#[derive(Debug, Default)]
+struct ProxyArgs {
+    quick: bool,
+    only: Option<Vec<String>>,
+    tests: Option<String>,
+}
+
+impl ProxyArgs {
+    fn parse(args: &[String]) -> anyhow::Result<ProxyArgs> {
+        let mut out = ProxyArgs::default();
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            match arg.as_str() {
+                "--quick" => out.quick = true,
+                "--only" => {
+                    let list = it
+                        .next()
+                        .ok_or_else(|| anyhow::anyhow!("--only needs a comma-separated list"))?;
+                    let names: Vec<String> = list.split(',').map(str::to_owned).collect();
+                    for name in &names {
+                        let known = BUILTIN_TARGETS.contains(&name.as_str())
+                            || TENDRIL_TARGETS.iter().any(|t| t.0 == name);
+                        if !known {
+                            anyhow::bail!(
+                                "unknown target {name:?}; known: {}, {}",
+                                BUILTIN_TARGETS.join(", "),
+                                TENDRIL_TARGETS.map(|t| t.0).join(", ")
+                            );
+                        }
+                    }
+                    out.only = Some(names);
+                }
+                "--tests" => {
+                    let list = it
+                        .next()
+                        .ok_or_else(|| anyhow::anyhow!("--tests needs a comma-separated list"))?;
+                    for test in list.split(',') {
+                        if !["select", "tpcb", "churn", "lat1"].contains(&test) {
+                            anyhow::bail!(
+                                "unknown test {test:?}; known: select, tpcb, churn, lat1"
+                            );
+                        }
+                    }
+                    out.tests = Some(list.clone());
+                }
+                other => anyhow::bail!("unknown option {other:?} for bench proxy"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn wants(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| name == "direct" || only.iter().any(|n| n == name))
+    }
+}
+
+fn proxy(args: &ProxyArgs) -> anyhow::Result<()> {
     deps::ensure(deps::Purpose::Test)?;
     let bench = project_root().join("bench/proxy");
     let installed = [
@@ -56,19 +133,27 @@ fn proxy(quick: bool) -> anyhow::Result<()> {
             .arg(&replica),
     )?;
     let run_dir = "/tmp/proxy-anchor/run";
+    let extra: Vec<String> = TENDRIL_TARGETS
+        .iter()
+        .filter(|t| args.wants(t.0))
+        .map(|(name, port, pid)| format!("{name}:{port}::{run_dir}/{pid}.pid"))
+        .collect();
+    let builtin: Vec<&str> = BUILTIN_TARGETS
+        .into_iter()
+        .filter(|t| args.wants(t))
+        .collect();
     let mut cmd = Command::new("bash");
     cmd.arg(bench.join("run_all.sh"))
         .current_dir(&bench)
         .env("TENDRIL_BIN", target_dir().join("release"))
         .env("REPLICA_DIR", &replica)
         .env("PRE_BENCH_HOOK", bench.join("tendril-up.sh"))
-        .env(
-            "EXTRA_TARGET",
-            format!(
-                "tendril-uring:25500::{run_dir}/tendril-uring.pid,tendril-epoll:25501::{run_dir}/tendril-epoll.pid,tendril-kernel:25502::{run_dir}/tendril-kernel.pid,tendril-kernel-pair:25505::{run_dir}/tendril-kernel-pair.pid,sockmap-replica:25503::{run_dir}/replica.pid"
-            ),
-        );
-    if quick {
+        .env("EXTRA_TARGET", extra.join(","))
+        .env("TARGETS", builtin.join(","));
+    if let Some(tests) = &args.tests {
+        cmd.env("TESTS", tests);
+    }
+    if args.quick {
         cmd.env("ROUNDS", "1")
             .env("DURATION_SCALE", "0.25")
             .env("MAX_LOAD", "100");
@@ -124,4 +209,34 @@ fn fence() -> anyhow::Result<()> {
     ]))?;
     let release = target_dir().join("release");
     crate::run(Command::new(release.join("fence-bench")).env("TENDRIL_BIN_DIR", &release))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProxyArgs;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn only_keeps_direct_and_the_named_targets() {
+        let parsed = ProxyArgs::parse(&args(&["--only", "haproxy,tendril-uring-w1"])).unwrap();
+        assert!(parsed.wants("direct"));
+        assert!(parsed.wants("haproxy"));
+        assert!(parsed.wants("tendril-uring-w1"));
+        assert!(!parsed.wants("tendril-uring"));
+        assert!(!parsed.wants("pgb-txn"));
+        assert!(ProxyArgs::parse(&[]).unwrap().wants("pgb-txn"));
+    }
+
+    #[test]
+    fn unknown_names_are_refused_with_the_known_ones() {
+        let err = ProxyArgs::parse(&args(&["--only", "haproxy,nginx"])).unwrap_err();
+        assert!(err.to_string().contains("\"nginx\""), "{err}");
+        assert!(err.to_string().contains("tendril-uring-w1"), "{err}");
+        assert!(ProxyArgs::parse(&args(&["--tests", "select,bogus"])).is_err());
+        assert!(ProxyArgs::parse(&args(&["--only"])).is_err());
+        assert!(ProxyArgs::parse(&args(&["--fast"])).is_err());
+    }
 }
