@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CPU profiles of tendril under `pgbench -S -M prepared -c16 -j2` (perf, cpu-clock, call
-# graphs): the userspace proxy process (io_uring driver), and the whole machine while the
+# graphs): the userspace proxy process (io_uring driver, two workers and one), and the whole machine while the
 # kernel path forwards. Writes perf reports to results/profile-<ts>/. Needs perf
 # (linux-perf) and the release binaries in TENDRIL_BIN; starts and stops its own PostgreSQL,
 # etcd and proxies with setup.sh, tendril-up.sh and teardown.sh.
@@ -30,6 +30,15 @@ sleep 1
 wait "$pid" || true
 "$PERF" report -i "$OUT/uring.data" --no-children -g none --percent-limit 0.5 --sort dso,sym --stdio 2>/dev/null \
   | grep -v '^$' | head -80 >"$OUT/uring-report.txt" || true
+# The same userspace path with one worker (every connection on one ring).
+load 25506 uring-w1
+pid=$!
+sleep 1
+"$PERF" record -q -e cpu-clock -F 999 -g -p "$(cat "$RUN_DIR/tendril-uring-w1.pid")" \
+  -o "$OUT/uring-w1.data" -- sleep "$SECONDS_PER_PROFILE" 2>/dev/null
+wait "$pid" || true
+"$PERF" report -i "$OUT/uring-w1.data" --no-children -g none --percent-limit 0.5 --sort dso,sym --stdio 2>/dev/null \
+  | grep -v '^$' | head -80 >"$OUT/uring-w1-report.txt" || true
 # Kernel forwarding: nothing runs in the proxy, so profile every CPU.
 load 25502 kernel
 pid=$!
@@ -42,6 +51,8 @@ wait "$pid" || true
 # kernel threads use the machine while the kernel path forwards.
 "$PERF" report -i "$OUT/uring.data" --no-children -g none --sort dso --stdio 2>/dev/null \
   | grep -v '^$' >"$OUT/uring-by-dso.txt" || true
+"$PERF" report -i "$OUT/uring-w1.data" --no-children -g none --sort dso --stdio 2>/dev/null \
+  | grep -v '^$' >"$OUT/uring-w1-by-dso.txt" || true
 "$PERF" report -i "$OUT/kernel.data" --no-children -g none --sort comm --stdio 2>/dev/null \
   | grep -v '^$' >"$OUT/kernel-by-comm.txt" || true
 rm -f "$OUT"/*.data
