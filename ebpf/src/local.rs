@@ -534,6 +534,47 @@ impl Local {
         }
     }
 
+    /// Inserts an entry keyed by a connection's four addresses, whose value starts with the
+    /// server socket's cookie (its owner). The same addresses can belong to a new connection
+    /// before the proxy has cleaned up after the old one (a port reused out of TIME_WAIT, or
+    /// at once when the kernel's TIME_WAIT table is full): an entry another server socket
+    /// owns is then stale, and replaced.
+    fn insert_addressed(&self, map: RawFd, key: &[u8], value: &[u8]) -> Result<(), RouteError> {
+        let noexist = libbpf_sys::BPF_NOEXIST;
+        match self.insert(map, key, value, noexist) {
+            Err(RouteError::Refused(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+                match self.owner(map, key, value.len()) {
+                    Some(owner) if owner != value[..8] => {
+                        self.insert(map, key, value, libbpf_sys::BPF_ANY)
+                    }
+                    _ => Err(RouteError::Refused(e)),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The first 8 bytes (the owning server socket's cookie) of the entry under `key`, whose
+    /// value is `len` bytes long.
+    fn owner(&self, map: RawFd, key: &[u8], len: usize) -> Option<[u8; 8]> {
+        let mut value = [0u8; ROUTE_SIZE];
+        let value = value.get_mut(..len)?;
+        // SAFETY: key has the map's key size; value has the map's value size (`len`, one of
+        // the sizes checked at load).
+        let rc = unsafe {
+            libbpf_sys::bpf_map_lookup_elem(map, key.as_ptr().cast(), value.as_mut_ptr().cast())
+        };
+        (rc == 0).then(|| value[..8].try_into().ok()).flatten()
+    }
+
+    /// Deletes the entry under `key` if `server` owns it: a new connection with the same
+    /// addresses may have replaced it already (see [`Local::insert_addressed`]).
+    fn delete_owned(&self, map: RawFd, key: &[u8], len: usize, server: u64) {
+        if self.owner(map, key, len) == Some(server.to_ne_bytes()) {
+            self.delete(map, key);
+        }
+    }
+
     fn delete(&self, map: RawFd, key: &[u8]) {
         // SAFETY: key points to a live buffer of the map's key size; ENOENT is ignored.
         unsafe {
@@ -572,11 +613,11 @@ impl Local {
                 noexist,
             )?;
             // A backend on this host: its replies may go straight to the client.
-            self.insert(self.backend_routes, &req.backend.bytes(), &s, noexist)?;
+            self.insert_addressed(self.backend_routes, &req.backend.bytes(), &s)?;
             // The route: the client's sends follow once the proxy has forwarded what the
             // client sent before (the program compares counts).
             let route = route_bytes(server, req.client, req.from_client, req.to_server);
-            self.insert(self.routes, &key, &route, noexist)
+            self.insert_addressed(self.routes, &key, &route)
         })();
         if let Err(e) = result {
             self.forget(&req.key, &req.backend, server);
@@ -661,8 +702,8 @@ impl Local {
     /// Stops kernel forwarding for the connection (the fence): the client's sends and the
     /// server's replies find no route.
     pub fn leave(&self, key: &ClientKey, backend: &ClientKey, server: u64) {
-        self.delete(self.routes, &key.bytes());
-        self.delete(self.backend_routes, &backend.bytes());
+        self.delete_owned(self.routes, &key.bytes(), ROUTE_SIZE, server);
+        self.delete_owned(self.backend_routes, &backend.bytes(), 8, server);
         let s = server.to_ne_bytes();
         self.delete(self.servers, &s);
         self.delete(self.accepted, &s);
