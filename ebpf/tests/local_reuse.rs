@@ -5,73 +5,29 @@
 #![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use socket2::{Domain, SockRef, Socket, Type};
 
 use tendril_ebpf::local::{ClientKey, Local, RouteRequest};
 
-/// A connection to `to` from 127.0.0.1:`port` (0: any port).
+/// A connection to `to` from 127.0.0.1:`port`.
 fn connect_from(port: u16, to: SocketAddr) -> TcpStream {
-    // SAFETY: plain socket calls on a descriptor this function owns until it is wrapped.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        let stream = TcpStream::from_raw_fd(fd);
-        let local = sockaddr(SocketAddr::from(([127, 0, 0, 1], port)));
-        let rc = libc::bind(
-            fd,
-            (&local as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        assert_eq!(rc, 0, "bind :{port}: {}", std::io::Error::last_os_error());
-        let remote = sockaddr(to);
-        let rc = libc::connect(
-            fd,
-            (&remote as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        assert_eq!(rc, 0, "connect {to}: {}", std::io::Error::last_os_error());
-        stream
-    }
-}
-
-fn sockaddr(addr: SocketAddr) -> libc::sockaddr_in {
-    let SocketAddr::V4(v4) = addr else {
-        panic!("IPv4 only here")
-    };
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: v4.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*v4.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap();
+    socket.connect(&to.into()).unwrap();
+    socket.into()
 }
 
 /// Closes with a reset: no TIME_WAIT, so the same four addresses can connect again at once.
 fn reset(stream: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on a live descriptor with a correctly sized value.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(stream);
 }
 
