@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-# Copied from the proxy anchor harness (shared/anchors/proxy); tendril targets added by tendril-up.sh.
+# A generic proxy benchmark harness written before tendril, copied unchanged (see README.md);
+# tendril's targets come in through EXTRA_TARGET, started by tendril-up.sh.
 """Compare / pool several result directories of bench.py.
 
 usage: python3 compare.py results/RUN_A [results/RUN_B ...]

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Starts what the tendril targets need beside the anchor setup: an etcd, cluster data whose
-# proxy section routes to the benchmark PostgreSQL, and five tendril proxies: userspace
-# forwarding on io_uring (TENDRIL_URING_PORT) and on epoll (TENDRIL_EPOLL_PORT), kernel
-# forwarding with --kernel-client-socket on (TENDRIL_KERNEL_PORT: local non-blocking
-# clients, like pgbench here, on their own socket) and as it runs by default, on the proxy's
-# two sockets, the path remote clients take (TENDRIL_KERNEL_PAIR_PORT), userspace on io_uring
-# with a single worker (TENDRIL_URING_W1_PORT: every connection on one ring); with
-# REPLICA_DIR, also the probe's minimal sockmap proxy
-# (REPLICA_PORT). Pids go to $RUN_DIR, stopped by teardown.sh.
+# Starts what the tendril targets need beside the harness's setup (setup.sh): an etcd,
+# cluster data whose proxy section routes to the benchmark PostgreSQL, and five tendril
+# proxies: userspace forwarding on io_uring (TENDRIL_URING_PORT) and on epoll
+# (TENDRIL_EPOLL_PORT), kernel forwarding as it runs by default (TENDRIL_KERNEL_PORT:
+# --kernel-client-socket on, so local non-blocking clients like pgbench here go on their own
+# socket, with direct replies from this host's PostgreSQL) and with --kernel-client-socket
+# off (TENDRIL_KERNEL_PAIR_PORT: the pair path on the proxy's two sockets, which remote
+# clients take by default), userspace on io_uring with a single worker
+# (TENDRIL_URING_W1_PORT: every connection on one ring); with REPLICA_DIR, also the probe's
+# minimal sockmap proxy (REPLICA_PORT). Which path each flag gives: README.md. Pids go to
+# $RUN_DIR, stopped by teardown.sh.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 . "$HERE/env.sh"

@@ -5,8 +5,8 @@
 //! 1. **BPF**: a `iter/tcp` program (C, `bpf/killer.bpf.c`) walks the host's TCP sockets and
 //!    calls the `bpf_sock_destroy()` kfunc (Linux >= 6.5) on each one matching a target.
 //!    Needs CAP_BPF and CAP_PERFMON. Loaded with libbpf-rs: aya cannot load kfunc calls on
-//!    this toolchain (see design.md); the loader is this one module, so moving to aya is a
-//!    one-file change.
+//!    this toolchain (aya >= 0.15, which can, needs Rust 1.98); the loader is this one
+//!    module, so moving to aya is a one-file change.
 //! 2. **netlink**: `SOCK_DIAG_BY_FAMILY` dump, then `SOCK_DESTROY` per matching socket (what
 //!    `ss -K` does). Needs CAP_NET_ADMIN.
 //! 3. **none**: the proxy closes its own connections only.
@@ -25,6 +25,7 @@ mod netlink;
 mod object;
 pub mod ring;
 pub mod sockmap;
+pub mod sockopt;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};

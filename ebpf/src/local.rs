@@ -19,7 +19,8 @@ use libbpf_rs::{Link, MapCore, Object};
 
 use crate::Unavailable;
 use crate::ring::{Ring, cookie_and_kind};
-use crate::sockmap::{cookie, count_keys, errno, push_queued};
+use crate::sockmap::{count_keys, errno, push_queued};
+use crate::sockopt::{cookie, netns_cookie, tcp_byte_counts};
 
 /// The object file, empty when the build could not make it.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/local.bpf.o"));
@@ -587,8 +588,7 @@ impl Local {
     /// error nothing is left in the maps.
     pub fn route(&self, req: &RouteRequest) -> Result<u64, RouteError> {
         let server = cookie(req.server).map_err(RouteError::Refused)?;
-        let (acked, _) =
-            crate::sockmap::tcp_byte_counts(req.server).map_err(RouteError::Refused)?;
+        let (acked, _) = tcp_byte_counts(req.server).map_err(RouteError::Refused)?;
         let s = server.to_ne_bytes();
         let key = req.key.bytes();
         let mut reply = [0u8; REPLY_SIZE];
@@ -778,28 +778,6 @@ fn decode_event(record: &[u8]) -> Option<Event> {
         _ => return None,
     };
     Some(Event { server, kind })
-}
-
-/// The network namespace cookie of a socket (`SO_NETNS_COOKIE`, Linux >= 5.14).
-pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let mut value: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `value`, which lives on this frame.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut value as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(value)
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// A socket's peer (`peer`) or local address.

@@ -16,6 +16,7 @@ use libbpf_rs::{MapCore, Object};
 
 use crate::Unavailable;
 use crate::ring::{Ring, cookie_and_kind};
+use crate::sockopt::cookie;
 
 /// The object file, empty when the build could not make it.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap.bpf.o"));
@@ -487,27 +488,6 @@ fn decode_event(record: &[u8]) -> Option<Event> {
     Some(Event { cookie, kind })
 }
 
-/// A socket's cookie (`SO_COOKIE`): unique for the life of the system.
-pub fn cookie(fd: RawFd) -> io::Result<u64> {
-    let mut value: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `value`, which lives on this frame.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut value as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(value)
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Runs the verdict over bytes that reached the socket before it joined (a receive on a
 /// sockmap socket first feeds its TCP queue to the program). A peek, so anything the
 /// program passes up stays queued for the proxy.
@@ -563,30 +543,4 @@ pub(crate) fn percpu_sum(map: RawFd, i: u32) -> u64 {
         libbpf_sys::bpf_map_lookup_elem(map, (&i as *const u32).cast(), values.as_mut_ptr().cast())
     };
     if rc == 0 { values.iter().sum() } else { 0 }
-}
-
-/// A TCP socket's `tcpi_bytes_acked` and `tcpi_bytes_received` (Linux >= 4.1), in that
-/// order. `struct tcp_info` is longer than libc's definition: the raw bytes are read and the
-/// two u64 fields taken at their fixed offsets (120 and 128, stable since 4.1).
-pub fn tcp_byte_counts(fd: RawFd) -> io::Result<(u64, u64)> {
-    let mut buf = [0u8; 256];
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `buf`, which lives on this frame.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (len as usize) < 136 {
-        return Err(io::Error::other("TCP_INFO too short (kernel < 4.1)"));
-    }
-    let at = |i: usize| u64::from_ne_bytes(buf[i..i + 8].try_into().unwrap_or([0; 8]));
-    Ok((at(120), at(128)))
 }

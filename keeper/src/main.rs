@@ -9,14 +9,7 @@ use tendril_keeper::{Keeper, KeeperArgs, KeeperConfig, KeeperError};
 
 fn main() -> ExitCode {
     let args = KeeperArgs::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TENDRIL_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    tendril_daemon::init_logging();
     let config = match KeeperConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => {
@@ -48,20 +41,5 @@ fn main() -> ExitCode {
 async fn run(config: KeeperConfig) -> Result<(), KeeperError> {
     let store = EtcdStore::connect_lazy(&config.store).await?;
     let keeper = Keeper::build(config, store).await?;
-    keeper.run(shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
+    keeper.run(tendril_daemon::shutdown_signal()).await
 }

@@ -79,7 +79,7 @@ impl<S> std::fmt::Debug for Control<S> {
 
 impl<S: Store> Control<S> {
     /// A control loop for the given workers.
-    #[allow(clippy::too_many_arguments, reason = "wiring done once in App::build")]
+    #[allow(clippy::too_many_arguments, reason = "wired once, in spawn_control")]
     pub fn new(
         store: S,
         shared: Arc<Shared>,

@@ -786,7 +786,7 @@ impl Thread {
         if bits & libc::EPOLLERR as u32 != 0 && !pair.dirs[side].reset {
             // A reset (or a failed send) on this side: what it sent before still goes out to
             // the peer, as a userspace copy would have done, then the pair is cut.
-            let e = socket_error(pair.fds[side].as_raw_fd());
+            let e = tendril_ebpf::sockopt::pending_error(pair.fds[side].as_raw_fd());
             tracing::debug!(client = %pair.peer, backend = %pair.backend.addr, side = if side == 0 { "client" } else { "backend" }, error = %e, "socket error");
             pair.dirs[side].reset = true;
             pair.dirs[side].eof = true;
@@ -1294,27 +1294,6 @@ fn step_replies(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bo
         return Ok(true);
     }
     dir.half_close(target)
-}
-
-/// The pending error of a socket (`SO_ERROR`).
-fn socket_error(fd: RawFd) -> io::Error {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes one int into `value`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        io::Error::last_os_error()
-    } else {
-        io::Error::from_raw_os_error(value)
-    }
 }
 
 fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {

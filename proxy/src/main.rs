@@ -57,14 +57,7 @@ fn main() -> ExitCode {
         return kill(KillArgs::parse_from(std::env::args().skip(1)));
     }
     let args = ProxyArgs::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TENDRIL_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    tendril_daemon::init_logging();
     let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
@@ -72,7 +65,7 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    match App::start(config, shutdown_signal()) {
+    match App::start(config, tendril_daemon::shutdown_signal()) {
         Ok(app) => {
             app.wait();
             ExitCode::SUCCESS
@@ -81,20 +74,5 @@ fn main() -> ExitCode {
             eprintln!("tendril-proxy: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
     }
 }

@@ -54,7 +54,7 @@ pub struct TcpBytes {
 
 /// Reads `tcpi_bytes_acked` and `tcpi_bytes_received` (Linux >= 4.1).
 pub fn tcp_bytes(fd: RawFd) -> std::io::Result<TcpBytes> {
-    let (acked, received) = tendril_ebpf::sockmap::tcp_byte_counts(fd)?;
+    let (acked, received) = tendril_ebpf::sockopt::tcp_byte_counts(fd)?;
     Ok(TcpBytes { acked, received })
 }
 
@@ -99,19 +99,5 @@ pub fn set_receive_buffer(fd: RawFd, bytes: u64) -> std::io::Result<()> {
 
 fn set_buffer(fd: RawFd, option: libc::c_int, bytes: u64) -> std::io::Result<()> {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt reads one int from `value`, which lives on this frame.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    tendril_ebpf::sockopt::set(fd, libc::SOL_SOCKET, option, value)
 }

@@ -11,14 +11,7 @@ use tendril_sentinel::sentinel::{Sentinel, SentinelMetrics};
 
 fn main() -> ExitCode {
     let args = SentinelArgs::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TENDRIL_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    tendril_daemon::init_logging();
     let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
@@ -63,23 +56,8 @@ fn main() -> ExitCode {
             }
         }
         Sentinel::new(store, config.sentinel, metrics)
-            .run(shutdown_signal())
+            .run(tendril_daemon::shutdown_signal())
             .await;
         ExitCode::SUCCESS
     })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
 }

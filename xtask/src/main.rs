@@ -3,7 +3,8 @@
 //! - `up` / `down`: a local cluster (etcd, keepers, sentinels, proxies) on loopback.
 //! - `test`: what CI runs. Installs missing system packages (as root on Debian), then checks
 //!   formatting, runs clippy with warnings denied, and runs every test.
-//! - `deps`: only the package installation step.
+//! - `deps [--check]`: the probe table of system files the build and tests use (deps.rs), and
+//!   without `--check` the installation of what is missing.
 //! - `build-ebpf`: compiles the BPF objects (the loader's build script runs the same step).
 //! - `bench proxy`: the proxy benchmark (bench/proxy/README.md).
 //!
@@ -23,7 +24,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
-        Some("deps") => deps::ensure(deps::Purpose::Test),
+        Some("deps") => deps::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("build-ebpf") => build_ebpf(),
         Some("up") => up::up(&args[1..]),
@@ -59,7 +60,8 @@ commands:
   down [--state-dir DIR]
                      stop it
   test [--no-lint]   install what the tests need, then fmt check, clippy, every test
-  deps               install the system packages the tests need (root, Debian)
+  deps [--check]     print each file the build and tests use, whether present, and its
+                     Debian package; without --check, install what is missing (root)
   build-ebpf         compile the BPF programs (clang) into <target>/bpf
   bench proxy [--quick]
                      pgbench: direct vs tendril vs HAProxy vs PgBouncer (bench/proxy)

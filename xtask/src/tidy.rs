@@ -1,28 +1,32 @@
 //! Repository policy, checked as tests.
 
 #[cfg(test)]
-mod tests {
-    use std::path::{Path, PathBuf};
+use std::path::{Path, PathBuf};
 
-    use crate::project_root;
-
-    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if path.is_dir() {
-                if name != "target" && !name.starts_with('.') {
-                    rust_files(&path, out);
-                }
-            } else if name.ends_with(".rs") {
-                out.push(path);
+/// Every `.rs` file under `dir`, skipping `target` and hidden directories.
+#[cfg(test)]
+pub(crate) fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if path.is_dir() {
+            if name != "target" && !name.starts_with('.') {
+                rust_files(&path, out);
             }
+        } else if name.ends_with(".rs") {
+            out.push(path);
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rust_files;
+    use crate::project_root;
 
     #[test]
     fn every_rust_file_opens_with_a_doc_comment() {

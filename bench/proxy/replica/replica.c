@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * A benchmark stand-in, not product code: the minimal sockmap proxy the feasibility probe
- * measured (../../../../shared/anchors/feasibility-sockmap.md), rebuilt so that every
+ * A benchmark stand-in, not product code: the minimal sockmap proxy of the feasibility probe
+ * that preceded tendril's kernel path (its figures: docs/benchmarks.md), rebuilt so that every
  * `cargo xtask bench proxy` run compares tendril's kernel path with the probe's design in
  * the same rounds. One epoll thread: accept, blocking connect to PostgreSQL, TCP_NODELAY,
  * both sockets into the sockhash (each under its peer's cookie), a peek to push queued

@@ -10,7 +10,9 @@ use serde_json::Value;
 /// The user's intent for a cluster. Stored inside `clusterdata` with every field present, so
 /// that what `tendrilctl spec` prints is exactly what every component acts on.
 ///
-/// Defaults follow tendril's timing table (design.md): seconds, not stolon's tens of seconds.
+/// Defaults are seconds, not stolon's tens of seconds: a 1 s loop (`sleep_interval`), a master
+/// failed after 5 s without a healthy report (`fail_interval`), a 5 s proxy lease
+/// (`proxy_timeout`); the full set is in the `Default` impl below.
 /// Every duration is written in JSON as a human-readable string ("5s", "1m 30s").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

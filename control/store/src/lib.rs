@@ -16,6 +16,7 @@
 //! was last confirmed, which is what a proxy needs to fence itself before the lease can expire.
 #![forbid(unsafe_code)]
 
+mod client;
 mod config;
 mod error;
 mod etcd;

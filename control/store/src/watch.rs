@@ -7,7 +7,7 @@ use etcd_client::{EventType, WatchOptions};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::etcd::{Inner, convert, list_prefix};
+use crate::client::{Inner, convert, list_prefix};
 use crate::{KeyValue, Revision};
 
 /// One change seen by a [`Watch`].

@@ -1,0 +1,36 @@
+//! What every tendril daemon (keeper, sentinel, proxy) does at its edges, written once:
+//! structured logs to standard error, filtered by `TENDRIL_LOG` (default `info`), and the
+//! future that completes on SIGTERM or SIGINT, which each daemon's `run` takes as its
+//! shutdown trigger.
+#![forbid(unsafe_code)]
+
+/// Sends `tracing` output to standard error, filtered by `TENDRIL_LOG` (an `EnvFilter`
+/// directive such as `info` or `tendril_proxy=debug`), coloured only on a terminal.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TENDRIL_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Completes on the first SIGTERM or SIGINT, and logs which one. If the handlers cannot be
+/// installed it never completes: the process then stops only by being killed, as it would
+/// without handlers, rather than shutting down at once.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
