@@ -9,7 +9,7 @@ use tendril_keeper::{Keeper, KeeperArgs, KeeperConfig, KeeperError};
 
 fn main() -> ExitCode {
     let args = KeeperArgs::parse();
-    tendril_daemon::init_logging();
+    tendril_daemon::init_logging("info");
     let config = match KeeperConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => {

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         return kill(KillArgs::parse_from(std::env::args().skip(1)));
     }
     let args = ProxyArgs::parse();
-    tendril_daemon::init_logging();
+    tendril_daemon::init_logging("info");
     let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {

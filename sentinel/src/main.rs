@@ -11,7 +11,7 @@ use tendril_sentinel::sentinel::{Sentinel, SentinelMetrics};
 
 fn main() -> ExitCode {
     let args = SentinelArgs::parse();
-    tendril_daemon::init_logging();
+    tendril_daemon::init_logging("info");
     let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {

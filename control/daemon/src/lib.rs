@@ -1,16 +1,17 @@
 //! What every tendril daemon (keeper, sentinel, proxy) does at its edges, written once:
-//! structured logs to standard error, filtered by `TENDRIL_LOG` (default `info`), and the
-//! future that completes on SIGTERM or SIGINT, which each daemon's `run` takes as its
-//! shutdown trigger.
+//! structured logs to standard error, filtered by `TENDRIL_LOG` (`info` for the daemons,
+//! `warn` for `tendrilctl`, which logs the same way), and the future that completes on
+//! SIGTERM or SIGINT, which each daemon's `run` takes as its shutdown trigger.
 #![forbid(unsafe_code)]
 
 /// Sends `tracing` output to standard error, filtered by `TENDRIL_LOG` (an `EnvFilter`
-/// directive such as `info` or `tendril_proxy=debug`), coloured only on a terminal.
-pub fn init_logging() {
+/// directive such as `info` or `tendril_proxy=debug`; `default` when unset), coloured only
+/// on a terminal.
+pub fn init_logging(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TENDRIL_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| default.into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
