@@ -5,18 +5,23 @@
 //! mocks, because the behaviour under test (leases expiring, watches resuming across a
 //! restart, compaction) only exists in the real thing.
 //!
-//! [`PgServer`] runs Debian's PostgreSQL 15 with trust authentication on loopback.
+//! [`PgServer`] runs Debian's PostgreSQL 15 with trust authentication on loopback, or inside
+//! a [`Netns`] (another host behind a veth pair).
 //!
 //! Start servers from the test's own thread: the child is told to die with the thread that
 //! spawned it (`PR_SET_PDEATHSIG`), so a test runner killed with SIGKILL leaves no etcd behind.
 
 mod etcd;
+mod netns;
 mod port;
 mod postgres;
+mod tls;
 
-pub use etcd::{EtcdServer, TlsMaterial};
+pub use etcd::EtcdServer;
+pub use netns::Netns;
 pub use port::free_port;
 pub use postgres::{PG_BIN, PgServer};
+pub use tls::{TlsMaterial, make_certificates};
 
 use std::path::PathBuf;
 
