@@ -19,9 +19,10 @@ pub const MAX_STARTUP_PACKET: usize = 10_000;
 /// A complete first packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FirstPacket {
-    /// The client asks for TLS; answer `S` or `N`, then it sends another first packet.
+    /// The client asks for TLS. Only PostgreSQL answers it (`S` or `N`); the proxy holds it
+    /// like a startup packet or refuses with an `ErrorResponse`.
     SslRequest,
-    /// The client asks for GSS encryption; answer `N`, then it sends another first packet.
+    /// The client asks for GSS encryption; handled as [`FirstPacket::SslRequest`].
     GssEncRequest,
     /// Cancel a running query of another connection.
     CancelRequest {

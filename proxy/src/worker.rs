@@ -518,13 +518,13 @@ async fn unrouted(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> Outcome
                 .await;
                 return CloseReason::BadStartup.into();
             }
-            Parse::Done(FirstPacket::SslRequest | FirstPacket::GssEncRequest, used) => {
-                buf.drain(..used);
-                let (res, _) = client.write_all(b"N".to_vec()).await;
-                if res.is_err() {
-                    return CloseReason::Client.into();
-                }
-                continue;
+            Parse::Done(FirstPacket::SslRequest | FirstPacket::GssEncRequest, _) => {
+                // Only PostgreSQL may answer: held like a startup packet, the request goes
+                // to the master once one is routable and the TLS (or GSS) handshake is
+                // end to end. A refusal answers with an ErrorResponse instead of the one
+                // byte, which clients report as the server's error: an `N` here would make
+                // an `sslmode=require` client fail with "server does not support SSL".
+                return hold_or_refuse(ctx, client, peer, buf, consumed).await;
             }
             Parse::Done(FirstPacket::CancelRequest { .. }, used) => {
                 // Cancel keys belong to the master: forward if there is one now, else drop.
@@ -566,11 +566,14 @@ async fn read_more(client: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<
     }
 }
 
+/// Holds a client whose first packet (`first`: a startup packet, an SSLRequest or a
+/// GSSENCRequest) is read, until a master is routable (then forwards `first` to it) or the
+/// hold ends (then refuses with 57P03 and the reason).
 async fn hold_or_refuse(
     ctx: &Ctx,
     client: TcpStream,
     peer: SocketAddr,
-    startup: Vec<u8>,
+    first: Vec<u8>,
     consumed: u64,
 ) -> Outcome {
     let settings = &ctx.shared.settings;
@@ -584,7 +587,7 @@ async fn hold_or_refuse(
                 peer,
                 backend.clone(),
                 table.epoch,
-                startup,
+                first,
                 consumed,
             )
             .await;

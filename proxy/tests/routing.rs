@@ -167,19 +167,54 @@ async fn no_master_answers_57p03_naming_the_cluster() {
         db.message()
     );
     assert!(db.message().contains(support::CLUSTER), "{}", db.message());
-    // SSLRequest first: answered N, then the startup gets the same error.
-    let mut raw = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
-    raw.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
-        .unwrap();
-    let mut answer = [0u8; 1];
-    raw.read_exact(&mut answer).unwrap();
-    assert_eq!(&answer, b"N");
-    raw.write_all(&support::startup_packet(&[("user", "postgres")]))
-        .unwrap();
-    let mut reply = Vec::new();
-    raw.read_to_end(&mut reply).unwrap();
-    assert_eq!(reply[0], b'E');
-    assert!(reply.windows(5).any(|w| w == b"57P03"));
+    // An SSLRequest or a GSSENCRequest is never answered `N` by the proxy (a client that
+    // requires TLS would report "server does not support SSL"): the answer is the same
+    // ErrorResponse, in place of the single byte, and clients print it as the server's error.
+    for request in [
+        [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f],
+        [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30],
+    ] {
+        let mut raw = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+        raw.write_all(&request).unwrap();
+        let mut reply = Vec::new();
+        raw.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply[0], b'E', "{reply:?}");
+        assert!(reply.windows(5).any(|w| w == b"57P03"));
+        assert!(
+            reply
+                .windows(b"no master available".len())
+                .any(|w| w == b"no master available")
+        );
+    }
+    // What a user sees. libpq since 15.10 does not print an error received before TLS
+    // (CVE-2024-10977: the server is not authenticated yet), so a client that asked for TLS
+    // reads that the server answered with an error, never that it "does not support SSL";
+    // without TLS it prints the reason.
+    let psql = |sslmode: &str| {
+        let out = std::process::Command::new(format!("{}/psql", tendril_testkit::PG_BIN))
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode={sslmode} connect_timeout=5",
+                proxy.port
+            ))
+            .args(["-c", "select 1"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for sslmode in ["require", "prefer"] {
+        let stderr = psql(sslmode);
+        assert!(
+            stderr.contains("error response during SSL exchange")
+                && !stderr.contains("does not support SSL"),
+            "psql sslmode={sslmode} printed: {stderr}"
+        );
+    }
+    let stderr = psql("disable");
+    assert!(
+        stderr.contains("no master available"),
+        "psql sslmode=disable printed: {stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

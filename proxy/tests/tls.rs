@@ -1,0 +1,180 @@
+//! TLS through the proxy, with real PostgreSQL speaking TLS, real etcd and the real proxy:
+//! the proxy never answers an SSLRequest itself while a route may come, so a client that
+//! requires TLS is held through a switchover and then does its handshake end to end with
+//! PostgreSQL (`sslmode=verify-full` verifies PostgreSQL's own certificate: the proxy is
+//! transparent); every forwarding path carries TLS; a switchover under a TLS-requiring load
+//! fails no connection.
+
+#![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Env, ProxyProc};
+use tendril_testkit::{PG_BIN, PgServer};
+
+/// Every forwarding path a user can select.
+const PATHS: &[(&str, &[&str])] = &[
+    ("userspace io_uring", &["--forwarding", "userspace"]),
+    (
+        "userspace epoll",
+        &["--forwarding", "userspace", "--io-driver", "epoll"],
+    ),
+    (
+        "kernel pair",
+        &["--forwarding", "kernel", "--kernel-client-socket", "off"],
+    ),
+    (
+        "kernel client socket",
+        &["--forwarding", "kernel", "--kernel-client-socket", "on"],
+    ),
+];
+
+/// What TLS a session got.
+const SSL_QUERY: &str = "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()";
+
+/// psql through the proxy verifying PostgreSQL's certificate, running `sql`.
+fn psql_verify_full(proxy_port: u16, pg: &PgServer, sql: &str) -> Command {
+    let ca = pg.tls().unwrap().ca_cert.display().to_string();
+    let mut cmd = Command::new(format!("{PG_BIN}/psql"));
+    cmd.arg(format!(
+        "host=127.0.0.1 port={proxy_port} user=postgres dbname=postgres \
+         sslmode=verify-full sslrootcert={ca} connect_timeout=20"
+    ))
+    .args(["-XAtc", sql]);
+    cmd
+}
+
+fn output_ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_ssl_request_gets_its_handshake_with_postgres_once_routed() {
+    let mut env = Env::new().await;
+    let pg = PgServer::start_tls(&[]);
+    // A switchover in progress: no master, connections held.
+    let g = env.route(None, true).await;
+    let proxy = ProxyProc::start(&env, "p1", &["--hold-timeout", "20s"], &[]);
+    env.wait_acked("p1", g, Duration::from_secs(10)).await;
+    let started = Instant::now();
+    let mut held = psql_verify_full(proxy.port, &pg, SSL_QUERY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        held.try_wait().unwrap().is_none(),
+        "a held TLS client was answered before the master appeared"
+    );
+    env.route(Some(("db1", pg.port())), false).await;
+    let out = tokio::task::spawn_blocking(move || held.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    println!("held TLS connection served after {:?}", started.elapsed());
+    assert_eq!(output_ok(out), "t|TLSv1.3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_forwarding_path_carries_tls_end_to_end() {
+    let mut env = Env::new().await;
+    let pg = PgServer::start_tls(&[]);
+    env.route(Some(("db1", pg.port())), false).await;
+    for (name, flags) in PATHS {
+        let uid = format!("p-{}", name.replace(' ', "-"));
+        let proxy = ProxyProc::start(&env, &uid, flags, &[]);
+        support::wait_routed(proxy.port, pg.port(), Duration::from_secs(15)).await;
+        let out = psql_verify_full(proxy.port, &pg, SSL_QUERY)
+            .output()
+            .unwrap();
+        assert_eq!(output_ok(out), "t|TLSv1.3", "{name}");
+        // A result larger than every buffer on the way, encrypted end to end.
+        let sql = "select repeat(i::text, 100) from generate_series(1, 20000) i";
+        let through = output_ok(psql_verify_full(proxy.port, &pg, sql).output().unwrap());
+        let direct = Command::new(format!("{PG_BIN}/psql"))
+            .arg(pg.conninfo())
+            .args(["-XAtc", sql])
+            .output()
+            .unwrap();
+        assert_eq!(through, output_ok(direct), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_under_tls_requiring_load_fails_no_connection() {
+    let mut env = Env::new().await;
+    let pg1 = PgServer::start_tls(&[]);
+    let pg2 = PgServer::start_tls(&[]);
+    for pg in [&pg1, &pg2] {
+        let init = Command::new(format!("{PG_BIN}/pgbench"))
+            .args(["-i", "-q", "-s", "1", "-h", "127.0.0.1"])
+            .args(["-p", &pg.port().to_string(), "-U", "postgres", "postgres"])
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+    }
+    for (name, flags) in PATHS {
+        env.route(Some(("db1", pg1.port())), false).await;
+        let uid = format!("s-{}", name.replace(' ', "-"));
+        let proxy = ProxyProc::start(&env, &uid, flags, &[]);
+        support::wait_routed(proxy.port, pg1.port(), Duration::from_secs(15)).await;
+        // New connection per transaction, each requiring TLS.
+        let load = Command::new(format!("{PG_BIN}/pgbench"))
+            .args(["-C", "-S", "-c", "2", "-T", "4", "-h", "127.0.0.1"])
+            .args(["-p", &proxy.port.to_string(), "-U", "postgres", "postgres"])
+            .env("PGSSLMODE", "require")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The switchover: hold, then the new master.
+        env.route(None, true).await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        env.route(Some(("db2", pg2.port())), false).await;
+        let out = tokio::task::spawn_blocking(move || load.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{name}:\n{text}");
+        assert!(out.status.success(), "{name}: pgbench failed:\n{text}");
+        assert!(
+            !text.contains("SSL") && !text.contains("error"),
+            "{name}: a connection failed:\n{text}"
+        );
+        let served = text
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|v| v.split('/').next()?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        assert!(served > 20, "{name}: only {served} transactions:\n{text}");
+        // Both masters served: the held connections went to the new one.
+        let on_new = Command::new(format!("{PG_BIN}/psql"))
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
+                proxy.port
+            ))
+            .args(["-XAtc", "show port"])
+            .output()
+            .unwrap();
+        assert_eq!(output_ok(on_new), pg2.port().to_string(), "{name}");
+    }
+}
