@@ -45,8 +45,12 @@
  * Close ordering. The server's FIN reaches the client through the accepted socket, which the
  * proxy half-closes; replies still in the client's backlog would be overtaken. So the verdict
  * notes the FIN and the timer reports when the backlog is empty (DELIVERED); the proxy
- * half-closes only then. The client's FIN comes through the accepted socket after every
- * byte it sent (redirected ones are already in the server socket's queue).
+ * half-closes only then. A reset of the server socket leaves no skb for the verdict to see:
+ * the proxy, told by its socket, asks probe_client (run from userspace) whether the client's
+ * backlog is empty before it cuts the connection, so what the backend sent before the reset
+ * (PostgreSQL's last ErrorResponse, sent just before it closes with unread input) still
+ * reaches the client ahead of the end. The client's FIN comes through the accepted socket
+ * after every byte it sent (redirected ones are already in the server socket's queue).
  *
  * Direct replies. When PostgreSQL runs on the proxy's host too, the replies' last hand-off
  * (the verdict's redirect goes through the client psock's backlog, delivered by a kernel
@@ -658,6 +662,62 @@ static __always_inline int still_waiting(struct reply *st)
 		return 0;
 	}
 	return 1;
+}
+
+/* The proxy's look at a connection whose server socket ended without a FIN the verdict could
+ * see (a reset: TCP drops the connection and no skb marks the end) and, as a check behind the
+ * timer, after a FIN: run by the proxy (BPF_PROG_RUN; a tc program for its socket helpers)
+ * with the server socket's cookie after an Ethernet header's worth of bytes. Everything the
+ * backend sent before the end is in the client socket or in its backlog by then (the verdict
+ * and a direct send both run before TCP takes the reset), so once the backlog is empty and its
+ * worker idle, the end may follow. Returns PROBE_* bits. */
+#define PROBE_DELIVERED 1 /* the client's backlog is empty and its worker idle (or it is gone) */
+#define PROBE_GONE 2      /* the client socket left `clients` (closed) */
+#define PROBE_HELD 4      /* the client holds bytes it has not read */
+#define PROBE_UNKNOWN 8   /* no such connection */
+
+/* Bytes in flight to the client through the accepted socket, or unread in the client's TCP
+ * queue: the ordinary path's share of what the client holds. */
+static __always_inline int tcp_path_holds(__u64 *server, struct client_key *ckey)
+{
+	int holds = 0;
+	struct bpf_sock *a = bpf_map_lookup_elem(&accepted, server);
+	if (a) {
+		struct tcp_sock *ap = bpf_skc_to_tcp_sock(a);
+		if (ap && ap->write_seq != ap->snd_una)
+			holds = 1;
+		bpf_sk_release(a);
+	}
+	struct bpf_sock *c = bpf_map_lookup_elem(&clients, ckey);
+	if (c) {
+		struct tcp_sock *cp = bpf_skc_to_tcp_sock(c);
+		if (cp && cp->copied_seq != cp->rcv_nxt)
+			holds = 1;
+		bpf_sk_release(c);
+	}
+	return holds;
+}
+
+SEC("tc")
+int probe_client(struct __sk_buff *skb)
+{
+	__u64 server = 0;
+	if (bpf_skb_load_bytes(skb, 14, &server, sizeof(server)))
+		return PROBE_UNKNOWN;
+	struct reply *st = bpf_map_lookup_elem(&replies, &server);
+	if (!st)
+		return PROBE_UNKNOWN;
+	struct client_key c = st->client;
+	__u32 tot = 0, qlen = 0;
+	int busy = 0;
+	if (client_psock(&c, &tot, &qlen, &busy) < 0)
+		return PROBE_DELIVERED | PROBE_GONE;
+	int out = 0;
+	if (qlen == 0 && !busy)
+		out |= PROBE_DELIVERED;
+	if (tot != 0 || qlen != 0 || tcp_path_holds(&server, &c))
+		out |= PROBE_HELD;
+	return out;
 }
 
 /* Upper bound of one timer run: every connection at most once. */

@@ -46,6 +46,11 @@ const EVENT_DELIVERED: u32 = 2;
 const EVENT_FAILED: u32 = 3;
 const EVENT_PAUSED: u32 = 4;
 
+const PROBE_DELIVERED: u32 = 1;
+const PROBE_GONE: u32 = 2;
+const PROBE_HELD: u32 = 4;
+const PROBE_UNKNOWN: u32 = 8;
+
 /// A connection as the client sees it: its network namespace and its four addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientKey {
@@ -131,6 +136,19 @@ pub struct Reply {
     pub fin: bool,
     /// After the FIN, every redirected byte reached the client socket.
     pub delivered: bool,
+}
+
+/// The client's side of a connection as [`Local::probe`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// Everything redirected to the client reached its socket: its backlog is empty and the
+    /// backlog worker idle, or the client socket is gone.
+    pub delivered: bool,
+    /// The client socket closed (it left the client sockhash).
+    pub gone: bool,
+    /// The client holds bytes it has not read (delivered, in its backlog, or on the way
+    /// through the accepted socket).
+    pub held: bool,
 }
 
 /// What the program reports, for the server socket with `server` cookie.
@@ -225,6 +243,9 @@ pub struct Stats {
     pub replies_direct: u64,
     /// Backend sockets on this host that joined (one per connection the proxy made to it).
     pub backends: u64,
+    /// Connections the proxy cut because their server side had ended and nothing moved for
+    /// a while with the client waiting (see the proxy's kernel path; should stay 0).
+    pub stalled: u64,
 }
 
 /// Why a connection could not be routed on the client's socket.
@@ -290,6 +311,8 @@ pub struct Local {
     connectors: RawFd,
     events: RawFd,
     stats: RawFd,
+    probe: RawFd,
+    stalled: std::sync::atomic::AtomicU64,
     max_clients: u32,
     recv_limit: u64,
 }
@@ -408,6 +431,11 @@ impl Local {
         let backend_routes = map("backend_routes", Some(8))?;
         let connectors = map("connectors", Some(4))?;
         let stats = map("stats", None)?;
+        let probe = object
+            .progs()
+            .find(|p| p.name() == "probe_client")
+            .map(|p| p.as_fd().as_raw_fd())
+            .ok_or_else(|| unavailable("program probe_client missing from the object"))?;
         let cgroup = std::fs::File::open(&root)
             .map_err(|e| unavailable(format!("open the cgroup v2 root {root}: {e}")))?;
         let mut link = None;
@@ -443,6 +471,8 @@ impl Local {
             connectors,
             events,
             stats,
+            probe,
+            stalled: std::sync::atomic::AtomicU64::new(0),
             max_clients,
             recv_limit,
         })
@@ -699,6 +729,44 @@ impl Local {
         })
     }
 
+    /// Looks at the client's side of the connection whose server socket has `server` cookie
+    /// (the program's `probe_client`): `None` when the connection is unknown. For an end the
+    /// verdict cannot see (a reset of the server socket), and behind the timer after a FIN.
+    pub fn probe(&self, server: u64) -> io::Result<Option<Probe>> {
+        // An Ethernet header's worth of bytes (the least a tc program's test run takes), then
+        // the cookie.
+        let mut packet = [0u8; 14 + 8];
+        packet[14..].copy_from_slice(&server.to_ne_bytes());
+        // SAFETY: an all-zero bpf_test_run_opts is valid; sz is set as libbpf requires.
+        let mut opts: libbpf_sys::bpf_test_run_opts = unsafe { std::mem::zeroed() };
+        opts.sz = std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _;
+        opts.data_in = packet.as_ptr().cast();
+        opts.data_size_in = packet.len() as u32;
+        opts.repeat = 1;
+        // SAFETY: data_in points to `packet`, live for the call; nothing is written back
+        // (no data_out, no context).
+        let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(self.probe, &mut opts) };
+        if rc != 0 {
+            return Err(errno(rc));
+        }
+        let bits = opts.retval;
+        if bits & PROBE_UNKNOWN != 0 {
+            return Ok(None);
+        }
+        Ok(Some(Probe {
+            delivered: bits & PROBE_DELIVERED != 0,
+            gone: bits & PROBE_GONE != 0,
+            held: bits & PROBE_HELD != 0,
+        }))
+    }
+
+    /// Counts a connection the proxy cut because it stalled after its server side ended
+    /// ([`Stats::stalled`]).
+    pub fn count_stalled(&self) {
+        self.stalled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Stops kernel forwarding for the connection (the fence): the client's sends and the
     /// server's replies find no route.
     pub fn leave(&self, key: &ClientKey, backend: &ClientKey, server: u64) {
@@ -736,6 +804,7 @@ impl Local {
             timer_failures: read(11),
             replies_direct: read(12),
             backends: read(13),
+            stalled: self.stalled.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

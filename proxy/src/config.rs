@@ -56,9 +56,10 @@ pub struct ProxyArgs {
     /// I/O driver: `auto` (io_uring, epoll when unavailable) or `epoll`.
     #[arg(long, env = "TENDRIL_IO_DRIVER", default_value = "auto")]
     pub io_driver: IoDriver,
-    /// How established connections move bytes: `kernel` (BPF sockmap redirect; the proxy
-    /// refuses to start without it), `userspace`, or `auto` (kernel when the program loads,
-    /// userspace otherwise).
+    /// How established connections move bytes: `userspace` (io_uring, or epoll), `kernel`
+    /// (BPF sockmap redirect; the proxy refuses to start without it; opt-in), or `auto`
+    /// (userspace: the default path is one that passes the data-plane fault matrix, and the
+    /// kernel paths do not yet).
     #[arg(long, env = "TENDRIL_FORWARDING", default_value = "auto")]
     pub forwarding: Forwarding,
     /// Most bytes the kernel holds for one direction of a kernel-forwarded connection before
@@ -92,12 +93,36 @@ pub enum Switch {
 /// The forwarding strategy asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Forwarding {
-    /// Kernel when the program loads, userspace otherwise.
+    /// The default path: userspace, until a kernel path passes the fault matrix.
     Auto,
     /// Kernel only.
     Kernel,
     /// Userspace only.
     Userspace,
+}
+
+/// The forwarding path a proxy runs, chosen from [`Forwarding`] in [`Forwarding::path`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardPath {
+    /// Userspace forwarding, and why (logged at start).
+    Userspace(&'static str),
+    /// Kernel forwarding (the proxy refuses to start if its programs do not load).
+    Kernel,
+}
+
+impl Forwarding {
+    /// The one place the forwarding path is chosen. A path is the default only while it
+    /// passes the data-plane fault matrix (`proxy/tests/matrix.rs`): the kernel paths
+    /// stranded clients whose backend ended (issue 18), so `auto` is userspace.
+    pub fn path(self) -> ForwardPath {
+        match self {
+            Forwarding::Auto => ForwardPath::Userspace(
+                "auto: the default path; kernel forwarding is opt-in (--forwarding kernel)",
+            ),
+            Forwarding::Userspace => ForwardPath::Userspace("--forwarding userspace"),
+            Forwarding::Kernel => ForwardPath::Kernel,
+        }
+    }
 }
 
 /// Parses `65536`, `64KiB`, `1MiB` (also `K`, `M`, `KB`, `MB` as binary units).

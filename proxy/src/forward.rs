@@ -12,7 +12,12 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 
 use crate::metrics::WorkerMetrics;
-use crate::sys::shutdown_both;
+use crate::sys::{reset_connection, shutdown_both, unacknowledged};
+
+/// How long a reset from one side waits for the bytes read before it to be acknowledged by
+/// the other side, so that passing the reset on drops nothing. Past it the other side gets
+/// a FIN instead: its data is worth more than the exact kind of ending.
+const RESET_FLUSH: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Which side ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +107,7 @@ impl Forwarder for UserspaceCopy {
             client_w,
             &self.pool,
             &metrics.bytes_to_client,
-            fds,
+            (fds.1, fds.0),
         );
         let (up, down) = monoio::join!(to_backend, to_client);
         match (up, down) {
@@ -132,6 +137,7 @@ thread_local! {
     static EOF_ORDER: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
+/// Copies `from` to `to` until `from` ends; `fds` are (from, to).
 async fn copy<R: AsyncReadRent, W: AsyncWriteRent>(
     mut from: R,
     mut to: W,
@@ -159,7 +165,17 @@ async fn copy<R: AsyncReadRent, W: AsyncWriteRent>(
                 return Direction::Eof(next_eof());
             }
             Ok(n) => n,
-            Err(_) => {
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::ConnectionReset && flushed(fds.1).await {
+                    // The source reset (PostgreSQL exiting with input it had not read, a
+                    // client gone hard): the peer gets a reset too, after every byte before
+                    // it, as it would have straight from the source. The other direction's
+                    // pending read on the peer then fails, and nothing more is sent.
+                    if reset_connection(fds.1).is_ok() {
+                        shutdown_both(fds.0);
+                        return Direction::Error;
+                    }
+                }
                 shutdown_both(fds.0);
                 shutdown_both(fds.1);
                 return Direction::Error;
@@ -184,6 +200,20 @@ async fn copy<R: AsyncReadRent, W: AsyncWriteRent>(
             if full {
                 large = Some(pool.take());
             }
+        }
+    }
+}
+
+/// Waits until the peer acknowledged everything written to `fd`, up to [`RESET_FLUSH`].
+async fn flushed(fd: RawFd) -> bool {
+    let deadline = std::time::Instant::now() + RESET_FLUSH;
+    loop {
+        match unacknowledged(fd) {
+            Ok(0) => return true,
+            Ok(_) if std::time::Instant::now() < deadline => {
+                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            _ => return false,
         }
     }
 }

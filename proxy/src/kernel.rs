@@ -43,8 +43,15 @@ const USER_BUFFER: usize = 64 * 1024;
 /// First and last delay of a pair's timed retries (waiting for a queue to drain).
 const FIRST_RETRY: Duration = Duration::from_millis(1);
 const LAST_RETRY: Duration = Duration::from_millis(64);
+/// How long the client's reset after the backend's waits for the client to acknowledge the
+/// last replies (a reset drops what is unacknowledged); past it the client gets a FIN.
+const RESET_FLUSH: Duration = Duration::from_millis(200);
 /// How often the thread looks at draining and lost events when nothing else wakes it.
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
+/// A client-socket connection whose server side ended, whose client has read everything it
+/// holds and where nothing moved for this long is cut (a defence: every end should reach the
+/// client well before, see `step_replies`).
+const STALL_LIMIT: Duration = Duration::from_secs(2);
 
 /// Why a connection stayed in userspace.
 #[derive(Debug, thiserror::Error)]
@@ -504,7 +511,17 @@ struct Pair {
     retry: Option<Instant>,
     delay: Duration,
     generation: u32,
+    /// Since when, and in which state, the end of a client-socket connection's server side
+    /// has waited with nothing moving (see [`STALL_LIMIT`]).
+    stall: Option<(Instant, StallState)>,
+    /// When the backend's reset was seen: the client gets a reset too, once it acknowledged
+    /// every byte before it, for up to [`RESET_FLUSH`] (see [`Thread::abort`]).
+    backend_reset: Option<Instant>,
 }
+
+/// What moves while a client-socket connection's end waits: the proxy's copies both ways and
+/// the reply direction's state.
+type StallState = (u64, u64, Option<local::Reply>);
 
 impl Pair {
     /// The cookies the program's events name this connection by.
@@ -671,6 +688,8 @@ impl Thread {
             retry: None,
             delay: FIRST_RETRY,
             generation: self.next_generation,
+            stall: None,
+            backend_reset: None,
         };
         let pair_gen = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
@@ -791,6 +810,9 @@ impl Thread {
             pair.dirs[side].reset = true;
             pair.dirs[side].eof = true;
             pair.first_eof.get_or_insert(side);
+            if side == 1 {
+                pair.backend_reset = Some(Instant::now());
+            }
         }
         if bits & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
             pair.dirs[side].eof = true;
@@ -836,6 +858,7 @@ impl Thread {
                 self.progress(slot);
             }
         }
+        self.cut_stalled();
         if !self.disconnected {
             // Workers gone (all their handles dropped) means the proxy is stopping.
             if let Err(mpsc::TryRecvError::Disconnected) =
@@ -868,6 +891,62 @@ impl Thread {
         idle && (self.disconnected || (self.shared.draining() && self.shared.all_workers_stopped()))
     }
 
+    /// Cuts client-socket connections whose server side ended but whose end has not reached
+    /// the client after [`STALL_LIMIT`] with nothing moving while the client holds nothing
+    /// unread (it waits for the proxy, not the other way round). Should never happen: each
+    /// one is logged and counted.
+    fn cut_stalled(&mut self) {
+        let Some(local) = self.local.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut stalled = Vec::new();
+        for (slot, pair) in self.pairs.iter_mut().enumerate() {
+            let Some(pair) = pair else { continue };
+            let Kind::Local(route) = pair.kind else {
+                continue;
+            };
+            let waiting_end = pair.dirs[1].eof && !pair.dirs[1].shut;
+            if !waiting_end
+                || local
+                    .probe(route.server)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|p| p.held)
+            {
+                pair.stall = None;
+                continue;
+            }
+            let state = (
+                pair.dirs[0].forwarded,
+                pair.dirs[1].forwarded,
+                local.reply(route.server),
+            );
+            match &pair.stall {
+                Some((since, was)) if *was == state => {
+                    if now.duration_since(*since) >= STALL_LIMIT {
+                        stalled.push((slot, state.2));
+                    }
+                }
+                _ => pair.stall = Some((now, state)),
+            }
+        }
+        for (slot, reply) in stalled {
+            local.count_stalled();
+            if let Some(pair) = self.pairs.get(slot).and_then(Option::as_ref) {
+                tracing::warn!(
+                    client = %pair.peer,
+                    backend = %pair.backend.addr,
+                    server_reset = pair.dirs[1].reset,
+                    reply = ?reply,
+                    stalled_total = local.stats().stalled,
+                    "the server side ended but its end never reached the client: cutting the connection"
+                );
+            }
+            self.abort(slot, CloseReason::Error);
+        }
+    }
+
     /// Moves a pair forward after anything happened to it.
     fn progress(&mut self, slot: usize) {
         let Some(pair) = self.pairs.get_mut(slot).and_then(Option::as_mut) else {
@@ -891,7 +970,9 @@ impl Thread {
         }
     }
 
-    /// Cuts a pair at once: out of the map, both sockets shut down and closed.
+    /// Cuts a pair at once: out of the map, both sockets shut down and closed. After the
+    /// backend's reset, the client gets a reset too (as straight from PostgreSQL) when it has
+    /// acknowledged every byte sent to it; a FIN otherwise, which drops nothing.
     fn abort(&mut self, slot: usize, reason: CloseReason) {
         if let Some(pair) = self.pairs.get(slot).and_then(Option::as_ref) {
             match pair.kind {
@@ -902,9 +983,15 @@ impl Thread {
                     }
                 }
             }
-            for fd in &pair.fds {
-                crate::sys::shutdown_both(fd.as_raw_fd());
+            let client = pair.fds[0].as_raw_fd();
+            let pass_reset = pair.dirs[1].reset
+                && !pair.dirs[0].reset
+                && crate::sys::unacknowledged(client).is_ok_and(|n| n == 0)
+                && crate::sys::reset_connection(client).is_ok();
+            if !pass_reset {
+                crate::sys::shutdown_both(client);
             }
+            crate::sys::shutdown_both(pair.fds[1].as_raw_fd());
         }
         self.close(slot, reason);
     }
@@ -999,10 +1086,21 @@ fn advance(map: &Sockmap, local: Option<&Local>, pair: &mut Pair) -> Advance {
             Err(reason) => return Advance::Abort(reason),
         }
     }
+    let mut flushing = false;
     if pair.dirs.iter().any(|d| d.reset && d.shut) {
-        return Advance::Abort(CloseReason::Error);
+        // After the backend's reset, the client's reset waits (briefly) for the client to
+        // acknowledge the last replies: a reset would drop them.
+        flushing = pair
+            .backend_reset
+            .is_some_and(|at| at.elapsed() < RESET_FLUSH)
+            && !pair.dirs[0].reset
+            && crate::sys::unacknowledged(pair.fds[0].as_raw_fd()).is_ok_and(|n| n > 0);
+        if !flushing {
+            return Advance::Abort(CloseReason::Error);
+        }
+        wait = true;
     }
-    if pair.dirs[0].shut && pair.dirs[1].shut {
+    if pair.dirs[0].shut && pair.dirs[1].shut && !flushing {
         return Advance::Close(match pair.first_eof {
             Some(1) => CloseReason::Backend,
             _ => CloseReason::Client,
@@ -1279,18 +1377,35 @@ fn step_replies(local: &Local, pair: &mut Pair, route: &LocalRoute) -> Result<bo
     if !dir.eof {
         return Ok(false);
     }
-    // The server sent its FIN: half-close toward the client once every reply is there.
-    if dir.start < dir.end || r.passed > dir.forwarded {
+    // The server ended: its FIN, or a reset. The end follows toward the client (a half-close,
+    // or the cut of the pair after a reset) once every reply before it is there. A reset
+    // leaves no skb for the verdict, so the program never notes it: after one, the client's
+    // backlog is looked at from here. A read that returned end of file after a reset took
+    // everything the server socket still held; passed bytes not read by then went with the
+    // socket's psock, which the kernel drops at the reset, and are not waited for.
+    let passed_lost = dir.reset && dir.fin_read;
+    if dir.start < dir.end || (r.passed > dir.forwarded && !passed_lost) {
         return Ok(r.mode == ReplyMode::User);
     }
     let delivered = match r.mode {
-        ReplyMode::Kernel => r.delivered,
+        ReplyMode::Kernel if r.delivered => true,
+        // The verdict saw the FIN (the timer reports the drained backlog; this looks too, in
+        // case its event was lost) or never will (a reset): everything before the end is in
+        // the client socket or its backlog.
+        ReplyMode::Kernel if r.fin || dir.reset => local
+            .probe(route.server)
+            .map_err(|e| {
+                tracing::debug!(error = %e, "client-socket probe failed");
+                CloseReason::Error
+            })?
+            .is_none_or(|p| p.delivered),
+        ReplyMode::Kernel => false,
         ReplyMode::User => dir.fin_read,
         ReplyMode::Draining | ReplyMode::Failed => false,
     };
     if !delivered {
         // The program reports delivery (or a drained backlog) with an event; retry anyway
-        // in case the FIN has not reached it yet.
+        // in case the FIN has not reached it yet (and after a reset, which it never sees).
         return Ok(true);
     }
     dir.half_close(target)

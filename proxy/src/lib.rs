@@ -91,20 +91,21 @@ impl App {
                 addr: config.listen,
                 source,
             })?;
-        let sockmap = match config.forwarding {
-            config::Forwarding::Userspace => None,
-            asked => match tendril_ebpf::sockmap::Sockmap::load(config.kernel_max_connections) {
-                Ok(map) => Some(map),
-                Err(e) if asked == config::Forwarding::Kernel => {
-                    return Err(ProxyError::Other(format!(
-                        "--forwarding kernel: {e}; use --forwarding auto or userspace"
-                    )));
+        let sockmap = match config.forwarding.path() {
+            config::ForwardPath::Userspace(why) => {
+                tracing::info!(reason = why, "forwarding in userspace");
+                None
+            }
+            config::ForwardPath::Kernel => {
+                match tendril_ebpf::sockmap::Sockmap::load(config.kernel_max_connections) {
+                    Ok(map) => Some(map),
+                    Err(e) => {
+                        return Err(ProxyError::Other(format!(
+                            "--forwarding kernel: {e}; use --forwarding auto or userspace"
+                        )));
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "kernel forwarding unavailable: forwarding in userspace");
-                    None
-                }
-            },
+            }
         };
         let shared = Shared::new(
             config.workers,

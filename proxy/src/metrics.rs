@@ -303,7 +303,7 @@ pub fn render(
             metric(
                 "tendril_proxy_kernel_client_socket_total",
                 "counter",
-                "client-socket path events: sends and reply skbs redirected or passed, pauses, failures, clients given the pair path because they read in blocking mode or their route was refused",
+                "client-socket path events: sends and reply skbs redirected or passed, pauses, failures, clients given the pair path because they read in blocking mode or their route was refused, connections cut because their end never reached the client (stalled_cut; should stay 0)",
                 vec![
                     ("event=\"client_joined\"".into(), stats.clients),
                     ("event=\"client_map_full\"".into(), stats.clients_full),
@@ -322,6 +322,7 @@ pub fn render(
                     ("event=\"repeated\"".into(), stats.repeated),
                     ("event=\"events_lost\"".into(), stats.lost_events),
                     ("event=\"timer_failed\"".into(), stats.timer_failures),
+                    ("event=\"stalled_cut\"".into(), stats.stalled),
                     ("event=\"blocking_client\"".into(), blocking),
                     ("event=\"route_refused\"".into(), refused),
                 ],

@@ -63,13 +63,43 @@ pub fn tcp_bytes(fd: RawFd) -> std::io::Result<TcpBytes> {
 /// (callers wait for it to reach a value; an underestimate only makes them wait longer).
 pub fn tcp_written(fd: RawFd) -> std::io::Result<u64> {
     let acked = tcp_bytes(fd)?.acked;
+    Ok(acked + unacknowledged(fd)?)
+}
+
+/// Bytes written to a TCP socket that its peer has not acknowledged yet (`SIOCOUTQ`).
+pub fn unacknowledged(fd: RawFd) -> std::io::Result<u64> {
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int into `outq`.
     let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(acked + outq.max(0) as u64)
+    Ok(outq.max(0) as u64)
+}
+
+/// Resets a TCP connection now, keeping the descriptor: the peer gets a reset, not a FIN,
+/// and later shutdowns and the close send nothing (`connect` to `AF_UNSPEC` disconnects the
+/// socket). How a proxy passes on a reset it received. A reset drops what the peer has not
+/// acknowledged, so callers wait for [`unacknowledged`] to reach 0 first.
+pub fn reset_connection(fd: RawFd) -> std::io::Result<()> {
+    let addr = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    // SAFETY: connect reads size_of::<sockaddr>() bytes from `addr`, which lives on this
+    // frame.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            &addr,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Duplicates a descriptor (close-on-exec).

@@ -245,27 +245,7 @@ fn client_socket_metric(proxy: &ProxyProc, event: &str) -> f64 {
 
 /// Entries left in every map of both kernel paths.
 fn kernel_map_entries(proxy: &ProxyProc) -> f64 {
-    let pair: f64 = ["peers", "directions", "forwarded"]
-        .iter()
-        .map(|m| {
-            metric(
-                proxy,
-                &format!("tendril_proxy_kernel_map_entries{{cluster=\"pxy\",map=\"{m}\"}}"),
-            )
-        })
-        .sum();
-    let client_socket: f64 = ["clients", "routes", "servers", "replies", "backends"]
-        .iter()
-        .map(|m| {
-            metric(
-                proxy,
-                &format!(
-                    "tendril_proxy_kernel_client_socket_map_entries{{cluster=\"pxy\",map=\"{m}\"}}"
-                ),
-            )
-        })
-        .sum();
-    pair + client_socket
+    proxy.kernel_map_entries()
 }
 
 fn start_kernel_proxy(env: &Env, uid: &str, extra: &[&str]) -> ProxyProc {
@@ -1432,7 +1412,7 @@ async fn a_full_map_keeps_extra_connections_in_userspace() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_bpf_privileges_auto_falls_back_and_kernel_refuses_to_start() {
+async fn without_bpf_privileges_kernel_refuses_to_start_and_auto_serves() {
     let _serial = SERIAL.lock().await;
     let mut env = Env::new().await;
     let pg = support::pg();
@@ -1467,7 +1447,8 @@ async fn without_bpf_privileges_auto_falls_back_and_kernel_refuses_to_start() {
         err.contains("--forwarding kernel") && err.contains("CAP_BPF"),
         "unclear refusal: {err}"
     );
-    // --forwarding auto: starts in userspace, says so, and serves.
+    // --forwarding auto (the default): userspace, which needs no privilege; it says so and
+    // serves.
     let port = tendril_testkit::free_port();
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut child = Command::new(setpriv)
@@ -1485,7 +1466,7 @@ async fn without_bpf_privileges_auto_falls_back_and_kernel_refuses_to_start() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(
-        text.contains("kernel forwarding unavailable")
+        text.contains("forwarding in userspace")
             && (text.contains("forwarding=\"userspace\"") || text.contains("forwarding=userspace")),
         "{text}"
     );

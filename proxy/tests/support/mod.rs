@@ -6,6 +6,8 @@
 )]
 #![allow(clippy::unwrap_used, reason = "test support: a failed step panics")]
 
+pub mod wire;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -43,10 +45,20 @@ impl Env {
     /// Writes the cluster data routing to `port` on 127.0.0.1 (or nowhere), bumping the
     /// proxy generation. Returns the generation.
     pub async fn route(&mut self, db: Option<(&str, u16)>, hold: bool) -> Generation {
+        let db = db.map(|(uid, port)| (uid, std::net::IpAddr::from([127, 0, 0, 1]), port));
+        self.route_to(db, hold).await
+    }
+
+    /// As [`Env::route`], to a master at any address (one in a network namespace).
+    pub async fn route_to(
+        &mut self,
+        db: Option<(&str, std::net::IpAddr, u16)>,
+        hold: bool,
+    ) -> Generation {
         self.cd.proxy.generation = self.cd.proxy.generation.next();
-        self.cd.proxy.master = db.map(|(uid, port)| ProxyRoute {
+        self.cd.proxy.master = db.map(|(uid, address, port)| ProxyRoute {
             db_uid: uid.into(),
-            address: "127.0.0.1".into(),
+            address: address.to_string(),
             port,
         });
         self.cd.proxy.hold = hold;
@@ -160,6 +172,28 @@ impl ProxyProc {
             .next()?
             .parse()
             .ok()
+    }
+
+    /// Entries in every kernel-forwarding map (pair path and client-socket path); 0 when
+    /// the proxy forwards in userspace.
+    pub fn kernel_map_entries(&self) -> f64 {
+        let maps = [
+            ("kernel_map_entries", "peers"),
+            ("kernel_map_entries", "directions"),
+            ("kernel_map_entries", "forwarded"),
+            ("kernel_client_socket_map_entries", "clients"),
+            ("kernel_client_socket_map_entries", "routes"),
+            ("kernel_client_socket_map_entries", "servers"),
+            ("kernel_client_socket_map_entries", "replies"),
+            ("kernel_client_socket_map_entries", "backends"),
+        ];
+        maps.iter()
+            .filter_map(|(metric, map)| {
+                self.metric(&format!(
+                    "tendril_proxy_{metric}{{cluster=\"{CLUSTER}\",map=\"{map}\"}}"
+                ))
+            })
+            .sum()
     }
 
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
