@@ -93,12 +93,16 @@ impl std::fmt::Debug for Credentials {
 }
 
 /// The operating-system identity PostgreSQL runs under, when it differs from the keeper's.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunAs {
     /// User id.
     pub uid: u32,
     /// Group id.
     pub gid: u32,
+    /// Its home directory: PostgreSQL's `HOME`, where libpq in the walreceiver looks for
+    /// `~/.postgresql/` files (the keeper's own `HOME`, root's, is unreadable to it and
+    /// makes every TLS replication connection fail).
+    pub home: std::path::PathBuf,
 }
 
 /// Validated keeper configuration.
@@ -297,6 +301,7 @@ fn run_as(os_user: &str) -> Result<Option<RunAs>, String> {
         Ok(Some(user)) => Ok(Some(RunAs {
             uid: user.uid.as_raw(),
             gid: user.gid.as_raw(),
+            home: user.dir,
         })),
         Ok(None) => Err(format!(
             "running as root, PostgreSQL must run as another user, and --pg-os-user {os_user:?} does not exist"

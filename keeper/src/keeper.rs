@@ -89,7 +89,7 @@ impl<S: Store> Keeper<S> {
             data.log_file(),
             config.port,
             config.su.clone(),
-            config.run_as,
+            config.run_as.clone(),
         );
         let (major, minor) = pg.binary_version().await?;
         let (report, _) = watch::channel(None);
@@ -553,17 +553,22 @@ impl<S: Store> Keeper<S> {
             Some(FollowConfig::Internal { .. }) => {
                 let (source, _) = followed_endpoint(cd, db)?;
                 let repl = &self.config.repl;
+                let tls = db
+                    .spec
+                    .replication_tls
+                    .as_ref()
+                    .map_or_else(|| vec![("sslmode", "prefer".to_owned())], |t| t.conninfo());
                 let conninfo = [
-                    ("host", source.host.as_str()),
-                    ("port", &source.port.to_string()),
-                    ("user", &repl.user),
-                    ("password", &repl.password),
-                    ("application_name", &pgconf::standby_name(&db.uid)),
-                    ("sslmode", "prefer"),
-                    ("connect_timeout", "5"),
+                    ("host", source.host.clone()),
+                    ("port", source.port.to_string()),
+                    ("user", repl.user.clone()),
+                    ("password", repl.password.clone()),
+                    ("application_name", pgconf::standby_name(&db.uid)),
+                    ("connect_timeout", "5".to_owned()),
                 ]
-                .iter()
-                .map(|(k, v)| format!("{k}={}", conninfo_quote(v)))
+                .into_iter()
+                .chain(tls)
+                .map(|(k, v)| format!("{k}={}", conninfo_quote(&v)))
                 .collect::<Vec<_>>()
                 .join(" ");
                 Ok(Upstream {

@@ -104,8 +104,10 @@ impl Postgres {
 
     fn tool(&self, name: &str) -> Command {
         let mut cmd = Command::new(self.bin.join(name));
-        if let Some(run_as) = self.run_as {
-            cmd.uid(run_as.uid).gid(run_as.gid);
+        if let Some(run_as) = &self.run_as {
+            cmd.uid(run_as.uid)
+                .gid(run_as.gid)
+                .env("HOME", &run_as.home);
         }
         cmd.env_remove("PGPASSWORD")
             .env("LC_ALL", "C")
@@ -174,7 +176,7 @@ impl Postgres {
 
     /// Gives a path to postgres' OS user.
     pub fn chown(&self, path: &Path) -> Result<(), KeeperError> {
-        if let Some(run_as) = self.run_as {
+        if let Some(run_as) = &self.run_as {
             std::os::unix::fs::chown(path, Some(run_as.uid), Some(run_as.gid))
                 .map_err(|e| KeeperError::io("chown", path, e))?;
         }

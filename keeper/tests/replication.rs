@@ -1,6 +1,6 @@
 //! Keepers converging real PostgreSQL instances to hand-written cluster data: streaming,
-//! promotion, re-pointing without restart, and the old master rejoining by pg_rewind or by a
-//! base backup.
+//! promotion, re-pointing without restart, the old master rejoining by pg_rewind or by a
+//! base backup, and streaming over verified TLS.
 #![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
 
 mod support;
@@ -8,7 +8,9 @@ mod support;
 use std::time::Duration;
 
 use support::{Env, change, db, wait_count};
-use tendril_control_model::{ClusterSpec, DbInitMode, DbRole, FollowConfig};
+use tendril_control_model::{
+    ClusterSpec, DbInitMode, DbRole, FollowConfig, ReplicationTls, SslMode,
+};
 
 const ROWS: &str = "SELECT count(*) FROM t";
 
@@ -231,4 +233,78 @@ async fn streaming_promotion_repoint_and_rejoin() {
         .unwrap();
     let slots: Vec<String> = slots.iter().map(|r| r.get(0)).collect();
     assert_eq!(slots, ["tendril_db3", "tendril_db4"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standbys_stream_over_verified_tls_when_the_spec_asks() {
+    let env = Env::new().await;
+    let certs = tempfile::tempdir().unwrap();
+    let tls = tendril_testkit::make_certificates_for_postgres(certs.path());
+    let k0 = env.keeper("k0");
+    let k1 = env.keeper("k1");
+    let path = |p: &std::path::Path| p.display().to_string();
+    let mut spec = ClusterSpec::default();
+    spec.pg_parameters.insert("ssl".into(), "on".into());
+    spec.pg_parameters
+        .insert("ssl_cert_file".into(), path(&tls.server_cert));
+    spec.pg_parameters
+        .insert("ssl_key_file".into(), path(&tls.server_key));
+    spec.replication_tls = Some(ReplicationTls {
+        sslmode: SslMode::VerifyFull,
+        sslrootcert: Some(path(&tls.ca_cert)),
+    });
+    spec.validate().unwrap();
+    let mut cd = env.new_cluster(spec.clone());
+    env.write(&mut cd).await;
+    env.sync_statuses(&mut cd, &["k0", "k1"]).await;
+    let mut db0 = db("db0", "k0", DbRole::Master, DbInitMode::New, None, &spec);
+    db0.spec.followers = vec!["db1".into()];
+    cd.dbs.insert("db0".into(), db0.clone());
+    cd.master = Some("db0".into());
+    env.write(&mut cd).await;
+    env.wait_converged("k0", &db0, false).await;
+    env.sync_statuses(&mut cd, &["k0"]).await;
+    let mut db1 = db(
+        "db1",
+        "k1",
+        DbRole::Standby,
+        DbInitMode::Resync,
+        Some("db0"),
+        &spec,
+    );
+    db1.spec.replication_tls = spec.replication_tls.clone();
+    cd.dbs.insert("db1".into(), db1.clone());
+    env.write(&mut cd).await;
+    env.wait_converged("k1", &db1, true).await;
+
+    // The standby verifies the master's certificate (signed by the test CA for 127.0.0.1)
+    // and streams over TLS.
+    let master = k0.sql().await;
+    master
+        .batch_execute("CREATE TABLE t (id int primary key); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    wait_count(k1.port, ROWS, 1, Duration::from_secs(30)).await;
+    let streams = master
+        .query(
+            "SELECT s.ssl, s.version FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(streams.len(), 1, "one walsender");
+    let (ssl, version): (bool, Option<String>) = (streams[0].get(0), streams[0].get(1));
+    assert!(ssl, "replication is not over TLS");
+    assert!(version.is_some_and(|v| v.starts_with("TLS")));
+    let conninfo: String = k1
+        .sql()
+        .await
+        .query_one("SHOW primary_conninfo", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        conninfo.contains("sslmode=verify-full") && conninfo.contains("sslrootcert="),
+        "{conninfo}"
+    );
 }

@@ -35,6 +35,8 @@ use tendril_testkit::{Netns, PG_BIN, PgServer};
 /// How long a scenario waits for the end it expects: far past any direct outcome, so a
 /// stranded client shows as `Open`.
 const WAIT: Duration = Duration::from_secs(5);
+/// What PostgreSQL logs when it accepts connections again (after a start or a crash reset).
+const READY: &str = "database system is ready to accept connections";
 /// How far a proxied outcome's timing may be from direct's.
 const TOLERANCE: Duration = Duration::from_secs(1);
 
@@ -246,10 +248,22 @@ fn backend_killed(t: &mut Target) -> Observation {
     let mut c = t.session();
     c.query("select pg_sleep(30)").unwrap();
     std::thread::sleep(Duration::from_millis(200));
+    let ready = |pg: &PgServer| pg.log().matches(READY).count();
+    let before = ready(t.pg);
     let since = Instant::now();
     kill(backend_pid(&c));
     let seen = read_to_end(&mut c, since);
-    // The postmaster resets every backend after a crash: wait until it serves again.
+    // The postmaster resets every backend after a crash: wait until it has come back from
+    // that (it may not have started when the client saw the end), then until it serves.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready(t.pg) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "no crash restart:\n{}",
+            t.pg.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     wait_ready(t.pg);
     seen
 }

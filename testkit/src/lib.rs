@@ -21,7 +21,7 @@ pub use etcd::EtcdServer;
 pub use netns::Netns;
 pub use port::free_port;
 pub use postgres::{PG_BIN, PgServer};
-pub use tls::{TlsMaterial, make_certificates};
+pub use tls::{TlsMaterial, make_certificates, make_certificates_for_postgres};
 
 use std::path::PathBuf;
 

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use crate::free_port;
 use crate::netns::{NamespaceThread, Netns, spawn_in};
-use crate::tls::{TlsMaterial, make_certificates};
+use crate::tls::{TlsMaterial, make_certificates_for_postgres};
 
 /// Where Debian puts PostgreSQL 15.
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -59,18 +59,7 @@ impl PgServer {
             .prefix("tendril-pg-tls-")
             .tempdir()
             .expect("temp dir");
-        let tls = make_certificates(dir.path());
-        let run_as = run_as();
-        // PostgreSQL reads its key only if its own user owns it, mode 0600.
-        for file in [&tls.server_cert, &tls.server_key, &tls.ca_cert] {
-            if let Some((uid, gid)) = run_as {
-                std::os::unix::fs::chown(file, Some(uid), Some(gid)).expect("chown");
-            }
-        }
-        std::fs::set_permissions(&tls.server_key, std::fs::Permissions::from_mode(0o600))
-            .expect("chmod");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
+        let tls = make_certificates_for_postgres(dir.path());
         let cert = tls.server_cert.display().to_string();
         let key = tls.server_key.display().to_string();
         let mut all = vec![
@@ -288,7 +277,7 @@ impl Drop for PgServer {
 }
 
 /// PostgreSQL refuses to run as root: when tests run as root, its tools run as `postgres`.
-fn run_as() -> Option<(u32, u32)> {
+pub(crate) fn run_as() -> Option<(u32, u32)> {
     if !nix::unistd::geteuid().is_root() {
         return None;
     }

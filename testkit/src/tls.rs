@@ -90,3 +90,20 @@ pub fn make_certificates(dir: &Path) -> TlsMaterial {
         client_key: dir.join("client.key"),
     }
 }
+
+/// [`make_certificates`], with the server's files made readable by PostgreSQL when tests run
+/// as root (PostgreSQL runs as `postgres` then, and reads its key only if it owns it, mode
+/// 0600).
+pub fn make_certificates_for_postgres(dir: &Path) -> TlsMaterial {
+    use std::os::unix::fs::PermissionsExt;
+    let tls = make_certificates(dir);
+    if let Some((uid, gid)) = crate::postgres::run_as() {
+        for file in [&tls.server_cert, &tls.server_key, &tls.ca_cert] {
+            std::os::unix::fs::chown(file, Some(uid), Some(gid)).expect("chown");
+        }
+    }
+    std::fs::set_permissions(&tls.server_key, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    tls
+}

@@ -251,6 +251,9 @@ pub struct DbSpec {
     pub pg_parameters: BTreeMap<String, String>,
     /// User `pg_hba.conf` lines from the cluster spec.
     pub pg_hba: Option<Vec<String>>,
+    /// TLS of the replication connection to the upstream, from the cluster spec.
+    #[serde(default)]
+    pub replication_tls: Option<crate::ReplicationTls>,
     /// `max_replication_slots` and the base of `max_wal_senders`.
     pub max_standbys: u32,
     /// Extra WAL senders.
@@ -287,6 +290,7 @@ impl Default for DbSpec {
             external_synchronous_standbys: Vec::new(),
             pg_parameters: BTreeMap::new(),
             pg_hba: None,
+            replication_tls: None,
             max_standbys: spec.max_standbys,
             additional_wal_senders: spec.additional_wal_senders,
             additional_replication_slots: Vec::new(),

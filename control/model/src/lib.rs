@@ -19,6 +19,7 @@ mod info;
 mod keys;
 mod lsn;
 mod patch;
+mod replication_tls;
 mod spec;
 
 pub use cluster::{
@@ -32,6 +33,7 @@ pub use info::{KeeperInfo, PgVersion, PostgresState, ProxyInfo, SentinelInfo};
 pub use keys::{InvalidClusterName, Keys};
 pub use lsn::{Lsn, ParseLsnError};
 pub use patch::merge_patch;
+pub use replication_tls::{ReplicationTls, SslMode};
 pub use spec::{
     ArchiveRecoverySettings, ClusterRole, ClusterSpec, ExistingConfig, InitMode, NewConfig,
     PitrConfig, RecoveryTargetSettings, SpecError, SpecErrors, StandbyConfig, StandbySettings,

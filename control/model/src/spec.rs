@@ -91,6 +91,9 @@ pub struct ClusterSpec {
     pub pg_hba: Option<Vec<String>>,
     /// Restart PostgreSQL when a changed parameter needs it; otherwise report "pending restart".
     pub automatic_pg_restart: bool,
+    /// TLS of the standbys' replication connections; absent means `sslmode=prefer` (TLS when
+    /// the upstream offers it, unverified).
+    pub replication_tls: Option<crate::ReplicationTls>,
 }
 
 impl Default for ClusterSpec {
@@ -127,6 +130,7 @@ impl Default for ClusterSpec {
             pg_parameters: BTreeMap::new(),
             pg_hba: None,
             automatic_pg_restart: false,
+            replication_tls: None,
         }
     }
 }
@@ -522,6 +526,11 @@ impl ClusterSpec {
                     "is required when init_mode is pitr",
                 ),
             },
+        }
+        if let Some(tls) = &self.replication_tls {
+            for (field, message) in tls.problems() {
+                e.push(field, message);
+            }
         }
         if self.role == ClusterRole::Standby {
             let conninfo = self

@@ -481,6 +481,7 @@ fn propagate_spec(cd: &mut ClusterData) {
         s.use_pg_rewind = spec.use_pg_rewind;
         s.pg_parameters.clone_from(&spec.pg_parameters);
         s.pg_hba.clone_from(&spec.pg_hba);
+        s.replication_tls.clone_from(&spec.replication_tls);
         s.additional_wal_senders = spec.additional_wal_senders;
         if s.role == DbRole::Master {
             s.additional_replication_slots
