@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use crate::KeeperError;
 use crate::config::KeeperConfig;
 use crate::datadir::{DataDir, DbState, KeeperState};
+use crate::fence::{self, ReportClock, Unfence};
 use crate::pgconf::{self, ConfInput, HbaInput, Upstream};
 use crate::postgres::{Endpoint, Postgres};
 use crate::sql::{self, Probe};
@@ -58,6 +59,13 @@ pub struct Keeper<S> {
     pg_crashes: u64,
     last_pg_crash: Option<String>,
     sync_change_pending: bool,
+    /// When the publisher's last successful report write started (the fence's clock).
+    report_clock: ReportClock,
+    /// PostgreSQL runs as this cluster's master (as of the last pass).
+    running_master: bool,
+    /// PostgreSQL was stopped by the self-fence and stays stopped until [`fence::unfence`]
+    /// says otherwise.
+    fenced: bool,
 }
 
 impl<S: Store> Keeper<S> {
@@ -109,6 +117,9 @@ impl<S: Store> Keeper<S> {
             pg_crashes: 0,
             last_pg_crash: None,
             sync_change_pending: false,
+            report_clock: ReportClock::default(),
+            running_master: false,
+            fenced: false,
         })
     }
 
@@ -138,6 +149,7 @@ impl<S: Store> Keeper<S> {
             self.config.keys.keeper(&self.uid),
             lease.clone(),
             self.report.subscribe(),
+            self.report_clock.clone(),
         ));
         let cd_key = self.config.keys.cluster_data();
         let mut cd_watch = match self.store.watch(&cd_key, 0).await {
@@ -165,24 +177,34 @@ impl<S: Store> Keeper<S> {
             } else {
                 self.spec.sleep_interval
             };
-            let sleep = tokio::time::sleep(next);
-            tokio::select! {
-                () = sleep => {}
-                event = next_watch_event(&mut cd_watch) => {
-                    if let Some(WatchEvent::Interrupted { error }) = event {
-                        tracing::debug!(%error, "cluster data watch interrupted");
+            let wake = tokio::time::Instant::now() + next;
+            // Until the next pass, the fence is looked at every CHECK_PERIOD.
+            let stop = loop {
+                self.fence_if_isolated().await;
+                tokio::select! {
+                    () = tokio::time::sleep_until(wake) => break false,
+                    () = tokio::time::sleep(fence::CHECK_PERIOD) => {}
+                    event = next_watch_event(&mut cd_watch) => {
+                        if let Some(WatchEvent::Interrupted { error }) = event {
+                            tracing::debug!(%error, "cluster data watch interrupted");
+                        }
+                        break false;
                     }
+                    status = self.pg.exited() => {
+                        self.pg_crashes += 1;
+                        let note = format!(
+                            "postgres exited unexpectedly ({status}) at {}",
+                            humantime::format_rfc3339_seconds(SystemTime::now())
+                        );
+                        tracing::error!(keeper = %self.uid, %status, "postgres exited unexpectedly; restarting it");
+                        self.last_pg_crash = Some(note);
+                        break false;
+                    }
+                    () = &mut shutdown => break true,
                 }
-                status = self.pg.exited() => {
-                    self.pg_crashes += 1;
-                    let note = format!(
-                        "postgres exited unexpectedly ({status}) at {}",
-                        humantime::format_rfc3339_seconds(SystemTime::now())
-                    );
-                    tracing::error!(keeper = %self.uid, %status, "postgres exited unexpectedly; restarting it");
-                    self.last_pg_crash = Some(note);
-                }
-                () = &mut shutdown => break,
+            };
+            if stop {
+                break;
             }
         }
         tracing::info!(keeper = %self.uid, "keeper stopping");
@@ -195,10 +217,37 @@ impl<S: Store> Keeper<S> {
         stopped
     }
 
+    /// Stops a master whose reports no longer reach the store, before the sentinel can
+    /// elect another (see [`crate::fence`]).
+    async fn fence_if_isolated(&mut self) {
+        let since = self.report_clock.since();
+        let limit = fence::fence_after(&self.spec);
+        if self.fenced || !fence::must_fence(self.running_master, since, limit) {
+            return;
+        }
+        tracing::error!(
+            keeper = %self.uid,
+            db = %self.db_state.uid,
+            since_last_report = ?since,
+            limit = ?limit,
+            "fencing: this master's reports have not reached the store for too long; stopping \
+             PostgreSQL before another master can be elected"
+        );
+        self.fenced = true;
+        self.running_master = false;
+        if let Err(e) = self.pg.stop().await {
+            tracing::error!(keeper = %self.uid, error = %e, "fencing: cannot stop postgres");
+        }
+        self.observe_and_report(Some("fenced: the store is unreachable".into()))
+            .await;
+    }
+
     /// One convergence pass.
     pub async fn pass(&mut self) -> Result<Pass, KeeperError> {
         let key = self.config.keys.cluster_data();
-        let Some(kv) = self.store.get(&key).await? else {
+        let read = tokio::time::timeout(fence::STORE_READ_TIMEOUT, self.store.get(&key)).await;
+        let read = read.map_err(|_| KeeperError::StoreTimeout(fence::STORE_READ_TIMEOUT))?;
+        let Some(kv) = read? else {
             return Ok(Pass::Waiting(format!("no cluster data at {key}")));
         };
         let cd: ClusterData = decode(&kv.value)?;
@@ -240,6 +289,20 @@ impl<S: Store> Keeper<S> {
                 )));
             }
         };
+        if self.fenced {
+            let since = self.report_clock.since();
+            match fence::unfence(&cd, &db, since, fence::fence_after(&cd.spec)) {
+                Unfence::Lift => {
+                    tracing::info!(db = %db.uid, role = ?db.spec.role, "lifting the fence: the store answers and the cluster data says what to run");
+                    self.fenced = false;
+                }
+                Unfence::Stay(why) => {
+                    self.pg.stop().await?;
+                    return Ok(Pass::Waiting(why));
+                }
+            }
+        }
+        self.running_master = false;
         if self.db_state.initializing {
             tracing::warn!(db = %self.db_state.uid, "an initialisation was interrupted; discarding its data");
             self.pg.stop().await?;
@@ -292,6 +355,7 @@ impl<S: Store> Keeper<S> {
             self.pg.reload()?;
         }
         if db.spec.role == DbRole::Master {
+            self.running_master = true;
             if !sql::is_writable(&client).await? {
                 tracing::info!(db = %db.uid, "promoting");
                 sql::promote(&client).await?;
@@ -713,6 +777,7 @@ async fn publish<S: Store>(
     key: String,
     lease: Arc<tokio::sync::Mutex<KeptLease>>,
     mut reports: watch::Receiver<Option<KeeperInfo>>,
+    clock: ReportClock,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -727,8 +792,10 @@ async fn publish<S: Store>(
         let id = lease.lock().await.id();
         let Some(id) = id else { continue };
         info.info_uid = format!("{:08x}", rand::random::<u32>());
-        if let Err(e) = store.put(&key, encode(&info), Some(id)).await {
-            tracing::debug!(error = %e, "cannot publish the keeper report");
+        let started = std::time::Instant::now();
+        match store.put(&key, encode(&info), Some(id)).await {
+            Ok(_) => clock.record(started),
+            Err(e) => tracing::debug!(error = %e, "cannot publish the keeper report"),
         }
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod datadir;
+pub mod fence;
 pub mod keeper;
 pub mod pgconf;
 pub mod postgres;
@@ -53,6 +54,9 @@ pub enum KeeperError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] tendril_control_store::StoreError),
+    /// The store did not answer a read in time (see `fence::STORE_READ_TIMEOUT`).
+    #[error("the store did not answer within {0:?}")]
+    StoreTimeout(std::time::Duration),
     /// The cluster data cannot be used; the keeper changes nothing until it can.
     #[error("cannot use the cluster data: {0}")]
     ClusterData(#[from] tendril_control_model::DecodeError),
