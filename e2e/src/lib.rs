@@ -271,6 +271,8 @@ pub struct Cluster {
     pub netns: Option<faults::Netns>,
     bin: PathBuf,
     store_endpoint: String,
+    /// The store's address as k0 in its namespace reaches it.
+    ns_store_endpoint: Option<String>,
     etcd: EtcdServer,
     _watch: tokio::task::JoinHandle<()>,
 }
@@ -294,11 +296,14 @@ impl Cluster {
         let root_ip: IpAddr = netns
             .as_ref()
             .map_or("127.0.0.1".parse().unwrap(), |n| n.root_ip);
+        // The store is reached on loopback from this namespace and, from k0's, on an address
+        // of its own, so a test can cut k0 from the store alone (Netns::cut_store).
         let etcd = match &netns {
-            Some(n) => EtcdServer::start_also_on(n.root_ip),
+            Some(n) => EtcdServer::start_also_on(n.store_ip),
             None => EtcdServer::start(),
         };
-        let store_endpoint = etcd.endpoint_on_extra().unwrap_or_else(|| etcd.endpoint());
+        let store_endpoint = etcd.endpoint();
+        let ns_store_endpoint = etcd.endpoint_on_extra();
         let store = EtcdStore::connect(&StoreConfig::new([etcd.endpoint()]))
             .await
             .unwrap();
@@ -334,6 +339,7 @@ impl Cluster {
             netns,
             bin,
             store_endpoint,
+            ns_store_endpoint,
             etcd,
             _watch: watch,
         };
@@ -393,7 +399,7 @@ impl Cluster {
             &format!("keeper-{uid}"),
             self.dir.path(),
             command,
-            self.envs(),
+            self.envs(in_netns),
         );
         self.nodes.push(Node {
             uid: uid.into(),
@@ -404,13 +410,14 @@ impl Cluster {
         });
     }
 
-    fn envs(&self) -> Vec<(String, String)> {
+    fn envs(&self, in_netns: bool) -> Vec<(String, String)> {
+        let store = match (&self.ns_store_endpoint, in_netns) {
+            (Some(endpoint), true) => endpoint.clone(),
+            _ => self.store_endpoint.clone(),
+        };
         vec![
             ("TENDRIL_CLUSTER_NAME".into(), CLUSTER.into()),
-            (
-                "TENDRIL_STORE_ENDPOINTS".into(),
-                self.store_endpoint.clone(),
-            ),
+            ("TENDRIL_STORE_ENDPOINTS".into(), store),
             ("TENDRIL_LOG".into(), "info".into()),
         ]
     }
@@ -428,7 +435,7 @@ impl Cluster {
             &format!("sentinel-{i}"),
             self.dir.path(),
             command,
-            self.envs(),
+            self.envs(false),
         ));
     }
 
@@ -448,7 +455,12 @@ impl Cluster {
             "--hold-timeout".into(),
             "30s".into(),
         ];
-        let p = Proc::spawn(&format!("proxy-{i}"), self.dir.path(), command, self.envs());
+        let p = Proc::spawn(
+            &format!("proxy-{i}"),
+            self.dir.path(),
+            command,
+            self.envs(false),
+        );
         self.proxies.push((p, port));
     }
 
@@ -531,6 +543,53 @@ impl Cluster {
             }
         }
         good == keepers && cd.dbs.len() == keepers
+    }
+
+    /// Makes `keeper`'s database the master (a switchover) unless it is already.
+    pub async fn make_master(&self, keeper: &str) {
+        if self.master_keeper().await.as_deref() == Some(keeper) {
+            return;
+        }
+        let out = self.ctl(&["switchover", "--to", keeper]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let keepers = self.nodes.len();
+        self.wait_healthy(keepers, Duration::from_secs(90)).await;
+    }
+
+    /// Waits until a master on a keeper other than `old` is published; returns that keeper.
+    pub async fn wait_new_master(&self, old: &str, limit: Duration) -> String {
+        let cd = self
+            .wait_cd("a new master published", limit, |cd| {
+                cd.proxy.master.is_some()
+                    && cd.master_db().is_some_and(|m| m.spec.keeper_uid != old)
+            })
+            .await;
+        cd.master_db()
+            .map(|m| m.spec.keeper_uid.clone())
+            .unwrap_or_default()
+    }
+
+    /// Panics unless every id of `acked` is in the `writes` table, read through the proxy.
+    pub async fn assert_no_acked_write_lost(&self, acked: &[i64]) {
+        let client = connect("127.0.0.1", self.proxy_port())
+            .await
+            .expect("connect through the proxy");
+        let rows = client
+            .query("SELECT id FROM writes", &[])
+            .await
+            .expect("read the writes");
+        let present: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let missing: Vec<&i64> = acked.iter().filter(|id| !present.contains(id)).collect();
+        assert!(
+            missing.is_empty(),
+            "{} acknowledged writes lost: {:?}",
+            missing.len(),
+            &missing[..missing.len().min(20)]
+        );
     }
 
     /// Waits for a condition on the cluster data.

@@ -17,8 +17,10 @@ pub enum Mode {
 /// What the writer saw.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
-    /// Ids whose INSERT was acknowledged (committed), with when.
-    pub acked: Vec<(i64, Instant)>,
+    /// Ids whose INSERT was acknowledged (committed), with when and the port of the server
+    /// that acknowledged it (`inet_server_port()`: which node, as every node shares the
+    /// system identifier).
+    pub acked: Vec<(i64, Instant, u16)>,
     /// Failed attempts, with when and why.
     pub failures: Vec<(Instant, String)>,
 }
@@ -28,7 +30,7 @@ impl Report {
     pub fn first_success_after(&self, t: Instant) -> Option<Instant> {
         self.acked
             .iter()
-            .map(|(_, at)| *at)
+            .map(|(_, at, _)| *at)
             .filter(|at| *at >= t)
             .min()
     }
@@ -37,7 +39,7 @@ impl Report {
     pub fn last_success_before(&self, t: Instant) -> Option<Instant> {
         self.acked
             .iter()
-            .map(|(_, at)| *at)
+            .map(|(_, at, _)| *at)
             .filter(|at| *at < t)
             .max()
     }
@@ -53,7 +55,7 @@ impl Report {
     /// The longest time without an acknowledged write, among the gaps that end at or after
     /// `t` (the write outage a fault at `t` caused, wherever it fell).
     pub fn max_gap_after(&self, t: Instant) -> Option<Duration> {
-        let mut times: Vec<Instant> = self.acked.iter().map(|(_, at)| *at).collect();
+        let mut times: Vec<Instant> = self.acked.iter().map(|(_, at, _)| *at).collect();
         times.sort();
         times
             .windows(2)
@@ -64,7 +66,7 @@ impl Report {
 
     /// Acknowledged ids.
     pub fn ids(&self) -> Vec<i64> {
-        self.acked.iter().map(|(id, _)| *id).collect()
+        self.acked.iter().map(|(id, _, _)| *id).collect()
     }
 }
 
@@ -77,10 +79,10 @@ pub struct Writer {
 }
 
 /// Creates the table the writer fills.
-pub async fn create_table(port: u16) {
-    let client = crate::connect("127.0.0.1", port)
+pub async fn create_table(host: &str, port: u16) {
+    let client = crate::connect(host, port)
         .await
-        .expect("connect through the proxy");
+        .expect("connect to create the writes table");
     client
         .batch_execute("CREATE TABLE IF NOT EXISTS writes (id bigint PRIMARY KEY, at timestamptz DEFAULT now())")
         .await
@@ -88,14 +90,35 @@ pub async fn create_table(port: u16) {
 }
 
 impl Writer {
-    /// Starts `workers` writers through `port`.
+    /// Starts `workers` writers through `port` on this host (a proxy), ids from 1.
     pub async fn start(port: u16, workers: usize, mode: Mode) -> Writer {
-        create_table(port).await;
+        Writer::start_to("127.0.0.1", port, workers, mode, 1).await
+    }
+
+    /// Starts `workers` writers to `host:port` (a PostgreSQL straight, bypassing the
+    /// proxies), numbering ids from `first_id` so they never collide with another writer's.
+    pub async fn start_to(
+        host: &str,
+        port: u16,
+        workers: usize,
+        mode: Mode,
+        first_id: i64,
+    ) -> Writer {
+        create_table(host, port).await;
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(Report::default()));
-        let next = Arc::new(AtomicI64::new(1));
+        let next = Arc::new(AtomicI64::new(first_id));
         let tasks = (0..workers)
-            .map(|_| tokio::spawn(work(port, mode, stop.clone(), report.clone(), next.clone())))
+            .map(|_| {
+                tokio::spawn(work(
+                    host.to_owned(),
+                    port,
+                    mode,
+                    stop.clone(),
+                    report.clone(),
+                    next.clone(),
+                ))
+            })
             .collect();
         Writer {
             stop,
@@ -132,6 +155,7 @@ impl Writer {
 }
 
 async fn work(
+    host: String,
     port: u16,
     mode: Mode,
     stop: Arc<AtomicBool>,
@@ -146,36 +170,40 @@ async fn work(
             client = None;
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = match tokio::time::timeout(
-                Duration::from_secs(40),
-                crate::connect("127.0.0.1", port),
-            )
-            .await
-            {
-                Ok(Ok(c)) => Some(c),
-                Ok(Err(e)) => {
-                    fail(&report, e.to_string());
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-                Err(_) => {
-                    fail(&report, "connect timed out".into());
-                    continue;
-                }
-            };
+            client =
+                match tokio::time::timeout(Duration::from_secs(40), crate::connect(&host, port))
+                    .await
+                {
+                    Ok(Ok(c)) => Some(c),
+                    Ok(Err(e)) => {
+                        fail(&report, e.to_string());
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    Err(_) => {
+                        fail(&report, "connect timed out".into());
+                        continue;
+                    }
+                };
         }
         let Some(c) = client.as_ref() else { continue };
         let id = next.fetch_add(1, Ordering::Relaxed);
         // A client-side deadline only: a statement_timeout would cancel a commit waiting for a
         // synchronous standby and report it committed (locally) — not what we count.
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
-        let insert = c.execute("INSERT INTO writes (id) VALUES ($1)", &params);
+        let insert = c.query_one(
+            "INSERT INTO writes (id) VALUES ($1) RETURNING inet_server_port()",
+            &params,
+        );
         match tokio::time::timeout(Duration::from_secs(30), insert).await {
-            Ok(Ok(_)) => report
-                .lock()
-                .expect("report lock")
-                .acked
-                .push((id, Instant::now())),
+            Ok(Ok(row)) => {
+                let server: i32 = row.get(0);
+                report.lock().expect("report lock").acked.push((
+                    id,
+                    Instant::now(),
+                    u16::try_from(server).unwrap_or(0),
+                ));
+            }
             Ok(Err(e)) => {
                 fail(&report, e.to_string());
                 client = None;

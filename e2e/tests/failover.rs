@@ -10,32 +10,6 @@ use std::time::{Duration, Instant};
 use tendril_e2e::writer::{Mode, Writer};
 use tendril_e2e::{Cluster, Options, default_spec};
 
-/// Checks every acknowledged id is on the (new) master, reached through the proxy.
-async fn assert_no_acked_write_lost(cluster: &Cluster, acked: &[i64]) {
-    let client = tendril_e2e::connect("127.0.0.1", cluster.proxy_port())
-        .await
-        .unwrap();
-    let rows = client.query("SELECT id FROM writes", &[]).await.unwrap();
-    let present: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-    let missing: Vec<&i64> = acked.iter().filter(|id| !present.contains(id)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged writes lost: {:?}",
-        missing.len(),
-        &missing[..missing.len().min(20)]
-    );
-}
-
-/// Waits until a master other than `old` is published.
-async fn wait_new_master(cluster: &Cluster, old: &str, limit: Duration) -> String {
-    let cd = cluster
-        .wait_cd("a new master published", limit, |cd| {
-            cd.proxy.master.is_some() && cd.master_db().is_some_and(|m| m.spec.keeper_uid != old)
-        })
-        .await;
-    cd.master_db().unwrap().spec.keeper_uid.clone()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_three_keepers_a_row_reaches_every_standby() {
     let cluster = Cluster::start(Options::default()).await;
@@ -97,7 +71,7 @@ async fn killed_postmaster_is_restarted_in_place() {
         "postmaster kill -9: longest write outage {:?}",
         report.max_gap_after(fault).unwrap_or_default()
     );
-    assert_no_acked_write_lost(&cluster, &report.ids()).await;
+    cluster.assert_no_acked_write_lost(&report.ids()).await;
     cluster.assert_never_two_masters_routable();
 }
 
@@ -115,7 +89,7 @@ async fn failover_after(
     let old = cluster.master_keeper().await.unwrap();
     let fault = Instant::now();
     apply(&mut cluster, &old);
-    let new = wait_new_master(&cluster, &old, Duration::from_secs(60)).await;
+    let new = cluster.wait_new_master(&old, Duration::from_secs(60)).await;
     let published = Instant::now();
     writer
         .wait_success_after(published, Duration::from_secs(30))
@@ -128,7 +102,7 @@ async fn failover_after(
         report.max_gap_after(fault).unwrap_or_default(),
         published - fault
     );
-    assert_no_acked_write_lost(&cluster, &report.ids()).await;
+    cluster.assert_no_acked_write_lost(&report.ids()).await;
     cluster.assert_never_two_masters_routable();
     (cluster, old, new)
 }
@@ -167,21 +141,12 @@ async fn partitioned_master_fails_over_and_rejoins_when_healed() {
     })
     .await;
     // k0 is in the network namespace; make sure it is the master.
-    let master = cluster.master_keeper().await.unwrap();
-    if master != "k0" {
-        let out = cluster.ctl(&["switchover", "--to", "k0"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        cluster.wait_healthy(3, Duration::from_secs(90)).await;
-    }
+    cluster.make_master("k0").await;
     let writer = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let fault = Instant::now();
     cluster.netns.as_ref().unwrap().partition();
-    let new = wait_new_master(&cluster, "k0", Duration::from_secs(60)).await;
+    let new = cluster.wait_new_master("k0", Duration::from_secs(60)).await;
     let published = Instant::now();
     writer
         .wait_success_after(published, Duration::from_secs(30))
@@ -193,7 +158,7 @@ async fn partitioned_master_fails_over_and_rejoins_when_healed() {
         "network partition of the master: new master {new}; longest write outage {:?}",
         report.max_gap_after(fault).unwrap_or_default()
     );
-    assert_no_acked_write_lost(&cluster, &report.ids()).await;
+    cluster.assert_no_acked_write_lost(&report.ids()).await;
     cluster.assert_never_two_masters_routable();
     cluster.netns.as_ref().unwrap().heal();
     cluster.wait_healthy(3, Duration::from_secs(120)).await;
@@ -271,7 +236,7 @@ async fn planned_switchover_under_load_holds_instead_of_failing() {
         failed.len(),
         report.max_gap_after(started)
     );
-    assert_no_acked_write_lost(&cluster, &report.ids()).await;
+    cluster.assert_no_acked_write_lost(&report.ids()).await;
 
     // A switchover to the asynchronous standby: the sentinel makes it synchronous first.
     cluster.wait_healthy(3, Duration::from_secs(90)).await;
@@ -300,6 +265,6 @@ async fn planned_switchover_under_load_holds_instead_of_failing() {
         "the target was made synchronous first:\n{events}"
     );
     let report = writer.stop().await;
-    assert_no_acked_write_lost(&cluster, &report.ids()).await;
+    cluster.assert_no_acked_write_lost(&report.ids()).await;
     cluster.assert_never_two_masters_routable();
 }

@@ -18,6 +18,9 @@ pub struct Netns {
     pub ns_ip: IpAddr,
     /// Address of the outside end.
     pub root_ip: IpAddr,
+    /// A second address on the outside end, for the store: [`Netns::cut_store`] makes it
+    /// unreachable from inside while every other address stays reachable.
+    pub store_ip: IpAddr,
 }
 
 fn ip(args: &[&str]) {
@@ -45,6 +48,7 @@ impl Netns {
         let ns_if = format!("tt{id}x{n}b");
         let root_ip: IpAddr = format!("10.{id}.{n}.1").parse().expect("ip");
         let ns_ip: IpAddr = format!("10.{id}.{n}.2").parse().expect("ip");
+        let store_ip: IpAddr = format!("10.{id}.{n}.3").parse().expect("ip");
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         let _ = Command::new("ip").args(["link", "del", &root_if]).output();
         ip(&["netns", "add", &name]);
@@ -53,6 +57,7 @@ impl Netns {
         ]);
         ip(&["link", "set", &ns_if, "netns", &name]);
         ip(&["addr", "add", &format!("{root_ip}/24"), "dev", &root_if]);
+        ip(&["addr", "add", &format!("{store_ip}/32"), "dev", &root_if]);
         ip(&["link", "set", &root_if, "up"]);
         ip(&[
             "netns",
@@ -72,6 +77,7 @@ impl Netns {
             root_if,
             ns_ip,
             root_ip,
+            store_ip,
         }
     }
 
@@ -83,6 +89,19 @@ impl Netns {
     /// Restores the link.
     pub fn heal(&self) {
         ip(&["link", "set", &self.root_if, "up"]);
+    }
+
+    /// Cuts the namespace off from [`Netns::store_ip`] only (an unreachable route inside):
+    /// a host that loses the store while its clients and peers still reach it.
+    pub fn cut_store(&self) {
+        let route = format!("{}/32", self.store_ip);
+        ip(&["-n", &self.name, "route", "add", "unreachable", &route]);
+    }
+
+    /// Undoes [`Netns::cut_store`].
+    pub fn heal_store(&self) {
+        let route = format!("{}/32", self.store_ip);
+        ip(&["-n", &self.name, "route", "del", "unreachable", &route]);
     }
 }
 

@@ -1,0 +1,137 @@
+//! The master's self-fence in a whole cluster of real processes: the master's host loses
+//! the store only (its PostgreSQL still reachable by the proxies, the other keepers and the
+//! clients), while one writer goes through the proxy and another straight to the master, as
+//! a client that bypasses the proxies would. The old master must acknowledge no write once
+//! another master can be elected: none after its PostgreSQL stopped, none after the proxies
+//! were fenced, none after the new master served one; no acknowledged write is lost.
+#![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
+
+use std::time::{Duration, Instant};
+
+use tendril_control_model::{DbRole, ProxyRoute};
+use tendril_e2e::writer::{Mode, Writer};
+use tendril_e2e::{Cluster, Options, default_spec};
+
+/// Ids of the writer that bypasses the proxies start here, apart from the proxied writer's.
+const DIRECT_IDS: i64 = 1_000_000_000;
+
+async fn master_cut_from_the_store(sync: bool) {
+    let cluster = Cluster::start(Options {
+        spec: default_spec(sync),
+        partitionable: true,
+        ..Options::default()
+    })
+    .await;
+    // k0 is in the network namespace; make sure it is the master.
+    cluster.make_master("k0").await;
+    let old_db = cluster.cluster_data().await.master.clone().unwrap();
+    let (k0_addr, k0_port) = {
+        let n = cluster.node("k0");
+        (n.address.to_string(), n.port)
+    };
+    let proxied = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
+    let direct = Writer::start_to(&k0_addr, k0_port, 1, Mode::Persistent, DIRECT_IDS).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !direct.snapshot().acked.is_empty(),
+        "the direct writer never wrote"
+    );
+
+    let cut = Instant::now();
+    cluster.netns.as_ref().unwrap().cut_store();
+    let deadline = cut + Duration::from_secs(20);
+    while cluster.node("k0").postmaster_pid().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "k0 did not fence itself:\n{}",
+            cluster.logs_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pg_gone = Instant::now();
+    let new = cluster.wait_new_master("k0", Duration::from_secs(60)).await;
+    let new_port = cluster.node(&new).port;
+    proxied
+        .wait_success_after(Instant::now(), Duration::from_secs(30))
+        .await
+        .expect("writes resume through the proxy");
+
+    cluster.netns.as_ref().unwrap().heal_store();
+    cluster.wait_healthy(3, Duration::from_secs(120)).await;
+    let cd = cluster.cluster_data().await;
+    let k0_db = cd.dbs.values().find(|d| d.spec.keeper_uid == "k0").unwrap();
+    assert_eq!(k0_db.spec.role, DbRole::Standby, "k0 did not rejoin");
+    let direct = direct.stop().await;
+    let proxied = proxied.stop().await;
+
+    let routes = cluster.routes.lock().unwrap().clone();
+    let after = |want: &dyn Fn(&Option<ProxyRoute>) -> bool| {
+        routes
+            .iter()
+            .find(|(at, r)| *at >= cut && want(r))
+            .map(|(at, _)| *at)
+    };
+    let fenced_at = after(&|r| r.is_none()).expect("the failover fenced the proxies");
+    let routed_at = after(&|r| r.as_ref().is_some_and(|r| r.db_uid != old_db))
+        .expect("the new master was routed");
+    let first_new = proxied
+        .acked
+        .iter()
+        .filter(|a| a.2 == new_port)
+        .map(|a| a.1)
+        .min()
+        .expect("the new master acknowledged writes");
+    let last_old = direct
+        .acked
+        .iter()
+        .chain(&proxied.acked)
+        .filter(|a| a.2 == k0_port)
+        .map(|a| a.1)
+        .max()
+        .unwrap();
+    println!(
+        "store cut (sync {sync}): after the cut, last write acknowledged by k0 {:?}, its \
+         postgres stopped {:?}, proxies fenced {:?}, new master routed {:?}, first write on it \
+         {:?}; direct writer: {} acknowledged, {} failures",
+        last_old - cut,
+        pg_gone - cut,
+        fenced_at - cut,
+        routed_at - cut,
+        first_new - cut,
+        direct.acked.len(),
+        direct.failures.len()
+    );
+    assert!(
+        direct.acked.iter().all(|a| a.2 == k0_port),
+        "the direct writer reached another server"
+    );
+    assert!(
+        last_old <= pg_gone,
+        "k0 acknowledged a write after its postgres stopped"
+    );
+    assert!(
+        last_old < fenced_at && fenced_at <= routed_at,
+        "k0 acknowledged a write after the failover began"
+    );
+    assert!(
+        last_old < first_new,
+        "k0 acknowledged a write after the new master served one"
+    );
+    assert!(
+        cluster.node("k0").keeper.log_text().contains("fencing:"),
+        "k0's keeper never said it fenced"
+    );
+    let ids: Vec<i64> = direct.ids().into_iter().chain(proxied.ids()).collect();
+    cluster.assert_no_acked_write_lost(&ids).await;
+    cluster.assert_never_two_masters_routable();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_cut_from_the_store_fences_itself_before_the_failover_async() {
+    master_cut_from_the_store(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_cut_from_the_store_fences_itself_before_the_failover_sync() {
+    master_cut_from_the_store(true).await;
+}
