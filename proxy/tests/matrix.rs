@@ -15,7 +15,9 @@
 //! the backend process killed, the postmaster killed in a transaction and during startup,
 //! the backend ending while the client is not reading a large result, the client's FIN in a
 //! query, its reset, its half-close after Terminate, a CancelRequest reaching the right
-//! backend, SSLRequest and GSSENCRequest negotiation then startup.
+//! backend, SSLRequest and GSSENCRequest negotiation then startup. Then the fence, which has
+//! no direct counterpart, in each state (before startup, after the SSL answer, idle, in a
+//! query, not reading a large result): the client's connection ends within 1 s.
 //!
 //! Needs root (network namespaces; the kernel paths need CAP_BPF): on these machines it is
 //! there, so a missing piece fails loudly.
@@ -439,6 +441,55 @@ fn kill(pid: u32) {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
 }
 
+/// Waits until a session through the proxy starts (the route is in place).
+fn wait_routed(proxy: &ProxyProc, through: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let started = WireClient::connect(through)
+            .map(|mut c| c.startup("postgres").0)
+            .is_ok_and(|m| m.last().is_some_and(|m| m.kind == b'Z'));
+        if started {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never routed:\n{}",
+            proxy.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A state a proxied connection is fenced in, and how a fresh connection is brought there.
+type FenceState = (&'static str, fn(&mut WireClient));
+
+/// The states a proxied connection is fenced in.
+const FENCE_STATES: &[FenceState] = &[
+    ("before_startup", |c| {
+        // Connected and routed, nothing sent yet.
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = c;
+    }),
+    ("after_ssl_request", |c| {
+        c.send(&request(80_877_103)).unwrap();
+        assert_eq!(c.read_byte(WAIT), Ok(b'N'));
+    }),
+    ("idle", |c| {
+        c.startup("postgres");
+    }),
+    ("in_query", |c| {
+        c.startup("postgres");
+        c.query("select pg_sleep(30)").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }),
+    ("not_reading_a_large_result", |c| {
+        c.startup("postgres");
+        c.query("select repeat('x', 1000) from generate_series(1, 50000)")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }),
+];
+
 type Scenario = fn(&mut Target) -> Observation;
 
 const SCENARIOS: &[(&str, Scenario)] = &[
@@ -496,12 +547,28 @@ fn closed_total(proxy: &ProxyProc) -> f64 {
 
 /// Waits until the proxy holds nothing for finished scenarios; returns what is left.
 fn leftovers(proxy: &ProxyProc) -> Option<String> {
+    leftovers_of(proxy, ProxyProc::kernel_map_entries)
+}
+
+/// As [`leftovers`], not counting the client-socket path's `backends` map.
+fn leftovers_but_backends(proxy: &ProxyProc) -> Option<String> {
+    leftovers_of(proxy, |p| {
+        p.kernel_map_entries()
+            - p.metric(&format!(
+                "tendril_proxy_kernel_client_socket_map_entries{{cluster=\"{}\",map=\"backends\"}}",
+                support::CLUSTER
+            ))
+            .unwrap_or(0.0)
+    })
+}
+
+fn leftovers_of(proxy: &ProxyProc, map_entries: fn(&ProxyProc) -> f64) -> Option<String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let active = proxy
             .metric("tendril_proxy_connections_active{")
             .unwrap_or(-1.0);
-        let entries = proxy.kernel_map_entries();
+        let entries = map_entries(proxy);
         let sockets = proxy_sockets(proxy.port);
         if active == 0.0 && entries == 0.0 && sockets.is_empty() {
             return None;
@@ -527,22 +594,7 @@ async fn matrix(topology: Topology, path: Path) {
         .await;
     let proxy = ProxyProc::start(&env, "matrix", path.flags(), &[]);
     let through = SocketAddr::from(([127, 0, 0, 1], proxy.port));
-    // Routed once a session through the proxy starts.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let started = WireClient::connect(through)
-            .map(|mut c| c.startup("postgres").0)
-            .is_ok_and(|m| m.last().is_some_and(|m| m.kind == b'Z'));
-        if started {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never routed:\n{}",
-            proxy.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_routed(&proxy, through);
     assert!(leftovers(&proxy).is_none(), "{:?}", leftovers(&proxy));
     let mut failures = Vec::new();
     for (name, scenario) in SCENARIOS {
@@ -578,11 +630,45 @@ async fn matrix(topology: Topology, path: Path) {
             failures.push(format!("{name}: no close counted in the metrics"));
         }
     }
+    // The fence has no direct counterpart: a failover routes the proxies nowhere, and every
+    // proxied connection to the old master ends at once, whatever state it is in.
+    for (name, state) in FENCE_STATES {
+        let mut c = WireClient::connect(through).unwrap();
+        state(&mut c);
+        let since = Instant::now();
+        env.route_to(None, false).await;
+        let (_, end) = c.read_until(WAIT, |_| false);
+        let elapsed = since.elapsed();
+        // The client closes its end too (until then the proxy's side waits in FIN-WAIT-2).
+        drop(c);
+        println!("{topology:?} {path:?} fence {name}: {end:?} in {elapsed:?}");
+        if end == End::Open || elapsed > TOLERANCE {
+            failures.push(format!(
+                "fence {name}: the client saw {end:?} after {elapsed:?}"
+            ));
+        }
+        // Not the backends map: its entries are PostgreSQL's sockets, which live until the
+        // backend notices its client left (a pg_sleep does not); checked below.
+        if let Some(left) = leftovers_but_backends(&proxy) {
+            failures.push(format!("fence {name}: the proxy kept {left}"));
+        }
+        env.route_to(Some(("db1", pg.host(), pg.port())), false)
+            .await;
+        wait_routed(&proxy, through);
+    }
+    // Once the fenced sessions' backends are gone, nothing at all is left.
+    admin(
+        &pg,
+        "select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'matrix'",
+    );
+    if let Some(left) = leftovers(&proxy) {
+        failures.push(format!("after the fences: the proxy kept {left}"));
+    }
     assert!(
         failures.is_empty(),
         "{topology:?} {path:?}: {} of {} scenarios differ from a direct connection:\n  {}\nproxy log tail:\n{}",
         failures.len(),
-        SCENARIOS.len(),
+        SCENARIOS.len() + FENCE_STATES.len(),
         failures.join("\n  "),
         tail(&proxy.log_text(), 30)
     );
