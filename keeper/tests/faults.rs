@@ -7,22 +7,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{Env, change, db, wait_count};
-use tendril_control_model::{ClusterData, ClusterSpec, DbInitMode, DbRole};
+use support::{Env, change, wait_count};
+use tendril_control_model::{ClusterData, ClusterSpec, DbInitMode};
 use tendril_control_store::Store;
 
 /// One master keeper `k0` with a table holding one row.
 async fn single_master(env: &Env) -> (support::KeeperProc, ClusterData) {
-    let k0 = env.keeper("k0");
-    let spec = ClusterSpec::default();
-    let mut cd = env.new_cluster(spec.clone());
-    env.write(&mut cd).await;
-    env.sync_statuses(&mut cd, &["k0"]).await;
-    let db0 = db("db0", "k0", DbRole::Master, DbInitMode::New, None, &spec);
-    cd.dbs.insert("db0".into(), db0.clone());
-    cd.master = Some("db0".into());
-    env.write(&mut cd).await;
-    env.wait_converged("k0", &db0, false).await;
+    let (k0, mut cd) = support::new_master(env, &ClusterSpec::default()).await;
     // Initialised: from now on the data must already be there, as the sentinel records.
     change(&mut cd, "db0", |s| s.init_mode = DbInitMode::None);
     env.sync_statuses(&mut cd, &["k0"]).await;

@@ -15,29 +15,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{Env, KeeperProc, SU_PASSWORD, db};
-use tendril_control_model::{
-    ClusterData, ClusterSpec, DbInitMode, DbRole, KeeperInfo, ProxyRoute, decode,
-};
+use support::{Env, KeeperProc, SU_PASSWORD};
+use tendril_control_model::{ClusterData, ClusterSpec, KeeperInfo, ProxyRoute, decode};
 use tendril_control_store::Store;
 
 /// A master on k0, published to the proxies, with a table to write into.
 async fn master(env: &Env) -> (KeeperProc, ClusterData) {
-    let k0 = env.keeper("k0");
-    let spec = ClusterSpec::default();
-    let mut cd = env.new_cluster(spec.clone());
-    env.write(&mut cd).await;
-    env.sync_statuses(&mut cd, &["k0"]).await;
-    let db0 = db("db0", "k0", DbRole::Master, DbInitMode::New, None, &spec);
-    cd.dbs.insert("db0".into(), db0.clone());
-    cd.master = Some("db0".into());
+    let (k0, mut cd) = support::new_master(env, &ClusterSpec::default()).await;
+    // Published to the proxies, as the sentinel does once the master is writable.
     cd.proxy.master = Some(ProxyRoute {
         db_uid: "db0".into(),
         address: "127.0.0.1".into(),
         port: k0.port,
     });
     env.write(&mut cd).await;
-    env.wait_converged("k0", &db0, false).await;
     k0.sql()
         .await
         .batch_execute("CREATE TABLE w (i bigint PRIMARY KEY)")

@@ -203,6 +203,20 @@ impl Env {
     }
 }
 
+/// Keeper `k0` running database `db0` as the master of a new cluster with `spec`.
+pub async fn new_master(env: &Env, spec: &ClusterSpec) -> (KeeperProc, ClusterData) {
+    let k0 = env.keeper("k0");
+    let mut cd = env.new_cluster(spec.clone());
+    env.write(&mut cd).await;
+    env.sync_statuses(&mut cd, &["k0"]).await;
+    let db0 = db("db0", "k0", DbRole::Master, DbInitMode::New, None, spec);
+    cd.dbs.insert("db0".into(), db0.clone());
+    cd.master = Some("db0".into());
+    env.write(&mut cd).await;
+    env.wait_converged("k0", &db0, false).await;
+    (k0, cd)
+}
+
 /// A database spec: master with `init_mode`, or standby following `follows`.
 pub fn db(
     uid: &str,
