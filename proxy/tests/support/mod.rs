@@ -257,14 +257,20 @@ pub async fn backend_port(client: &tokio_postgres::Client) -> u16 {
 pub async fn wait_routed(proxy: u16, port: u16, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
-        if let Ok(c) = connect(proxy).await
-            && backend_port(&c).await == port
-        {
-            return;
-        }
+        let started = Instant::now();
+        let last = match connect(proxy).await {
+            Ok(c) => {
+                let on = backend_port(&c).await;
+                if on == port {
+                    return;
+                }
+                format!("a connection landed on port {on}")
+            }
+            Err(e) => format!("{e:?} after {:?}", started.elapsed()),
+        };
         assert!(
             Instant::now() < deadline,
-            "proxy on {proxy} did not route to {port} in {limit:?}"
+            "proxy on {proxy} did not route to {port} in {limit:?}; last attempt: {last}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
