@@ -12,12 +12,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 
 use crate::metrics::WorkerMetrics;
-use crate::sys::{reset_connection, shutdown_both, unacknowledged};
-
-/// How long a reset from one side waits for the bytes read before it to be acknowledged by
-/// the other side, so that passing the reset on drops nothing. Past it the other side gets
-/// a FIN instead: its data is worth more than the exact kind of ending.
-const RESET_FLUSH: std::time::Duration = std::time::Duration::from_millis(200);
+use crate::sys::{RESET_FLUSH, reset_connection, shutdown_both, unacknowledged};
 
 /// Which side ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -32,7 +32,7 @@ use tendril_ebpf::sockmap::{EventKind, Events, JoinError, JoinRequest, Joined, M
 use crate::metrics::{CloseReason, WorkerMetrics};
 use crate::routing::Backend;
 use crate::shared::Shared;
-use crate::sys::{dup, tcp_bytes, tcp_written};
+use crate::sys::{RESET_FLUSH, dup, tcp_bytes, tcp_written};
 
 const TOKEN_COMMANDS: u64 = u64::MAX;
 const TOKEN_FENCE: u64 = u64::MAX - 1;
@@ -43,9 +43,6 @@ const USER_BUFFER: usize = 64 * 1024;
 /// First and last delay of a pair's timed retries (waiting for a queue to drain).
 const FIRST_RETRY: Duration = Duration::from_millis(1);
 const LAST_RETRY: Duration = Duration::from_millis(64);
-/// How long the client's reset after the backend's waits for the client to acknowledge the
-/// last replies (a reset drops what is unacknowledged); past it the client gets a FIN.
-const RESET_FLUSH: Duration = Duration::from_millis(200);
 /// How often the thread looks at draining and lost events when nothing else wakes it.
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
 /// A client-socket connection whose server side ended, whose client has read everything it

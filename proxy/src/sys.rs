@@ -77,6 +77,11 @@ pub fn unacknowledged(fd: RawFd) -> std::io::Result<u64> {
     Ok(outq.max(0) as u64)
 }
 
+/// How long passing on a reset waits for the peer to acknowledge the bytes before it, on
+/// every forwarding path (a reset drops what is unacknowledged). Past it the peer gets a FIN
+/// instead: its data is worth more than the exact kind of ending.
+pub const RESET_FLUSH: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Resets a TCP connection now, keeping the descriptor: the peer gets a reset, not a FIN,
 /// and later shutdowns and the close send nothing (`connect` to `AF_UNSPEC` disconnects the
 /// socket). How a proxy passes on a reset it received. A reset drops what the peer has not
