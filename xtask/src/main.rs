@@ -13,6 +13,7 @@
 
 mod bench;
 mod deps;
+mod soak;
 mod test;
 mod tidy;
 mod up;
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
         Some("test") => test::run(&args[1..]),
         Some("deps") => deps::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("soak") => soak::run(&args[1..]),
         Some("build-ebpf") => build_ebpf(),
         Some("up") => up::up(&args[1..]),
         Some("down") => up::down(&args[1..]),
@@ -68,6 +70,10 @@ commands:
   bench failover [--runs N]
                      failover timings of whole clusters under faults
   bench fence        cluster-data write to the last old-master connection closed
+  soak proxy [--minutes N | --seconds N] [--seed S] [--paths P,..] [--topology T]
+                     the proxy under clients and random faults (seed printed, replayable);
+                     paths: userspace-io-uring, userspace-epoll, kernel-pair,
+                     kernel-client-socket; topology: remote (default), local, both
 ";
 
 /// `cargo xtask build-ebpf`: the same `ebpf/bpf/build.sh` the loader's build script runs.

@@ -205,10 +205,15 @@ impl WireClient {
     /// Sends a StartupMessage for `database` as the superuser and reads to ReadyForQuery
     /// (or the end: a FATAL during startup).
     pub fn startup(&mut self, database: &str) -> (Vec<Message>, End) {
+        self.startup_as(database, "matrix")
+    }
+
+    /// As [`WireClient::startup`], naming the application (how tests find their backends).
+    pub fn startup_as(&mut self, database: &str, application: &str) -> (Vec<Message>, End) {
         let packet = super::startup_packet(&[
             ("user", "postgres"),
             ("database", database),
-            ("application_name", "matrix"),
+            ("application_name", application),
         ]);
         if self.send(&packet).is_err() {
             return (Vec::new(), End::Reset);

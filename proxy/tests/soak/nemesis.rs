@@ -1,0 +1,171 @@
+//! The soak's fault driver: at random moments, from a seeded generator, it ends backends
+//! (pg_terminate_backend, a query cancel, kill -9 of one backend, which resets them all),
+//! crashes and restarts the postmaster, and fences the proxy as a failover does (no master,
+//! then the master again) or holds it as a switchover does. The seed fixes the sequence of
+//! faults and of every client's choices; the interleaving with the clients is the machine's.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::clients::{APPLICATION, Report};
+use crate::support::Env;
+use tendril_testkit::{PG_BIN, PgServer};
+
+/// The longest the nemesis holds new connections (a switchover's pause).
+pub const HOLD_MAX: Duration = Duration::from_millis(500);
+
+/// The longest a new connection may be held: a hold, plus the proxy's switchover drain
+/// (`--switchover-grace`, 1 s by default), which runs before the next routing table applies.
+pub const HELD: Duration = Duration::from_millis(1500);
+
+/// splitmix64: small, seedable, and the same on every machine.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// An independent generator for a client, derived from this one's seed.
+    pub fn fork(&self, index: u64) -> Rng {
+        let mut r = Rng(self.0 ^ index.wrapping_mul(0xd1b5_4a32_d192_ed03));
+        r.next();
+        r
+    }
+}
+
+/// Runs SQL on PostgreSQL directly; None when it is down or restarting.
+fn admin(pg: &PgServer, sql: &str) -> Option<String> {
+    let out = Command::new(format!("{PG_BIN}/psql"))
+        .args(["-h", &pg.host().to_string(), "-p", &pg.port().to_string()])
+        .args(["-U", "postgres", "-d", "postgres", "-XAtc", sql])
+        .env("PGCONNECT_TIMEOUT", "3")
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The soak's client backends (its raw sessions, pgbench's and psql's), by pid.
+fn client_backends(pg: &PgServer) -> Vec<u32> {
+    let sql = format!(
+        "select pid from pg_stat_activity where backend_type = 'client backend' \
+         and pid <> pg_backend_pid() \
+         and (application_name in ('{APPLICATION}', 'pgbench', 'psql')) order by pid"
+    );
+    admin(pg, &sql)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+fn pick(rng: &mut Rng, pids: &[u32]) -> Option<u32> {
+    (!pids.is_empty()).then(|| pids[rng.below(pids.len() as u64) as usize])
+}
+
+/// Waits until PostgreSQL accepts connections (after a crash reset or a restart).
+fn wait_ready(pg: &PgServer) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let ok = Command::new(format!("{PG_BIN}/pg_isready"))
+            .args(["-q", "-h", &pg.host().to_string()])
+            .args(["-p", &pg.port().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("postgres did not come back:\n{}", pg.log());
+}
+
+/// Injects faults until `until`, logging each with its time since `start`.
+pub async fn run(
+    env: &mut Env,
+    pg: &mut PgServer,
+    rng: &mut Rng,
+    start: Instant,
+    until: Instant,
+    report: &Report,
+) {
+    let route = |pg: &PgServer| Some(("db1", pg.host(), pg.port()));
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(150 + rng.below(450))).await;
+        let at = start.elapsed();
+        let roll = rng.below(100);
+        let what: String = match roll {
+            0..30 => {
+                let pid = pick(rng, &client_backends(pg));
+                if let Some(pid) = pid {
+                    admin(pg, &format!("select pg_terminate_backend({pid})"));
+                }
+                report.count("fault: terminate backend");
+                format!("pg_terminate_backend({pid:?})")
+            }
+            30..45 => {
+                let pid = pick(rng, &client_backends(pg));
+                if let Some(pid) = pid {
+                    admin(pg, &format!("select pg_cancel_backend({pid})"));
+                }
+                report.count("fault: cancel query");
+                format!("pg_cancel_backend({pid:?})")
+            }
+            45..50 => {
+                let pid = pick(rng, &client_backends(pg));
+                if let Some(pid) = pid {
+                    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    tokio::task::block_in_place(|| wait_ready(pg));
+                }
+                report.count("fault: kill -9 backend");
+                format!("kill -9 backend {pid:?} (crash reset)")
+            }
+            50..54 => {
+                let down = Duration::from_millis(rng.below(300));
+                tokio::task::block_in_place(|| {
+                    pg.kill_postmaster();
+                    std::thread::sleep(down);
+                    pg.restart();
+                    wait_ready(pg);
+                });
+                report.count("fault: postmaster crash");
+                format!("kill -9 postmaster, restarted after {down:?}")
+            }
+            54..77 => {
+                let gap = Duration::from_millis(rng.below(300));
+                env.route_to(None, false).await;
+                tokio::time::sleep(gap).await;
+                env.route_to(route(pg), false).await;
+                report.count("fault: failover fence");
+                format!("fence (no master) for {gap:?}")
+            }
+            77..95 => {
+                let gap = Duration::from_millis(50 + rng.below(HOLD_MAX.as_millis() as u64 - 50));
+                env.route_to(None, true).await;
+                tokio::time::sleep(gap).await;
+                env.route_to(route(pg), false).await;
+                report.count("fault: switchover hold");
+                format!("switchover hold for {gap:?}")
+            }
+            _ => "nothing".into(),
+        };
+        println!("soak {:>8.3}s fault: {what}", at.as_secs_f64());
+    }
+}
