@@ -3,7 +3,9 @@
 //! clients), while one writer goes through the proxy and another straight to the master, as
 //! a client that bypasses the proxies would. The old master must acknowledge no write once
 //! another master can be elected: none after its PostgreSQL stopped, none after the proxies
-//! were fenced, none after the new master served one; no acknowledged write is lost.
+//! were fenced, none after the new master served one; no acknowledged write is lost. And the
+//! sentinel's side: a master failed while its keeper still reports (`tendrilctl failkeeper`)
+//! is stopped before a standby is promoted.
 #![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
 
 use std::time::{Duration, Instant};
@@ -134,4 +136,93 @@ async fn a_master_cut_from_the_store_fences_itself_before_the_failover_async() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_cut_from_the_store_fences_itself_before_the_failover_sync() {
     master_cut_from_the_store(true).await;
+}
+
+/// `tendrilctl failkeeper` on the master's keeper, which is alive and keeps reporting: the
+/// sentinel tells it to stop its master and promotes a standby only once it reported the
+/// master stopped, so a client writing straight to the old master gets nothing acknowledged
+/// there once the new master serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_keeper_stops_its_master_before_a_standby_is_promoted() {
+    let cluster = Cluster::start(Options {
+        spec: default_spec(true),
+        ..Options::default()
+    })
+    .await;
+    let old = cluster.master_keeper().await.unwrap();
+    let old_db = cluster.cluster_data().await.master.clone().unwrap();
+    let (old_addr, old_port) = {
+        let n = cluster.node(&old);
+        (n.address.to_string(), n.port)
+    };
+    let proxied = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
+    let direct = Writer::start_to(&old_addr, old_port, 1, Mode::Persistent, DIRECT_IDS).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !direct.snapshot().acked.is_empty(),
+        "the direct writer never wrote"
+    );
+
+    let asked = Instant::now();
+    let out = cluster.ctl(&["failkeeper", &old]);
+    assert!(
+        out.status.success(),
+        "tendrilctl failkeeper: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = cluster.wait_new_master(&old, Duration::from_secs(60)).await;
+    let new_port = cluster.node(&new).port;
+    proxied
+        .wait_success_after(Instant::now(), Duration::from_secs(30))
+        .await
+        .expect("writes resume through the proxy");
+    let direct = direct.stop().await;
+    let proxied = proxied.stop().await;
+
+    let routes = cluster.routes.lock().unwrap().clone();
+    let routed_at = routes
+        .iter()
+        .find(|(at, r)| *at >= asked && r.as_ref().is_some_and(|r| r.db_uid != old_db))
+        .map(|(at, _)| *at)
+        .expect("the new master was routed");
+    let first_new = proxied
+        .acked
+        .iter()
+        .filter(|a| a.2 == new_port)
+        .map(|a| a.1)
+        .min()
+        .expect("the new master acknowledged writes");
+    let last_old = direct
+        .acked
+        .iter()
+        .chain(&proxied.acked)
+        .filter(|a| a.2 == old_port)
+        .map(|a| a.1)
+        .max()
+        .unwrap();
+    let events: Vec<String> = cluster
+        .cluster_data()
+        .await
+        .events
+        .iter()
+        .map(|e| format!("{}: {}", e.kind, e.reason))
+        .collect();
+    println!(
+        "failkeeper {old}: last write acknowledged by it {:?} after the request, new master \
+         {new} routed {:?}, first write on it {:?}; events: {events:#?}",
+        last_old.saturating_duration_since(asked),
+        routed_at - asked,
+        first_new - asked
+    );
+    assert!(
+        events.iter().any(|e| e.starts_with("demote:")),
+        "the sentinel did not tell {old} to stop its master"
+    );
+    assert!(
+        last_old < routed_at && last_old < first_new,
+        "{old} acknowledged a write after the new master was routed"
+    );
+    let ids: Vec<i64> = direct.ids().into_iter().chain(proxied.ids()).collect();
+    cluster.assert_no_acked_write_lost(&ids).await;
+    cluster.assert_never_two_masters_routable();
 }

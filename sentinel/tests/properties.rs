@@ -7,6 +7,9 @@
 //! - the route always names the cluster's master;
 //! - in synchronous mode only a standby listed and known in sync is promoted;
 //! - in asynchronous mode a standby beyond the lag bound is never promoted;
+//! - no standby is promoted while the old master may still accept writes: its keeper either
+//!   reported it stopped at its current generation, or has been silent for a whole
+//!   `fail_interval` (its lease ran out; the keeper fences itself before that);
 //! - generations (cluster, proxy, databases) never go backwards.
 
 #![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
@@ -27,6 +30,8 @@ struct Sim {
     world: World,
     rng: StdRng,
     alive: [bool; 4],
+    /// When each keeper last reported (the ground truth the sentinel's lease estimates).
+    last_report: [Option<Duration>; 4],
     master_xlog: u64,
     sync: bool,
 }
@@ -48,6 +53,7 @@ impl Sim {
             world,
             rng: StdRng::seed_from_u64(seed),
             alive: [true; 4],
+            last_report: [None; 4],
             master_xlog: 0x300_0000,
             sync,
         }
@@ -143,6 +149,7 @@ impl Sim {
             }
             r.addr = Some((format!("10.0.0.{i}"), 5432));
             self.world.reports.insert((*uid).to_owned(), r);
+            self.last_report[i] = Some(self.world.now);
         }
     }
 
@@ -182,6 +189,34 @@ impl Sim {
         self.world.run();
         let after = &self.world.cd;
         check(&before, after, &obs, self.sync);
+        self.check_old_master_fenced(&before);
+    }
+
+    /// A promotion happens only once the old master is stopped or its keeper's lease ran out.
+    fn check_old_master_fenced(&self, before: &tendril_control_model::ClusterData) {
+        let after = &self.world.cd;
+        let (Some(old), Some(new)) = (&before.master, &after.master) else {
+            return;
+        };
+        if old == new {
+            return;
+        }
+        let old_db = &before.dbs[old];
+        let keeper = &old_db.spec.keeper_uid;
+        let i = KEEPERS.iter().position(|k| k == keeper).unwrap();
+        let silent =
+            self.last_report[i].map_or(Duration::MAX, |at| self.world.now.saturating_sub(at));
+        let report = self.world.reports.get(keeper.as_str());
+        let stopped = report.is_some_and(|r| {
+            r.stopped
+                && r.db.as_deref() == Some(old.as_str())
+                && r.generation == Some(old_db.generation.0)
+        });
+        assert!(
+            stopped || silent >= before.spec.fail_interval,
+            "promoted {new} while the old master {old} may accept writes: keeper {keeper} \
+             reported {silent:?} ago, last report {report:?}"
+        );
     }
 }
 

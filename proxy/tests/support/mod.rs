@@ -63,10 +63,21 @@ impl Env {
         });
         self.cd.proxy.hold = hold;
         self.cd.generation = self.cd.generation.next();
-        self.store
+        // Retried: under a soak's load a request can fail once (as it can for every
+        // component, which all retry).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = self
+            .store
             .put(&self.keys.cluster_data(), encode(&self.cd), None)
             .await
-            .unwrap();
+        {
+            println!("writing the cluster data failed (retrying): {e}");
+            assert!(
+                Instant::now() < deadline,
+                "cannot write the cluster data: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         self.cd.proxy.generation
     }
 

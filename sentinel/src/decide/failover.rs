@@ -47,29 +47,95 @@ pub(super) fn failover(ctx: &mut Ctx<'_>, master: &str, forced: bool) {
         format!("keeper of master {master} was failed by request")
     } else if ctx.convergence_failed(master) {
         format!("master {master} did not converge in time")
-    } else {
+    } else if !ctx.healthy(master) {
         format!(
             "master {master} unhealthy for longer than {}",
             humantime::format_duration(ctx.cd.spec.fail_interval)
         )
+    } else {
+        format!("master {master} is being demoted by a failover")
     };
-    if ctx.cd.proxy.master.is_some() || ctx.cd.proxy.hold {
+    let routed = ctx.cd.proxy.master.is_some() || ctx.cd.proxy.hold;
+    if routed {
         fence(ctx, false, &why);
-        return;
     }
-    if !unacknowledged(ctx).is_empty() {
-        return;
-    }
-    match choose(ctx, master, None, ctx.cd.spec.max_standby_lag) {
-        Ok(new) => {
-            let why = format!("{why}; {new} is the most advanced eligible standby");
-            promote(ctx, master, &new, &why);
+    let keeper = ctx.cd.dbs[master].spec.keeper_uid.clone();
+    let lease = lease_left(ctx, &keeper);
+    let new = match choose(ctx, master, None, ctx.cd.spec.max_standby_lag) {
+        Ok(new) => new,
+        Err(reasons) => {
+            // Nothing can take over: a master this failover stopped runs again (its proxies
+            // stay fenced until it is healthy), rather than leave the cluster with none.
+            if let Some(d) = ctx.cd.dbs.get_mut(master)
+                && !lease.is_zero()
+            {
+                d.spec.stop = false;
+            }
+            ctx.event(
+                "no candidate",
+                format!("{why}; no standby can be promoted: {reasons}"),
+            );
+            return;
         }
-        Err(reasons) => ctx.event(
-            "no candidate",
-            format!("{why}; no standby can be promoted: {reasons}"),
-        ),
+    };
+    // The old master must be fenced before another is promoted, or a client that bypasses
+    // the proxies could write to both. A keeper that stopped reporting fences its PostgreSQL
+    // itself before its lease (fail_interval after its last report) runs out; one that still
+    // reports is told to stop it, and must say it did.
+    if let Some(d) = ctx.cd.dbs.get_mut(master)
+        && !lease.is_zero()
+        && !d.spec.stop
+    {
+        d.spec.stop = true;
+        ctx.event(
+            "demote",
+            format!(
+                "{why}; its keeper {keeper} still reports: stopping {master} before {new} is promoted"
+            ),
+        );
+        return;
     }
+    if routed || !unacknowledged(ctx).is_empty() {
+        return;
+    }
+    if !lease.is_zero() && !stopped(ctx, master) {
+        ctx.event(
+            "waiting",
+            format!(
+                "{why}; not promoting {new} until keeper {keeper} reports {master} stopped, \
+                 or its lease runs out (fail_interval after its last report)"
+            ),
+        );
+        return;
+    }
+    let why = format!("{why}; {new} is the most advanced eligible standby");
+    promote(ctx, master, &new, &why);
+}
+
+/// How long keeper `uid`'s lease has left: it runs out `fail_interval` after this leadership
+/// last saw the keeper's report change (or after the leadership began, if it never did).
+/// The keeper fences its PostgreSQL well before that when it cannot report
+/// (keeper/src/fence.rs: three fifths of `fail_interval`).
+pub(super) fn lease_left(ctx: &Ctx<'_>, uid: &str) -> Duration {
+    let seen = ctx
+        .mem
+        .keepers
+        .get(uid)
+        .map(|(_, at)| *at)
+        .or(ctx.mem.started)
+        .unwrap_or(ctx.now.mono);
+    (seen + ctx.cd.spec.fail_interval).saturating_sub(ctx.now.mono)
+}
+
+/// Whether the keeper of `db` reports it stopped at its current spec generation.
+pub(super) fn stopped(ctx: &Ctx<'_>, db: &str) -> bool {
+    let Some(d) = ctx.cd.dbs.get(db) else {
+        return false;
+    };
+    d.spec.stop
+        && ctx
+            .db_state(db)
+            .is_some_and(|s| !s.running && s.generation == d.generation)
 }
 
 /// The best standby to promote in place of `master`, or why there is none. With `target`,

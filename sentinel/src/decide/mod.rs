@@ -280,7 +280,12 @@ fn normal(ctx: &mut Ctx<'_>) {
         .keepers
         .get(&ctx.cd.dbs[&master].spec.keeper_uid)
         .is_some_and(|k| k.status.force_fail);
-    if !ctx.healthy(&master) || ctx.convergence_failed(&master) || forced {
+    // A failover that told a live master's keeper to stop it goes on until the standby is
+    // promoted (stopping changes the master's generation, which restarts its convergence
+    // timer and can make it look healthy again). A switchover's stop holds; this does not.
+    let p = &ctx.cd.proxy;
+    let demoting = ctx.cd.dbs[&master].spec.stop && p.master.is_none() && !p.hold;
+    if !ctx.healthy(&master) || ctx.convergence_failed(&master) || forced || demoting {
         failover::failover(ctx, &master, forced);
         return;
     }
