@@ -46,17 +46,27 @@ impl Node {
         pids
     }
 
-    /// Freezes the host: SIGSTOP to the keeper and every PostgreSQL process.
+    /// The keeper's fence guard, from the pid file the keeper writes.
+    fn guard_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.data_dir.join("fence-guard.pid")).ok()?;
+        text.trim().parse().ok()
+    }
+
+    /// Freezes the host: SIGSTOP to the keeper, its fence guard and every PostgreSQL
+    /// process (a host that stops runs nothing, the guard included).
     pub fn freeze(&self) {
         self.keeper.signal(Signal::SIGSTOP);
-        for pid in self.postgres_pids() {
+        let mut frozen = self.frozen.lock().unwrap_or_else(|e| e.into_inner());
+        for pid in self.guard_pid().into_iter().chain(self.postgres_pids()) {
             signal(pid, Signal::SIGSTOP);
+            frozen.push(pid);
         }
     }
 
-    /// Thaws the host.
+    /// Thaws the host: every process the freeze stopped.
     pub fn thaw(&self) {
-        for pid in self.postgres_pids() {
+        let frozen = std::mem::take(&mut *self.frozen.lock().unwrap_or_else(|e| e.into_inner()));
+        for pid in frozen {
             signal(pid, Signal::SIGCONT);
         }
         self.keeper.signal(Signal::SIGCONT);

@@ -212,6 +212,8 @@ pub struct Node {
     pub data_dir: PathBuf,
     /// The keeper process.
     pub keeper: Proc,
+    /// The processes a freeze stopped, for the thaw (their parents may have changed).
+    pub frozen: std::sync::Mutex<Vec<i32>>,
 }
 
 impl Node {
@@ -407,6 +409,7 @@ impl Cluster {
             address,
             data_dir,
             keeper,
+            frozen: std::sync::Mutex::new(Vec::new()),
         });
     }
 

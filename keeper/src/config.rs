@@ -72,6 +72,10 @@ pub struct KeeperArgs {
     /// refuses to run as root).
     #[arg(long, env = "TENDRIL_PG_OS_USER", default_value = "postgres")]
     pub pg_os_user: String,
+    /// Start the fence guard: a process beside the keeper that stops PostgreSQL if this
+    /// keeper freezes or dies while running the master, before another can be elected.
+    #[arg(long, env = "TENDRIL_FENCE_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fence_guard: bool,
 }
 
 /// A user name and password. The password never appears in `Debug` output or logs.
@@ -138,6 +142,8 @@ pub struct KeeperConfig {
     pub can_be_synchronous_replica: bool,
     /// Election priority.
     pub priority: i32,
+    /// Whether to start the fence guard.
+    pub fence_guard: bool,
     /// PostgreSQL's OS identity when the keeper runs as root.
     pub run_as: Option<RunAs>,
 }
@@ -251,6 +257,7 @@ impl KeeperConfig {
                     can_be_master: args.can_be_master,
                     can_be_synchronous_replica: args.can_be_synchronous_replica,
                     priority: args.priority,
+                    fence_guard: args.fence_guard,
                     run_as,
                 })
             }

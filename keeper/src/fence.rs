@@ -19,7 +19,7 @@
 //! database the master, published to the proxies, the keeper starts it again as it was (same
 //! timeline, nothing lost); if another master was elected, it rejoins as a standby as any
 //! former master does. A keeper frozen with its PostgreSQL running (SIGSTOP, a hung process)
-//! cannot fence itself: that needs a watchdog, which this module does not provide.
+//! or killed cannot fence itself: its fence guard ([`crate::guard`]) does, at the same bound.
 //!
 //! The decisions are pure functions of the observed state, so they are table-tested here.
 

@@ -24,6 +24,7 @@ use crate::KeeperError;
 use crate::config::KeeperConfig;
 use crate::datadir::{DataDir, DbState, KeeperState};
 use crate::fence::{self, ReportClock, Unfence};
+use crate::guard::Guard;
 use crate::pgconf::{self, ConfInput, HbaInput, Upstream};
 use crate::postgres::{Endpoint, Postgres};
 use crate::sql::{self, Probe};
@@ -61,6 +62,8 @@ pub struct Keeper<S> {
     sync_change_pending: bool,
     /// When the publisher's last successful report write started (the fence's clock).
     report_clock: ReportClock,
+    /// The fence guard (see [`crate::guard`]), when enabled.
+    guard: Option<Arc<Guard>>,
     /// PostgreSQL runs as this cluster's master (as of the last pass).
     running_master: bool,
     /// PostgreSQL was stopped by the self-fence and stays stopped until [`fence::unfence`]
@@ -120,6 +123,7 @@ impl<S: Store> Keeper<S> {
             report_clock: ReportClock::default(),
             running_master: false,
             fenced: false,
+            guard: None,
         })
     }
 
@@ -137,6 +141,14 @@ impl<S: Store> Keeper<S> {
             listen = %format!("{}:{}", self.config.listen_address, self.config.port),
             "keeper starting"
         );
+        if self.config.fence_guard {
+            match Guard::spawn(&self.data.root().join("fence-guard.pid")) {
+                Ok(g) => self.guard = Some(Arc::new(g)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the fence guard: a frozen or dead keeper's master will not be stopped")
+                }
+            }
+        }
         // A postgres left by a keeper that was killed runs with whatever role it had; it is
         // stopped so it only runs again once this keeper knows its assignment.
         self.pg.stop_stray().await?;
@@ -150,6 +162,7 @@ impl<S: Store> Keeper<S> {
             lease.clone(),
             self.report.subscribe(),
             self.report_clock.clone(),
+            self.guard.clone(),
         ));
         let cd_key = self.config.keys.cluster_data();
         let mut cd_watch = match self.store.watch(&cd_key, 0).await {
@@ -181,6 +194,7 @@ impl<S: Store> Keeper<S> {
             // Until the next pass, the fence is looked at every CHECK_PERIOD.
             let stop = loop {
                 self.fence_if_isolated().await;
+                self.update_guard();
                 tokio::select! {
                     () = tokio::time::sleep_until(wake) => break false,
                     () = tokio::time::sleep(fence::CHECK_PERIOD) => {}
@@ -209,12 +223,23 @@ impl<S: Store> Keeper<S> {
         }
         tracing::info!(keeper = %self.uid, "keeper stopping");
         let stopped = self.pg.stop().await;
+        if let Some(guard) = &self.guard {
+            guard.close();
+        }
         publisher.abort();
         let lease = lease.lock().await;
         if let Some(id) = lease.id() {
             let _ = self.store.revoke_lease(id).await;
         }
         stopped
+    }
+
+    /// Tells the fence guard what to guard: this master while it runs unfenced.
+    fn update_guard(&self) {
+        if let Some(guard) = &self.guard {
+            let target = (self.running_master && !self.fenced).then(|| self.data.pgdata());
+            guard.set_target(target, fence::fence_after(&self.spec));
+        }
     }
 
     /// Stops a master whose reports no longer reach the store, before the sentinel can
@@ -778,6 +803,7 @@ async fn publish<S: Store>(
     lease: Arc<tokio::sync::Mutex<KeptLease>>,
     mut reports: watch::Receiver<Option<KeeperInfo>>,
     clock: ReportClock,
+    guard: Option<Arc<Guard>>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -794,7 +820,12 @@ async fn publish<S: Store>(
         info.info_uid = format!("{:08x}", rand::random::<u32>());
         let started = std::time::Instant::now();
         match store.put(&key, encode(&info), Some(id)).await {
-            Ok(_) => clock.record(started),
+            Ok(_) => {
+                clock.record(started);
+                if let Some(guard) = &guard {
+                    guard.renewed(started);
+                }
+            }
             Err(e) => tracing::debug!(error = %e, "cannot publish the keeper report"),
         }
     }

@@ -8,6 +8,10 @@ use tendril_control_store::EtcdStore;
 use tendril_keeper::{Keeper, KeeperArgs, KeeperConfig, KeeperError};
 
 fn main() -> ExitCode {
+    // The keeper starts this same executable as its fence guard.
+    if std::env::args_os().nth(1).as_deref() == Some(tendril_keeper::guard::SUBCOMMAND.as_ref()) {
+        return tendril_keeper::guard::run();
+    }
     let args = KeeperArgs::parse();
     tendril_daemon::init_logging("info");
     let config = match KeeperConfig::from_args(args) {

@@ -3,6 +3,9 @@
 //! master, and comes back as it was (same timeline, nothing lost) once the store answers
 //! and the cluster data still names it; a store blip shorter than the fence costs nothing.
 //!
+//! A keeper that freezes or dies while its PostgreSQL runs as master cannot fence it; its
+//! fence guard does, within the same bound.
+//!
 //! The test plays the sentinel's part in judging liveness: it notes when it sees a new
 //! keeper report, as the sentinel does, and no failover can start before `fail_interval`
 //! after the last one. A writer goes straight to PostgreSQL, as a client that bypasses the
@@ -184,4 +187,60 @@ async fn a_store_blip_shorter_than_the_fence_costs_no_write() {
     assert_eq!(failures, 0, "writes failed during a short store outage");
     assert!(acked.len() > 50, "only {} writes", acked.len());
     assert!(!k0.log_text().contains("fencing"), "{}", k0.log_text());
+}
+
+/// The keeper freezes (SIGSTOP) or dies (SIGKILL) with its master running: the fence guard
+/// stops PostgreSQL before a sentinel could elect another master, and a client writing
+/// straight to it gets nothing acknowledged after that.
+async fn keeper_gone_master_fenced_by_its_guard(signal: nix::sys::signal::Signal) {
+    let env = Env::new().await;
+    let (k0, cd) = master(&env).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let fresh = liveness_watch(&env, "k0", stop.clone());
+    let writes = writer(k0.port, stop.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pg = k0.postmaster_pid().unwrap();
+
+    let gone = Instant::now();
+    k0.signal(signal);
+    tokio::time::sleep(cd.spec.fail_interval + Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (acked, _) = writes.await.unwrap();
+    let earliest_failover = *fresh.lock().unwrap() + cd.spec.fail_interval;
+    let last = acked.last().map(|(_, at)| *at).unwrap();
+    println!(
+        "keeper {signal}: last write acknowledged {:?} after, earliest failover {:?} after",
+        last.saturating_duration_since(gone),
+        earliest_failover.saturating_duration_since(gone)
+    );
+    assert!(
+        last < earliest_failover,
+        "a write was acknowledged {:?} after another master could have been elected",
+        last - earliest_failover
+    );
+    // Gone, or a zombie its frozen parent (the keeper) cannot reap.
+    let state = std::fs::read_to_string(format!("/proc/{pg}/stat")).unwrap_or_default();
+    let state = state.rsplit(") ").next().and_then(|r| r.chars().next());
+    assert!(
+        state.is_none_or(|s| s == 'Z'),
+        "postgres (pid {pg}) still runs (state {state:?})"
+    );
+    assert!(
+        k0.log_text().contains("fence guard (pid"),
+        "the guard never said it fenced:\n{}",
+        k0.log_text()
+    );
+    if signal == nix::sys::signal::Signal::SIGSTOP {
+        k0.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_keepers_master_is_stopped_by_its_fence_guard() {
+    keeper_gone_master_fenced_by_its_guard(nix::sys::signal::Signal::SIGSTOP).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_keepers_master_is_stopped_by_its_fence_guard() {
+    keeper_gone_master_fenced_by_its_guard(nix::sys::signal::Signal::SIGKILL).await;
 }

@@ -318,6 +318,13 @@ impl KeeperProc {
         }
     }
 
+    /// Sends `signal` to the keeper process (not to its PostgreSQL).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("the keeper runs");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
     pub fn postmaster_pid(&self) -> Option<i32> {
         let text = std::fs::read_to_string(self.data_dir.join("postgres/postmaster.pid")).ok()?;
         text.lines().next()?.trim().parse().ok()
