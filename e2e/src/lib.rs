@@ -645,6 +645,16 @@ impl Cluster {
     }
 
     /// The end of every process log.
+    /// Stops etcd (SIGSTOP): the store is down for every component at once.
+    pub fn pause_store(&self) {
+        self.etcd.pause();
+    }
+
+    /// Resumes etcd after [`Cluster::pause_store`].
+    pub fn resume_store(&self) {
+        self.etcd.resume();
+    }
+
     pub fn logs_tail(&self) -> String {
         let mut out = String::new();
         let procs = self

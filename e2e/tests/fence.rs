@@ -226,3 +226,134 @@ async fn a_failed_keeper_stops_its_master_before_a_standby_is_promoted() {
     cluster.assert_no_acked_write_lost(&ids).await;
     cluster.assert_never_two_masters_routable();
 }
+
+/// The master's host loses the store for less than the fence bound: nothing is fenced, no
+/// client, through the proxy or straight to the master, sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_shorter_than_the_fence_costs_nothing() {
+    let cluster = Cluster::start(Options {
+        spec: default_spec(true),
+        partitionable: true,
+        ..Options::default()
+    })
+    .await;
+    cluster.make_master("k0").await;
+    let (k0_addr, k0_port) = {
+        let n = cluster.node("k0");
+        (n.address.to_string(), n.port)
+    };
+    let proxied = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
+    let direct = Writer::start_to(&k0_addr, k0_port, 1, Mode::Persistent, DIRECT_IDS).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = cluster.cluster_data().await.proxy.generation;
+    // Well under the fence bound (3/5 of fail_interval: 3 s by default).
+    cluster.netns.as_ref().unwrap().cut_store();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.netns.as_ref().unwrap().heal_store();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let direct = direct.stop().await;
+    let proxied = proxied.stop().await;
+    println!(
+        "short store outage of the master's host: {} direct and {} proxied writes \
+         acknowledged, failures {:?} / {:?}",
+        direct.acked.len(),
+        proxied.acked.len(),
+        direct.failures,
+        proxied.failures
+    );
+    assert!(direct.failures.is_empty(), "direct writes failed");
+    assert!(proxied.failures.is_empty(), "proxied writes failed");
+    assert_eq!(
+        cluster.cluster_data().await.proxy.generation,
+        before,
+        "the proxies were fenced"
+    );
+    assert!(
+        !cluster.node("k0").keeper.log_text().contains("fencing:"),
+        "k0 fenced itself"
+    );
+    let ids: Vec<i64> = direct.ids().into_iter().chain(proxied.ids()).collect();
+    cluster.assert_no_acked_write_lost(&ids).await;
+}
+
+/// etcd is down for everyone for longer than the fence bound: the master fences itself (no
+/// sentinel can fail over either, and the proxies fence themselves when their leases run
+/// out); when etcd returns, the same master resumes on the same timeline, without a rewind,
+/// and no acknowledged write is lost. The price is the outage: consistency first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_for_everyone_stops_writes_then_the_same_master_resumes() {
+    let cluster = Cluster::start(Options {
+        spec: default_spec(true),
+        ..Options::default()
+    })
+    .await;
+    let master = cluster.master_keeper().await.unwrap();
+    let master_db = cluster.cluster_data().await.master.clone().unwrap();
+    let (addr, port) = {
+        let n = cluster.node(&master);
+        (n.address.to_string(), n.port)
+    };
+    let timeline = async || -> i32 {
+        let client = cluster.node(&master).sql().await.unwrap();
+        client
+            .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let timeline_before = timeline().await;
+    let fail_interval = cluster.cluster_data().await.spec.fail_interval;
+    let proxied = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
+    let direct = Writer::start_to(&addr, port, 1, Mode::Persistent, DIRECT_IDS).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let down = Instant::now();
+    cluster.pause_store();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let last_before = direct.snapshot().acked.iter().map(|a| a.1).max().unwrap();
+    cluster.resume_store();
+    let up = Instant::now();
+    let resumed = direct
+        .wait_success_after(up, Duration::from_secs(60))
+        .await
+        .expect("writes straight to the master resume");
+    proxied
+        .wait_success_after(up, Duration::from_secs(60))
+        .await
+        .expect("writes through the proxy resume");
+    let direct = direct.stop().await;
+    let proxied = proxied.stop().await;
+    let cd = cluster.cluster_data().await;
+    let log = cluster.node(&master).keeper.log_text();
+    println!(
+        "etcd down for everyone 8 s: last direct write acknowledged {:?} after etcd stopped, \
+         writes again {:?} after it returned",
+        last_before.saturating_duration_since(down),
+        resumed.saturating_duration_since(up)
+    );
+    assert_eq!(
+        cd.master.as_deref(),
+        Some(master_db.as_str()),
+        "the master changed"
+    );
+    assert!(log.contains("fencing:"), "the master never fenced itself");
+    assert!(
+        log.contains("lifting the fence"),
+        "the master never lifted its fence"
+    );
+    assert!(!log.contains("pg_rewind"), "the master was rewound");
+    // Fenced before a failover could have started, had a sentinel still reached etcd.
+    assert!(
+        last_before < down + fail_interval,
+        "the master acknowledged writes {:?} into the outage",
+        last_before - down
+    );
+    assert_eq!(
+        timeline().await,
+        timeline_before,
+        "the master came back on a new timeline"
+    );
+    let ids: Vec<i64> = direct.ids().into_iter().chain(proxied.ids()).collect();
+    cluster.assert_no_acked_write_lost(&ids).await;
+    cluster.assert_never_two_masters_routable();
+}

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tendril_control_model::{
     ClusterData, ClusterSpec, Db, DbInitMode, DbRole, FORMAT_VERSION, FollowConfig, KeeperInfo,
@@ -69,6 +69,8 @@ pub struct Keeper<S> {
     /// PostgreSQL was stopped by the self-fence and stays stopped until [`fence::unfence`]
     /// says otherwise.
     fenced: bool,
+    /// When the keeper last fenced its master (for the log when it lifts the fence).
+    fenced_at: Option<Instant>,
 }
 
 impl<S: Store> Keeper<S> {
@@ -123,6 +125,7 @@ impl<S: Store> Keeper<S> {
             report_clock: ReportClock::default(),
             running_master: false,
             fenced: false,
+            fenced_at: None,
             guard: None,
         })
     }
@@ -259,6 +262,7 @@ impl<S: Store> Keeper<S> {
              PostgreSQL before another master can be elected"
         );
         self.fenced = true;
+        self.fenced_at = Some(Instant::now());
         self.running_master = false;
         if let Err(e) = self.pg.stop().await {
             tracing::error!(keeper = %self.uid, error = %e, "fencing: cannot stop postgres");
@@ -318,7 +322,8 @@ impl<S: Store> Keeper<S> {
             let since = self.report_clock.since();
             match fence::unfence(&cd, &db, since, fence::fence_after(&cd.spec)) {
                 Unfence::Lift => {
-                    tracing::info!(db = %db.uid, role = ?db.spec.role, "lifting the fence: the store answers and the cluster data says what to run");
+                    let fenced_for = self.fenced_at.take().map(|at| at.elapsed());
+                    tracing::info!(db = %db.uid, role = ?db.spec.role, ?fenced_for, "lifting the fence: the store answers and the cluster data says what to run");
                     self.fenced = false;
                 }
                 Unfence::Stay(why) => {
