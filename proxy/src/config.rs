@@ -79,6 +79,15 @@ pub struct ProxyArgs {
     /// without data (libpq and other non-blocking clients just poll again).
     #[arg(long, env = "TENDRIL_KERNEL_CLIENT_SOCKET", default_value = "on")]
     pub kernel_client_socket: Switch,
+    /// Certificate (PEM, leaf then chain) the proxy presents only to refuse a TLS client
+    /// when no master can be reached, so that the client shows why (libpq since 15.10 does
+    /// not show an error sent before TLS). Sessions stay end to end with PostgreSQL. Give
+    /// one that clients verify for the proxy's host name (the CA of the PostgreSQL servers).
+    #[arg(long, env = "TENDRIL_REFUSAL_CERT_FILE", requires = "refusal_key_file")]
+    pub refusal_cert_file: Option<std::path::PathBuf>,
+    /// The refusal certificate's private key (PEM).
+    #[arg(long, env = "TENDRIL_REFUSAL_KEY_FILE", requires = "refusal_cert_file")]
+    pub refusal_key_file: Option<std::path::PathBuf>,
 }
 
 /// On or off.
@@ -190,6 +199,8 @@ pub struct ProxyConfig {
     pub kernel_max_connections: u32,
     /// Forward local clients on their own socket.
     pub kernel_client_socket: bool,
+    /// The refusal certificate, loaded.
+    pub refusal_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl ProxyArgs {
@@ -238,6 +249,12 @@ impl ProxyArgs {
                 self.kernel_max_connections
             ));
         }
+        let refusal_tls = match (&self.refusal_cert_file, &self.refusal_key_file) {
+            (Some(cert), Some(key)) => crate::tls_refusal::server_config(cert, key)
+                .map_err(|e| errors.push(e))
+                .ok(),
+            _ => None,
+        };
         match (keys, store) {
             (Some(keys), Some(store)) if errors.is_empty() => Ok(ProxyConfig {
                 cluster: self.cluster_name,
@@ -257,6 +274,7 @@ impl ProxyArgs {
                 kernel_buffer_limit: self.kernel_buffer_limit,
                 kernel_max_connections: self.kernel_max_connections,
                 kernel_client_socket: self.kernel_client_socket == Switch::On,
+                refusal_tls,
             }),
             _ => Err(errors.join("\n  - ")),
         }
@@ -276,5 +294,48 @@ mod tests {
         assert!(parse_bytes("MiB").is_err());
         assert!(parse_bytes("1 parsec").is_err());
         assert!(parse_bytes("99999999999999999999GiB").is_err());
+    }
+
+    fn args(extra: &[&str]) -> Result<ProxyArgs, clap::Error> {
+        let mut all = vec![
+            "tendril-proxy",
+            "--cluster-name",
+            "c",
+            "--store-endpoints",
+            "http://127.0.0.1:2379",
+        ];
+        all.extend(extra);
+        ProxyArgs::try_parse_from(all)
+    }
+
+    #[test]
+    fn a_refusal_certificate_needs_its_key_and_must_load() {
+        let err = args(&["--refusal-cert-file", "/x.crt"]).unwrap_err();
+        assert!(err.to_string().contains("--refusal-key-file"), "{err}");
+        let err = args(&[
+            "--refusal-cert-file",
+            "/no/such.crt",
+            "--refusal-key-file",
+            "/no/such.key",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap_err();
+        assert!(err.contains("--refusal-cert-file /no/such.crt"), "{err}");
+        let dir = std::env::temp_dir().join(format!("refusal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let err = args(&[
+            "--refusal-cert-file",
+            junk.to_str().unwrap(),
+            "--refusal-key-file",
+            junk.to_str().unwrap(),
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap_err();
+        assert!(err.contains("no certificate in it"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

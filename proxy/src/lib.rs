@@ -22,6 +22,7 @@ pub mod pgwire;
 pub mod routing;
 pub mod shared;
 mod sys;
+pub mod tls_refusal;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -118,6 +119,7 @@ impl App {
                 startup_timeout: Duration::from_secs(10),
                 drain_timeout: config.drain_timeout,
                 switchover_grace: config.switchover_grace,
+                refusal_tls: config.refusal_tls.clone(),
             },
         );
         let cores = core_affinity::get_core_ids().unwrap_or_default();

@@ -29,6 +29,8 @@ pub struct Settings {
     /// In a switchover, how long connections to the old master may go on (new ones are held)
     /// before they are cut; zero cuts at once.
     pub switchover_grace: Duration,
+    /// The certificate a TLS client is refused with (see [`crate::tls_refusal`]).
+    pub refusal_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// Shared state.

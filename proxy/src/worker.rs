@@ -608,7 +608,27 @@ async fn hold_or_refuse(
                 "tendril: no master available for cluster {}{why}",
                 settings.cluster
             );
-            refuse(client, pgwire::CANNOT_CONNECT_NOW, &message).await;
+            let ssl = matches!(
+                pgwire::parse_first_packet(&first),
+                Parse::Done(FirstPacket::SslRequest, _)
+            );
+            match &settings.refusal_tls {
+                Some(tls) if ssl => {
+                    let mut client = client;
+                    let refusal = crate::tls_refusal::refuse(
+                        &mut client,
+                        tls.clone(),
+                        pgwire::CANNOT_CONNECT_NOW,
+                        &message,
+                    );
+                    match monoio::time::timeout(settings.startup_timeout, refusal).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "TLS refusal"),
+                        Err(_) => tracing::debug!(client = %peer, "TLS refusal timed out"),
+                    }
+                }
+                _ => refuse(client, pgwire::CANNOT_CONNECT_NOW, &message).await,
+            }
             return CloseReason::NoMaster.into();
         }
         // Rare path (a switchover in progress): a short poll keeps the hot path free of

@@ -178,3 +178,67 @@ async fn a_switchover_under_tls_requiring_load_fails_no_connection() {
         assert_eq!(output_ok(on_new), pg2.port().to_string(), "{name}");
     }
 }
+
+/// No master, and the proxy has a refusal certificate: a client requiring TLS completes a
+/// handshake with the proxy and is told why it is refused (libpq since 15.10 would otherwise
+/// print only "server sent an error response during SSL exchange"); `verify-full` checks
+/// that certificate like any server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_tls_client_is_told_why() {
+    let mut env = Env::new().await;
+    // Its certificates (a server certificate for 127.0.0.1 and its CA) serve the proxy too.
+    let pg = PgServer::start_tls(&[]);
+    let tls = pg.tls().unwrap();
+    let (cert, key) = (
+        tls.server_cert.display().to_string(),
+        tls.server_key.display().to_string(),
+    );
+    let g = env.route(None, false).await;
+    let proxy = ProxyProc::start(
+        &env,
+        "refuser",
+        &["--refusal-cert-file", &cert, "--refusal-key-file", &key],
+        &[],
+    );
+    env.wait_acked("refuser", g, Duration::from_secs(10)).await;
+    let ca = tls.ca_cert.display().to_string();
+    for mode in [
+        "sslmode=require".to_owned(),
+        "sslmode=prefer".to_owned(),
+        format!("sslmode=verify-full sslrootcert={ca}"),
+    ] {
+        let out = Command::new(format!("{PG_BIN}/psql"))
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=10 {mode}",
+                proxy.port
+            ))
+            .args(["-XAtc", "select 1"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{mode}: {}", stderr.trim());
+        assert!(!out.status.success(), "{mode}: connected without a master");
+        assert!(
+            stderr.contains("no master available for cluster"),
+            "{mode}: psql did not say why: {stderr}"
+        );
+    }
+    // A certificate the client does not trust is not accepted either: the proxy cannot
+    // vouch for anything but itself.
+    let other = tempfile::tempdir().unwrap();
+    let untrusted = tendril_testkit::make_certificates(other.path());
+    let out = Command::new(format!("{PG_BIN}/psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=verify-full sslrootcert={}",
+            proxy.port,
+            untrusted.ca_cert.display()
+        ))
+        .args(["-XAtc", "select 1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("certificate verify failed"),
+        "{stderr}"
+    );
+}
