@@ -11,11 +11,31 @@
 use std::time::{Duration, Instant};
 
 use tendril_control_model::{DbRole, ProxyRoute};
-use tendril_e2e::writer::{Mode, Writer};
+use tendril_e2e::writer::{Mode, Report, Writer};
 use tendril_e2e::{Cluster, Options, default_spec};
 
 /// Ids of the writer that bypasses the proxies start here, apart from the proxied writer's.
 const DIRECT_IDS: i64 = 1_000_000_000;
+
+/// When the server on `port` first acknowledged one of `report`'s writes.
+fn first_ack_on(port: u16, report: &Report) -> Option<Instant> {
+    report
+        .acked
+        .iter()
+        .filter(|a| a.2 == port)
+        .map(|a| a.1)
+        .min()
+}
+
+/// When the server on `port` last acknowledged a write of any of `reports`.
+fn last_ack_on(port: u16, reports: &[&Report]) -> Option<Instant> {
+    reports
+        .iter()
+        .flat_map(|r| &r.acked)
+        .filter(|a| a.2 == port)
+        .map(|a| a.1)
+        .max()
+}
 
 async fn master_cut_from_the_store(sync: bool) {
     let cluster = Cluster::start(Options {
@@ -76,21 +96,8 @@ async fn master_cut_from_the_store(sync: bool) {
     let fenced_at = after(&|r| r.is_none()).expect("the failover fenced the proxies");
     let routed_at = after(&|r| r.as_ref().is_some_and(|r| r.db_uid != old_db))
         .expect("the new master was routed");
-    let first_new = proxied
-        .acked
-        .iter()
-        .filter(|a| a.2 == new_port)
-        .map(|a| a.1)
-        .min()
-        .expect("the new master acknowledged writes");
-    let last_old = direct
-        .acked
-        .iter()
-        .chain(&proxied.acked)
-        .filter(|a| a.2 == k0_port)
-        .map(|a| a.1)
-        .max()
-        .unwrap();
+    let first_new = first_ack_on(new_port, &proxied).expect("the new master acknowledged writes");
+    let last_old = last_ack_on(k0_port, &[&direct, &proxied]).unwrap();
     println!(
         "store cut (sync {sync}): after the cut, last write acknowledged by k0 {:?}, its \
          postgres stopped {:?}, proxies fenced {:?}, new master routed {:?}, first write on it \
@@ -185,21 +192,8 @@ async fn a_failed_keeper_stops_its_master_before_a_standby_is_promoted() {
         .find(|(at, r)| *at >= asked && r.as_ref().is_some_and(|r| r.db_uid != old_db))
         .map(|(at, _)| *at)
         .expect("the new master was routed");
-    let first_new = proxied
-        .acked
-        .iter()
-        .filter(|a| a.2 == new_port)
-        .map(|a| a.1)
-        .min()
-        .expect("the new master acknowledged writes");
-    let last_old = direct
-        .acked
-        .iter()
-        .chain(&proxied.acked)
-        .filter(|a| a.2 == old_port)
-        .map(|a| a.1)
-        .max()
-        .unwrap();
+    let first_new = first_ack_on(new_port, &proxied).expect("the new master acknowledged writes");
+    let last_old = last_ack_on(old_port, &[&direct, &proxied]).unwrap();
     let events: Vec<String> = cluster
         .cluster_data()
         .await

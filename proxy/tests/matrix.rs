@@ -523,19 +523,6 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ),
 ];
 
-/// Sockets on the proxy's port other than listeners and TIME-WAIT.
-fn proxy_sockets(port: u16) -> Vec<String> {
-    let out = Command::new("ss")
-        .args(["-tanH", "sport", "=", &format!(":{port}")])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with("LISTEN") && !l.starts_with("TIME-WAIT"))
-        .map(str::to_owned)
-        .collect()
-}
-
 fn closed_total(proxy: &ProxyProc) -> f64 {
     proxy
         .metrics()
@@ -547,39 +534,23 @@ fn closed_total(proxy: &ProxyProc) -> f64 {
 
 /// Waits until the proxy holds nothing for finished scenarios; returns what is left.
 fn leftovers(proxy: &ProxyProc) -> Option<String> {
-    leftovers_of(proxy, ProxyProc::kernel_map_entries)
+    support::leftovers_of(proxy, ProxyProc::kernel_map_entries, Duration::from_secs(5))
 }
 
 /// As [`leftovers`], not counting the client-socket path's `backends` map.
 fn leftovers_but_backends(proxy: &ProxyProc) -> Option<String> {
-    leftovers_of(proxy, |p| {
-        p.kernel_map_entries()
+    support::leftovers_of(
+        proxy,
+        |p| {
+            p.kernel_map_entries()
             - p.metric(&format!(
                 "tendril_proxy_kernel_client_socket_map_entries{{cluster=\"{}\",map=\"backends\"}}",
                 support::CLUSTER
             ))
             .unwrap_or(0.0)
-    })
-}
-
-fn leftovers_of(proxy: &ProxyProc, map_entries: fn(&ProxyProc) -> f64) -> Option<String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let active = proxy
-            .metric("tendril_proxy_connections_active{")
-            .unwrap_or(-1.0);
-        let entries = map_entries(proxy);
-        let sockets = proxy_sockets(proxy.port);
-        if active == 0.0 && entries == 0.0 && sockets.is_empty() {
-            return None;
-        }
-        if Instant::now() >= deadline {
-            return Some(format!(
-                "{active} connections active, {entries} kernel map entries, sockets: {sockets:?}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        },
+        Duration::from_secs(5),
+    )
 }
 
 async fn matrix(topology: Topology, path: Path) {

@@ -12,25 +12,8 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Env, ProxyProc};
+use support::{Env, PATHS, ProxyProc};
 use tendril_testkit::{PG_BIN, PgServer};
-
-/// Every forwarding path a user can select.
-const PATHS: &[(&str, &[&str])] = &[
-    ("userspace io_uring", &["--forwarding", "userspace"]),
-    (
-        "userspace epoll",
-        &["--forwarding", "userspace", "--io-driver", "epoll"],
-    ),
-    (
-        "kernel pair",
-        &["--forwarding", "kernel", "--kernel-client-socket", "off"],
-    ),
-    (
-        "kernel client socket",
-        &["--forwarding", "kernel", "--kernel-client-socket", "on"],
-    ),
-];
 
 /// What TLS a session got.
 const SSL_QUERY: &str = "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()";
@@ -90,7 +73,7 @@ async fn every_forwarding_path_carries_tls_end_to_end() {
     let pg = PgServer::start_tls(&[]);
     env.route(Some(("db1", pg.port())), false).await;
     for (name, flags) in PATHS {
-        let uid = format!("p-{}", name.replace(' ', "-"));
+        let uid = format!("p-{name}");
         let proxy = ProxyProc::start(&env, &uid, flags, &[]);
         support::wait_routed(proxy.port, pg.port(), Duration::from_secs(15)).await;
         let out = psql_verify_full(proxy.port, &pg, SSL_QUERY)
@@ -128,7 +111,7 @@ async fn a_switchover_under_tls_requiring_load_fails_no_connection() {
     }
     for (name, flags) in PATHS {
         env.route(Some(("db1", pg1.port())), false).await;
-        let uid = format!("s-{}", name.replace(' ', "-"));
+        let uid = format!("s-{name}");
         let proxy = ProxyProc::start(&env, &uid, flags, &[]);
         support::wait_routed(proxy.port, pg1.port(), Duration::from_secs(15)).await;
         // New connection per transaction, each requiring TLS.

@@ -39,22 +39,7 @@ use nemesis::Rng;
 use support::{Env, ProxyProc};
 use tendril_testkit::{Netns, PG_BIN, PgServer};
 
-/// The forwarding paths, by the names the settings use.
-const PATHS: &[(&str, &[&str])] = &[
-    ("userspace-io-uring", &["--forwarding", "userspace"]),
-    (
-        "userspace-epoll",
-        &["--forwarding", "userspace", "--io-driver", "epoll"],
-    ),
-    (
-        "kernel-pair",
-        &["--forwarding", "kernel", "--kernel-client-socket", "off"],
-    ),
-    (
-        "kernel-client-socket",
-        &["--forwarding", "kernel", "--kernel-client-socket", "on"],
-    ),
-];
+use support::PATHS;
 
 struct Settings {
     seconds: u64,
@@ -115,38 +100,13 @@ impl Settings {
     }
 }
 
-/// Sockets on the proxy's port other than listeners and TIME-WAIT.
-fn proxy_sockets(port: u16) -> Vec<String> {
-    let out = Command::new("ss")
-        .args(["-tanH", "sport", "=", &format!(":{port}")])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with("LISTEN") && !l.starts_with("TIME-WAIT"))
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Waits until the proxy holds nothing; returns what is left after 10 s.
 fn leftovers(proxy: &ProxyProc) -> Option<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let active = proxy
-            .metric("tendril_proxy_connections_active{")
-            .unwrap_or(-1.0);
-        let entries = proxy.kernel_map_entries();
-        let sockets = proxy_sockets(proxy.port);
-        if active == 0.0 && entries == 0.0 && sockets.is_empty() {
-            return None;
-        }
-        if Instant::now() >= deadline {
-            return Some(format!(
-                "{active} connections active, {entries} kernel map entries, sockets: {sockets:?}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    support::leftovers_of(
+        proxy,
+        ProxyProc::kernel_map_entries,
+        Duration::from_secs(10),
+    )
 }
 
 fn pgbench_init(pg: &PgServer) {

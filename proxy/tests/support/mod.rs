@@ -290,3 +290,61 @@ pub async fn wait_routed(proxy: u16, port: u16, limit: Duration) {
 pub fn pg() -> PgServer {
     PgServer::start()
 }
+
+/// Every forwarding path a user can select, by the names the soak's settings use, with the
+/// flags that select it.
+pub const PATHS: &[(&str, &[&str])] = &[
+    ("userspace-io-uring", &["--forwarding", "userspace"]),
+    (
+        "userspace-epoll",
+        &["--forwarding", "userspace", "--io-driver", "epoll"],
+    ),
+    (
+        "kernel-pair",
+        &["--forwarding", "kernel", "--kernel-client-socket", "off"],
+    ),
+    (
+        "kernel-client-socket",
+        &["--forwarding", "kernel", "--kernel-client-socket", "on"],
+    ),
+];
+
+/// Sockets on the proxy's port other than listeners and TIME-WAIT.
+pub fn proxy_sockets(port: u16) -> Vec<String> {
+    let out = Command::new("ss")
+        .args(["-tanH", "sport", "=", &format!(":{port}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("LISTEN") && !l.starts_with("TIME-WAIT"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits up to `limit` until the proxy holds nothing: no connection, no kernel map entry
+/// (as `map_entries` counts them), no socket but listeners and TIME-WAIT; returns what is
+/// left otherwise.
+pub fn leftovers_of(
+    proxy: &ProxyProc,
+    map_entries: fn(&ProxyProc) -> f64,
+    limit: Duration,
+) -> Option<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let active = proxy
+            .metric("tendril_proxy_connections_active{")
+            .unwrap_or(-1.0);
+        let entries = map_entries(proxy);
+        let sockets = proxy_sockets(proxy.port);
+        if active == 0.0 && entries == 0.0 && sockets.is_empty() {
+            return None;
+        }
+        if Instant::now() >= deadline {
+            return Some(format!(
+                "{active} connections active, {entries} kernel map entries, sockets: {sockets:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
