@@ -37,6 +37,22 @@ fn last_ack_on(port: u16, reports: &[&Report]) -> Option<Instant> {
         .max()
 }
 
+/// A synchronous cluster; its master's keeper, database, address and port.
+async fn sync_cluster() -> (Cluster, String, String, String, u16) {
+    let cluster = Cluster::start(Options {
+        spec: default_spec(true),
+        ..Options::default()
+    })
+    .await;
+    let keeper = cluster.master_keeper().await.unwrap();
+    let db = cluster.cluster_data().await.master.clone().unwrap();
+    let (addr, port) = {
+        let n = cluster.node(&keeper);
+        (n.address.to_string(), n.port)
+    };
+    (cluster, keeper, db, addr, port)
+}
+
 async fn master_cut_from_the_store(sync: bool) {
     let cluster = Cluster::start(Options {
         spec: default_spec(sync),
@@ -151,17 +167,7 @@ async fn a_master_cut_from_the_store_fences_itself_before_the_failover_sync() {
 /// there once the new master serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_keeper_stops_its_master_before_a_standby_is_promoted() {
-    let cluster = Cluster::start(Options {
-        spec: default_spec(true),
-        ..Options::default()
-    })
-    .await;
-    let old = cluster.master_keeper().await.unwrap();
-    let old_db = cluster.cluster_data().await.master.clone().unwrap();
-    let (old_addr, old_port) = {
-        let n = cluster.node(&old);
-        (n.address.to_string(), n.port)
-    };
+    let (cluster, old, old_db, old_addr, old_port) = sync_cluster().await;
     let proxied = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
     let direct = Writer::start_to(&old_addr, old_port, 1, Mode::Persistent, DIRECT_IDS).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -276,17 +282,7 @@ async fn a_store_outage_shorter_than_the_fence_costs_nothing() {
 /// and no acknowledged write is lost. The price is the outage: consistency first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_down_for_everyone_stops_writes_then_the_same_master_resumes() {
-    let cluster = Cluster::start(Options {
-        spec: default_spec(true),
-        ..Options::default()
-    })
-    .await;
-    let master = cluster.master_keeper().await.unwrap();
-    let master_db = cluster.cluster_data().await.master.clone().unwrap();
-    let (addr, port) = {
-        let n = cluster.node(&master);
-        (n.address.to_string(), n.port)
-    };
+    let (cluster, master, master_db, addr, port) = sync_cluster().await;
     let timeline = async || -> i32 {
         let client = cluster.node(&master).sql().await.unwrap();
         client
