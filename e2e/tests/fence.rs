@@ -332,6 +332,21 @@ async fn etcd_down_for_everyone_stops_writes_then_the_same_master_resumes() {
         "the master never lifted its fence"
     );
     assert!(!log.contains("pg_rewind"), "the master was rewound");
+    // The outage is reported where an operator looks.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = cluster.ctl(&["status"]);
+        let text = String::from_utf8_lossy(&status.stdout).into_owned();
+        if text.contains(&format!("{master}: fenced its master at")) {
+            println!("{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tendrilctl status does not show the fence:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Fenced before a failover could have started, had a sentinel still reached etcd.
     assert!(
         last_before < down + fail_interval,

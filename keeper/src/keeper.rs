@@ -70,7 +70,9 @@ pub struct Keeper<S> {
     /// says otherwise.
     fenced: bool,
     /// When the keeper last fenced its master (for the log when it lifts the fence).
-    fenced_at: Option<Instant>,
+    fenced_at: Option<(Instant, SystemTime)>,
+    /// The last fence, as reported: when, how long, why.
+    last_fence: Option<String>,
 }
 
 impl<S: Store> Keeper<S> {
@@ -126,6 +128,7 @@ impl<S: Store> Keeper<S> {
             running_master: false,
             fenced: false,
             fenced_at: None,
+            last_fence: None,
             guard: None,
         })
     }
@@ -262,7 +265,7 @@ impl<S: Store> Keeper<S> {
              PostgreSQL before another master can be elected"
         );
         self.fenced = true;
-        self.fenced_at = Some(Instant::now());
+        self.fenced_at = Some((Instant::now(), SystemTime::now()));
         self.running_master = false;
         if let Err(e) = self.pg.stop().await {
             tracing::error!(keeper = %self.uid, error = %e, "fencing: cannot stop postgres");
@@ -322,8 +325,16 @@ impl<S: Store> Keeper<S> {
             let since = self.report_clock.since();
             match fence::unfence(&cd, &db, since, fence::fence_after(&cd.spec)) {
                 Unfence::Lift => {
-                    let fenced_for = self.fenced_at.take().map(|at| at.elapsed());
+                    let fenced = self.fenced_at.take();
+                    let fenced_for = fenced.map(|(at, _)| at.elapsed());
                     tracing::info!(db = %db.uid, role = ?db.spec.role, ?fenced_for, "lifting the fence: the store answers and the cluster data says what to run");
+                    if let Some((at, wall)) = fenced {
+                        self.last_fence = Some(format!(
+                            "fenced its master at {} for {:.1} s: its reports did not reach the store",
+                            humantime::format_rfc3339_seconds(wall),
+                            at.elapsed().as_secs_f64()
+                        ));
+                    }
                     self.fenced = false;
                 }
                 Unfence::Stay(why) => {
@@ -788,6 +799,7 @@ impl<S: Store> Keeper<S> {
             last_error,
             pg_crashes: self.pg_crashes,
             last_pg_crash: self.last_pg_crash.clone(),
+            last_fence: self.last_fence.clone(),
         };
         self.report.send_replace(Some(info));
     }

@@ -71,6 +71,7 @@ async fn keeper_report(store: &EtcdStore, keys: &Keys, cluster_uid: &str, uid: &
         last_error: None,
         pg_crashes: 0,
         last_pg_crash: None,
+        last_fence: None,
     };
     store
         .put(&keys.keeper(uid), encode(&info), None)

@@ -74,6 +74,8 @@ pub struct KeeperRow {
     pub address: Option<String>,
     /// The keeper's last error.
     pub last_error: Option<String>,
+    /// Its master's last self-fence (when, how long, why).
+    pub last_fence: Option<String>,
 }
 
 /// One proxy in `status`.
@@ -176,6 +178,7 @@ impl<S: Store> Ctl<S> {
                 }),
                 address: state.map(|s| format!("{}:{}", s.listen_address, s.port)),
                 last_error: info.and_then(|i| i.last_error.clone()),
+                last_fence: info.and_then(|i| i.last_fence.clone()),
             });
         }
         let recent = cd.events.len().saturating_sub(10);
@@ -457,6 +460,13 @@ pub fn render_table(s: &Status) -> String {
             "  {}: {}\n",
             k.keeper,
             k.last_error.as_deref().unwrap_or_default()
+        ));
+    }
+    for k in s.keepers.iter().filter(|k| k.last_fence.is_some()) {
+        out.push_str(&format!(
+            "  {}: {}\n",
+            k.keeper,
+            k.last_fence.as_deref().unwrap_or_default()
         ));
     }
     out.push('\n');

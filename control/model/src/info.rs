@@ -58,6 +58,9 @@ pub struct KeeperInfo {
     /// The last crash: when, and how postgres exited.
     #[serde(default)]
     pub last_pg_crash: Option<String>,
+    /// The last self-fence of this keeper's master: when, for how long, and why.
+    #[serde(default)]
+    pub last_fence: Option<String>,
 }
 
 fn yes() -> bool {
@@ -189,6 +192,7 @@ mod tests {
             last_error: Some("pg_basebackup failed".into()),
             pg_crashes: 2,
             last_pg_crash: None,
+            last_fence: None,
         };
         assert_eq!(decode::<KeeperInfo>(&encode(&info)).unwrap(), info);
     }

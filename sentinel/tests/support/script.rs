@@ -140,6 +140,7 @@ impl World {
                     last_error: None,
                     pg_crashes: 0,
                     last_pg_crash: None,
+                    last_fence: None,
                 },
             );
         }
