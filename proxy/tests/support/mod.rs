@@ -341,8 +341,17 @@ pub fn leftovers_of(
             return None;
         }
         if Instant::now() >= deadline {
+            // The clients' ends of those connections too, with their processes: what a
+            // socket left in FIN-WAIT-2 is waiting for.
+            let out = Command::new("ss")
+                .args(["-tanpH", "dport", "=", &format!(":{}", proxy.port)])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
             return Some(format!(
-                "{active} connections active, {entries} kernel map entries, sockets: {sockets:?}"
+                "{active} connections active, {entries} kernel map entries, sockets: \
+                 {sockets:?}; client ends: {:?}",
+                out.lines().collect::<Vec<_>>()
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
