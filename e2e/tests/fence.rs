@@ -37,6 +37,23 @@ fn last_ack_on(port: u16, reports: &[&Report]) -> Option<Instant> {
         .max()
 }
 
+/// Two writers through the proxy and one straight to PostgreSQL at `addr:port` (as a client
+/// that bypasses the proxies), once both have written.
+async fn writers(cluster: &Cluster, addr: &str, port: u16) -> (Writer, Writer) {
+    let proxied = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
+    let direct = Writer::start_to(addr, port, 1, Mode::Persistent, DIRECT_IDS).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !direct.snapshot().acked.is_empty(),
+        "the direct writer never wrote"
+    );
+    assert!(
+        !proxied.snapshot().acked.is_empty(),
+        "the proxied writer never wrote"
+    );
+    (proxied, direct)
+}
+
 /// A synchronous cluster; its master's keeper, database, address and port.
 async fn sync_cluster() -> (Cluster, String, String, String, u16) {
     let cluster = Cluster::start(Options {
@@ -67,13 +84,7 @@ async fn master_cut_from_the_store(sync: bool) {
         let n = cluster.node("k0");
         (n.address.to_string(), n.port)
     };
-    let proxied = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
-    let direct = Writer::start_to(&k0_addr, k0_port, 1, Mode::Persistent, DIRECT_IDS).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        !direct.snapshot().acked.is_empty(),
-        "the direct writer never wrote"
-    );
+    let (proxied, direct) = writers(&cluster, &k0_addr, k0_port).await;
 
     let cut = Instant::now();
     cluster.netns.as_ref().unwrap().cut_store();
@@ -168,13 +179,7 @@ async fn a_master_cut_from_the_store_fences_itself_before_the_failover_sync() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_keeper_stops_its_master_before_a_standby_is_promoted() {
     let (cluster, old, old_db, old_addr, old_port) = sync_cluster().await;
-    let proxied = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
-    let direct = Writer::start_to(&old_addr, old_port, 1, Mode::Persistent, DIRECT_IDS).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        !direct.snapshot().acked.is_empty(),
-        "the direct writer never wrote"
-    );
+    let (proxied, direct) = writers(&cluster, &old_addr, old_port).await;
 
     let asked = Instant::now();
     let out = cluster.ctl(&["failkeeper", &old]);
@@ -242,9 +247,7 @@ async fn a_store_outage_shorter_than_the_fence_costs_nothing() {
         let n = cluster.node("k0");
         (n.address.to_string(), n.port)
     };
-    let proxied = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
-    let direct = Writer::start_to(&k0_addr, k0_port, 1, Mode::Persistent, DIRECT_IDS).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (proxied, direct) = writers(&cluster, &k0_addr, k0_port).await;
     let before = cluster.cluster_data().await.proxy.generation;
     // Well under the fence bound (3/5 of fail_interval: 3 s by default).
     cluster.netns.as_ref().unwrap().cut_store();
@@ -293,9 +296,7 @@ async fn etcd_down_for_everyone_stops_writes_then_the_same_master_resumes() {
     };
     let timeline_before = timeline().await;
     let fail_interval = cluster.cluster_data().await.spec.fail_interval;
-    let proxied = Writer::start(cluster.proxy_port(), 2, Mode::Persistent).await;
-    let direct = Writer::start_to(&addr, port, 1, Mode::Persistent, DIRECT_IDS).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (proxied, direct) = writers(&cluster, &addr, port).await;
 
     let down = Instant::now();
     cluster.pause_store();

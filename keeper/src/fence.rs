@@ -52,9 +52,14 @@ impl ReportClock {
         }
     }
 
+    /// When the last successful write started; `None` before the first.
+    pub fn last(&self) -> Option<Instant> {
+        self.0.lock().ok().and_then(|l| *l)
+    }
+
     /// How long ago the last successful write started; `None` before the first.
     pub fn since(&self) -> Option<Duration> {
-        self.0.lock().ok().and_then(|l| l.map(|at| at.elapsed()))
+        self.last().map(|at| at.elapsed())
     }
 }
 

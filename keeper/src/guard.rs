@@ -27,6 +27,8 @@ use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::fence::ReportClock;
+
 /// How long after the keeper's own fence bound the guard acts.
 pub const MARGIN: Duration = Duration::from_millis(500);
 /// How long an immediate shutdown may take before the postmaster is killed.
@@ -244,8 +246,8 @@ struct Inner {
     target: Option<PathBuf>,
     /// The keeper's fence bound.
     limit: Duration,
-    /// When the last report that reached the store started.
-    renewed: Option<Instant>,
+    /// When the last report that reached the store started (shared with the keeper's fence).
+    clock: ReportClock,
     /// The last command sent.
     sent: Option<GuardCommand>,
 }
@@ -255,7 +257,7 @@ impl Guard {
     /// pid goes to `pid_file`; a guard left there by a previous keeper process is stopped
     /// first (this keeper stops that keeper's PostgreSQL itself, and must not have the old
     /// guard stop the one it starts next).
-    pub fn spawn(pid_file: &Path) -> std::io::Result<Guard> {
+    pub fn spawn(pid_file: &Path, clock: ReportClock) -> std::io::Result<Guard> {
         use std::os::unix::process::CommandExt;
         stop_previous(pid_file);
         let exe = std::env::current_exe()?;
@@ -274,16 +276,15 @@ impl Guard {
                 stdin,
                 target: None,
                 limit: Duration::ZERO,
-                renewed: None,
+                clock,
                 sent: None,
             }),
         })
     }
 
-    /// A report that started at `started` reached the store.
-    pub fn renewed(&self, started: Instant) {
+    /// A report reached the store (recorded in the [`ReportClock`]): move the deadline.
+    pub fn renewed(&self) {
         if let Ok(mut inner) = self.inner.lock() {
-            inner.renewed = Some(inner.renewed.map_or(started, |r| r.max(started)));
             inner.send();
         }
     }
@@ -311,7 +312,7 @@ impl Guard {
 
 impl Inner {
     fn command(&self) -> GuardCommand {
-        match (&self.target, self.renewed) {
+        match (&self.target, self.clock.last()) {
             (Some(pgdata), Some(renewed)) => GuardCommand::Arm {
                 deadline: to_monotonic(renewed + self.limit + MARGIN),
                 pgdata: pgdata.clone(),

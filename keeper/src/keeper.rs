@@ -66,11 +66,9 @@ pub struct Keeper<S> {
     guard: Option<Arc<Guard>>,
     /// PostgreSQL runs as this cluster's master (as of the last pass).
     running_master: bool,
-    /// PostgreSQL was stopped by the self-fence and stays stopped until [`fence::unfence`]
-    /// says otherwise.
-    fenced: bool,
-    /// When the keeper last fenced its master (for the log when it lifts the fence).
-    fenced_at: Option<(Instant, SystemTime)>,
+    /// Since when PostgreSQL is stopped by the self-fence (monotonic, and wall-clock for the
+    /// report); it stays stopped until [`fence::unfence`] says otherwise.
+    fenced: Option<(Instant, SystemTime)>,
     /// The last fence, as reported: when, how long, why.
     last_fence: Option<String>,
 }
@@ -126,8 +124,7 @@ impl<S: Store> Keeper<S> {
             sync_change_pending: false,
             report_clock: ReportClock::default(),
             running_master: false,
-            fenced: false,
-            fenced_at: None,
+            fenced: None,
             last_fence: None,
             guard: None,
         })
@@ -148,7 +145,10 @@ impl<S: Store> Keeper<S> {
             "keeper starting"
         );
         if self.config.fence_guard {
-            match Guard::spawn(&self.data.root().join("fence-guard.pid")) {
+            match Guard::spawn(
+                &self.data.root().join("fence-guard.pid"),
+                self.report_clock.clone(),
+            ) {
                 Ok(g) => self.guard = Some(Arc::new(g)),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the fence guard: a frozen or dead keeper's master will not be stopped")
@@ -243,7 +243,7 @@ impl<S: Store> Keeper<S> {
     /// Tells the fence guard what to guard: this master while it runs unfenced.
     fn update_guard(&self) {
         if let Some(guard) = &self.guard {
-            let target = (self.running_master && !self.fenced).then(|| self.data.pgdata());
+            let target = (self.running_master && self.fenced.is_none()).then(|| self.data.pgdata());
             guard.set_target(target, fence::fence_after(&self.spec));
         }
     }
@@ -253,7 +253,7 @@ impl<S: Store> Keeper<S> {
     async fn fence_if_isolated(&mut self) {
         let since = self.report_clock.since();
         let limit = fence::fence_after(&self.spec);
-        if self.fenced || !fence::must_fence(self.running_master, since, limit) {
+        if self.fenced.is_some() || !fence::must_fence(self.running_master, since, limit) {
             return;
         }
         tracing::error!(
@@ -264,8 +264,7 @@ impl<S: Store> Keeper<S> {
             "fencing: this master's reports have not reached the store for too long; stopping \
              PostgreSQL before another master can be elected"
         );
-        self.fenced = true;
-        self.fenced_at = Some((Instant::now(), SystemTime::now()));
+        self.fenced = Some((Instant::now(), SystemTime::now()));
         self.running_master = false;
         if let Err(e) = self.pg.stop().await {
             tracing::error!(keeper = %self.uid, error = %e, "fencing: cannot stop postgres");
@@ -321,21 +320,18 @@ impl<S: Store> Keeper<S> {
                 )));
             }
         };
-        if self.fenced {
+        if let Some((at, wall)) = self.fenced {
             let since = self.report_clock.since();
             match fence::unfence(&cd, &db, since, fence::fence_after(&cd.spec)) {
                 Unfence::Lift => {
-                    let fenced = self.fenced_at.take();
-                    let fenced_for = fenced.map(|(at, _)| at.elapsed());
+                    let fenced_for = at.elapsed();
                     tracing::info!(db = %db.uid, role = ?db.spec.role, ?fenced_for, "lifting the fence: the store answers and the cluster data says what to run");
-                    if let Some((at, wall)) = fenced {
-                        self.last_fence = Some(format!(
-                            "fenced its master at {} for {:.1} s: its reports did not reach the store",
-                            humantime::format_rfc3339_seconds(wall),
-                            at.elapsed().as_secs_f64()
-                        ));
-                    }
-                    self.fenced = false;
+                    self.last_fence = Some(format!(
+                        "fenced its master at {} for {:.1} s: its reports did not reach the store",
+                        humantime::format_rfc3339_seconds(wall),
+                        fenced_for.as_secs_f64()
+                    ));
+                    self.fenced = None;
                 }
                 Unfence::Stay(why) => {
                     self.pg.stop().await?;
@@ -840,7 +836,7 @@ async fn publish<S: Store>(
             Ok(_) => {
                 clock.record(started);
                 if let Some(guard) = &guard {
-                    guard.renewed(started);
+                    guard.renewed();
                 }
             }
             Err(e) => tracing::debug!(error = %e, "cannot publish the keeper report"),

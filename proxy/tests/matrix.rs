@@ -148,32 +148,6 @@ fn admin(pg: &PgServer, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// Waits until PostgreSQL accepts connections again (after a crash and restart).
-fn wait_ready(pg: &PgServer) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ok = Command::new(format!("{PG_BIN}/pg_isready"))
-            .args([
-                "-q",
-                "-h",
-                &pg.host().to_string(),
-                "-p",
-                &pg.port().to_string(),
-            ])
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "postgres did not come back:\n{}",
-            pg.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn backend_pid(c: &WireClient) -> u32 {
     c.key.expect("BackendKeyData").0
 }
@@ -266,7 +240,7 @@ fn backend_killed(t: &mut Target) -> Observation {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    wait_ready(t.pg);
+    support::wait_ready(t.pg);
     seen
 }
 

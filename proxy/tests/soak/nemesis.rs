@@ -79,23 +79,6 @@ fn pick(rng: &mut Rng, pids: &[u32]) -> Option<u32> {
     (!pids.is_empty()).then(|| pids[rng.below(pids.len() as u64) as usize])
 }
 
-/// Waits until PostgreSQL accepts connections (after a crash reset or a restart).
-fn wait_ready(pg: &PgServer) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let ok = Command::new(format!("{PG_BIN}/pg_isready"))
-            .args(["-q", "-h", &pg.host().to_string()])
-            .args(["-p", &pg.port().to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("postgres did not come back:\n{}", pg.log());
-}
-
 /// Injects faults until `until`, logging each with its time since `start`.
 pub async fn run(
     env: &mut Env,
@@ -132,7 +115,7 @@ pub async fn run(
                 if let Some(pid) = pid {
                     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
                     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                    tokio::task::block_in_place(|| wait_ready(pg));
+                    tokio::task::block_in_place(|| crate::support::wait_ready(pg));
                 }
                 report.count("fault: kill -9 backend");
                 format!("kill -9 backend {pid:?} (crash reset)")
@@ -143,7 +126,7 @@ pub async fn run(
                     pg.kill_postmaster();
                     std::thread::sleep(down);
                     pg.restart();
-                    wait_ready(pg);
+                    crate::support::wait_ready(pg);
                 });
                 report.count("fault: postmaster crash");
                 format!("kill -9 postmaster, restarted after {down:?}")

@@ -357,3 +357,24 @@ pub fn leftovers_of(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Waits until PostgreSQL accepts connections again (after a crash reset or a restart).
+pub fn wait_ready(pg: &PgServer) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = Command::new(format!("{}/pg_isready", tendril_testkit::PG_BIN))
+            .args(["-q", "-h", &pg.host().to_string()])
+            .args(["-p", &pg.port().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "postgres did not come back:\n{}",
+            pg.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
