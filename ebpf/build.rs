@@ -30,7 +30,7 @@ fn main() {
             println!(
                 "cargo:warning=BPF programs not built ({e}); install clang-19 bpftool libbpf-dev, or run cargo xtask build-ebpf"
             );
-            for object in ["killer.bpf.o", "sockmap.bpf.o", "local.bpf.o"] {
+            for object in ["killer.bpf.o", "sockmap.bpf.o", "client_socket.bpf.o"] {
                 std::fs::write(out.join(object), b"").expect("write placeholder object");
             }
             println!("cargo:rustc-env=TENDRIL_BPF_BUILD_ERROR={e}");

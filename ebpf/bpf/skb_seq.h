@@ -3,7 +3,7 @@
  * Following a TCP source's sequence in a stream verdict (see "Repeated bytes" in
  * sockmap.bpf.c): tcp_read_skb hands the verdict whole skbs, including bytes delivered
  * before, so a verdict that forwards must know where each skb starts and cut what it has
- * seen already. Shared by the stream verdicts of sockmap.bpf.c and local.bpf.c. Include after vmlinux.h and bpf_helpers.h.
+ * seen already. Shared by the stream verdicts of sockmap.bpf.c and client_socket.bpf.c. Include after vmlinux.h and bpf_helpers.h.
  */
 #ifndef TENDRIL_SKB_SEQ_H
 #define TENDRIL_SKB_SEQ_H

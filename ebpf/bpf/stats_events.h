@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * What the kernel-forwarding programs (sockmap.bpf.c, local.bpf.c) share for talking to the
+ * What the kernel-forwarding programs (sockmap.bpf.c, client_socket.bpf.c) share for talking to the
  * proxy: per-CPU counters `stats` (STAT_COUNT of them; the loader sums them over CPUs) and an
  * event ring `events` of {socket cookie, kind} records (ebpf/src/ring.rs decodes them). A
  * full ring loses the event and counts STAT_LOST_EVENTS; the proxy sees that counter move
@@ -14,6 +14,10 @@ struct event {
 	__u32 kind;   /* the program's EVENT_* */
 	__u32 pad;
 };
+
+/* Never used: makes clang emit struct event into the object's BTF (a local of an inlined
+ * function is not), for the loaders' layout test (ebpf/src/layout.rs). An 8-byte .bss. */
+const struct event *__event_btf __attribute__((unused));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

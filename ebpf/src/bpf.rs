@@ -156,7 +156,7 @@ impl BpfKiller {
 
 /// The map key: 16 address bytes (IPv4 mapped to IPv6), the port in host order, padding;
 /// and the match flags.
-fn key(t: &Target) -> ([u8; 20], u32) {
+pub(crate) fn key(t: &Target) -> ([u8; 20], u32) {
     let mut k = [0u8; 20];
     let v6 = match t.addr.ip() {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),

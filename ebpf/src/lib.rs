@@ -12,7 +12,7 @@
 //! 3. **none**: the proxy closes its own connections only.
 //!
 //! The crate also loads the kernel-forwarding program ([`sockmap`]): the proxy's in-kernel
-//! fast path, built and loaded the same way, and [`local`], its variant for clients on the
+//! fast path, built and loaded the same way, and [`client_socket`], its variant for clients on the
 //! proxy's own host, which forwards on the client's own socket.
 //!
 //! Both walk only the network namespace of the calling process. A destroyed socket's owner
@@ -20,7 +20,9 @@
 //! the peer sees a reset.
 
 mod bpf;
-pub mod local;
+pub mod client_socket;
+#[cfg(test)]
+mod layout;
 mod netlink;
 mod object;
 pub mod ring;

@@ -66,28 +66,28 @@ pub struct Direction {
 /// `struct direction` of the program.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
-struct RawDirection {
-    base: u64,
-    limit: u64,
-    redirected: u64,
-    passed: u64,
-    mode: u32,
-    pauses: u32,
-    peak: u64,
-    acked: u64,
-    next_seq: u32,
-    seq_known: u32,
-    trimmed: u64,
-    dropped: u64,
+pub(crate) struct RawDirection {
+    pub(crate) base: u64,
+    pub(crate) limit: u64,
+    pub(crate) redirected: u64,
+    pub(crate) passed: u64,
+    pub(crate) mode: u32,
+    pub(crate) pauses: u32,
+    pub(crate) peak: u64,
+    pub(crate) acked: u64,
+    pub(crate) next_seq: u32,
+    pub(crate) seq_known: u32,
+    pub(crate) trimmed: u64,
+    pub(crate) dropped: u64,
 }
 
 /// Size of `struct direction`.
 const DIRECTION_SIZE: usize = 80;
 /// Size of `struct forwarded`.
-const FORWARDED_SIZE: usize = 8;
+pub(crate) const FORWARDED_SIZE: usize = 8;
 
 impl RawDirection {
-    fn bytes(&self) -> [u8; DIRECTION_SIZE] {
+    pub(crate) fn bytes(&self) -> [u8; DIRECTION_SIZE] {
         let mut out = [0u8; DIRECTION_SIZE];
         out[0..8].copy_from_slice(&self.base.to_ne_bytes());
         out[8..16].copy_from_slice(&self.limit.to_ne_bytes());
@@ -104,7 +104,7 @@ impl RawDirection {
         out
     }
 
-    fn from_bytes(b: &[u8; DIRECTION_SIZE]) -> RawDirection {
+    pub(crate) fn from_bytes(b: &[u8; DIRECTION_SIZE]) -> RawDirection {
         let u64_at = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
         let u32_at = |i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().unwrap_or([0; 4]));
         RawDirection {

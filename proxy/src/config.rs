@@ -197,7 +197,7 @@ pub struct ProxyConfig {
     pub kernel_buffer_limit: u64,
     /// Sockmap capacity (connections).
     pub kernel_max_connections: u32,
-    /// Forward local clients on their own socket.
+    /// Forward clients on this host on their own socket (the client-socket path).
     pub kernel_client_socket: bool,
     /// The refusal certificate, loaded.
     pub refusal_tls: Option<std::sync::Arc<rustls::ServerConfig>>,

@@ -130,18 +130,18 @@ impl App {
         let kernel = match sockmap {
             None => None,
             Some(map) => {
-                let local = if config.kernel_client_socket {
-                    match tendril_ebpf::local::Local::load(
+                let client_socket = if config.kernel_client_socket {
+                    match tendril_ebpf::client_socket::ClientSocket::load(
                         listen,
                         config.kernel_max_connections,
                         config.kernel_buffer_limit,
                         config.kernel_buffer_limit,
                     ) {
-                        Ok(local) => {
+                        Ok(cs) => {
                             tracing::info!(
                                 "kernel forwarding on the client's own socket for clients on this host"
                             );
-                            Some(local)
+                            Some(cs)
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "client-socket forwarding unavailable: every connection on the proxy's two sockets");
@@ -159,7 +159,7 @@ impl App {
                 wakers.push(control_end);
                 let (path, handle) = kernel::KernelPath::start(
                     map,
-                    local,
+                    client_socket,
                     config.kernel_buffer_limit,
                     shared.clone(),
                     config.workers,
@@ -167,7 +167,7 @@ impl App {
                 )
                 .map_err(|e| ProxyError::Other(format!("start the kernel path: {e}")))?;
                 kernel_thread = Some(handle);
-                kernel_stats = Some((path.map().clone(), path.local().cloned()));
+                kernel_stats = Some((path.map().clone(), path.client_socket().cloned()));
                 Some(path)
             }
         };
@@ -295,7 +295,7 @@ fn spawn_control(
     listener_fds: Vec<std::os::fd::RawFd>,
     kernel: Option<(
         Arc<tendril_ebpf::sockmap::Sockmap>,
-        Option<Arc<tendril_ebpf::local::Local>>,
+        Option<Arc<tendril_ebpf::client_socket::ClientSocket>>,
     )>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<JoinHandle<()>, ProxyError> {
@@ -349,20 +349,17 @@ fn spawn_control(
                         listener,
                         Arc::new(move || {
                             let table = s.table.load();
-                            let kernel = kernel.as_ref().map(|(k, local)| metrics::KernelMetrics {
-                                local: local.as_ref().map(|l| {
-                                    let open = s.workers.iter().map(|w| w.kernel_local.load(std::sync::atomic::Ordering::Relaxed)).sum();
+                            let kernel = kernel.as_ref().map(|(k, cs)| metrics::KernelMetrics {
+                                client_socket: cs.as_ref().map(|l| {
+                                    let open = s.workers.iter().map(|w| w.kernel_client_socket.load(std::sync::atomic::Ordering::Relaxed)).sum();
                                     metrics::ClientSocketMetrics {
                                         stats: l.stats(),
                                         active: open,
-                                        blocking: s.kernel_local_blocking.load(std::sync::atomic::Ordering::Relaxed),
-                                        refused: s.kernel_local_refused.load(std::sync::atomic::Ordering::Relaxed),
                                         entries: l.entries(),
                                     }
                                 }),
                                 stats: k.stats(),
-                                fallback_full: s.kernel_fallback_full.load(std::sync::atomic::Ordering::Relaxed),
-                                fallback_refused: s.kernel_fallback_refused.load(std::sync::atomic::Ordering::Relaxed),
+                                paths: std::array::from_fn(|i| s.kernel_paths[i].load(std::sync::atomic::Ordering::Relaxed)),
                                 active: s.workers.last().map_or(0, |w| w.active.load(std::sync::atomic::Ordering::Relaxed)),
                                 entries: k.entries(),
                             });

@@ -67,7 +67,7 @@ pub struct WorkerMetrics {
     /// Connections linked to a backend (a switchover's drain waits for these to end).
     pub linked: AtomicU64,
     /// Kernel-forwarded connections on the client's own socket, open now.
-    pub kernel_local: AtomicU64,
+    pub kernel_client_socket: AtomicU64,
     /// Closed, by reason (indexed like [`CloseReason::ALL`]).
     pub closed: [AtomicU64; 9],
     /// Bytes from clients to the backend.
@@ -93,15 +93,11 @@ impl WorkerMetrics {
 #[derive(Debug, Clone, Copy)]
 pub struct ClientSocketMetrics {
     /// The program's counters.
-    pub stats: tendril_ebpf::local::Stats,
+    pub stats: tendril_ebpf::client_socket::Stats,
     /// Connections forwarded on the client's socket now.
     pub active: u64,
-    /// Clients that read in blocking mode, given the pair path instead.
-    pub blocking: u64,
-    /// Clients whose route the kernel refused, given the pair path instead.
-    pub refused: u64,
     /// Entries in the per-connection maps.
-    pub entries: tendril_ebpf::local::Entries,
+    pub entries: tendril_ebpf::client_socket::Entries,
 }
 
 /// Kernel-path values for the metrics.
@@ -109,17 +105,15 @@ pub struct ClientSocketMetrics {
 pub struct KernelMetrics {
     /// The program's counters.
     pub stats: tendril_ebpf::sockmap::Stats,
-    /// Connections kept in userspace: map full.
-    pub fallback_full: u64,
-    /// Connections kept in userspace: the kernel refused the pair.
-    pub fallback_refused: u64,
+    /// Connections given each path, by reason (`kernel::path::Reason::ALL`'s order).
+    pub paths: [u64; crate::kernel::path::Reason::ALL.len()],
     /// Connections forwarded in the kernel now.
     pub active: u64,
     /// Entries in the program's maps (peers, directions, forwarded).
     pub entries: (usize, usize, usize),
     /// The client-socket programs, when loaded: counters, open connections, and map
     /// entries.
-    pub local: Option<ClientSocketMetrics>,
+    pub client_socket: Option<ClientSocketMetrics>,
 }
 
 /// Renders the Prometheus text for all workers plus the control-plane values.
@@ -242,13 +236,18 @@ pub fn render(
             vec![(String::new(), k.active)],
         );
         metric(
-            "tendril_proxy_kernel_fallbacks_total",
+            "tendril_proxy_kernel_path_total",
             "counter",
-            "connections kept in userspace by the kernel path, by reason",
-            vec![
-                ("reason=\"map_full\"".into(), k.fallback_full),
-                ("reason=\"refused\"".into(), k.fallback_refused),
-            ],
+            "connections by the forwarding path the kernel path chose for them, and why (client_socket: a client on this host; pair: client_socket_off, client_elsewhere, client_silent, server_unkeyed, client_blocks, route_refused; userspace: map_full, join_refused)",
+            crate::kernel::path::Reason::ALL
+                .iter()
+                .map(|r| {
+                    (
+                        format!("path=\"{}\",reason=\"{}\"", r.path().label(), r.label()),
+                        k.paths[r.index()],
+                    )
+                })
+                .collect(),
         );
         metric(
             "tendril_proxy_kernel_verdicts_total",
@@ -289,10 +288,8 @@ pub fn render(
         if let Some(ClientSocketMetrics {
             stats,
             active,
-            blocking,
-            refused,
             entries,
-        }) = k.local
+        }) = k.client_socket
         {
             metric(
                 "tendril_proxy_kernel_client_socket_connections",
@@ -303,7 +300,7 @@ pub fn render(
             metric(
                 "tendril_proxy_kernel_client_socket_total",
                 "counter",
-                "client-socket path events: sends and reply skbs redirected or passed, pauses, failures, clients given the pair path because they read in blocking mode or their route was refused, connections cut because their end never reached the client (stalled_cut; should stay 0)",
+                "client-socket path events: sends and reply skbs redirected or passed, pauses, failures, connections cut because their end never reached the client (stalled_cut; should stay 0)",
                 vec![
                     ("event=\"client_joined\"".into(), stats.clients),
                     ("event=\"client_map_full\"".into(), stats.clients_full),
@@ -323,8 +320,6 @@ pub fn render(
                     ("event=\"events_lost\"".into(), stats.lost_events),
                     ("event=\"timer_failed\"".into(), stats.timer_failures),
                     ("event=\"stalled_cut\"".into(), stats.stalled),
-                    ("event=\"blocking_client\"".into(), blocking),
-                    ("event=\"route_refused\"".into(), refused),
                 ],
             );
             metric(

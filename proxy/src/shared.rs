@@ -46,14 +46,9 @@ pub struct Shared {
     pub killed: AtomicU64,
     /// Host sockets pointing at the current backend (the connection tracker).
     pub host_sockets: AtomicU64,
-    /// Connections kept in userspace because the sockmap was full.
-    pub kernel_fallback_full: AtomicU64,
-    /// Connections kept in userspace because the kernel refused the pair.
-    pub kernel_fallback_refused: AtomicU64,
-    /// Local clients given the pair path because they read in blocking mode.
-    pub kernel_local_blocking: AtomicU64,
-    /// Local clients given the pair path because the kernel refused their route.
-    pub kernel_local_refused: AtomicU64,
+    /// Connections given a path by the kernel path, by reason (`kernel::path::Reason`'s
+    /// index).
+    pub kernel_paths: [AtomicU64; crate::kernel::path::Reason::ALL.len()],
     drivers: Vec<AtomicU8>,
     draining: AtomicBool,
     workers_stopped: std::sync::atomic::AtomicUsize,
@@ -72,10 +67,7 @@ impl Shared {
             settings,
             killed: AtomicU64::new(0),
             host_sockets: AtomicU64::new(0),
-            kernel_fallback_full: AtomicU64::new(0),
-            kernel_fallback_refused: AtomicU64::new(0),
-            kernel_local_blocking: AtomicU64::new(0),
-            kernel_local_refused: AtomicU64::new(0),
+            kernel_paths: Default::default(),
             drivers: (0..workers).map(|_| AtomicU8::new(0)).collect(),
             draining: AtomicBool::new(false),
             workers_stopped: std::sync::atomic::AtomicUsize::new(0),

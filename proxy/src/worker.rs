@@ -19,7 +19,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use crate::forward::{BufferPool, Ended, Forwarder, UserspaceCopy};
-use crate::kernel::{AdoptError, KernelPath};
+use crate::kernel::{AdoptError, Candidacy, KernelPath};
 use crate::metrics::{CloseReason, WorkerMetrics};
 use crate::pgwire::{self, FirstPacket, Parse};
 use crate::routing::{Backend, NoBackend, RoutingTable};
@@ -405,16 +405,21 @@ async fn routed(
     }
     let mut consumed = consumed;
     if let Some(kernel) = &ctx.kernel {
-        let mut local = kernel.local_client(client.as_raw_fd());
-        if let Some(c) = local.filter(|_| consumed == 0) {
+        let mut candidacy = match kernel.candidate(client.as_raw_fd()) {
+            Some(c) => Candidacy::Ready(c),
+            None => Candidacy::Elsewhere,
+        };
+        if let Candidacy::Ready(c) = candidacy
+            && consumed == 0
+        {
             match first_bytes(&mut client, &mut server, settings.startup_timeout).await {
                 FirstBytes::Forwarded(n) => consumed = n,
                 FirstBytes::Silent => {
-                    kernel.release_local(&c);
-                    local = None;
+                    kernel.release(&c);
+                    candidacy = Candidacy::Silent;
                 }
                 FirstBytes::Gone(reason) => {
-                    kernel.release_local(&c);
+                    kernel.release(&c);
                     let entry = ctx.unlink(key);
                     if entry.is_some_and(|e| e.fenced) {
                         return CloseReason::Fenced.into();
@@ -429,7 +434,7 @@ async fn routed(
             consumed,
             peer,
             &backend,
-            local,
+            candidacy,
         ) {
             Ok(()) => {
                 // The kernel path holds its own descriptors; ours close when dropped here.
@@ -441,11 +446,6 @@ async fn routed(
                 return CloseReason::Error.into();
             }
             Err(e) => {
-                let fallback = match e {
-                    AdoptError::MapFull => &ctx.shared.kernel_fallback_full,
-                    _ => &ctx.shared.kernel_fallback_refused,
-                };
-                fallback.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(client = %peer, backend = %backend.addr, error = %e, "kept in userspace");
             }
         }
@@ -463,7 +463,7 @@ async fn routed(
     .into()
 }
 
-/// What came of waiting for a local client's first bytes.
+/// What came of waiting for the first bytes of a client on this host.
 enum FirstBytes {
     /// This many bytes were read from the client and written to the server.
     Forwarded(u64),

@@ -171,7 +171,7 @@ fn copy_out_md5(port: u16, query: &str) -> String {
 enum Path {
     /// The accepted socket and the server socket joined in `peers` (sockmap.bpf.c).
     Pair,
-    /// Forwarding on the client's own socket (local.bpf.c).
+    /// Forwarding on the client's own socket (client_socket.bpf.c).
     ClientSocket,
 }
 
@@ -240,6 +240,16 @@ fn client_socket_metric(proxy: &ProxyProc, event: &str) -> f64 {
     metric(
         proxy,
         &format!("tendril_proxy_kernel_client_socket_total{{cluster=\"pxy\",event=\"{event}\"}}"),
+    )
+}
+
+/// Connections given `path` for `reason` (`tendril_proxy_kernel_path_total`).
+fn path_metric(proxy: &ProxyProc, path: &str, reason: &str) -> f64 {
+    metric(
+        proxy,
+        &format!(
+            "tendril_proxy_kernel_path_total{{cluster=\"pxy\",path=\"{path}\",reason=\"{reason}\"}}"
+        ),
     )
 }
 
@@ -613,7 +623,7 @@ async fn a_blocking_full_duplex_client_reads_every_reply() {
     env.route(Some(("db1", pg.port())), false).await;
     let proxy = start_path_proxy(&env, "k10", Path::ClientSocket, &[]);
     wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
-    let local_open = |proxy: &ProxyProc| {
+    let client_socket_open = |proxy: &ProxyProc| {
         metric(
             proxy,
             "tendril_proxy_kernel_client_socket_connections{cluster=\"pxy\"}",
@@ -633,7 +643,7 @@ async fn a_blocking_full_duplex_client_reads_every_reply() {
     }
     let libpq_like = connect(proxy.port).await.unwrap();
     libpq_like.simple_query("SELECT 1").await.unwrap();
-    assert_eq!(local_open(&proxy), 1.0, "{}", proxy.metrics());
+    assert_eq!(client_socket_open(&proxy), 1.0, "{}", proxy.metrics());
 
     const INSERTS: usize = 20_000;
     let port = proxy.port;
@@ -684,9 +694,9 @@ async fn a_blocking_full_duplex_client_reads_every_reply() {
         .expect("the blocking client never got through the startup");
     // Both are forwarded in the kernel, the blocking one on the proxy's two sockets.
     assert_eq!(kernel_open(&proxy), 2.0, "{}", proxy.metrics());
-    assert_eq!(local_open(&proxy), 1.0, "{}", proxy.metrics());
+    assert_eq!(client_socket_open(&proxy), 1.0, "{}", proxy.metrics());
     assert_eq!(
-        client_socket_metric(&proxy, "blocking_client"),
+        path_metric(&proxy, "pair", "client_blocks"),
         1.0,
         "{}",
         proxy.metrics()
@@ -1088,18 +1098,21 @@ fn client_backends(port: u16) -> u64 {
 
 /// A TCP backend that answers each read with the same bytes, and closes or resets after
 /// the first reply when asked to by the first byte: `c` close, `r` reset, anything else
-/// echo until the client leaves. Also returns how many of its connections are open: the
-/// backend's view of whether a client's end reached it.
-fn echo_backend() -> (u16, Arc<AtomicUsize>) {
+/// echo until the client leaves. Also returns how many of its connections are open (the
+/// backend's view of whether a client's end reached it) and how many ended with a reset
+/// from the client's side.
+fn echo_backend() -> (u16, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let open = Arc::new(AtomicUsize::new(0));
-    let counter = open.clone();
+    let resets = Arc::new(AtomicUsize::new(0));
+    let (counter, reset_counter) = (open.clone(), resets.clone());
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { continue };
             counter.fetch_add(1, Ordering::SeqCst);
             let counter = counter.clone();
+            let reset_counter = reset_counter.clone();
             std::thread::spawn(move || {
                 struct Done(Arc<AtomicUsize>);
                 impl Drop for Done {
@@ -1111,7 +1124,18 @@ fn echo_backend() -> (u16, Arc<AtomicUsize>) {
                 let mut buf = [0u8; 4096];
                 loop {
                     let n = match s.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
+                        Ok(0) => return,
+                        // A backend on this host whose socket is in the client-socket
+                        // program's backends map (direct replies) can be woken without data
+                        // even in blocking mode (see tendril_ebpf::client_socket); PostgreSQL
+                        // reads in non-blocking mode and simply waits again.
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => {
+                            if e.kind() == std::io::ErrorKind::ConnectionReset {
+                                reset_counter.fetch_add(1, Ordering::SeqCst);
+                            }
+                            return;
+                        }
                         Ok(n) => n,
                     };
                     if s.write_all(&buf[..n]).is_err() {
@@ -1129,7 +1153,7 @@ fn echo_backend() -> (u16, Arc<AtomicUsize>) {
             });
         }
     });
-    (port, open)
+    (port, open, resets)
 }
 
 /// Closes with a reset (SO_LINGER 0) instead of a FIN.
@@ -1159,7 +1183,7 @@ on_both_paths!(
 async fn closes_and_resets_reach_the_peer_and_nothing_leaks(path: Path) {
     let _serial = SERIAL.lock().await;
     let mut env = Env::new().await;
-    let (backend, backend_open) = echo_backend();
+    let (backend, backend_open, backend_resets) = echo_backend();
     env.route(Some(("echo", backend)), false).await;
     let proxy = start_path_proxy(&env, "k5", path, &[]);
     // Wait for routing.
@@ -1232,16 +1256,28 @@ async fn closes_and_resets_reach_the_peer_and_nothing_leaks(path: Path) {
         }
     }
     for (way, how) in [(b'e', "client close"), (b'R', "client reset")] {
+        let resets_before = backend_resets.load(Ordering::SeqCst);
         let mut s = Client::connect(proxy.port).unwrap();
         s.set_timeout(Duration::from_secs(5));
         s.write_all(b"e!").unwrap();
         let mut got = [0u8; 2];
         s.read_exact(&mut got).unwrap();
         if way == b'R' {
-            reset(&s.stream);
+            // A reset alone: the close sends it instead of a FIN.
+            socket2::SockRef::from(&s.stream)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
         }
         drop(s);
         wait_backend_idle(how);
+        // The backend sees what it would see from the client directly: a FIN after a
+        // close, a reset after a reset.
+        assert_eq!(
+            backend_resets.load(Ordering::SeqCst) - resets_before,
+            usize::from(way == b'R'),
+            "{how}: the backend saw the wrong end\n{}",
+            tail(&proxy.log_text(), 20)
+        );
     }
     // 10,000 connections, ended every way, 16 at a time.
     let port = proxy.port;
@@ -1307,16 +1343,22 @@ async fn closes_and_resets_reach_the_peer_and_nothing_leaks(path: Path) {
         "clean closes: {client} + {backend}"
     );
     assert!(error >= 2_000.0, "resets: {error}");
-    let fallbacks = metric(
-        &proxy,
-        "tendril_proxy_kernel_fallbacks_total{cluster=\"pxy\",reason=\"map_full\"}",
-    ) + metric(
-        &proxy,
-        "tendril_proxy_kernel_fallbacks_total{cluster=\"pxy\",reason=\"refused\"}",
-    );
+    let fallbacks = path_metric(&proxy, "userspace", "map_full")
+        + path_metric(&proxy, "userspace", "join_refused");
     assert_eq!(
         fallbacks, 0.0,
         "every connection went through the kernel path"
+    );
+    // Each connection's path is counted with its reason: the client-socket path for these
+    // clients on the proxy's host, the pair path when the client-socket programs are off.
+    let (chosen, reason) = match path {
+        Path::ClientSocket => ("client_socket", "client_on_host"),
+        Path::Pair => ("pair", "client_socket_off"),
+    };
+    assert!(
+        path_metric(&proxy, chosen, reason) >= 9_900.0,
+        "{}",
+        proxy.metrics()
     );
     if path == Path::ClientSocket {
         // Each connection's first message comes before the route (the proxy forwards it),
@@ -1331,7 +1373,7 @@ async fn closes_and_resets_reach_the_peer_and_nothing_leaks(path: Path) {
             .map(str::to_owned)
             .collect();
         assert_eq!(
-            client_socket_metric(&proxy, "route_refused"),
+            path_metric(&proxy, "pair", "route_refused"),
             0.0,
             "{}",
             refusals.join("\n")
@@ -1346,7 +1388,7 @@ async fn closes_and_resets_reach_the_peer_and_nothing_leaks(path: Path) {
             "{}",
             proxy.metrics()
         );
-        assert_eq!(client_socket_metric(&proxy, "blocking_client"), 0.0);
+        assert_eq!(path_metric(&proxy, "pair", "client_blocks"), 0.0);
     }
 }
 
@@ -1398,10 +1440,7 @@ async fn a_full_map_keeps_extra_connections_in_userspace() {
         proxy.metrics()
     );
     assert!(
-        metric(
-            &proxy,
-            "tendril_proxy_kernel_fallbacks_total{cluster=\"pxy\",reason=\"map_full\"}"
-        ) >= 3.0,
+        path_metric(&proxy, "userspace", "map_full") >= 3.0,
         "{}",
         proxy.metrics()
     );
@@ -1493,7 +1532,7 @@ fn sockhash_id(pid: u32) -> u32 {
 async fn a_failed_redirect_closes_the_connection() {
     let _serial = SERIAL.lock().await;
     let mut env = Env::new().await;
-    let (backend, _open) = echo_backend();
+    let (backend, _open, _resets) = echo_backend();
     env.route(Some(("echo", backend)), false).await;
     let proxy = start_kernel_proxy(&env, "k7", &["--kernel-client-socket", "off"]);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1586,7 +1625,7 @@ async fn each_local_client_takes_the_path_its_reading_mode_allows() {
     env.route(Some(("db1", pg.port())), false).await;
     let proxy = start_path_proxy(&env, "k11", Path::ClientSocket, &[]);
     wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
-    let blocking_before = client_socket_metric(&proxy, "blocking_client");
+    let blocking_before = path_metric(&proxy, "pair", "client_blocks");
     const EACH: usize = 50;
     let port = proxy.port;
     let start = |s: &mut dyn Write| {
@@ -1615,14 +1654,14 @@ async fn each_local_client_takes_the_path_its_reading_mode_allows() {
     .await
     .unwrap();
     assert_eq!(
-        client_socket_metric(&proxy, "blocking_client") - blocking_before,
+        path_metric(&proxy, "pair", "client_blocks") - blocking_before,
         EACH as f64,
         "{}",
         proxy.metrics()
     );
     // Every non-blocking client is on its own socket: no route refused (routes allocate
-    // nothing that can fail now, see local.bpf.c's backlog checks).
-    assert_eq!(client_socket_metric(&proxy, "route_refused"), 0.0);
+    // nothing that can fail now, see client_socket.bpf.c's backlog checks).
+    assert_eq!(path_metric(&proxy, "pair", "route_refused"), 0.0);
     assert_eq!(
         metric(
             &proxy,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, Type};
 
-use tendril_ebpf::local::{ClientKey, Local, RouteRequest};
+use tendril_ebpf::client_socket::{ClientKey, ClientSocket, RouteRequest};
 
 /// A connection to `to` from 127.0.0.1:`port`.
 fn connect_from(port: u16, to: SocketAddr) -> TcpStream {
@@ -42,7 +42,7 @@ struct Connection {
 /// A client connected to `proxy` from `client_port`, and the proxy's connection to `backend`
 /// from `server_port`, as the proxy sees them when it routes.
 fn connection(
-    local: &Local,
+    local: &ClientSocket,
     proxy: &TcpListener,
     backend: &TcpListener,
     client_port: u16,
@@ -85,7 +85,7 @@ fn a_connection_reusing_the_addresses_of_one_not_yet_cleaned_up_is_routed_and_ke
     }
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
     let backend = TcpListener::bind("127.0.0.1:0").unwrap();
-    let local = Local::load(proxy.local_addr().unwrap(), 1024, 1 << 20, 1 << 20)
+    let local = ClientSocket::load(proxy.local_addr().unwrap(), 1024, 1 << 20, 1 << 20)
         .expect("the client-socket programs load on this machine");
     // Two free ports for the fixed client and server ends.
     let client_port = TcpListener::bind("127.0.0.1:0")

@@ -1,5 +1,5 @@
 //! Kernel forwarding on the client's own socket, for clients in the proxy's network namespace
-//! (`bpf/local.bpf.c`): a sockops program on the cgroup v2 root puts client sockets that
+//! (`bpf/client_socket.bpf.c`): a sockops program on the cgroup v2 root puts client sockets that
 //! connect to the proxy into a sockhash, an sk_msg program redirects their sends to the
 //! proxy's server socket, and the server socket's verdict redirects replies into the client
 //! socket's receive queue. This module loads it (the sockops program through a cgroup link,
@@ -23,7 +23,7 @@ use crate::sockmap::{count_keys, errno, push_queued};
 use crate::sockopt::{cookie, netns_cookie, tcp_byte_counts};
 
 /// The object file, empty when the build could not make it.
-static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/local.bpf.o"));
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/client_socket.bpf.o"));
 /// Why the object is empty.
 const BUILD_ERROR: &str = env!("TENDRIL_BPF_BUILD_ERROR");
 
@@ -83,7 +83,7 @@ impl ClientKey {
         })
     }
 
-    fn bytes(&self) -> [u8; KEY_SIZE] {
+    pub(crate) fn bytes(&self) -> [u8; KEY_SIZE] {
         let mut out = [0u8; KEY_SIZE];
         out[0..8].copy_from_slice(&self.netns.to_ne_bytes());
         out[8..24].copy_from_slice(&mapped(self.client.ip()));
@@ -138,7 +138,7 @@ pub struct Reply {
     pub delivered: bool,
 }
 
-/// The client's side of a connection as [`Local::probe`] finds it.
+/// The client's side of a connection as [`ClientSocket::probe`] finds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Probe {
     /// Everything redirected to the client reached its socket: its backlog is empty and the
@@ -264,7 +264,7 @@ pub enum RouteError {
 pub struct RouteRequest {
     /// The client's connection.
     pub key: ClientKey,
-    /// The client socket's cookie ([`Local::client_cookie`]).
+    /// The client socket's cookie ([`ClientSocket::client_cookie`]).
     pub client: u64,
     /// The server socket's connection as a backend on this host sees it
     /// ([`ClientKey::of_connected`]).
@@ -279,7 +279,7 @@ pub struct RouteRequest {
     pub to_server: u64,
 }
 
-/// Entries in the maps of [`Local`] that hold one per connection (a leak check's view).
+/// Entries in the maps of [`ClientSocket`] that hold one per connection (a leak check's view).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Entries {
     /// Client sockets (connected to the proxy's port on this host).
@@ -295,7 +295,7 @@ pub struct Entries {
 }
 
 /// The loaded programs and their maps.
-pub struct Local {
+pub struct ClientSocket {
     _object: Object,
     _link: Link,
     clients: RawFd,
@@ -317,9 +317,9 @@ pub struct Local {
     recv_limit: u64,
 }
 
-impl std::fmt::Debug for Local {
+impl std::fmt::Debug for ClientSocket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Local")
+        f.debug_struct("ClientSocket")
             .field("max_clients", &self.max_clients)
             .finish_non_exhaustive()
     }
@@ -345,7 +345,7 @@ fn cgroup2_root() -> Option<String> {
     })
 }
 
-impl Local {
+impl ClientSocket {
     /// Loads the programs for a proxy listening on `listen`, with room for `max_clients`
     /// connections, `send_limit` and `recv_limit` bytes held per direction, and attaches the
     /// sockops program to the cgroup v2 root (through a link: detached when this is dropped).
@@ -354,20 +354,13 @@ impl Local {
         max_clients: u32,
         send_limit: u64,
         recv_limit: u64,
-    ) -> Result<Local, Unavailable> {
+    ) -> Result<ClientSocket, Unavailable> {
         if max_clients == 0 {
             return Err(unavailable("room for 0 connections"));
         }
         let root = cgroup2_root().ok_or_else(|| unavailable("no cgroup v2 mount"))?;
         let mut open = crate::object::open(OBJECT, BUILD_ERROR, MECHANISM)?;
-        let mut config = [0u8; CONFIG_SIZE];
-        if !listen.ip().is_unspecified() {
-            config[0..16].copy_from_slice(&mapped(listen.ip()));
-        }
-        config[16..20].copy_from_slice(&u32::from(listen.port()).to_ne_bytes());
-        config[20..24].copy_from_slice(&std::process::id().to_ne_bytes());
-        config[24..32].copy_from_slice(&send_limit.to_ne_bytes());
-        config[32..40].copy_from_slice(&recv_limit.to_ne_bytes());
+        let config = config_bytes(listen, std::process::id(), send_limit, recv_limit);
         for mut map in open.maps_mut() {
             let name = map.name().to_string_lossy().into_owned();
             if name.ends_with(".rodata") {
@@ -455,7 +448,7 @@ impl Local {
         let link =
             link.ok_or_else(|| unavailable("program watch_sockets missing from the object"))?;
         init_checker(&object)?;
-        Ok(Local {
+        Ok(ClientSocket {
             _object: object,
             _link: link,
             clients,
@@ -599,7 +592,7 @@ impl Local {
     }
 
     /// Deletes the entry under `key` if `server` owns it: a new connection with the same
-    /// addresses may have replaced it already (see [`Local::insert_addressed`]).
+    /// addresses may have replaced it already (see [`ClientSocket::insert_addressed`]).
     fn delete_owned(&self, map: RawFd, key: &[u8], len: usize, server: u64) {
         if self.owner(map, key, len) == Some(server.to_ne_bytes()) {
             self.delete(map, key);
@@ -621,9 +614,7 @@ impl Local {
         let (acked, _) = tcp_byte_counts(req.server).map_err(RouteError::Refused)?;
         let s = server.to_ne_bytes();
         let key = req.key.bytes();
-        let mut reply = [0u8; REPLY_SIZE];
-        reply[..KEY_SIZE].copy_from_slice(&key);
-        reply[KEY_SIZE..KEY_SIZE + 8].copy_from_slice(&server.to_ne_bytes());
+        let reply = reply_bytes(&req.key, server);
         let noexist = libbpf_sys::BPF_NOEXIST;
         let result = (|| {
             self.insert(self.server_acked, &s, &acked.to_ne_bytes(), noexist)?;
@@ -702,31 +693,7 @@ impl Local {
         if rc != 0 {
             return None;
         }
-        let base = KEY_SIZE + 8;
-        let u64_at = |i: usize| u64::from_ne_bytes(raw[i..i + 8].try_into().unwrap_or([0; 8]));
-        let u32_at = |i: usize| u32::from_ne_bytes(raw[i..i + 4].try_into().unwrap_or([0; 4]));
-        let flags = base + 40;
-        Some(Reply {
-            redirected: u64_at(base),
-            passed: u64_at(base + 8),
-            allow: u64_at(base + 16),
-            peak: u64_at(base + 32),
-            // After the flags (24 bytes), `queued` and its tick (16): the direct replies.
-            direct: u64_at(base + 40 + 24 + 16),
-            mode: match u32_at(flags) {
-                R_KERNEL => ReplyMode::Kernel,
-                R_DRAINING => ReplyMode::Draining,
-                R_USER => ReplyMode::User,
-                R_FAILED => ReplyMode::Failed,
-                other => {
-                    tracing::warn!(mode = other, "unknown reply mode: stopping the connection");
-                    ReplyMode::Failed
-                }
-            },
-            pauses: u32_at(flags + 4),
-            fin: u32_at(flags + 16) != 0,
-            delivered: u32_at(flags + 20) != 0,
-        })
+        Some(decode_reply(&raw))
     }
 
     /// Looks at the client's side of the connection whose server socket has `server` cookie
@@ -825,7 +792,69 @@ impl Local {
     }
 }
 
-fn route_bytes(server: u64, client: u64, from_client: u64, to_server: u64) -> [u8; ROUTE_SIZE] {
+/// `struct config`, as [`ClientSocket::load`] writes it into the read-only data.
+pub(crate) fn config_bytes(
+    listen: SocketAddr,
+    tgid: u32,
+    send_limit: u64,
+    recv_limit: u64,
+) -> [u8; CONFIG_SIZE] {
+    let mut config = [0u8; CONFIG_SIZE];
+    if !listen.ip().is_unspecified() {
+        config[0..16].copy_from_slice(&mapped(listen.ip()));
+    }
+    config[16..20].copy_from_slice(&u32::from(listen.port()).to_ne_bytes());
+    config[20..24].copy_from_slice(&tgid.to_ne_bytes());
+    config[24..32].copy_from_slice(&send_limit.to_ne_bytes());
+    config[32..40].copy_from_slice(&recv_limit.to_ne_bytes());
+    config
+}
+
+/// A new `struct reply`, as [`ClientSocket::route`] inserts it: the client's key and the
+/// server socket's cookie, the rest zero.
+pub(crate) fn reply_bytes(key: &ClientKey, server: u64) -> [u8; REPLY_SIZE] {
+    let mut reply = [0u8; REPLY_SIZE];
+    reply[..KEY_SIZE].copy_from_slice(&key.bytes());
+    reply[KEY_SIZE..KEY_SIZE + 8].copy_from_slice(&server.to_ne_bytes());
+    reply
+}
+
+/// A `struct reply` as [`ClientSocket::reply`] reads it.
+pub(crate) fn decode_reply(raw: &[u8; REPLY_SIZE]) -> Reply {
+    let base = KEY_SIZE + 8;
+    let u64_at = |i: usize| u64::from_ne_bytes(raw[i..i + 8].try_into().unwrap_or([0; 8]));
+    let u32_at = |i: usize| u32::from_ne_bytes(raw[i..i + 4].try_into().unwrap_or([0; 4]));
+    let flags = base + 40;
+    Reply {
+        redirected: u64_at(base),
+        passed: u64_at(base + 8),
+        allow: u64_at(base + 16),
+        peak: u64_at(base + 32),
+        // After the flags (24 bytes), `queued` and its tick (16): the direct replies.
+        direct: u64_at(base + 40 + 24 + 16),
+        mode: match u32_at(flags) {
+            R_KERNEL => ReplyMode::Kernel,
+            R_DRAINING => ReplyMode::Draining,
+            R_USER => ReplyMode::User,
+            R_FAILED => ReplyMode::Failed,
+            other => {
+                tracing::warn!(mode = other, "unknown reply mode: stopping the connection");
+                ReplyMode::Failed
+            }
+        },
+        pauses: u32_at(flags + 4),
+        fin: u32_at(flags + 16) != 0,
+        delivered: u32_at(flags + 20) != 0,
+    }
+}
+
+/// `struct route`, as [`ClientSocket::route`] inserts it.
+pub(crate) fn route_bytes(
+    server: u64,
+    client: u64,
+    from_client: u64,
+    to_server: u64,
+) -> [u8; ROUTE_SIZE] {
     let mut route = [0u8; ROUTE_SIZE];
     route[0..8].copy_from_slice(&server.to_ne_bytes());
     route[8..16].copy_from_slice(&client.to_ne_bytes());
@@ -835,7 +864,7 @@ fn route_bytes(server: u64, client: u64, from_client: u64, to_server: u64) -> [u
 }
 
 /// The program's event ring.
-pub type Events = Ring<Event, Arc<Local>>;
+pub type Events = Ring<Event, Arc<ClientSocket>>;
 
 fn decode_event(record: &[u8]) -> Option<Event> {
     let (server, kind) = cookie_and_kind(record)?;

@@ -1,0 +1,342 @@
+//! The kernel path: connections whose established traffic the kernel forwards. Workers set
+//! a connection up in userspace as usual (startup packet, SSLRequest answer, 57P03, hold),
+//! then [`KernelPath::adopt`] chooses its path (`path`: on the client's own socket for a
+//! client on this host, else both proxy sockets joined to the sockmap, else userspace) and
+//! hands both sockets to this module's thread (`thread`), which:
+//!
+//! - closes connections in order: on a FIN from one side it waits until every byte that
+//!   arrived before the FIN has left the kernel's queues for the peer socket, then
+//!   half-closes the peer, so a client's Terminate is never overtaken by the FIN;
+//! - forwards a direction itself while a program has paused it for backpressure (the program
+//!   passes the bytes up; the thread writes them to the peer under ordinary TCP flow control,
+//!   behind what the kernel already queued);
+//! - fences: drops the connection from the maps and shuts both sockets at once;
+//! - closes both sides on an error, a reset or a failed redirect (a reset's bytes first);
+//! - counts each connection's bytes and close reason into its own block of the metrics.
+//!
+//! Each direction is a state machine without I/O (`direction`, table-tested); `pair` and
+//! `client_socket` are its executors on the two kernel paths, `conn` what the thread holds.
+
+mod client_socket;
+mod conn;
+pub mod direction;
+mod pair;
+pub mod path;
+mod thread;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
+
+use tendril_ebpf::client_socket::{ClientKey, ClientSocket};
+use tendril_ebpf::sockmap::{JoinError, JoinRequest, Joined, Sockmap};
+
+pub use client_socket::Candidate;
+use client_socket::ClientRoute;
+use path::JoinFailure;
+use thread::Thread;
+
+use crate::routing::Backend;
+use crate::shared::Shared;
+use crate::sys::{dup, tcp_written};
+
+/// Why a connection stayed in userspace.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    /// The sockmap is full.
+    #[error("the sockmap is full")]
+    MapFull,
+    /// The kernel refused the pair, or a descriptor could not be duplicated.
+    #[error("{0}")]
+    Refused(io::Error),
+    /// The kernel-path thread has stopped; the pair was joined and is now closed.
+    #[error("the kernel path has stopped")]
+    Stopped,
+}
+
+/// How the kernel forwards a connection.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// Both proxy sockets joined `peers`: the verdict redirects between them.
+    Pair(Joined),
+    /// Routed on the client's own socket (a client in the proxy's namespace).
+    ClientSocket(ClientRoute),
+}
+
+/// What the worker knows of the client when it hands the connection over.
+#[derive(Debug, Clone, Copy)]
+pub enum Candidacy {
+    /// Not a candidate for the client-socket path: on another host or namespace, or the
+    /// client-socket programs are off.
+    Elsewhere,
+    /// On this host, but it sent nothing within the wait for its first bytes (it was
+    /// released already).
+    Silent,
+    /// On this host, its first bytes went through the program.
+    Ready(Candidate),
+}
+
+/// A joined pair on its way to the thread.
+struct Handoff {
+    fds: [OwnedFd; 2],
+    kind: Kind,
+    base_recv: [u64; 2],
+    backend: Backend,
+    peer: SocketAddr,
+}
+
+/// The workers' handle on the kernel path.
+#[derive(Debug)]
+pub struct KernelPath {
+    map: Arc<Sockmap>,
+    client_socket: Option<Arc<ClientSocket>>,
+    limit: u64,
+    tx: mpsc::Sender<Handoff>,
+    wake: OwnedFd,
+    shared: Arc<Shared>,
+    index: usize,
+}
+
+impl KernelPath {
+    /// Starts the thread. `index` is its counter block in `shared.workers`; `fence` the
+    /// socket the control thread writes to after publishing a table.
+    pub fn start(
+        map: Sockmap,
+        client_socket: Option<ClientSocket>,
+        limit: u64,
+        shared: Arc<Shared>,
+        index: usize,
+        fence: std::os::unix::net::UnixStream,
+    ) -> io::Result<(Arc<KernelPath>, std::thread::JoinHandle<()>)> {
+        let map = Arc::new(map);
+        let cs = client_socket.map(Arc::new);
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if wake < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `wake` is a fresh descriptor owned by nobody else.
+        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+        let (tx, rx) = mpsc::channel();
+        let thread = Thread::new(
+            map.clone(),
+            cs.clone(),
+            rx,
+            dup(wake.as_raw_fd())?,
+            fence,
+            shared.clone(),
+            index,
+        )?;
+        let handle = std::thread::Builder::new()
+            .name("tendril-kernel".into())
+            .spawn(move || thread.run())?;
+        Ok((
+            Arc::new(KernelPath {
+                map,
+                client_socket: cs,
+                limit,
+                tx,
+                wake,
+                shared,
+                index,
+            }),
+            handle,
+        ))
+    }
+
+    /// The program and its maps (stats, tests).
+    pub fn map(&self) -> &Arc<Sockmap> {
+        &self.map
+    }
+
+    /// The client-socket programs, when they loaded.
+    pub fn client_socket(&self) -> Option<&Arc<ClientSocket>> {
+        self.client_socket.as_ref()
+    }
+
+    /// The client connected to the accepted socket `client`, when it is in this network
+    /// namespace and its socket joined the client sockhash at connect. The caller hands it
+    /// over ([`KernelPath::adopt`]) only after the client's first bytes went through the
+    /// program (before the route), which is where the program learns how the client reads;
+    /// or it gives the client back with [`KernelPath::release`].
+    pub fn candidate(&self, client: RawFd) -> Option<Candidate> {
+        let cs = self.client_socket.as_ref()?;
+        let key = ClientKey::of_accepted(client).ok()?;
+        let cookie = cs.client_cookie(&key)?;
+        Some(Candidate { key, cookie })
+    }
+
+    /// Called by each worker thread at start: a backend on this host then recognises the
+    /// worker's connections (see `tendril_ebpf::client_socket`'s direct replies).
+    pub fn register_worker_thread(&self) {
+        if let Some(cs) = &self.client_socket
+            && let Err(e) = cs.add_connecting_thread()
+        {
+            tracing::warn!(error = %e, "cannot register the worker thread: replies from a backend on this host take the proxy's server socket");
+        }
+    }
+
+    /// Takes a candidate the client-socket path will not forward out of the client
+    /// sockhash: its socket is an ordinary TCP socket again.
+    pub fn release(&self, client: &Candidate) {
+        if let Some(cs) = &self.client_socket {
+            cs.release_client(&client.key);
+        }
+    }
+
+    /// Chooses the connection's path ([`path::choose`], counted by its reason) and hands it
+    /// to the thread; from here on the kernel forwards it and the caller must forget both
+    /// sockets (drop its handles without touching them). `consumed_from_client` is what the
+    /// caller read from the client and already dealt with (the startup packet it wrote to
+    /// the backend on a held connection). On `MapFull` and `Refused` nothing changed: the
+    /// caller forwards in userspace.
+    pub fn adopt(
+        &self,
+        client: RawFd,
+        server: RawFd,
+        consumed_from_client: u64,
+        peer: SocketAddr,
+        backend: &Backend,
+        candidacy: Candidacy,
+    ) -> Result<(), AdoptError> {
+        let candidate = match candidacy {
+            Candidacy::Ready(c) => Some(c),
+            Candidacy::Elsewhere | Candidacy::Silent => None,
+        };
+        // How a backend on this host keys the connection (only with the client-socket
+        // programs loaded): for the route, or to release its socket.
+        let backend_key = match self
+            .client_socket
+            .as_ref()
+            .map(|_| ClientKey::of_connected(server))
+        {
+            Some(Ok(k)) => Some(k),
+            Some(Err(e)) => {
+                tracing::debug!(client = %peer, error = %e, "server socket without addresses");
+                None
+            }
+            None => None,
+        };
+        let mut facts = path::Facts {
+            programs: self.client_socket.is_some(),
+            on_host: !matches!(candidacy, Candidacy::Elsewhere),
+            silent: matches!(candidacy, Candidacy::Silent),
+            server_keyed: backend_key.is_some(),
+            blocks: match (&self.client_socket, &candidate) {
+                // A blocking reader could get EAGAIN from the kernel on the client-socket
+                // path (see ClientSocket::client_blocks).
+                (Some(l), Some(c)) => l.client_blocks(&c.key),
+                _ => false,
+            },
+            ..path::Facts::default()
+        };
+        // Everything that can fail without consequence comes before the join: once joined,
+        // the kernel may already be forwarding.
+        let mut error = None;
+        let fds = match dup(client).and_then(|c| Ok([c, dup(server)?])) {
+            Ok(fds) => Some(fds),
+            Err(e) => {
+                facts.join = Some(JoinFailure::Refused);
+                error = Some(AdoptError::Refused(e));
+                None
+            }
+        };
+        let (reason, kind) = loop {
+            let reason = path::choose(&facts);
+            match (reason.path(), &self.client_socket, candidate, backend_key) {
+                (path::Path::ClientSocket, Some(cs), Some(c), Some(b)) => {
+                    match self.route(cs, client, server, consumed_from_client, c, b) {
+                        Ok(route) => break (reason, Some(Kind::ClientSocket(route))),
+                        Err(e) => {
+                            tracing::debug!(client = %peer, error = %e, "client-socket route refused");
+                            facts.route_refused = true;
+                        }
+                    }
+                }
+                (path::Path::ClientSocket, ..) => facts.route_refused = true,
+                (path::Path::Pair, ..) => match self.join(client, server) {
+                    Ok(joined) => break (reason, Some(Kind::Pair(joined))),
+                    Err(e) => {
+                        facts.join = Some(match e {
+                            AdoptError::MapFull => JoinFailure::MapFull,
+                            _ => JoinFailure::Refused,
+                        });
+                        error = Some(e);
+                    }
+                },
+                (path::Path::Userspace, ..) => break (reason, None),
+            }
+        };
+        self.shared.kernel_paths[reason.index()].fetch_add(1, Ordering::Relaxed);
+        if !matches!(kind, Some(Kind::ClientSocket(_))) {
+            // The client-socket path does not take it: the client's socket is an ordinary
+            // one again, and a backend on this host needs no program for its sends.
+            if let Some(c) = &candidate {
+                self.release(c);
+            }
+            if let (Some(l), Some(b)) = (&self.client_socket, &backend_key) {
+                l.release_backend(b);
+            }
+        }
+        let (Some(kind), Some(fds)) = (kind, fds) else {
+            tracing::debug!(client = %peer, backend = %backend.addr, reason = reason.label(), "kept in userspace");
+            return Err(error.unwrap_or(AdoptError::MapFull));
+        };
+        tracing::debug!(client = %peer, backend = %backend.addr, path = reason.path().label(), reason = reason.label(), "connection forwarded in the kernel");
+        let metrics = &self.shared.workers[self.index];
+        metrics.active.fetch_add(1, Ordering::Relaxed);
+        metrics.linked.fetch_add(1, Ordering::Relaxed);
+        if matches!(kind, Kind::ClientSocket(_)) {
+            metrics.kernel_client_socket.fetch_add(1, Ordering::Relaxed);
+        }
+        let handoff = Handoff {
+            fds,
+            kind,
+            base_recv: [consumed_from_client, 0],
+            backend: backend.clone(),
+            peer,
+        };
+        if let Err(mpsc::SendError(h)) = self.tx.send(handoff) {
+            match h.kind {
+                Kind::Pair(joined) => self.map.forget(&joined),
+                Kind::ClientSocket(r) => {
+                    if let Some(cs) = &self.client_socket {
+                        cs.forget(&r.key, &r.backend, r.server);
+                    }
+                }
+            }
+            for fd in &h.fds {
+                crate::sys::shutdown_both(fd.as_raw_fd());
+            }
+            metrics.active.fetch_sub(1, Ordering::Relaxed);
+            metrics.linked.fetch_sub(1, Ordering::Relaxed);
+            return Err(AdoptError::Stopped);
+        }
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from `one` to the eventfd.
+        unsafe {
+            libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8);
+        }
+        Ok(())
+    }
+
+    /// Joins both sockets to the sockmap: the verdict redirects between them from here on.
+    fn join(&self, client: RawFd, server: RawFd) -> Result<Joined, AdoptError> {
+        let written_to_client = tcp_written(client).map_err(AdoptError::Refused)?;
+        let written_to_server = tcp_written(server).map_err(AdoptError::Refused)?;
+        self.map
+            .join(&JoinRequest {
+                client,
+                server,
+                written_to_client,
+                written_to_server,
+                limit: self.limit,
+            })
+            .map_err(|e| match e {
+                JoinError::MapFull => AdoptError::MapFull,
+                JoinError::Refused(e) => AdoptError::Refused(e),
+            })
+    }
+}
