@@ -327,7 +327,15 @@ async fn connection(ctx: Rc<Ctx>, client: TcpStream, peer: SocketAddr) {
             "tendril: too many connections to the proxy (limit {})",
             ctx.shared.settings.max_connections
         );
-        refuse(client, pgwire::TOO_MANY_CONNECTIONS, &message).await;
+        refuse_first(
+            &ctx,
+            client,
+            peer,
+            Vec::new(),
+            pgwire::TOO_MANY_CONNECTIONS,
+            &message,
+        )
+        .await;
         return;
     }
     let table = ctx.shared.table.load_full();
@@ -367,7 +375,15 @@ async fn routed(
                 "tendril: cannot connect to the master at {}: {e}",
                 backend.addr
             );
-            refuse(client, pgwire::CONNECTION_FAILURE, &message).await;
+            refuse_first(
+                ctx,
+                client,
+                peer,
+                prefix,
+                pgwire::CONNECTION_FAILURE,
+                &message,
+            )
+            .await;
             return CloseReason::ConnectFailed.into();
         }
         Err(_) => {
@@ -375,7 +391,15 @@ async fn routed(
                 "tendril: connecting to the master at {} timed out",
                 backend.addr
             );
-            refuse(client, pgwire::CONNECTION_FAILURE, &message).await;
+            refuse_first(
+                ctx,
+                client,
+                peer,
+                prefix,
+                pgwire::CONNECTION_FAILURE,
+                &message,
+            )
+            .await;
             return CloseReason::ConnectFailed.into();
         }
     };
@@ -608,27 +632,15 @@ async fn hold_or_refuse(
                 "tendril: no master available for cluster {}{why}",
                 settings.cluster
             );
-            let ssl = matches!(
-                pgwire::parse_first_packet(&first),
-                Parse::Done(FirstPacket::SslRequest, _)
-            );
-            match &settings.refusal_tls {
-                Some(tls) if ssl => {
-                    let mut client = client;
-                    let refusal = crate::tls_refusal::refuse(
-                        &mut client,
-                        tls.clone(),
-                        pgwire::CANNOT_CONNECT_NOW,
-                        &message,
-                    );
-                    match monoio::time::timeout(settings.startup_timeout, refusal).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "TLS refusal"),
-                        Err(_) => tracing::debug!(client = %peer, "TLS refusal timed out"),
-                    }
-                }
-                _ => refuse(client, pgwire::CANNOT_CONNECT_NOW, &message).await,
-            }
+            refuse_first(
+                ctx,
+                client,
+                peer,
+                first,
+                pgwire::CANNOT_CONNECT_NOW,
+                &message,
+            )
+            .await;
             return CloseReason::NoMaster.into();
         }
         // Rare path (a switchover in progress): a short poll keeps the hot path free of
@@ -642,6 +654,50 @@ async fn forward_cancel(backend: &Backend, packet: Vec<u8>, timeout: Duration) {
         monoio::time::timeout(timeout, TcpStream::connect_addr(backend.addr)).await
     {
         let _ = s.write_all(packet).await;
+    }
+}
+
+/// Refuses a client with `code` and `message` once its first packet is in (`first`: what
+/// was read of it so far; the rest is read within the startup timeout). To a client that
+/// asked for TLS the refusal comes inside TLS when `--refusal-cert-file` is set, else, as to
+/// a GSSENCRequest, as an ErrorResponse in place of the one-byte answer: libpq and pgjdbc
+/// print either as the server's error, where an `N` would read "server does not support
+/// SSL". Reading first also leaves nothing unread at the close, which would otherwise send a
+/// reset that can overtake the ErrorResponse.
+async fn refuse_first(
+    ctx: &Ctx,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    mut first: Vec<u8>,
+    code: &str,
+    message: &str,
+) {
+    let settings = &ctx.shared.settings;
+    let deadline = std::time::Instant::now() + settings.startup_timeout;
+    let ssl = loop {
+        match pgwire::parse_first_packet(&first) {
+            Parse::NeedMore => {}
+            Parse::Done(FirstPacket::SslRequest, _) => break true,
+            Parse::Done(..) | Parse::Invalid(_) => break false,
+        }
+        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+        match monoio::time::timeout(remaining, read_more(&mut client, first)).await {
+            Ok(Ok(more)) => first = more,
+            // Gone, or silent: the ErrorResponse goes anyway (a client that never sends
+            // still reads it).
+            Ok(Err(_)) | Err(_) => break false,
+        }
+    };
+    match &settings.refusal_tls {
+        Some(tls) if ssl => {
+            let refusal = crate::tls_refusal::refuse(&mut client, tls.clone(), code, message);
+            match monoio::time::timeout(settings.startup_timeout, refusal).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "TLS refusal"),
+                Err(_) => tracing::debug!(client = %peer, "TLS refusal timed out"),
+            }
+        }
+        _ => refuse(client, code, message).await,
     }
 }
 

@@ -225,3 +225,70 @@ async fn a_refused_tls_client_is_told_why() {
         "{stderr}"
     );
 }
+
+/// psql's error connecting through the proxy with `mode` (a failure is expected).
+fn psql_error(port: u16, mode: &str) -> String {
+    let out = Command::new(format!("{PG_BIN}/psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=10 {mode}"
+        ))
+        .args(["-XAtc", "select 1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{mode}: psql connected");
+    String::from_utf8_lossy(&out.stderr).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_for_the_connection_limit_and_an_unreachable_master_say_why_over_tls() {
+    let mut env = Env::new().await;
+    let pg = PgServer::start_tls(&[]);
+    let tls = pg.tls().unwrap();
+    let (cert, key) = (
+        tls.server_cert.display().to_string(),
+        tls.server_key.display().to_string(),
+    );
+    let g = env.route(Some(("db1", pg.port())), false).await;
+    let proxy = ProxyProc::start(
+        &env,
+        "limited",
+        &[
+            "--refusal-cert-file",
+            &cert,
+            "--refusal-key-file",
+            &key,
+            "--max-connections",
+            "1",
+        ],
+        &[],
+    );
+    env.wait_acked("limited", g, Duration::from_secs(10)).await;
+    // One connection takes the only place (the proxy connects it to PostgreSQL, which
+    // waits for its startup packet).
+    let _taken = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for mode in ["sslmode=require", "sslmode=prefer", "sslmode=disable"] {
+        let stderr = psql_error(proxy.port, mode);
+        println!("limit, {mode}: {stderr}");
+        assert!(
+            stderr.contains("too many connections to the proxy (limit 1)"),
+            "{mode}: psql did not say why: {stderr}"
+        );
+    }
+    drop(_taken);
+    // A master the proxy cannot reach: a port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let g = env.route(Some(("db2", closed_port)), false).await;
+    env.wait_acked("limited", g, Duration::from_secs(10)).await;
+    std::thread::sleep(Duration::from_millis(300));
+    for mode in ["sslmode=require", "sslmode=disable"] {
+        let stderr = psql_error(proxy.port, mode);
+        println!("unreachable, {mode}: {stderr}");
+        assert!(
+            stderr.contains("cannot connect to the master at 127.0.0.1"),
+            "{mode}: psql did not say why: {stderr}"
+        );
+    }
+}
