@@ -171,20 +171,10 @@ async fn a_refused_tls_client_is_told_why() {
     let mut env = Env::new().await;
     // Its certificates (a server certificate for 127.0.0.1 and its CA) serve the proxy too.
     let pg = PgServer::start_tls(&[]);
-    let tls = pg.tls().unwrap();
-    let (cert, key) = (
-        tls.server_cert.display().to_string(),
-        tls.server_key.display().to_string(),
-    );
     let g = env.route(None, false).await;
-    let proxy = ProxyProc::start(
-        &env,
-        "refuser",
-        &["--refusal-cert-file", &cert, "--refusal-key-file", &key],
-        &[],
-    );
+    let proxy = start_refuser(&env, "refuser", &pg, &[]);
     env.wait_acked("refuser", g, Duration::from_secs(10)).await;
-    let ca = tls.ca_cert.display().to_string();
+    let ca = pg.tls().unwrap().ca_cert.display().to_string();
     for mode in [
         "sslmode=require".to_owned(),
         "sslmode=prefer".to_owned(),
@@ -226,6 +216,19 @@ async fn a_refused_tls_client_is_told_why() {
     );
 }
 
+/// A proxy that refuses inside TLS, with PostgreSQL's certificate (for 127.0.0.1, from the
+/// CA the clients trust) as its refusal certificate.
+fn start_refuser(env: &Env, uid: &str, pg: &PgServer, extra: &[&str]) -> ProxyProc {
+    let tls = pg.tls().unwrap();
+    let (cert, key) = (
+        tls.server_cert.display().to_string(),
+        tls.server_key.display().to_string(),
+    );
+    let mut args = vec!["--refusal-cert-file", &cert, "--refusal-key-file", &key];
+    args.extend_from_slice(extra);
+    ProxyProc::start(env, uid, &args, &[])
+}
+
 /// psql's error connecting through the proxy with `mode` (a failure is expected).
 fn psql_error(port: u16, mode: &str) -> String {
     let out = Command::new(format!("{PG_BIN}/psql"))
@@ -243,25 +246,8 @@ fn psql_error(port: u16, mode: &str) -> String {
 async fn refusals_for_the_connection_limit_and_an_unreachable_master_say_why_over_tls() {
     let mut env = Env::new().await;
     let pg = PgServer::start_tls(&[]);
-    let tls = pg.tls().unwrap();
-    let (cert, key) = (
-        tls.server_cert.display().to_string(),
-        tls.server_key.display().to_string(),
-    );
     let g = env.route(Some(("db1", pg.port())), false).await;
-    let proxy = ProxyProc::start(
-        &env,
-        "limited",
-        &[
-            "--refusal-cert-file",
-            &cert,
-            "--refusal-key-file",
-            &key,
-            "--max-connections",
-            "1",
-        ],
-        &[],
-    );
+    let proxy = start_refuser(&env, "limited", &pg, &["--max-connections", "1"]);
     env.wait_acked("limited", g, Duration::from_secs(10)).await;
     // One connection takes the only place (the proxy connects it to PostgreSQL, which
     // waits for its startup packet).

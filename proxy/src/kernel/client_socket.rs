@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use tendril_ebpf::client_socket::{ClientKey, ClientSocket, ReplyMode, RouteError, RouteRequest};
 
 use super::KernelPath;
-use super::conn::{Conn, StallState};
-use super::direction::{self, Action, DirState, Mode, ReplyFacts, SendFacts};
+use super::conn::{Conn, Direction, StallState, drive};
+use super::direction::{self, DirState, Mode, ReplyFacts, SendFacts};
 use crate::metrics::CloseReason;
 use crate::sys::tcp_written;
 
@@ -96,41 +96,26 @@ pub(super) fn step_sends(
     conn: &mut Conn,
     route: &ClientRoute,
 ) -> Result<(), CloseReason> {
-    let (source, target) = conn.ends(0);
-    let dir = &mut conn.dirs[0];
-    let mut last = None;
-    while !dir.state.done() {
+    let decide = |dir: &mut Direction, last, _look| {
         let facts = SendFacts {
             held: dir.held(),
             last,
         };
-        let (state, action) = direction::sends_step(dir.state, &facts);
-        dir.state = state;
-        last = None;
-        match action {
-            Action::Read => last = dir.read(source)?,
-            Action::Write => {
-                last = dir.write(target)?;
-                if last.is_none() {
-                    cs.set_forwarded(
-                        &route.key,
-                        route.server,
-                        route.client,
-                        route.from_client + dir.forwarded,
-                        route.to_server + dir.forwarded,
-                    )
-                    .map_err(|e| {
-                        tracing::debug!(error = %e, "client-socket route update failed");
-                        CloseReason::Error
-                    })?;
-                }
-            }
-            Action::Shut => dir.shut(target),
-            Action::Look | Action::Wait => break,
-            Action::Cut => return Err(CloseReason::Error),
-        }
-    }
-    Ok(())
+        Ok(direction::sends_step(dir.state, &facts))
+    };
+    drive(conn, 0, decide, |forwarded| {
+        cs.set_forwarded(
+            &route.key,
+            route.server,
+            route.client,
+            route.from_client + forwarded,
+            route.to_server + forwarded,
+        )
+        .map_err(|e| {
+            tracing::debug!(error = %e, "client-socket route update failed");
+            CloseReason::Error
+        })
+    })
 }
 
 fn mode(m: ReplyMode) -> Mode {
@@ -151,10 +136,8 @@ pub(super) fn step_replies(
     conn: &mut Conn,
     route: &ClientRoute,
 ) -> Result<(), CloseReason> {
-    let (source, target) = conn.ends(1);
-    let dir = &mut conn.dirs[1];
-    let (mut last, mut look) = (None, false);
-    while !dir.state.done() {
+    let (source, _) = conn.ends(1);
+    let decide = |dir: &mut Direction, last, look: bool| {
         // Read with the bytes in hand: a pause lowers the allowance before the bytes it
         // holds back are queued.
         let r = cs.reply(route.server).ok_or(CloseReason::Error)?;
@@ -186,25 +169,12 @@ pub(super) fn step_replies(
             backlog_delivered,
             last,
         };
-        let (state, action) = direction::replies_step(dir.state, &facts);
-        dir.state = state;
-        last = None;
-        match action {
-            Action::Read => last = dir.read(source)?,
-            Action::Write => {
-                last = dir.write(target)?;
-                if last.is_none() {
-                    cs.set_reply_written(route.server, dir.forwarded)
-                        .map_err(|_| CloseReason::Error)?;
-                }
-            }
-            Action::Look => look = true,
-            Action::Shut => dir.shut(target),
-            Action::Wait => break,
-            Action::Cut => return Err(CloseReason::Error),
-        }
-    }
-    Ok(())
+        Ok(direction::replies_step(dir.state, &facts))
+    };
+    drive(conn, 1, decide, |forwarded| {
+        cs.set_reply_written(route.server, forwarded)
+            .map_err(|_| CloseReason::Error)
+    })
 }
 
 /// Whether a client-socket connection's end has waited [`STALL_LIMIT`] with nothing moving

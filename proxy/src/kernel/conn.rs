@@ -11,7 +11,7 @@ use tendril_ebpf::client_socket::ClientSocket;
 use tendril_ebpf::client_socket::Reply;
 use tendril_ebpf::sockmap::{Joined, Sockmap};
 
-use super::direction::{DirState, End, Event, Flow, Outcome, Settle, settle};
+use super::direction::{Action, DirState, End, Event, Flow, Outcome, Settle, settle};
 use super::{Kind, client_socket, pair};
 use crate::metrics::CloseReason;
 use crate::routing::Backend;
@@ -107,6 +107,46 @@ impl Direction {
         }
         self.buf = None;
     }
+}
+
+/// Runs direction `side` as far as it goes without waiting: `decide` gathers the facts (given
+/// what the last read or write returned, and whether the end-only facts are wanted) and
+/// asks the path's step function; `wrote` tells the program how many bytes the thread wrote
+/// in all. The executors of both kernel paths are this loop.
+pub(super) fn drive(
+    conn: &mut Conn,
+    side: usize,
+    mut decide: impl FnMut(
+        &mut Direction,
+        Option<Outcome>,
+        bool,
+    ) -> Result<(DirState, Action), CloseReason>,
+    mut wrote: impl FnMut(u64) -> Result<(), CloseReason>,
+) -> Result<(), CloseReason> {
+    let (source, target) = conn.ends(side);
+    let dir = &mut conn.dirs[side];
+    let (mut last, mut look) = (None, false);
+    while !dir.state.done() {
+        let (state, action) = decide(dir, last, look)?;
+        dir.state = state;
+        last = None;
+        match action {
+            Action::Read => last = dir.read(source)?,
+            Action::Write => {
+                last = dir.write(target)?;
+                if last.is_none() {
+                    wrote(dir.forwarded)?;
+                }
+            }
+            // Asked once: the facts it wants are there from the next look on.
+            Action::Look if look => break,
+            Action::Look => look = true,
+            Action::Shut => dir.shut(target),
+            Action::Wait => break,
+            Action::Cut => return Err(CloseReason::Error),
+        }
+    }
+    Ok(())
 }
 
 /// What moves while a client-socket connection's end waits: the thread's copies both ways

@@ -6,8 +6,8 @@
 
 use tendril_ebpf::sockmap::{Joined, Mode as ProgramMode, Sockmap};
 
-use super::conn::{Conn, cookie};
-use super::direction::{self, Action, Mode, PairFacts};
+use super::conn::{Conn, Direction, cookie, drive};
+use super::direction::{self, Mode, PairFacts};
 use crate::metrics::CloseReason;
 use crate::sys::{tcp_bytes, tcp_written};
 
@@ -29,16 +29,11 @@ pub(super) fn step(
     let (source, target) = conn.ends(side);
     let cookie = cookie(joined, side);
     let base_recv = conn.base_recv[side];
-    let dir = &mut conn.dirs[side];
-    if dir.state.done() {
-        return Ok(());
-    }
     let err = |e: std::io::Error| {
         tracing::debug!(error = %e, "kernel path: socket call failed");
         CloseReason::Error
     };
-    let (mut last, mut look) = (None, false);
-    loop {
+    let decide = |dir: &mut Direction, last, look: bool| {
         let d = map.direction(cookie).ok_or(CloseReason::Error)?;
         if d.mode == ProgramMode::User && !dir.clamped {
             // Paused: from now on what the kernel holds for this direction is mostly the
@@ -67,24 +62,9 @@ pub(super) fn step(
             base_recv,
             last,
         };
-        let (state, action) = direction::pair_step(dir.state, &facts);
-        dir.state = state;
-        last = None;
-        match action {
-            Action::Read => last = dir.read(source)?,
-            Action::Write => {
-                last = dir.write(target)?;
-                if last.is_none() {
-                    map.set_forwarded(cookie, dir.forwarded).map_err(err)?;
-                }
-            }
-            Action::Look => look = true,
-            Action::Shut => {
-                dir.shut(target);
-                return Ok(());
-            }
-            Action::Wait => return Ok(()),
-            Action::Cut => return Err(CloseReason::Error),
-        }
-    }
+        Ok(direction::pair_step(dir.state, &facts))
+    };
+    drive(conn, side, decide, |forwarded| {
+        map.set_forwarded(cookie, forwarded).map_err(err)
+    })
 }
