@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-# A generic proxy benchmark harness written before tendril, copied unchanged (see README.md);
-# tendril's targets come in through EXTRA_TARGET, started by tendril-up.sh.
+# A generic proxy benchmark harness written before tendril, copied unchanged but for two
+# columns and the topology (see README.md); tendril's targets come in through EXTRA_TARGET,
+# started by tendril-up.sh.
 """Proxy anchor benchmark driver.
 
 Runs pgbench against a list of targets (direct PG over TCP, HAProxy, PgBouncer
@@ -16,12 +17,17 @@ For the single-client latency test it parses pgbench's per-transaction log (-l) 
 computes p50/p90/p99/p99.9.
 
 Environment (all optional):
+  TOPOLOGY=local           local | remote: where setup.sh put PostgreSQL (default: what
+                           setup.sh recorded in $RUN_DIR/topology, else local); recorded in
+                           runs.jsonl and the summary
+  PG_HOST=127.0.0.1        PostgreSQL's address, the direct targets' (remote: 10.231.0.2,
+                           $NETNS_PG_ADDR); proxies are always reached on 127.0.0.1
   ROUNDS=3                 repetitions of the full interleaved pass
   TESTS=select,tpcb,churn,lat1   subset / order of tests
   TARGETS=direct,haproxy,pgb-session,pgb-txn   subset of built-in targets
   EXTRA_TARGET=name:port[:mode[:pid|pidfile]][,name2:port2...]
                            extra proxies listening on 127.0.0.1:port that forward to
-                           PG on $PG_PORT. mode = prepared (default) | extended | simple
+                           PG on $PG_HOST:$PG_PORT. mode = prepared (default) | extended | simple
                            is the pgbench -M used where the test says -M prepared
                            (use extended for proxies that can't carry named prepared
                            statements). pid / pidfile, if given, is sampled for CPU.
@@ -64,6 +70,23 @@ ANCHOR_DIR = E.get("ANCHOR_DIR", "/tmp/proxy-anchor")
 RUN_DIR = E.get("RUN_DIR", os.path.join(ANCHOR_DIR, "run"))
 PG_DATA = E.get("PG_DATA", os.path.join(ANCHOR_DIR, "pg"))
 PG_PORT = int(E.get("PG_PORT", 25432))
+
+
+def _recorded_topology():
+    """The topology setup.sh recorded, or None."""
+    try:
+        with open(os.path.join(RUN_DIR, "topology")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+TOPOLOGY_RECORDED = _recorded_topology()
+TOPOLOGY = E.get("TOPOLOGY") or TOPOLOGY_RECORDED or "local"   # checked in main()
+# PostgreSQL's address, for the direct targets; the proxies listen on 127.0.0.1.
+PG_HOST = E.get("PG_HOST") or (E.get("NETNS_PG_ADDR", "10.231.0.2") if TOPOLOGY == "remote"
+                               else "127.0.0.1")
+PROXY_HOST = "127.0.0.1"
 PG_DB = E.get("PG_DB", "bench")
 PG_USER = E.get("PG_USER", "postgres")
 ROUNDS = int(E.get("ROUNDS", 3))
@@ -100,16 +123,17 @@ def pidfile(name):
     return os.path.join(RUN_DIR, name + ".pid")
 
 
-# Built-in targets. "pid" is what gets sampled for proxy CPU.
+# Built-in targets. "pid" is what gets sampled for proxy CPU; "host" is where pgbench
+# connects (PostgreSQL's address for direct, 127.0.0.1 for every proxy).
 BUILTIN = [
-    dict(name="direct", port=PG_PORT, mode="prepared", pid=None),
-    dict(name="haproxy", port=int(E.get("HAPROXY_PORT", 25433)), mode="prepared",
+    dict(name="direct", host=PG_HOST, port=PG_PORT, mode="prepared", pid=None),
+    dict(name="haproxy", host=PROXY_HOST, port=int(E.get("HAPROXY_PORT", 25433)), mode="prepared",
          pid=pidfile("haproxy")),
-    dict(name="pgb-session", port=int(E.get("PGB_SESSION_PORT", 25434)), mode="prepared",
-         pid=pidfile("pgb-session")),
+    dict(name="pgb-session", host=PROXY_HOST, port=int(E.get("PGB_SESSION_PORT", 25434)),
+         mode="prepared", pid=pidfile("pgb-session")),
     # PgBouncer 1.18 cannot carry named prepared statements in transaction pooling
     # (support arrived in 1.21), so it runs with -M extended (unnamed statements).
-    dict(name="pgb-txn", port=int(E.get("PGB_TXN_PORT", 25435)), mode="extended",
+    dict(name="pgb-txn", host=PROXY_HOST, port=int(E.get("PGB_TXN_PORT", 25435)), mode="extended",
          pid=pidfile("pgb-txn")),
 ]
 
@@ -120,7 +144,8 @@ def parse_extra(spec):
         parts = item.split(":")
         if len(parts) < 2:
             sys.exit(f"bad EXTRA_TARGET item {item!r}; want name:port[:mode[:pid|pidfile]]")
-        t = dict(name=parts[0], port=int(parts[1]), mode="prepared", pid=None, extra=True)
+        t = dict(name=parts[0], host=PROXY_HOST, port=int(parts[1]), mode="prepared", pid=None,
+                 extra=True)
         if len(parts) >= 3 and parts[2]:
             if parts[2] not in ("prepared", "extended", "simple"):
                 sys.exit(f"bad mode {parts[2]!r} in EXTRA_TARGET")
@@ -142,8 +167,9 @@ def build_targets():
     modes = sorted({t["mode"] for t in targets if t["mode"] != "prepared"})
     pos = 1
     for m in modes:
-        targets.insert(pos, dict(name=f"direct-{m[:3] if m == 'extended' else m}", port=PG_PORT,
-                                 mode=m, pid=None, baseline_for_mode=m, mode_only=True))
+        targets.insert(pos, dict(name=f"direct-{m[:3] if m == 'extended' else m}", host=PG_HOST,
+                                 port=PG_PORT, mode=m, pid=None, baseline_for_mode=m,
+                                 mode_only=True))
         pos += 1
     return targets
 
@@ -342,7 +368,7 @@ def run_pgbench(test, target, logdir, tag):
     if DURATION_SCALE != 1.0:
         i = args.index("-T")
         args[i + 1] = str(max(1, round(int(args[i + 1]) * DURATION_SCALE)))
-    cmd = pin_prefix("pgbench") + [os.path.join(PGBIN, "pgbench"), "-h", "127.0.0.1",
+    cmd = pin_prefix("pgbench") + [os.path.join(PGBIN, "pgbench"), "-h", target["host"],
                                    "-p", str(target["port"]), "-U", PG_USER] + args
     prefix = None
     if TESTS[test].get("txn_log"):
@@ -371,7 +397,8 @@ def measure(rnd, test, t, eff_mode, attempt, proxies, postmaster, logdir):
     time.sleep(0.3)  # let the postmaster reap exiting backends
     b = CpuSnap(proxies, postmaster)
     cpu = cpu_delta(a, b)
-    return dict(round=rnd, test=test, target=t["name"], port=t["port"], eff_mode=eff_mode,
+    return dict(round=rnd, test=test, target=t["name"], topology=TOPOLOGY,
+                target_host=t["host"], port=t["port"], eff_mode=eff_mode,
                 baseline_for_mode=t.get("baseline_for_mode"), attempt=attempt,
                 contaminated=cpu["foreign_pct"] > FOREIGN_MAX_PCT, load_before=la0,
                 load_after=loadavg(), ts=time.time(), cpu=cpu, **res)
@@ -527,8 +554,14 @@ def write_summary(rows, meta, path_md, path_json):
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     L = []
     L.append(f"# Proxy anchor results {meta['run_id']}\n")
+    # Results from before the topology was recorded are all local.
+    topo = meta.get("topology", "local")
     L.append(f"rounds={meta['rounds']}  duration_scale={meta['duration_scale']}  "
-             f"host={meta['host']}  ncpu={meta['ncpu']}\n")
+             f"host={meta['host']}  ncpu={meta['ncpu']}  topology={topo}\n")
+    L.append("topology: " + ("remote: PostgreSQL in a network namespace behind a veth pair "
+                             f"({meta.get('pg_host', '?')}), proxies and pgbench here"
+                             if topo == "remote" else
+                             "local: PostgreSQL, proxies and pgbench all on 127.0.0.1") + "\n")
     L.append("CPU columns are % of one core (2 cores = 200%), medians over rounds; us/txn = CPU "
              "microseconds per transaction (load-insensitive cost); "
              "'foreign max' = the most CPU that processes other than PG/pgbench/proxies/kernel threads "
@@ -604,6 +637,9 @@ def resummarize(results_dir):
     except OSError:  # interrupted run: rebuild what the summary needs from the runs
         names = list(dict.fromkeys(r["target"] for r in runs))
         meta = dict(run_id=os.path.basename(results_dir.rstrip("/")) + " (interrupted)",
+                    topology=runs[0].get("topology", "local"),
+                    pg_host=next((r["target_host"] for r in runs
+                                  if r["target"] == "direct" and "target_host" in r), "?"),
                     rounds=max(r["round"] for r in runs), duration_scale="?", host=os.uname().nodename,
                     ncpu=NCPU, tests=list(dict.fromkeys(r["test"] for r in runs)),
                     targets=[dict(name=n) for n in names], load_waits=[])
@@ -617,6 +653,12 @@ def resummarize(results_dir):
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--resummarize":
         return resummarize(sys.argv[2])
+    if TOPOLOGY not in ("local", "remote"):
+        sys.exit(f"TOPOLOGY={TOPOLOGY}: want local or remote")
+    if TOPOLOGY_RECORDED and TOPOLOGY_RECORDED != TOPOLOGY:
+        # the direct targets would look for PostgreSQL where it is not
+        sys.exit(f"TOPOLOGY={TOPOLOGY}, but setup.sh set up {TOPOLOGY_RECORDED} "
+                 f"({RUN_DIR}/topology)")
     tests = [t for t in E.get("TESTS", "select,tpcb,churn,lat1").split(",") if t]
     for t in tests:
         if t not in TESTS:
@@ -639,12 +681,15 @@ def main():
     logdir = os.path.join(ANCHOR_DIR, "txnlogs", run_id)
     os.makedirs(logdir, exist_ok=True)
 
-    meta = dict(run_id=run_id, rounds=ROUNDS, duration_scale=DURATION_SCALE, tests=tests,
+    meta = dict(run_id=run_id, topology=TOPOLOGY, pg_host=PG_HOST, rounds=ROUNDS,
+                duration_scale=DURATION_SCALE, tests=tests,
                 targets=targets, proxies_sampled=proxies, versions=versions(),
                 host=os.uname().nodename, ncpu=NCPU, max_load=MAX_LOAD, pin=E.get("PIN", ""),
                 load_waits=[], started=time.time())
     print(json.dumps(meta["versions"], indent=1), flush=True)
-    print("targets:", ", ".join(f"{t['name']}@{t['port']}(-M {t['mode']})" for t in targets), flush=True)
+    print(f"topology: {TOPOLOGY} (PostgreSQL on {PG_HOST}:{PG_PORT})", flush=True)
+    print("targets:", ", ".join(f"{t['name']}@{t['host']}:{t['port']}(-M {t['mode']})"
+                                for t in targets), flush=True)
 
     runs = []
     retry_budget = RETRY_WAIT_BUDGET_S
@@ -655,7 +700,7 @@ def main():
         if rnd == 1:
             # warm-up: every target once, short, not recorded (fills caches and pools)
             for t in targets:
-                subprocess.run([os.path.join(PGBIN, "pgbench"), "-h", "127.0.0.1", "-p",
+                subprocess.run([os.path.join(PGBIN, "pgbench"), "-h", t["host"], "-p",
                                 str(t["port"]), "-U", PG_USER, "-S", "-M", t["mode"], "-c", "16",
                                 "-j", "2", "-T", "3", PG_DB], capture_output=True)
         for test in tests:

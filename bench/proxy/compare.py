@@ -40,6 +40,12 @@ def main(dirs):
         runs = load(d)
         base = {(r["test"], r["round"]): r for r in runs if r["target"] == "direct"}
         per_run.append((os.path.basename(d.rstrip("/")), runs, base))
+    # Runs from before the topology was recorded are local (README.md, "Topologies").
+    topo = {n: sorted({r.get("topology", "local") for r in runs}) for n, runs, _ in per_run}
+    print("topology: " + ", ".join(f"{n} {'/'.join(t)}" for n, t in topo.items()))
+    if len({t for ts in topo.values() for t in ts}) > 1:
+        print("warning: these runs measured different topologies; the pooled columns mix them",
+              file=sys.stderr)
     targets = []
     for _, runs, _ in per_run:
         for r in runs:

@@ -6,6 +6,7 @@
 # etcd and proxies with setup.sh, tendril-up.sh and teardown.sh.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
+: "${TOPOLOGY:=local}"   # what setup.sh starts, not what a previous setup recorded
 . "$HERE/env.sh"
 : "${TENDRIL_BIN:?set TENDRIL_BIN to the directory of the release binaries}"
 : "${SECONDS_PER_PROFILE:=15}"

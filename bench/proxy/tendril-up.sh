@@ -8,8 +8,10 @@
 # off (TENDRIL_KERNEL_PAIR_PORT: the pair path on the proxy's two sockets, which remote
 # clients take by default), userspace on io_uring with a single worker
 # (TENDRIL_URING_W1_PORT: every connection on one ring); with REPLICA_DIR, also the probe's
-# minimal sockmap proxy (REPLICA_PORT). Which path each flag gives: README.md. Pids go to
-# $RUN_DIR, stopped by teardown.sh.
+# minimal sockmap proxy (REPLICA_PORT; local topology only). Which path each flag gives:
+# README.md. The proxies listen on 127.0.0.1 and route to PostgreSQL at $PG_HOST:$PG_PORT
+# (in the remote topology, another "host": no direct replies there). Pids go to $RUN_DIR,
+# stopped by teardown.sh.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 . "$HERE/env.sh"
@@ -34,7 +36,7 @@ for _ in $(seq 100); do "$TENDRIL_BIN/tendrilctl" spec --defaults >/dev/null && 
 import json, sys
 cd = json.load(sys.stdin)
 cd['proxy']['generation'] += 1
-cd['proxy']['master'] = {'db_uid': 'bench', 'address': '127.0.0.1', 'port': int('$PG_PORT')}
+cd['proxy']['master'] = {'db_uid': 'bench', 'address': '$PG_HOST', 'port': int('$PG_PORT')}
 print(json.dumps(cd))" | "$TENDRIL_BIN/tendrilctl" clusterdata write --yes >/dev/null
 for variant in uring:$TENDRIL_URING_PORT:auto:userspace:on:2 epoll:$TENDRIL_EPOLL_PORT:epoll:userspace:on:2 \
   kernel:$TENDRIL_KERNEL_PORT:auto:kernel:on:2 kernel-pair:$TENDRIL_KERNEL_PAIR_PORT:auto:kernel:off:2 \
@@ -49,7 +51,10 @@ done
 # kernel path is compared with in the same rounds.
 : "${REPLICA_PORT:=25503}"
 ports=("$TENDRIL_URING_PORT" "$TENDRIL_EPOLL_PORT" "$TENDRIL_KERNEL_PORT" "$TENDRIL_KERNEL_PAIR_PORT" "$TENDRIL_URING_W1_PORT")
-if [ -n "${REPLICA_DIR:-}" ] && [ -x "$REPLICA_DIR/replica" ]; then
+if [ -n "${REPLICA_DIR:-}" ] && [ "$TOPOLOGY" = remote ]; then
+  # replica.c connects to 127.0.0.1:PG_PORT, where nothing listens in this topology.
+  echo "note: TOPOLOGY=remote: the sockmap replica is not started (it assumes PostgreSQL on 127.0.0.1)"
+elif [ -n "${REPLICA_DIR:-}" ] && [ -x "$REPLICA_DIR/replica" ]; then
   "$REPLICA_DIR/replica" "$REPLICA_PORT" "$PG_PORT" "$REPLICA_DIR/replica.bpf.o" >"$RUN_DIR/replica.log" 2>&1 &
   echo $! >"$RUN_DIR/replica.pid"
   ports+=("$REPLICA_PORT")

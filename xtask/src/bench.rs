@@ -1,7 +1,9 @@
-//! `cargo xtask bench proxy [--quick] [--only TARGETS] [--tests TESTS]`: the proxy benchmark
-//! against direct PostgreSQL, HAProxy and PgBouncer in the same rounds (see
+//! `cargo xtask bench proxy [--quick] [--only TARGETS] [--tests TESTS] [--topology local|remote]`:
+//! the proxy benchmark against direct PostgreSQL, HAProxy and PgBouncer in the same rounds (see
 //! bench/proxy/README.md); `--only` and `--tests` take comma-separated names and run a focused
-//! comparison (direct is always in it).
+//! comparison (direct is always in it). `--topology remote` runs PostgreSQL in a network
+//! namespace behind a veth pair (another host, as deployed; no sockmap replica there), `local`
+//! (the default) beside the proxies on 127.0.0.1.
 //! `cargo xtask bench failover [--runs N] [--only default,partition]`: failover timings of whole clusters (e2e harness).
 
 use std::path::PathBuf;
@@ -17,7 +19,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         Some("fence") => fence(),
         _ => {
             anyhow::bail!(
-                "usage: cargo xtask bench proxy [--quick] [--only TARGETS] [--tests TESTS] | failover [--runs N] | fence"
+                "usage: cargo xtask bench proxy [--quick] [--only TARGETS] [--tests TESTS] \
+                 [--topology local|remote] | failover [--runs N] | fence"
             )
         }
     }
@@ -43,12 +46,37 @@ const TENDRIL_TARGETS: [(&str, u16, &str); 6] = [
 /// The harness's own targets (bench.py's BUILTIN).
 const BUILTIN_TARGETS: [&str; 4] = ["direct", "haproxy", "pgb-session", "pgb-txn"];
 
+/// The target that needs PostgreSQL on 127.0.0.1 (the replica connects to loopback), so
+/// only runs in the local topology.
+const LOCAL_ONLY_TARGET: &str = "sockmap-replica";
+
+/// Where the harness runs PostgreSQL (bench/proxy/README.md, "Topologies").
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    /// On 127.0.0.1, beside the proxies and pgbench.
+    #[default]
+    Local,
+    /// In a network namespace behind a veth pair: another host.
+    Remote,
+}
+
+impl Topology {
+    /// The harness's `TOPOLOGY` value.
+    fn as_str(self) -> &'static str {
+        match self {
+            Topology::Local => "local",
+            Topology::Remote => "remote",
+        }
+    }
+}
+
 /// Options of `bench proxy`.
 #[derive(Debug, Default)]
 struct ProxyArgs {
     quick: bool,
     only: Option<Vec<String>>,
     tests: Option<String>,
+    topology: Topology,
 }
 
 impl ProxyArgs {
@@ -89,13 +117,35 @@ impl ProxyArgs {
                     }
                     out.tests = Some(list.clone());
                 }
+                "--topology" => {
+                    let value = it
+                        .next()
+                        .ok_or_else(|| anyhow::anyhow!("--topology needs local or remote"))?;
+                    out.topology = match value.as_str() {
+                        "local" => Topology::Local,
+                        "remote" => Topology::Remote,
+                        other => anyhow::bail!("--topology {other:?}: local or remote"),
+                    };
+                }
                 other => anyhow::bail!("unknown option {other:?} for bench proxy"),
             }
+        }
+        let named_local_only = out
+            .only
+            .as_ref()
+            .is_some_and(|only| only.iter().any(|n| n == LOCAL_ONLY_TARGET));
+        if out.topology == Topology::Remote && named_local_only {
+            anyhow::bail!(
+                "{LOCAL_ONLY_TARGET} needs PostgreSQL on 127.0.0.1: not with --topology remote"
+            );
         }
         Ok(out)
     }
 
     fn wants(&self, name: &str) -> bool {
+        if name == LOCAL_ONLY_TARGET && self.topology == Topology::Remote {
+            return false;
+        }
         self.only
             .as_ref()
             .is_none_or(|only| name == "direct" || only.iter().any(|n| n == name))
@@ -125,13 +175,20 @@ fn proxy(args: &ProxyArgs) -> anyhow::Result<()> {
         "tendril-control",
     ]))?;
     // The probe's minimal sockmap proxy, the reference for the kernel path
-    // (bench/proxy/replica/).
+    // (bench/proxy/replica/); it connects to PostgreSQL on 127.0.0.1, so local topology only.
     let replica = target_dir().join("sockmap-replica");
-    crate::run(
-        Command::new("bash")
-            .arg(bench.join("replica/build.sh"))
-            .arg(&replica),
-    )?;
+    let local = args.topology == Topology::Local;
+    if local {
+        crate::run(
+            Command::new("bash")
+                .arg(bench.join("replica/build.sh"))
+                .arg(&replica),
+        )?;
+    } else {
+        eprintln!(
+            "note: --topology remote: no {LOCAL_ONLY_TARGET} (it needs PostgreSQL on 127.0.0.1)"
+        );
+    }
     let run_dir = "/tmp/proxy-anchor/run";
     let extra: Vec<String> = TENDRIL_TARGETS
         .iter()
@@ -146,10 +203,13 @@ fn proxy(args: &ProxyArgs) -> anyhow::Result<()> {
     cmd.arg(bench.join("run_all.sh"))
         .current_dir(&bench)
         .env("TENDRIL_BIN", target_dir().join("release"))
-        .env("REPLICA_DIR", &replica)
         .env("PRE_BENCH_HOOK", bench.join("tendril-up.sh"))
         .env("EXTRA_TARGET", extra.join(","))
-        .env("TARGETS", builtin.join(","));
+        .env("TARGETS", builtin.join(","))
+        .env("TOPOLOGY", args.topology.as_str());
+    if local {
+        cmd.env("REPLICA_DIR", &replica);
+    }
     if let Some(tests) = &args.tests {
         cmd.env("TESTS", tests);
     }
@@ -238,5 +298,30 @@ mod tests {
         assert!(ProxyArgs::parse(&args(&["--tests", "select,bogus"])).is_err());
         assert!(ProxyArgs::parse(&args(&["--only"])).is_err());
         assert!(ProxyArgs::parse(&args(&["--fast"])).is_err());
+    }
+
+    #[test]
+    fn topology_defaults_to_local_and_remote_drops_the_replica() {
+        let local = ProxyArgs::parse(&[]).unwrap();
+        assert_eq!(local.topology.as_str(), "local");
+        assert!(local.wants("sockmap-replica"));
+        let explicit = ProxyArgs::parse(&args(&["--topology", "local", "--quick"])).unwrap();
+        assert_eq!(explicit.topology.as_str(), "local");
+        assert!(explicit.quick);
+        let remote = ProxyArgs::parse(&args(&["--tests", "lat1", "--topology", "remote"])).unwrap();
+        assert_eq!(remote.topology.as_str(), "remote");
+        assert!(remote.wants("direct"));
+        assert!(remote.wants("tendril-kernel"));
+        assert!(!remote.wants("sockmap-replica"));
+    }
+
+    #[test]
+    fn bad_topologies_are_refused() {
+        let err = |a: &[&str]| ProxyArgs::parse(&args(a)).unwrap_err().to_string();
+        assert!(err(&["--topology", "moon"]).contains("local or remote"));
+        assert!(err(&["--topology"]).contains("local or remote"));
+        let only_replica = ["--only", "sockmap-replica", "--topology", "remote"];
+        assert!(err(&only_replica).contains("sockmap-replica"));
+        assert!(ProxyArgs::parse(&args(&["--only", "sockmap-replica"])).is_ok());
     }
 }

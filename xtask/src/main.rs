@@ -65,8 +65,9 @@ commands:
   deps [--check]     print each file the build and tests use, whether present, and its
                      Debian package; without --check, install what is missing (root)
   build-ebpf         compile the BPF programs (clang) into <target>/bpf
-  bench proxy [--quick]
-                     pgbench: direct vs tendril vs HAProxy vs PgBouncer (bench/proxy)
+  bench proxy [--quick] [--only T,..] [--tests T,..] [--topology local|remote]
+                     pgbench: direct vs tendril vs HAProxy vs PgBouncer (bench/proxy);
+                     remote: PostgreSQL in a network namespace behind a veth pair
   bench failover [--runs N]
                      failover timings of whole clusters under faults
   bench fence        cluster-data write to the last old-master connection closed
