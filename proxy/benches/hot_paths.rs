@@ -82,7 +82,7 @@ fn steps(c: &mut Criterion) {
         forwarded: 0,
         redirected: 1 << 20,
         base: 100,
-        written: (1 << 20) + 100,
+        written: Some((1 << 20) + 100),
         received: None,
         base_recv: 90,
         last: None,

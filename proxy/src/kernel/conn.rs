@@ -96,6 +96,14 @@ impl Direction {
         }
     }
 
+    /// The buffer goes once the direction is back in the kernel with nothing held (a long
+    /// connection that paused once keeps no 64 KiB per direction).
+    pub fn release_buffer(&mut self) {
+        if self.held() == 0 {
+            self.buf = None;
+        }
+    }
+
     /// Everything before the source's end is out: after a FIN, half-close `target` (after a
     /// reset the connection is cut instead). The buffer goes.
     pub fn shut(&mut self, target: RawFd) {
@@ -130,6 +138,9 @@ pub(super) fn drive(
         let (state, action) = decide(dir, last, look)?;
         dir.state = state;
         last = None;
+        if state.flow() == Some(Flow::Kernel) {
+            dir.release_buffer();
+        }
         match action {
             Action::Read => last = dir.read(source)?,
             Action::Write => {
@@ -138,8 +149,13 @@ pub(super) fn drive(
                     wrote(dir.forwarded)?;
                 }
             }
-            // Asked once: the facts it wants are there from the next look on.
-            Action::Look if look => break,
+            // Asked once: the facts it wants are there from the next look on. Asking again
+            // would be a step function's bug, and waiting here could strand the
+            // connection: cut it instead.
+            Action::Look if look => {
+                debug_assert!(false, "a step asked to look twice: {state:?}");
+                return Err(CloseReason::Error);
+            }
             Action::Look => look = true,
             Action::Shut => dir.shut(target),
             Action::Wait => break,
@@ -269,7 +285,9 @@ pub(super) fn advance(map: &Sockmap, cs: Option<&ClientSocket>, conn: &mut Conn)
     let mut changes = Vec::new();
     for side in 0..2 {
         let mut want = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-        if states[side].flow() == Some(Flow::Reading) {
+        // Behind a kernel queue, the bytes waited for may also show up on the source:
+        // its EPOLLIN wakes the retry early (and resets its back-off).
+        if matches!(states[side].flow(), Some(Flow::Reading | Flow::Behind)) {
             want |= libc::EPOLLIN as u32;
         }
         if states[1 - side].flow() == Some(Flow::Blocked) {

@@ -130,6 +130,15 @@ pub fn on_event(state: DirState, event: Event) -> DirState {
         // A reset after the FIN went on, or after the other side's reset: the connection
         // is cut, as a direct one would be.
         (Shut(_) | Dead, Event::Reset) => Shut(End::Reset),
+        // Both sides reset: nothing can move either way, and the reset stays visible (the
+        // other side's reset must not be taken for the only one).
+        (
+            Live {
+                end: Some(End::Reset),
+                ..
+            },
+            Event::PeerReset,
+        ) => Shut(End::Reset),
         (Live { .. }, Event::PeerReset) => Dead,
         (s, _) => s,
     }
@@ -191,9 +200,9 @@ pub struct PairFacts {
     pub forwarded: u64,
     /// Bytes the program redirected to the target.
     pub redirected: u64,
-    /// Bytes written to the target before the join, and in all.
+    /// Bytes written to the target before the join, and in all (present once looked at).
     pub base: u64,
-    pub written: u64,
+    pub written: Option<u64>,
     /// The source's data bytes received (its FIN not counted), once looked at.
     pub received: Option<u64>,
     /// Bytes of the source read by the worker before the join.
@@ -259,9 +268,12 @@ pub fn pair_step(state: DirState, f: &PairFacts) -> (DirState, Action) {
         return (state, Action::Cut);
     }
     // Passed-up bytes go out only behind everything the kernel took for the target.
-    let behind = f.written < f.base + f.redirected + f.forwarded;
+    let ahead = f.base + f.redirected + f.forwarded;
     if f.held > 0 {
-        return if behind {
+        let Some(written) = f.written else {
+            return (live(Flow::Reading, end, eof_read), Action::Look);
+        };
+        return if written < ahead {
             (live(Flow::Behind, end, eof_read), Action::Wait)
         } else if f.last == Some(Outcome::Full) {
             (live(Flow::Blocked, end, eof_read), Action::Wait)
@@ -287,10 +299,10 @@ pub fn pair_step(state: DirState, f: &PairFacts) -> (DirState, Action) {
     let Some(end) = end else {
         return (live(flow, None, eof_read), Action::Wait);
     };
-    let Some(received) = f.received else {
+    let (Some(received), Some(written)) = (f.received, f.written) else {
         return (live(flow, Some(end), eof_read), Action::Look);
     };
-    if f.redirected + f.passed + f.base_recv < received || pending || behind {
+    if f.redirected + f.passed + f.base_recv < received || pending || written < ahead {
         // The program has not seen the last bytes yet, or they are still in the target's
         // psock backlog.
         return (live(Flow::Behind, Some(end), eof_read), Action::Wait);
@@ -426,10 +438,6 @@ pub fn settle(
         } else {
             Settle::Cut(CloseReason::Error)
         };
-    }
-    if dirs[0].source_reset() && dirs[1].source_reset() {
-        // Both sources reset: nothing can be delivered either way.
-        return Settle::Cut(CloseReason::Error);
     }
     if dirs.iter().all(|d| matches!(d, DirState::Shut(End::Fin))) {
         return Settle::Close(match first_end {

@@ -200,7 +200,7 @@ fn run(file: &str, input: &[&str], want: &[&str]) -> Result<Option<String>, Stri
                             forwarded: facts.num("fwd")?,
                             redirected: facts.num("redirected")?,
                             base: facts.num("base")?,
-                            written: facts.num("written")?,
+                            written: facts.opt("written")?,
                             received: facts.opt("received")?,
                             base_recv: facts.num("base_recv")?,
                             last: facts.last()?,

@@ -52,7 +52,7 @@ pub(super) fn step(
             forwarded: dir.forwarded,
             redirected: d.redirected,
             base: d.base,
-            written: tcp_written(target).map_err(err)?,
+            written: look.then(|| tcp_written(target)).transpose().map_err(err)?,
             // tcpi_bytes_received counts the FIN's sequence number as one byte. (After a
             // reset without a FIN this ends the wait one byte early rather than never.)
             received: look

@@ -28,8 +28,8 @@ pub const SLACK: Duration = Duration::from_secs(2);
 pub struct Report {
     failures: Mutex<Vec<String>>,
     counts: Mutex<BTreeMap<&'static str, u64>>,
-    /// The longest an operation took past its own expected duration.
-    worst: Mutex<Duration>,
+    /// The longest an operation took past its own expected duration, and which.
+    worst: Mutex<(Duration, String)>,
 }
 
 impl Report {
@@ -42,11 +42,13 @@ impl Report {
         *self.counts.lock().unwrap().entry(what).or_default() += 1;
     }
 
-    /// Records how long an operation took past `expected`.
-    fn took(&self, elapsed: Duration, expected: Duration) {
+    /// Records how long operation `what` took past `expected`.
+    fn took(&self, what: &str, elapsed: Duration, expected: Duration) {
         let over = elapsed.saturating_sub(expected);
         let mut worst = self.worst.lock().unwrap();
-        *worst = (*worst).max(over);
+        if over > worst.0 {
+            *worst = (over, what.to_owned());
+        }
     }
 
     pub fn failures(&self) -> Vec<String> {
@@ -57,8 +59,9 @@ impl Report {
         self.counts.lock().unwrap().clone()
     }
 
-    pub fn worst(&self) -> Duration {
-        *self.worst.lock().unwrap()
+    /// The longest wait past expected, and the operation that waited.
+    pub fn worst(&self) -> (Duration, String) {
+        self.worst.lock().unwrap().clone()
     }
 }
 
@@ -97,7 +100,7 @@ fn check_wait(
     done: bool,
 ) -> bool {
     let elapsed = since.elapsed();
-    run.report.took(elapsed, expected);
+    run.report.took(what, elapsed, expected);
     if !done && end == End::Open {
         run.report.fail(format!(
             "{what}: the client waited {elapsed:?} (expected {expected:?}) and the connection \
@@ -470,7 +473,7 @@ fn watched(run: &Run, what: &str, cmd: &mut Command, expected: Duration) {
     let limit = expected + SLACK;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            run.report.took(since.elapsed(), expected);
+            run.report.took(what, since.elapsed(), expected);
             run.report.count(if status.success() {
                 "programs succeeded"
             } else {

@@ -191,9 +191,9 @@ async fn soak(
         failures.push(format!("after the clients left, the proxy kept {left}"));
     }
     let counts = report.counts();
+    let (worst, worst_what) = report.worst();
     println!(
-        "soak {topology} {name}: worst wait past expected {:?}; {counts:#?}",
-        report.worst()
+        "soak {topology} {name}: worst wait past expected {worst:?} ({worst_what}); {counts:#?}"
     );
     // A soak in which nothing got through proves nothing.
     for needed in ["queries checked", "copies checked", "programs succeeded"] {
