@@ -345,7 +345,11 @@ fn spawn_control(
                     let mechanism = control.kill_mechanism();
                     let cluster = config.cluster.clone();
                     let s = shared.clone();
-                    tokio::spawn(tendril_metrics::serve(
+                    let s_health = shared.clone();
+                    let health: tendril_metrics::Health = Arc::new(move || {
+                        routing::health(&s_health.table.load(), s_health.draining())
+                    });
+                    tokio::spawn(tendril_metrics::serve_with_health(
                         listener,
                         Arc::new(move || {
                             let table = s.table.load();
@@ -376,6 +380,7 @@ fn spawn_control(
                                 kernel,
                             )
                         }),
+                        health,
                     ));
                 }
                 control.run(shutdown).await;

@@ -69,6 +69,35 @@ impl RoutingTable {
     }
 }
 
+/// What the proxy's `/health` says: healthy (a load balancer may send it clients) while it
+/// routes to a master, or holds new connections for a switchover; else why not. `draining`:
+/// the proxy is shutting down.
+pub fn health(table: &RoutingTable, draining: bool) -> Result<String, String> {
+    if draining {
+        return Err("draining: the proxy is shutting down".into());
+    }
+    match &table.backend {
+        Ok(b) => Ok(format!(
+            "routing to {} at {} (generation {})",
+            b.db_uid, b.addr, table.generation.0
+        )),
+        Err(NoBackend::NoMaster) if table.hold => Ok(format!(
+            "holding new connections for a switchover (generation {})",
+            table.generation.0
+        )),
+        Err(NoBackend::Starting) => Err("starting: no routing table yet".into()),
+        Err(NoBackend::NoMaster) => Err(format!(
+            "no master in the cluster data (generation {})",
+            table.generation.0
+        )),
+        Err(NoBackend::SelfFenced) => {
+            Err("fenced: the proxy cannot renew its lease with the store".into())
+        }
+        Err(NoBackend::BadClusterData) => Err("the cluster data cannot be used".into()),
+        Err(NoBackend::Unresolved) => Err("the master's address does not resolve".into()),
+    }
+}
+
 /// What the cluster data asks for, before name resolution.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -103,6 +132,29 @@ mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
     use tendril_control_model::ClusterSpec;
+
+    #[test]
+    fn health_is_ok_only_while_routing_or_holding() {
+        let mut t = RoutingTable::starting();
+        assert!(health(&t, false).unwrap_err().contains("starting"));
+        t.generation = Generation(4);
+        t.backend = Err(NoBackend::NoMaster);
+        assert!(health(&t, false).unwrap_err().contains("no master"));
+        t.hold = true;
+        assert!(health(&t, false).unwrap().contains("holding"));
+        t.hold = false;
+        t.backend = Err(NoBackend::SelfFenced);
+        assert!(health(&t, false).unwrap_err().contains("fenced"));
+        t.backend = Ok(Backend {
+            db_uid: "db1".into(),
+            addr: "10.0.0.2:5432".parse().unwrap(),
+        });
+        assert_eq!(
+            health(&t, false).unwrap(),
+            "routing to db1 at 10.0.0.2:5432 (generation 4)"
+        );
+        assert!(health(&t, true).unwrap_err().contains("draining"));
+    }
 
     #[test]
     fn targets_follow_the_proxy_section() {

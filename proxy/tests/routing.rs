@@ -448,3 +448,48 @@ fn operator_kill_command_destroys_host_sockets_to_a_peer() {
     let _again = std::net::TcpStream::connect(addr).unwrap();
     assert!(listener.accept().is_ok());
 }
+
+/// `/health` is what a load balancer or a Kubernetes probe asks: 200 while the proxy routes to
+/// a master (or holds clients for a switchover), 503 with the reason otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_whether_the_proxy_can_take_clients() {
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    let g = env.route(None, false).await;
+    let proxy = ProxyProc::start(&env, "health", &[], &[]);
+    env.wait_acked("health", g, Duration::from_secs(10)).await;
+    let (status, why) = proxy.health();
+    assert_eq!(status, 503, "{why}");
+    assert!(why.starts_with("no master in the cluster data"), "{why}");
+    let g = env.route(Some(("db1", pg.port())), false).await;
+    env.wait_acked("health", g, Duration::from_secs(10)).await;
+    let (status, what) = proxy.health();
+    assert_eq!(status, 200, "{what}");
+    assert!(
+        what.starts_with(&format!("routing to db1 at 127.0.0.1:{}", pg.port())),
+        "{what}"
+    );
+    let g = env.route(None, true).await;
+    env.wait_acked("health", g, Duration::from_secs(10)).await;
+    let (status, what) = proxy.health();
+    assert_eq!(status, 200, "{what}");
+    assert!(what.starts_with("holding new connections"), "{what}");
+    // Shutting down: unhealthy at once, while open connections drain.
+    let g = env.route(Some(("db1", pg.port())), false).await;
+    env.wait_acked("health", g, Duration::from_secs(10)).await;
+    let _open = connect(proxy.port).await.unwrap();
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, why) = proxy.health();
+        if status == 503 {
+            assert!(why.starts_with("draining"), "{why}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still healthy while draining: {why}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,4 +1,6 @@
-//! A minimal HTTP endpoint serving Prometheus text at `/metrics` (and `200 ok` at `/health`).
+//! A minimal HTTP endpoint serving Prometheus text at `/metrics` and the daemon's health at
+//! `/health` (200 with a line saying what it does, or 503 with a line saying why not; a
+//! daemon without a health function answers `200 ok`).
 //!
 //! Daemons keep their counters in atomics and hand a render function over; scraping never
 //! takes a lock on a hot path. HTTP/1.0-style: one request per connection, then close.
@@ -21,13 +23,25 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     })
 }
 
-/// Serves `render()` at `/metrics` on `listener` forever.
+/// What `/health` answers: `Ok` (200) or `Err` (503), with the line to send.
+pub type Health = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// Serves `render()` at `/metrics` on `listener` forever; `/health` is always 200.
 pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
+    serve_with_health(listener, render, Arc::new(|| Ok("ok".to_owned()))).await;
+}
+
+/// Serves `render()` at `/metrics` and `health()` at `/health` on `listener` forever.
+pub async fn serve_with_health(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    health: Health,
+) {
     loop {
         let Ok((mut socket, _)) = listener.accept().await else {
             continue;
         };
-        let render = render.clone();
+        let (render, health) = (render.clone(), health.clone());
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let read = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf)).await;
@@ -36,7 +50,10 @@ pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send 
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
                 "/metrics" => ("200 OK", render()),
-                "/health" | "/healthz" => ("200 OK", "ok\n".to_owned()),
+                "/health" | "/healthz" => match health() {
+                    Ok(line) => ("200 OK", format!("{line}\n")),
+                    Err(line) => ("503 Service Unavailable", format!("{line}\n")),
+                },
                 _ => ("404 Not Found", "try /metrics\n".to_owned()),
             };
             let response = format!(

@@ -174,6 +174,24 @@ impl ProxyProc {
         out
     }
 
+    /// `/health` on the metrics port: the HTTP status and the body's line.
+    pub fn health(&self) -> (u16, String) {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
+            return (0, String::new());
+        };
+        let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
+        (status, body)
+    }
+
     /// The value of a metric line starting with `prefix`.
     pub fn metric(&self, prefix: &str) -> Option<f64> {
         self.metrics()
