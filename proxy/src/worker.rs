@@ -369,37 +369,22 @@ async fn routed(
     .await;
     let mut server = match connect {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(client = %peer, backend = %backend.addr, error = %e, "backend connect failed");
-            let message = format!(
-                "tendril: cannot connect to the master at {}: {e}",
-                backend.addr
-            );
-            refuse_first(
-                ctx,
-                client,
-                peer,
-                prefix,
-                pgwire::CONNECTION_FAILURE,
-                &message,
-            )
-            .await;
-            return CloseReason::ConnectFailed.into();
-        }
-        Err(_) => {
-            let message = format!(
-                "tendril: connecting to the master at {} timed out",
-                backend.addr
-            );
-            refuse_first(
-                ctx,
-                client,
-                peer,
-                prefix,
-                pgwire::CONNECTION_FAILURE,
-                &message,
-            )
-            .await;
+        failed => {
+            let message = match failed {
+                Ok(Err(e)) => {
+                    tracing::debug!(client = %peer, backend = %backend.addr, error = %e, "backend connect failed");
+                    format!(
+                        "tendril: cannot connect to the master at {}: {e}",
+                        backend.addr
+                    )
+                }
+                _ => format!(
+                    "tendril: connecting to the master at {} timed out",
+                    backend.addr
+                ),
+            };
+            let code = pgwire::CONNECTION_FAILURE;
+            refuse_first(ctx, client, peer, prefix, code, &message).await;
             return CloseReason::ConnectFailed.into();
         }
     };
