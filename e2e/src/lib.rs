@@ -644,7 +644,6 @@ impl Cluster {
         out
     }
 
-    /// The end of every process log.
     /// Stops etcd (SIGSTOP): the store is down for every component at once.
     pub fn pause_store(&self) {
         self.etcd.pause();
@@ -655,6 +654,7 @@ impl Cluster {
         self.etcd.resume();
     }
 
+    /// The end of every process log.
     pub fn logs_tail(&self) -> String {
         let mut out = String::new();
         let procs = self

@@ -64,6 +64,20 @@ impl Report {
             .max()
     }
 
+    /// When the server on `port` first acknowledged a write.
+    pub fn first_ack_on(&self, port: u16) -> Option<Instant> {
+        self.acks_on(port).min()
+    }
+
+    /// When the server on `port` last acknowledged a write.
+    pub fn last_ack_on(&self, port: u16) -> Option<Instant> {
+        self.acks_on(port).max()
+    }
+
+    fn acks_on(&self, port: u16) -> impl Iterator<Item = Instant> + '_ {
+        self.acked.iter().filter(move |a| a.2 == port).map(|a| a.1)
+    }
+
     /// Acknowledged ids.
     pub fn ids(&self) -> Vec<i64> {
         self.acked.iter().map(|(id, _, _)| *id).collect()

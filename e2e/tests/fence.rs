@@ -11,31 +11,11 @@
 use std::time::{Duration, Instant};
 
 use tendril_control_model::{DbRole, ProxyRoute};
-use tendril_e2e::writer::{Mode, Report, Writer};
+use tendril_e2e::writer::{Mode, Writer};
 use tendril_e2e::{Cluster, Options, default_spec};
 
 /// Ids of the writer that bypasses the proxies start here, apart from the proxied writer's.
 const DIRECT_IDS: i64 = 1_000_000_000;
-
-/// When the server on `port` first acknowledged one of `report`'s writes.
-fn first_ack_on(port: u16, report: &Report) -> Option<Instant> {
-    report
-        .acked
-        .iter()
-        .filter(|a| a.2 == port)
-        .map(|a| a.1)
-        .min()
-}
-
-/// When the server on `port` last acknowledged a write of any of `reports`.
-fn last_ack_on(port: u16, reports: &[&Report]) -> Option<Instant> {
-    reports
-        .iter()
-        .flat_map(|r| &r.acked)
-        .filter(|a| a.2 == port)
-        .map(|a| a.1)
-        .max()
-}
 
 /// Two writers through the proxy and one straight to PostgreSQL at `addr:port` (as a client
 /// that bypasses the proxies), once both have written.
@@ -123,8 +103,14 @@ async fn master_cut_from_the_store(sync: bool) {
     let fenced_at = after(&|r| r.is_none()).expect("the failover fenced the proxies");
     let routed_at = after(&|r| r.as_ref().is_some_and(|r| r.db_uid != old_db))
         .expect("the new master was routed");
-    let first_new = first_ack_on(new_port, &proxied).expect("the new master acknowledged writes");
-    let last_old = last_ack_on(k0_port, &[&direct, &proxied]).unwrap();
+    let first_new = proxied
+        .first_ack_on(new_port)
+        .expect("the new master acknowledged writes");
+    let last_old = [&direct, &proxied]
+        .iter()
+        .filter_map(|r| r.last_ack_on(k0_port))
+        .max()
+        .unwrap();
     println!(
         "store cut (sync {sync}): after the cut, last write acknowledged by k0 {:?}, its \
          postgres stopped {:?}, proxies fenced {:?}, new master routed {:?}, first write on it \
@@ -203,8 +189,14 @@ async fn a_failed_keeper_stops_its_master_before_a_standby_is_promoted() {
         .find(|(at, r)| *at >= asked && r.as_ref().is_some_and(|r| r.db_uid != old_db))
         .map(|(at, _)| *at)
         .expect("the new master was routed");
-    let first_new = first_ack_on(new_port, &proxied).expect("the new master acknowledged writes");
-    let last_old = last_ack_on(old_port, &[&direct, &proxied]).unwrap();
+    let first_new = proxied
+        .first_ack_on(new_port)
+        .expect("the new master acknowledged writes");
+    let last_old = [&direct, &proxied]
+        .iter()
+        .filter_map(|r| r.last_ack_on(old_port))
+        .max()
+        .unwrap();
     let events: Vec<String> = cluster
         .cluster_data()
         .await
@@ -301,7 +293,10 @@ async fn etcd_down_for_everyone_stops_writes_then_the_same_master_resumes() {
     let down = Instant::now();
     cluster.pause_store();
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let last_before = direct.snapshot().acked.iter().map(|a| a.1).max().unwrap();
+    let last_before = direct
+        .snapshot()
+        .last_success_before(Instant::now())
+        .unwrap();
     cluster.resume_store();
     let up = Instant::now();
     let resumed = direct

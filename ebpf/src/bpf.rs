@@ -10,7 +10,7 @@ use libbpf_rs::{MapCore, MapFlags, Object, ObjectBuilder};
 use crate::{Counts, KillError, Side, Target, Unavailable};
 
 /// The object file, empty when the build could not make it.
-static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/killer.bpf.o"));
+pub(crate) static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/killer.bpf.o"));
 /// Why the object is empty.
 const BUILD_ERROR: &str = env!("TENDRIL_BPF_BUILD_ERROR");
 

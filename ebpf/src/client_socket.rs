@@ -23,7 +23,7 @@ use crate::sockmap::{count_keys, errno, push_queued};
 use crate::sockopt::{cookie, netns_cookie, tcp_byte_counts};
 
 /// The object file, empty when the build could not make it.
-static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/client_socket.bpf.o"));
+pub(crate) static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/client_socket.bpf.o"));
 /// Why the object is empty.
 const BUILD_ERROR: &str = env!("TENDRIL_BPF_BUILD_ERROR");
 
@@ -36,10 +36,10 @@ const REPLY_SIZE: usize = KEY_SIZE + 48 + 40 + 32;
 /// Size of `struct config`, the read-only data.
 const CONFIG_SIZE: usize = 40;
 
-const R_KERNEL: u32 = 0;
-const R_DRAINING: u32 = 1;
-const R_USER: u32 = 2;
-const R_FAILED: u32 = 3;
+pub(crate) const R_KERNEL: u32 = 0;
+pub(crate) const R_DRAINING: u32 = 1;
+pub(crate) const R_USER: u32 = 2;
+pub(crate) const R_FAILED: u32 = 3;
 
 const EVENT_DRAINED: u32 = 1;
 const EVENT_DELIVERED: u32 = 2;

@@ -18,9 +18,10 @@ use crate::ring::cookie_and_kind;
 use crate::sockmap::{self, RawDirection};
 use crate::{Side, Target};
 
-static SOCKMAP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap.bpf.o"));
-static CLIENT_SOCKET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/client_socket.bpf.o"));
-static KILLER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/killer.bpf.o"));
+use crate::bpf::OBJECT as KILLER;
+use crate::client_socket::OBJECT as CLIENT_SOCKET;
+use crate::sockmap::OBJECT as SOCKMAP;
+
 const BUILD_ERROR: &str = env!("TENDRIL_BPF_BUILD_ERROR");
 
 /// A struct as the object's BTF describes it: size, and each field's byte offset and size.
@@ -356,15 +357,19 @@ fn client_socket_structs(btf: &Btf<'_>, errors: &mut Vec<String>) {
             let mut out =
                 project!(r; redirected, passed, allow, peak, direct, pauses, fin, delivered);
             let mode = match r.mode {
-                ReplyMode::Kernel => 0,
-                ReplyMode::Draining => 1,
-                ReplyMode::User => 2,
-                ReplyMode::Failed => 3,
+                ReplyMode::Kernel => client_socket::R_KERNEL,
+                ReplyMode::Draining => client_socket::R_DRAINING,
+                ReplyMode::User => client_socket::R_USER,
+                ReplyMode::Failed => client_socket::R_FAILED,
             };
-            out.push(("mode", mode));
+            out.push(("mode", u64::from(mode)));
             out
         };
-        let fixed = [("mode", 2 /* R_USER */), ("fin", 1), ("delivered", 1)];
+        let fixed = [
+            ("mode", u64::from(client_socket::R_USER)),
+            ("fin", 1),
+            ("delivered", 1),
+        ];
         check_decoder(&c, "decode_reply", &fixed, decode, errors);
     }
     if let Some(c) = find(btf, "config", errors) {
@@ -382,11 +387,11 @@ fn client_socket_structs(btf: &Btf<'_>, errors: &mut Vec<String>) {
             ("recv_limit", recv_limit.to_ne_bytes().to_vec()),
         ];
         check_encoder(&c, "config_bytes", &config, &fields, errors);
-        // Local::load writes the config at the start of the read-only data.
+        // ClientSocket::load writes the config at the start of the read-only data.
         let at = var_offset(btf, ".rodata", "cfg");
         if at != Some(0) {
             errors.push(format!(
-                "cfg is at {at:?} in .rodata, Local::load writes it at 0"
+                "cfg is at {at:?} in .rodata, ClientSocket::load writes it at 0"
             ));
         }
     }

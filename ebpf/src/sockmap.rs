@@ -19,7 +19,7 @@ use crate::ring::{Ring, cookie_and_kind};
 use crate::sockopt::cookie;
 
 /// The object file, empty when the build could not make it.
-static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap.bpf.o"));
+pub(crate) static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap.bpf.o"));
 /// Why the object is empty.
 const BUILD_ERROR: &str = env!("TENDRIL_BPF_BUILD_ERROR");
 

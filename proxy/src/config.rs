@@ -79,8 +79,8 @@ pub struct ProxyArgs {
     /// without data (libpq and other non-blocking clients just poll again).
     #[arg(long, env = "TENDRIL_KERNEL_CLIENT_SOCKET", default_value = "on")]
     pub kernel_client_socket: Switch,
-    /// Certificate (PEM, leaf then chain) the proxy presents only to refuse a TLS client
-    /// when no master can be reached, so that the client shows why (libpq since 15.10 does
+    /// Certificate (PEM, leaf then chain) the proxy presents only to refuse a TLS client (no
+    /// master, the master unreachable, the connection limit), so that the client shows why (libpq since 15.10 does
     /// not show an error sent before TLS). Sessions stay end to end with PostgreSQL. Give
     /// one that clients verify for the proxy's host name (the CA of the PostgreSQL servers).
     #[arg(long, env = "TENDRIL_REFUSAL_CERT_FILE", requires = "refusal_key_file")]

@@ -1,14 +1,15 @@
-//! Refusing a TLS client so that it sees why: when no master can be reached, a client that
-//! asked for TLS (SSLRequest) gets a TLS handshake with the proxy's refusal certificate
-//! (`--refusal-cert-file`, `--refusal-key-file`), then the ErrorResponse (57P03 and the
-//! reason) inside TLS, then close_notify. libpq since 15.10 does not show an error sent in
-//! place of the one-byte SSL answer (it is unauthenticated), so without this an
-//! `sslmode=require` client prints "server sent an error response during SSL exchange"
-//! instead of "no master available".
+//! Refusing a TLS client so that it sees why: when the proxy refuses a client that asked for
+//! TLS (SSLRequest) because no master can be reached, the master cannot be connected to, or
+//! the proxy is at its connection limit, the client gets a TLS handshake with the proxy's
+//! refusal certificate (`--refusal-cert-file`, `--refusal-key-file`), then the ErrorResponse
+//! (57P03, 08006 or 53300 and the reason) inside TLS, then close_notify. libpq since 15.10
+//! does not show an error sent in place of the one-byte SSL answer (it is unauthenticated),
+//! so without this an `sslmode=require` client prints "server sent an error response during
+//! SSL exchange" instead of the reason.
 //!
 //! Only refusals go through this: a routed connection's handshake is always end to end with
 //! PostgreSQL, and the proxy holds no session key. Without a refusal certificate the proxy
-//! sends the ErrorResponse in place of the answer byte (see `worker::hold_or_refuse`).
+//! sends the ErrorResponse in place of the answer byte (see `worker::refuse_first`).
 //!
 //! The handshake runs on the worker's own socket with rustls's buffer-driven connection
 //! (monoio has no rustls adapter here), bounded by the caller's deadline.

@@ -510,55 +510,71 @@ async fn first_bytes(client: &mut TcpStream, server: &mut TcpStream, wait: Durat
 /// switchover until the new master is published.
 async fn unrouted(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> Outcome {
     let settings = &ctx.shared.settings;
-    let mut buf: Vec<u8> = Vec::with_capacity(256);
-    // Everything read from the client (the kernel path must know where its stream starts).
-    let mut consumed: u64 = 0;
     let deadline = std::time::Instant::now() + settings.startup_timeout;
-    loop {
-        match pgwire::parse_first_packet(&buf) {
-            Parse::NeedMore => {}
-            Parse::Invalid(why) => {
-                tracing::debug!(client = %peer, why, "bad startup packet");
-                refuse(
-                    client,
-                    pgwire::PROTOCOL_VIOLATION,
-                    &format!("tendril: {why}"),
-                )
-                .await;
-                return CloseReason::BadStartup.into();
-            }
-            Parse::Done(FirstPacket::SslRequest | FirstPacket::GssEncRequest, _) => {
-                // Only PostgreSQL may answer: held like a startup packet, the request goes
-                // to the master once one is routable and the TLS (or GSS) handshake is
-                // end to end. A refusal answers with an ErrorResponse instead of the one
-                // byte, which clients report as the server's error: an `N` here would make
-                // an `sslmode=require` client fail with "server does not support SSL".
-                return hold_or_refuse(ctx, client, peer, buf, consumed).await;
-            }
-            Parse::Done(FirstPacket::CancelRequest { .. }, used) => {
-                // Cancel keys belong to the master: forward if there is one now, else drop.
-                if let Some(backend) = ctx.shared.table.load().backend().cloned() {
-                    forward_cancel(&backend, buf[..used].to_vec(), settings.connect_timeout).await;
-                }
-                return CloseReason::Cancel.into();
-            }
-            Parse::Done(FirstPacket::Startup { .. }, _) => {
-                return hold_or_refuse(ctx, client, peer, buf, consumed).await;
-            }
+    let buf = match read_first_packet(&mut client, Vec::with_capacity(256), deadline).await {
+        Ok(buf) => buf,
+        Err(FirstRead::Gone) => return CloseReason::Client.into(),
+        Err(FirstRead::Silent) => return CloseReason::BadStartup.into(),
+    };
+    // Everything read from the client (the kernel path must know where its stream starts).
+    let consumed = buf.len() as u64;
+    match pgwire::parse_first_packet(&buf) {
+        Parse::NeedMore => CloseReason::BadStartup.into(),
+        Parse::Invalid(why) => {
+            tracing::debug!(client = %peer, why, "bad startup packet");
+            refuse(
+                client,
+                pgwire::PROTOCOL_VIOLATION,
+                &format!("tendril: {why}"),
+            )
+            .await;
+            CloseReason::BadStartup.into()
         }
-        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
-        let spare = std::mem::take(&mut buf);
-        let before = spare.len();
-        let read = monoio::time::timeout(remaining, read_more(&mut client, spare)).await;
-        match read {
-            Ok(Ok(more)) => {
-                consumed += (more.len() - before) as u64;
-                buf = more;
+        Parse::Done(FirstPacket::SslRequest | FirstPacket::GssEncRequest, _) => {
+            // Only PostgreSQL may answer: held like a startup packet, the request goes to
+            // the master once one is routable and the TLS (or GSS) handshake is end to end.
+            // A refusal answers with an ErrorResponse instead of the one byte, which
+            // clients report as the server's error: an `N` here would make an
+            // `sslmode=require` client fail with "server does not support SSL".
+            hold_or_refuse(ctx, client, peer, buf, consumed).await
+        }
+        Parse::Done(FirstPacket::CancelRequest { .. }, used) => {
+            // Cancel keys belong to the master: forward if there is one now, else drop.
+            if let Some(backend) = ctx.shared.table.load().backend().cloned() {
+                forward_cancel(&backend, buf[..used].to_vec(), settings.connect_timeout).await;
             }
-            Ok(Err(_)) => return CloseReason::Client.into(),
-            Err(_) => return CloseReason::BadStartup.into(),
+            CloseReason::Cancel.into()
+        }
+        Parse::Done(FirstPacket::Startup { .. }, _) => {
+            hold_or_refuse(ctx, client, peer, buf, consumed).await
         }
     }
+}
+
+/// Why the first packet did not arrive whole.
+enum FirstRead {
+    /// The client closed or its socket failed.
+    Gone,
+    /// Not before the deadline.
+    Silent,
+}
+
+/// Reads into `buf` until it holds the client's whole first packet (or bytes that cannot
+/// be one), by `deadline`.
+async fn read_first_packet(
+    client: &mut TcpStream,
+    mut buf: Vec<u8>,
+    deadline: std::time::Instant,
+) -> Result<Vec<u8>, FirstRead> {
+    while matches!(pgwire::parse_first_packet(&buf), Parse::NeedMore) {
+        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+        buf = match monoio::time::timeout(remaining, read_more(client, buf)).await {
+            Ok(Ok(more)) => more,
+            Ok(Err(_)) => return Err(FirstRead::Gone),
+            Err(_) => return Err(FirstRead::Silent),
+        };
+    }
+    Ok(buf)
 }
 
 async fn read_more(client: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
@@ -653,26 +669,22 @@ async fn refuse_first(
     ctx: &Ctx,
     mut client: TcpStream,
     peer: SocketAddr,
-    mut first: Vec<u8>,
+    first: Vec<u8>,
     code: &str,
     message: &str,
 ) {
     let settings = &ctx.shared.settings;
     let deadline = std::time::Instant::now() + settings.startup_timeout;
-    let ssl = loop {
-        match pgwire::parse_first_packet(&first) {
-            Parse::NeedMore => {}
-            Parse::Done(FirstPacket::SslRequest, _) => break true,
-            Parse::Done(..) | Parse::Invalid(_) => break false,
-        }
-        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
-        match monoio::time::timeout(remaining, read_more(&mut client, first)).await {
-            Ok(Ok(more)) => first = more,
-            // Gone, or silent: the ErrorResponse goes anyway (a client that never sends
-            // still reads it).
-            Ok(Err(_)) | Err(_) => break false,
-        }
-    };
+    // Gone, or silent: the ErrorResponse goes anyway (a client that never sends still
+    // reads it).
+    let ssl = read_first_packet(&mut client, first, deadline)
+        .await
+        .is_ok_and(|buf| {
+            matches!(
+                pgwire::parse_first_packet(&buf),
+                Parse::Done(FirstPacket::SslRequest, _)
+            )
+        });
     match &settings.refusal_tls {
         Some(tls) if ssl => {
             let refusal = crate::tls_refusal::refuse(&mut client, tls.clone(), code, message);

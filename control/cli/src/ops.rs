@@ -455,19 +455,10 @@ pub fn render_table(s: &Status) -> String {
         })
         .collect();
     out.push_str(&table(&headers, &rows));
-    for k in s.keepers.iter().filter(|k| k.last_error.is_some()) {
-        out.push_str(&format!(
-            "  {}: {}\n",
-            k.keeper,
-            k.last_error.as_deref().unwrap_or_default()
-        ));
-    }
-    for k in s.keepers.iter().filter(|k| k.last_fence.is_some()) {
-        out.push_str(&format!(
-            "  {}: {}\n",
-            k.keeper,
-            k.last_fence.as_deref().unwrap_or_default()
-        ));
+    for k in &s.keepers {
+        for line in [&k.last_error, &k.last_fence].into_iter().flatten() {
+            out.push_str(&format!("  {}: {line}\n", k.keeper));
+        }
     }
     out.push('\n');
     let prows: Vec<Vec<String>> = s
