@@ -20,6 +20,7 @@ stop_pid() {  # name pidfile
   rm -f "$f"
 }
 
+stop_pid tendril-default "$RUN_DIR/tendril-default.pid"
 stop_pid tendril-uring "$RUN_DIR/tendril-uring.pid"
 stop_pid tendril-epoll "$RUN_DIR/tendril-epoll.pid"
 stop_pid tendril-kernel "$RUN_DIR/tendril-kernel.pid"

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Starts what the tendril targets need beside the harness's setup (setup.sh): an etcd,
-# cluster data whose proxy section routes to the benchmark PostgreSQL, and five tendril
-# proxies: userspace forwarding on io_uring (TENDRIL_URING_PORT) and on epoll
-# (TENDRIL_EPOLL_PORT), kernel forwarding as it runs by default (TENDRIL_KERNEL_PORT:
-# --kernel-client-socket on, so local non-blocking clients like pgbench here go on their own
+# cluster data whose proxy section routes to the benchmark PostgreSQL, and six tendril
+# proxies: the defaults (TENDRIL_DEFAULT_PORT: no forwarding flag, what a user gets),
+# userspace forwarding on io_uring (TENDRIL_URING_PORT) and on epoll
+# (TENDRIL_EPOLL_PORT), kernel forwarding (TENDRIL_KERNEL_PORT:
+# --forwarding kernel --kernel-client-socket on, so local non-blocking clients like pgbench here go on their own
 # socket, with direct replies from this host's PostgreSQL) and with --kernel-client-socket
 # off (TENDRIL_KERNEL_PAIR_PORT: the pair path on the proxy's two sockets, which remote
-# clients take by default), userspace on io_uring with a single worker
+# clients take with --forwarding kernel), userspace on io_uring with a single worker
 # (TENDRIL_URING_W1_PORT: every connection on one ring); with REPLICA_DIR, also the probe's
 # minimal sockmap proxy (REPLICA_PORT; local topology only). Which path each flag gives:
 # README.md. The proxies listen on 127.0.0.1 and route to PostgreSQL at $PG_HOST:$PG_PORT
@@ -16,6 +17,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 . "$HERE/env.sh"
 : "${TENDRIL_BIN:?set TENDRIL_BIN to the directory of the release binaries}"
+: "${TENDRIL_DEFAULT_PORT:=25507}"
 : "${TENDRIL_URING_PORT:=25500}"
 : "${TENDRIL_EPOLL_PORT:=25501}"
 : "${TENDRIL_KERNEL_PORT:=25502}"
@@ -38,7 +40,7 @@ cd = json.load(sys.stdin)
 cd['proxy']['generation'] += 1
 cd['proxy']['master'] = {'db_uid': 'bench', 'address': '$PG_HOST', 'port': int('$PG_PORT')}
 print(json.dumps(cd))" | "$TENDRIL_BIN/tendrilctl" clusterdata write --yes >/dev/null
-for variant in uring:$TENDRIL_URING_PORT:auto:userspace:on:2 epoll:$TENDRIL_EPOLL_PORT:epoll:userspace:on:2 \
+for variant in default:$TENDRIL_DEFAULT_PORT:auto:auto:on:2 uring:$TENDRIL_URING_PORT:auto:userspace:on:2 epoll:$TENDRIL_EPOLL_PORT:epoll:userspace:on:2 \
   kernel:$TENDRIL_KERNEL_PORT:auto:kernel:on:2 kernel-pair:$TENDRIL_KERNEL_PAIR_PORT:auto:kernel:off:2 \
   uring-w1:$TENDRIL_URING_W1_PORT:auto:userspace:on:1; do
   IFS=: read -r name port driver forwarding client_socket workers <<<"$variant"
@@ -50,7 +52,7 @@ done
 # The feasibility probe's minimal sockmap proxy (replica/), when built: the reference the
 # kernel path is compared with in the same rounds.
 : "${REPLICA_PORT:=25503}"
-ports=("$TENDRIL_URING_PORT" "$TENDRIL_EPOLL_PORT" "$TENDRIL_KERNEL_PORT" "$TENDRIL_KERNEL_PAIR_PORT" "$TENDRIL_URING_W1_PORT")
+ports=("$TENDRIL_DEFAULT_PORT" "$TENDRIL_URING_PORT" "$TENDRIL_EPOLL_PORT" "$TENDRIL_KERNEL_PORT" "$TENDRIL_KERNEL_PAIR_PORT" "$TENDRIL_URING_W1_PORT")
 if [ -n "${REPLICA_DIR:-}" ] && [ "$TOPOLOGY" = remote ]; then
   # replica.c connects to 127.0.0.1:PG_PORT, where nothing listens in this topology.
   echo "note: TOPOLOGY=remote: the sockmap replica is not started (it assumes PostgreSQL on 127.0.0.1)"
@@ -66,4 +68,4 @@ for port in "${ports[@]}"; do
   done
   "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U "$PG_USER" -d "$PG_DB" -Atc 'select 1' >/dev/null
 done
-echo "proxies up on ${ports[*]} (tendril io_uring, epoll, kernel, kernel-pair, io_uring with one worker; then the sockmap replica if built)"
+echo "proxies up on ${ports[*]} (tendril default, io_uring, epoll, kernel, kernel-pair, io_uring with one worker; then the sockmap replica if built)"

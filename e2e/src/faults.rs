@@ -57,9 +57,44 @@ impl Node {
     pub fn freeze(&self) {
         self.keeper.signal(Signal::SIGSTOP);
         let mut frozen = self.frozen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(guard) = self.guard_pid() {
+            signal(guard, Signal::SIGSTOP);
+            frozen.push(guard);
+        }
+        drop(frozen);
+        self.stop_postgres();
+    }
+
+    /// SIGSTOP to the postmaster first (so that it forks no backend that escapes), then to
+    /// each of its children; remembered for the thaw.
+    fn stop_postgres(&self) {
+        let mut frozen = self.frozen.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(postmaster) = self.postmaster_pid() else {
+            return;
+        };
+        signal(postmaster, Signal::SIGSTOP);
+        frozen.push(postmaster);
+        for pid in self.postgres_pids() {
+            if pid != postmaster {
+                signal(pid, Signal::SIGSTOP);
+                frozen.push(pid);
+            }
+        }
+    }
+
+    /// Pauses this node's PostgreSQL alone (SIGSTOP to every PostgreSQL process; the
+    /// keeper runs on): a standby that falls behind, a master that stops answering.
+    /// [`Node::thaw`] resumes it.
+    pub fn pause_postgres(&self) {
+        self.stop_postgres();
+    }
+
+    /// A host crash: `kill -9` of the keeper, its fence guard and every PostgreSQL process
+    /// at once. [`Node::restart_keeper`] boots it again.
+    pub fn crash(&mut self) {
+        self.keeper.kill();
         for pid in self.guard_pid().into_iter().chain(self.postgres_pids()) {
-            signal(pid, Signal::SIGSTOP);
-            frozen.push(pid);
+            signal(pid, Signal::SIGKILL);
         }
     }
 

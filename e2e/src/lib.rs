@@ -12,7 +12,10 @@
     reason = "test harness: a failed step panics with its context"
 )]
 
+pub mod checker;
 pub mod faults;
+pub mod history;
+pub mod soak;
 pub mod writer;
 
 use std::collections::BTreeMap;
@@ -73,6 +76,10 @@ pub struct Options {
     /// Put keeper `k0` in a network namespace (for partition tests); everything else then
     /// listens on the root side of the veth pair.
     pub partitionable: bool,
+    /// Put every keeper in a network namespace of its own (a host each, reaching the others
+    /// through the root namespace; etcd, sentinels, proxies and clients stay in the root
+    /// namespace): [`Node::host`].
+    pub isolated: bool,
 }
 
 impl Default for Options {
@@ -83,6 +90,7 @@ impl Default for Options {
             proxies: 1,
             spec: default_spec(false),
             partitionable: false,
+            isolated: false,
         }
     }
 }
@@ -214,6 +222,8 @@ pub struct Node {
     pub keeper: Proc,
     /// The processes a freeze stopped, for the thaw (their parents may have changed).
     pub frozen: std::sync::Mutex<Vec<i32>>,
+    /// Its own network namespace, in an isolated cluster ([`Options::isolated`]).
+    pub host: Option<faults::Netns>,
 }
 
 impl Node {
@@ -273,8 +283,6 @@ pub struct Cluster {
     pub netns: Option<faults::Netns>,
     bin: PathBuf,
     store_endpoint: String,
-    /// The store's address as k0 in its namespace reaches it.
-    ns_store_endpoint: Option<String>,
     etcd: EtcdServer,
     _watch: tokio::task::JoinHandle<()>,
 }
@@ -298,14 +306,24 @@ impl Cluster {
         let root_ip: IpAddr = netns
             .as_ref()
             .map_or("127.0.0.1".parse().unwrap(), |n| n.root_ip);
-        // The store is reached on loopback from this namespace and, from k0's, on an address
-        // of its own, so a test can cut k0 from the store alone (Netns::cut_store).
-        let etcd = match &netns {
-            Some(n) => EtcdServer::start_also_on(n.store_ip),
-            None => EtcdServer::start(),
+        let mut hosts: Vec<faults::Netns> = Vec::new();
+        if opts.isolated {
+            for _ in 0..opts.keepers {
+                let host = faults::Netns::create();
+                host.route_through_root();
+                hosts.push(host);
+            }
+        }
+        // The store is reached on loopback from this namespace and, from k0's (or each
+        // keeper's), on an address of its own, so a test can cut a keeper from the store
+        // alone (Netns::cut_store).
+        let store_ips: Vec<IpAddr> = netns.iter().chain(&hosts).map(|n| n.store_ip).collect();
+        let etcd = if store_ips.is_empty() {
+            EtcdServer::start()
+        } else {
+            EtcdServer::start_also_on_each(&store_ips)
         };
         let store_endpoint = etcd.endpoint();
-        let ns_store_endpoint = etcd.endpoint_on_extra();
         let store = EtcdStore::connect(&StoreConfig::new([etcd.endpoint()]))
             .await
             .unwrap();
@@ -341,17 +359,28 @@ impl Cluster {
             netns,
             bin,
             store_endpoint,
-            ns_store_endpoint,
             etcd,
             _watch: watch,
         };
+        let mut hosts = hosts.into_iter();
         for i in 0..opts.keepers {
-            let in_netns = i == 0 && cluster.netns.is_some();
-            let address = match (&cluster.netns, in_netns) {
-                (Some(n), true) => n.ns_ip,
-                _ => root_ip,
-            };
-            cluster.add_node(&format!("k{i}"), address, in_netns);
+            let uid = format!("k{i}");
+            if let Some(host) = hosts.next() {
+                let place = (host.name.clone(), cluster.etcd.endpoint_on(host.store_ip));
+                cluster.add_node(&uid, host.ns_ip, Some(place));
+                if let Some(node) = cluster.nodes.last_mut() {
+                    node.host = Some(host);
+                }
+                continue;
+            }
+            match &cluster.netns {
+                Some(n) if i == 0 => {
+                    let place = (n.name.clone(), cluster.etcd.endpoint_on(n.store_ip));
+                    let ip = n.ns_ip;
+                    cluster.add_node(&uid, ip, Some(place));
+                }
+                _ => cluster.add_node(&uid, root_ip, None),
+            }
         }
         for i in 0..opts.sentinels {
             cluster.add_sentinel(i);
@@ -365,13 +394,14 @@ impl Cluster {
         cluster
     }
 
-    fn add_node(&mut self, uid: &str, address: IpAddr, in_netns: bool) {
+    /// Adds keeper `uid` with PostgreSQL on `address`; `place`: the network namespace it
+    /// runs in and the store endpoint it reaches from there.
+    fn add_node(&mut self, uid: &str, address: IpAddr, place: Option<(String, String)>) {
         let port = free_port();
         let data_dir = self.dir.path().join(uid);
         let mut command = Vec::new();
-        if in_netns {
-            let ns = self.netns.as_ref().unwrap();
-            command.extend(["ip", "netns", "exec", &ns.name].map(String::from));
+        if let Some((ns, _)) = &place {
+            command.extend(["ip", "netns", "exec", ns].map(String::from));
         }
         command.push(
             self.bin
@@ -397,11 +427,12 @@ impl Cluster {
                 .to_string_lossy()
                 .into_owned(),
         ]);
+        let store = place.map_or_else(|| self.store_endpoint.clone(), |(_, store)| store);
         let keeper = Proc::spawn(
             &format!("keeper-{uid}"),
             self.dir.path(),
             command,
-            self.envs(in_netns),
+            self.envs(store),
         );
         self.nodes.push(Node {
             uid: uid.into(),
@@ -410,14 +441,11 @@ impl Cluster {
             data_dir,
             keeper,
             frozen: std::sync::Mutex::new(Vec::new()),
+            host: None,
         });
     }
 
-    fn envs(&self, in_netns: bool) -> Vec<(String, String)> {
-        let store = match (&self.ns_store_endpoint, in_netns) {
-            (Some(endpoint), true) => endpoint.clone(),
-            _ => self.store_endpoint.clone(),
-        };
+    fn envs(&self, store: String) -> Vec<(String, String)> {
         vec![
             ("TENDRIL_CLUSTER_NAME".into(), CLUSTER.into()),
             ("TENDRIL_STORE_ENDPOINTS".into(), store),
@@ -438,7 +466,7 @@ impl Cluster {
             &format!("sentinel-{i}"),
             self.dir.path(),
             command,
-            self.envs(false),
+            self.envs(self.store_endpoint.clone()),
         ));
     }
 
@@ -462,7 +490,7 @@ impl Cluster {
             &format!("proxy-{i}"),
             self.dir.path(),
             command,
-            self.envs(false),
+            self.envs(self.store_endpoint.clone()),
         );
         self.proxies.push((p, port));
     }
@@ -493,6 +521,12 @@ impl Cluster {
         decode(&kv.value).unwrap()
     }
 
+    /// The cluster data, or None when the store does not answer or holds none.
+    pub async fn try_cluster_data(&self) -> Option<ClusterData> {
+        let kv = self.store.get(&self.keys.cluster_data()).await.ok()??;
+        decode(&kv.value).ok()
+    }
+
     /// A keeper's report.
     pub async fn info(&self, uid: &str) -> Option<KeeperInfo> {
         let kv = self.store.get(&self.keys.keeper(uid)).await.ok()??;
@@ -510,11 +544,7 @@ impl Cluster {
     pub async fn wait_healthy(&self, keepers: usize, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            let cd = self.cluster_data().await;
-            let ok = cd.phase == ClusterPhase::Normal
-                && cd.proxy.master.is_some()
-                && self.all_converged(&cd, keepers).await;
-            if ok {
+            if self.healthy(keepers).await {
                 return;
             }
             if Instant::now() > deadline {
@@ -526,6 +556,17 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Whether a master is published and `keepers` databases have converged (the master
+    /// out of recovery, each standby in it).
+    pub async fn healthy(&self, keepers: usize) -> bool {
+        let Some(cd) = self.try_cluster_data().await else {
+            return false;
+        };
+        cd.phase == ClusterPhase::Normal
+            && cd.proxy.master.is_some()
+            && self.all_converged(&cd, keepers).await
     }
 
     async fn all_converged(&self, cd: &ClusterData, keepers: usize) -> bool {
@@ -621,7 +662,9 @@ impl Cluster {
 
     /// A summary of the cluster data and the recent events, for failure messages.
     pub async fn describe(&self) -> String {
-        let cd = self.cluster_data().await;
+        let Some(cd) = self.try_cluster_data().await else {
+            return "no cluster data (the store does not answer)\n".into();
+        };
         let mut out = format!(
             "phase {:?} master {:?} route {:?} switchover {:?}\n",
             cd.phase, cd.master, cd.proxy.master, cd.switchover

@@ -228,10 +228,14 @@ struct {
 	__type(value, __u64);
 } server_acked SEC(".maps");
 
-#define R_KERNEL 0
-#define R_DRAINING 1
-#define R_USER 2
-#define R_FAILED 3
+/* The constants the loader shares are enums, so that the object's BTF carries their
+ * values (ebpf/src/layout.rs checks the loader's against them). */
+enum reply_mode {
+	R_KERNEL = 0,
+	R_DRAINING = 1,
+	R_USER = 2,
+	R_FAILED = 3,
+};
 
 /* The reply direction, by the server socket's cookie: made by the proxy at the join, then
  * written only by this program. */
@@ -300,26 +304,30 @@ struct {
 	__type(value, __u64);
 } reply_written SEC(".maps");
 
-#define EVENT_DRAINED 1   /* the client's backlog drained: copy the passed replies */
-#define EVENT_DELIVERED 2 /* after the server's FIN, everything reached the client */
-#define EVENT_FAILED 3    /* a reply could not be delivered: close the connection */
-#define EVENT_PAUSED 4    /* replies now wait in the server socket: fix its receive buffer */
+enum client_socket_event {
+	EVENT_DRAINED = 1,   /* the client's backlog drained: copy the passed replies */
+	EVENT_DELIVERED = 2, /* after the server's FIN, everything reached the client */
+	EVENT_FAILED = 3,    /* a reply could not be delivered: close the connection */
+	EVENT_PAUSED = 4,    /* replies now wait in the server socket: fix its receive buffer */
+};
 
-#define STAT_CLIENTS 0        /* client sockets put into `clients` */
-#define STAT_CLIENTS_FULL 1   /* client sockets left out (map full) */
-#define STAT_SENDS_REDIRECTED 2
-#define STAT_SENDS_PASSED 3
-#define STAT_SEND_PAUSES 4
-#define STAT_REPLIES_REDIRECTED 5
-#define STAT_REPLIES_PASSED 6
-#define STAT_REPLY_PAUSES 7
-#define STAT_FAILURES 8
-#define STAT_LOST_EVENTS 9
-#define STAT_REPEATED 10
-#define STAT_TIMER_FAILURES 11
-#define STAT_REPLIES_DIRECT 12 /* backend sends redirected straight into a client socket */
-#define STAT_BACKENDS 13       /* backend sockets on this host put into `backends` */
-#define STAT_COUNT 14
+enum client_socket_stat {
+	STAT_CLIENTS = 0,      /* client sockets put into `clients` */
+	STAT_CLIENTS_FULL = 1, /* client sockets left out (map full) */
+	STAT_SENDS_REDIRECTED = 2,
+	STAT_SENDS_PASSED = 3,
+	STAT_SEND_PAUSES = 4,
+	STAT_REPLIES_REDIRECTED = 5,
+	STAT_REPLIES_PASSED = 6,
+	STAT_REPLY_PAUSES = 7,
+	STAT_FAILURES = 8,
+	STAT_LOST_EVENTS = 9,
+	STAT_REPEATED = 10,
+	STAT_TIMER_FAILURES = 11,
+	STAT_REPLIES_DIRECT = 12, /* backend sends redirected straight into a client socket */
+	STAT_BACKENDS = 13,       /* backend sockets on this host put into `backends` */
+	STAT_COUNT = 14,
+};
 #include "stats_events.h"
 
 /* Reads a context field into a register: the compiler would otherwise turn a choice between
@@ -671,10 +679,12 @@ static __always_inline int still_waiting(struct reply *st)
  * backend sent before the end is in the client socket or in its backlog by then (the verdict
  * and a direct send both run before TCP takes the reset), so once the backlog is empty and its
  * worker idle, the end may follow. Returns PROBE_* bits. */
-#define PROBE_DELIVERED 1 /* the client's backlog is empty and its worker idle (or it is gone) */
-#define PROBE_GONE 2      /* the client socket left `clients` (closed) */
-#define PROBE_HELD 4      /* the client holds bytes it has not read */
-#define PROBE_UNKNOWN 8   /* no such connection */
+enum probe_bit {
+	PROBE_DELIVERED = 1, /* the client's backlog is empty and its worker idle (or it is gone) */
+	PROBE_GONE = 2,      /* the client socket left `clients` (closed) */
+	PROBE_HELD = 4,      /* the client holds bytes it has not read */
+	PROBE_UNKNOWN = 8,   /* no such connection */
+};
 
 /* Bytes in flight to the client through the accepted socket, or unread in the client's TCP
  * queue: the ordinary path's share of what the client holds. */
@@ -943,3 +953,12 @@ failed:
 	notify(key, EVENT_FAILED);
 	return SK_DROP;
 }
+
+/* Never used: makes clang emit the constants' enums into the object's BTF, for the loader's
+ * layout test (ebpf/src/layout.rs). An 8-byte .bss, after every other global. */
+const struct {
+	enum reply_mode reply;
+	enum client_socket_event event;
+	enum client_socket_stat stat;
+	enum probe_bit probe;
+} *__constants_btf __attribute__((unused));

@@ -22,8 +22,12 @@ char LICENSE[] SEC("license") = "GPL";
 /* Not emitted into vmlinux.h by bpftool 7.1. */
 extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
 
-#define MATCH_REMOTE 1
-#define MATCH_LOCAL 2
+/* Which side of a socket matches the target (bits). An enum, so that the object's BTF
+ * carries the values the loader writes (ebpf/src/layout.rs checks them). */
+enum match_side {
+	MATCH_REMOTE = 1,
+	MATCH_LOCAL = 2,
+};
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -124,3 +128,9 @@ int kill_tcp(struct bpf_iter__tcp *ctx)
 		bump(3);
 	return 0;
 }
+
+/* Never used: makes clang emit the constants' enums into the object's BTF, for the loader's
+ * layout test (ebpf/src/layout.rs). An 8-byte .bss (the program's only global data). */
+const struct {
+	enum match_side match;
+} *__constants_btf __attribute__((unused));

@@ -47,13 +47,19 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-#define MODE_KERNEL 0
-#define MODE_USER 1
-#define MODE_FAILED 2
-#define MODE_JOINING 3 /* created by the proxy; no skb seen yet */
+/* The constants the loader shares are enums, so that the object's BTF carries their
+ * values (ebpf/src/layout.rs checks the loader's against them). */
+enum direction_mode {
+	MODE_KERNEL = 0,
+	MODE_USER = 1,
+	MODE_FAILED = 2,
+	MODE_JOINING = 3, /* created by the proxy; no skb seen yet */
+};
 
-#define EVENT_PAUSED 1
-#define EVENT_FAILED 2
+enum sockmap_event {
+	EVENT_PAUSED = 1,
+	EVENT_FAILED = 2,
+};
 
 #define MAX_PAIRS_DEFAULT 65536
 
@@ -101,15 +107,17 @@ struct {
 } forwarded SEC(".maps");
 
 /* Global counters: redirected skbs, passed skbs, pauses, resumes, failures, lost events. */
-#define STAT_REDIRECTS 0
-#define STAT_PASSES 1
-#define STAT_PAUSES 2
-#define STAT_RESUMES 3
-#define STAT_FAILURES 4
-#define STAT_LOST_EVENTS 5
-#define STAT_UNKNOWN 6
-#define STAT_REPEATED 7 /* skbs that repeated bytes already seen (dropped or trimmed) */
-#define STAT_COUNT 8
+enum sockmap_stat {
+	STAT_REDIRECTS = 0,
+	STAT_PASSES = 1,
+	STAT_PAUSES = 2,
+	STAT_RESUMES = 3,
+	STAT_FAILURES = 4,
+	STAT_LOST_EVENTS = 5,
+	STAT_UNKNOWN = 6,
+	STAT_REPEATED = 7, /* skbs that repeated bytes already seen (dropped or trimmed) */
+	STAT_COUNT = 8,
+};
 
 #include "stats_events.h"
 
@@ -233,3 +241,11 @@ failed:
 	notify(key, EVENT_FAILED);
 	return SK_DROP;
 }
+
+/* Never used: makes clang emit the constants' enums into the object's BTF, for the loader's
+ * layout test (ebpf/src/layout.rs). An 8-byte .bss, after every other global. */
+const struct {
+	enum direction_mode mode;
+	enum sockmap_event event;
+	enum sockmap_stat stat;
+} *__constants_btf __attribute__((unused));

@@ -4,7 +4,8 @@
  * proxy: per-CPU counters `stats` (STAT_COUNT of them; the loader sums them over CPUs) and an
  * event ring `events` of {socket cookie, kind} records (ebpf/src/ring.rs decodes them). A
  * full ring loses the event and counts STAT_LOST_EVENTS; the proxy sees that counter move
- * and looks at every connection. Define STAT_COUNT and STAT_LOST_EVENTS before including.
+ * and looks at every connection. Declare STAT_COUNT and STAT_LOST_EVENTS (enum constants)
+ * before including.
  */
 #ifndef TENDRIL_STATS_EVENTS_H
 #define TENDRIL_STATS_EVENTS_H

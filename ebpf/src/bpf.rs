@@ -14,8 +14,17 @@ pub(crate) static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kill
 /// Why the object is empty.
 const BUILD_ERROR: &str = env!("TENDRIL_BPF_BUILD_ERROR");
 
+// The program's enum (killer.bpf.c), checked against its BTF by CONSTANTS's test.
 const MATCH_REMOTE: u32 = 1;
 const MATCH_LOCAL: u32 = 2;
+
+/// Every constant shared with the program, by its C enum: the layout test
+/// (`crate::layout`) checks each against the object's BTF, and that no member is missing.
+#[cfg(test)]
+pub(crate) const CONSTANTS: &[(&str, &[(&str, u32)])] = &[(
+    "match_side",
+    &[("MATCH_REMOTE", MATCH_REMOTE), ("MATCH_LOCAL", MATCH_LOCAL)],
+)];
 
 /// What a walk does with matching sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -36,6 +36,7 @@ const REPLY_SIZE: usize = KEY_SIZE + 48 + 40 + 32;
 /// Size of `struct config`, the read-only data.
 const CONFIG_SIZE: usize = 40;
 
+// The program's enums (client_socket.bpf.c), checked against its BTF by CONSTANTS's test.
 pub(crate) const R_KERNEL: u32 = 0;
 pub(crate) const R_DRAINING: u32 = 1;
 pub(crate) const R_USER: u32 = 2;
@@ -50,6 +51,76 @@ const PROBE_DELIVERED: u32 = 1;
 const PROBE_GONE: u32 = 2;
 const PROBE_HELD: u32 = 4;
 const PROBE_UNKNOWN: u32 = 8;
+
+const STAT_CLIENTS: u32 = 0;
+const STAT_CLIENTS_FULL: u32 = 1;
+const STAT_SENDS_REDIRECTED: u32 = 2;
+const STAT_SENDS_PASSED: u32 = 3;
+const STAT_SEND_PAUSES: u32 = 4;
+const STAT_REPLIES_REDIRECTED: u32 = 5;
+const STAT_REPLIES_PASSED: u32 = 6;
+const STAT_REPLY_PAUSES: u32 = 7;
+const STAT_FAILURES: u32 = 8;
+const STAT_LOST_EVENTS: u32 = 9;
+const STAT_REPEATED: u32 = 10;
+const STAT_TIMER_FAILURES: u32 = 11;
+const STAT_REPLIES_DIRECT: u32 = 12;
+const STAT_BACKENDS: u32 = 13;
+#[cfg(test)]
+const STAT_COUNT: u32 = 14;
+
+/// Every constant shared with the program, by its C enum: the layout test
+/// (`crate::layout`) checks each against the object's BTF, and that no member is missing.
+#[cfg(test)]
+pub(crate) const CONSTANTS: &[(&str, &[(&str, u32)])] = &[
+    (
+        "reply_mode",
+        &[
+            ("R_KERNEL", R_KERNEL),
+            ("R_DRAINING", R_DRAINING),
+            ("R_USER", R_USER),
+            ("R_FAILED", R_FAILED),
+        ],
+    ),
+    (
+        "client_socket_event",
+        &[
+            ("EVENT_DRAINED", EVENT_DRAINED),
+            ("EVENT_DELIVERED", EVENT_DELIVERED),
+            ("EVENT_FAILED", EVENT_FAILED),
+            ("EVENT_PAUSED", EVENT_PAUSED),
+        ],
+    ),
+    (
+        "probe_bit",
+        &[
+            ("PROBE_DELIVERED", PROBE_DELIVERED),
+            ("PROBE_GONE", PROBE_GONE),
+            ("PROBE_HELD", PROBE_HELD),
+            ("PROBE_UNKNOWN", PROBE_UNKNOWN),
+        ],
+    ),
+    (
+        "client_socket_stat",
+        &[
+            ("STAT_CLIENTS", STAT_CLIENTS),
+            ("STAT_CLIENTS_FULL", STAT_CLIENTS_FULL),
+            ("STAT_SENDS_REDIRECTED", STAT_SENDS_REDIRECTED),
+            ("STAT_SENDS_PASSED", STAT_SENDS_PASSED),
+            ("STAT_SEND_PAUSES", STAT_SEND_PAUSES),
+            ("STAT_REPLIES_REDIRECTED", STAT_REPLIES_REDIRECTED),
+            ("STAT_REPLIES_PASSED", STAT_REPLIES_PASSED),
+            ("STAT_REPLY_PAUSES", STAT_REPLY_PAUSES),
+            ("STAT_FAILURES", STAT_FAILURES),
+            ("STAT_LOST_EVENTS", STAT_LOST_EVENTS),
+            ("STAT_REPEATED", STAT_REPEATED),
+            ("STAT_TIMER_FAILURES", STAT_TIMER_FAILURES),
+            ("STAT_REPLIES_DIRECT", STAT_REPLIES_DIRECT),
+            ("STAT_BACKENDS", STAT_BACKENDS),
+            ("STAT_COUNT", STAT_COUNT),
+        ],
+    ),
+];
 
 /// A connection as the client sees it: its network namespace and its four addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -757,20 +828,20 @@ impl ClientSocket {
     pub fn stats(&self) -> Stats {
         let read = |i: u32| crate::sockmap::percpu_sum(self.stats, i);
         Stats {
-            clients: read(0),
-            clients_full: read(1),
-            sends_redirected: read(2),
-            sends_passed: read(3),
-            send_pauses: read(4),
-            replies_redirected: read(5),
-            replies_passed: read(6),
-            reply_pauses: read(7),
-            failures: read(8),
-            lost_events: read(9),
-            repeated: read(10),
-            timer_failures: read(11),
-            replies_direct: read(12),
-            backends: read(13),
+            clients: read(STAT_CLIENTS),
+            clients_full: read(STAT_CLIENTS_FULL),
+            sends_redirected: read(STAT_SENDS_REDIRECTED),
+            sends_passed: read(STAT_SENDS_PASSED),
+            send_pauses: read(STAT_SEND_PAUSES),
+            replies_redirected: read(STAT_REPLIES_REDIRECTED),
+            replies_passed: read(STAT_REPLIES_PASSED),
+            reply_pauses: read(STAT_REPLY_PAUSES),
+            failures: read(STAT_FAILURES),
+            lost_events: read(STAT_LOST_EVENTS),
+            repeated: read(STAT_REPEATED),
+            timer_failures: read(STAT_TIMER_FAILURES),
+            replies_direct: read(STAT_REPLIES_DIRECT),
+            backends: read(STAT_BACKENDS),
             stalled: self.stalled.load(std::sync::atomic::Ordering::Relaxed),
         }
     }

@@ -1,5 +1,7 @@
 //! The C structs whose bytes the loaders write and read, checked against the compiled objects'
-//! BTF, like cilium's pkg/alignchecker: sizes, field offsets and field sizes. Encoders run with
+//! BTF, like cilium's pkg/alignchecker: sizes, field offsets and field sizes; and the
+//! constants they share (C enums: modes, events, counters), value by value and member by
+//! member. Encoders run with
 //! a distinct value per field and each value must sit at its field's BTF offset; decoders get a
 //! zeroed struct with one field set at its BTF offset at a time and must read that field, and
 //! only that field, as set. The objects are only opened (parsed), never loaded: no privileges.
@@ -10,7 +12,7 @@ use std::mem::offset_of;
 use std::net::Ipv6Addr;
 
 use libbpf_rs::btf::BtfType;
-use libbpf_rs::btf::types::{DataSec, MemberAttr, Struct};
+use libbpf_rs::btf::types::{DataSec, Enum, MemberAttr, Struct};
 use libbpf_rs::{AsRawLibbpf as _, Btf, HasSize as _, libbpf_sys};
 
 use crate::client_socket::{self, ClientKey, ReplyMode};
@@ -434,28 +436,105 @@ fn with_btf(
     errors.extend(found.into_iter().map(|e| format!("{object}: {e}")));
 }
 
-#[test]
-fn c_structs_match_the_rust_side() {
+/// Checks a loader's constants (`CONSTANTS`: C enum, then each member's name and value)
+/// against the object's enums: each value, and that every member of each enum is there.
+fn constants(
+    table: &'static [(&'static str, &'static [(&'static str, u32)])],
+) -> impl FnOnce(&Btf<'_>, &mut Vec<String>) {
+    move |btf, errors| {
+        for (name, rust) in table {
+            let Some(e) = btf
+                .type_by_kind::<Enum<'_>>()
+                .find(|e| e.name() == Some(OsStr::new(name)))
+            else {
+                errors.push(format!("enum {name} is not in the BTF"));
+                continue;
+            };
+            let c: BTreeMap<String, i64> = e
+                .iter()
+                .map(|m| {
+                    let n = m
+                        .name
+                        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                    (n, m.value)
+                })
+                .collect();
+            for (member, value) in *rust {
+                match c.get(*member) {
+                    Some(v) if *v == i64::from(*value) => {}
+                    Some(v) => {
+                        errors.push(format!("{name}: {member} is {v} in C, {value} in Rust"))
+                    }
+                    None => errors.push(format!("{name}: {member} is not in the C enum")),
+                }
+            }
+            for member in c.keys() {
+                if !rust.iter().any(|(m, _)| m == member) {
+                    errors.push(format!("{name}: {member} has no Rust counterpart"));
+                }
+            }
+        }
+    }
+}
+
+/// A check of one object's BTF: it adds what differs to the list.
+type Check = Box<dyn FnOnce(&Btf<'_>, &mut Vec<String>)>;
+
+/// Runs one check per object and fails with every difference found.
+fn check_objects(what: &str, checks: [(&'static str, &'static [u8], Check); 3]) {
     // Like the loaders' own tests, this needs the objects: `cargo xtask test` installs
     // what builds them.
     assert!(
-        [SOCKMAP, CLIENT_SOCKET, KILLER]
-            .iter()
-            .all(|o| !o.is_empty()),
+        checks.iter().all(|(_, bytes, _)| !bytes.is_empty()),
         "the BPF objects were not built: {BUILD_ERROR}"
     );
     let mut errors = Vec::new();
-    with_btf("sockmap.bpf.o", SOCKMAP, &mut errors, sockmap_structs);
-    with_btf(
-        "client_socket.bpf.o",
-        CLIENT_SOCKET,
-        &mut errors,
-        client_socket_structs,
-    );
-    with_btf("killer.bpf.o", KILLER, &mut errors, killer_structs);
+    for (object, bytes, check) in checks {
+        with_btf(object, bytes, &mut errors, check);
+    }
     assert!(
         errors.is_empty(),
-        "BPF structs and their Rust side differ:\n  {}",
+        "{what} and their Rust side differ:\n  {}",
         errors.join("\n  ")
+    );
+}
+
+#[test]
+fn shared_constants_match_the_rust_side() {
+    check_objects(
+        "BPF constants",
+        [
+            (
+                "sockmap.bpf.o",
+                SOCKMAP,
+                Box::new(constants(sockmap::CONSTANTS)),
+            ),
+            (
+                "client_socket.bpf.o",
+                CLIENT_SOCKET,
+                Box::new(constants(client_socket::CONSTANTS)),
+            ),
+            (
+                "killer.bpf.o",
+                KILLER,
+                Box::new(constants(crate::bpf::CONSTANTS)),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn c_structs_match_the_rust_side() {
+    check_objects(
+        "BPF structs",
+        [
+            ("sockmap.bpf.o", SOCKMAP, Box::new(sockmap_structs)),
+            (
+                "client_socket.bpf.o",
+                CLIENT_SOCKET,
+                Box::new(client_socket_structs),
+            ),
+            ("killer.bpf.o", KILLER, Box::new(killer_structs)),
+        ],
     );
 }

@@ -23,6 +23,7 @@ pub(crate) static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sock
 /// Why the object is empty.
 const BUILD_ERROR: &str = env!("TENDRIL_BPF_BUILD_ERROR");
 
+// The program's enums (sockmap.bpf.c), checked against its BTF by CONSTANTS's test.
 const MODE_KERNEL: u32 = 0;
 const MODE_USER: u32 = 1;
 const MODE_FAILED: u32 = 2;
@@ -30,6 +31,53 @@ const MODE_JOINING: u32 = 3;
 
 const EVENT_PAUSED: u32 = 1;
 const EVENT_FAILED: u32 = 2;
+
+const STAT_REDIRECTS: u32 = 0;
+const STAT_PASSES: u32 = 1;
+const STAT_PAUSES: u32 = 2;
+const STAT_RESUMES: u32 = 3;
+const STAT_FAILURES: u32 = 4;
+const STAT_LOST_EVENTS: u32 = 5;
+const STAT_UNKNOWN: u32 = 6;
+const STAT_REPEATED: u32 = 7;
+#[cfg(test)]
+const STAT_COUNT: u32 = 8;
+
+/// Every constant shared with the program, by its C enum: the layout test
+/// (`crate::layout`) checks each against the object's BTF, and that no member is missing.
+#[cfg(test)]
+pub(crate) const CONSTANTS: &[(&str, &[(&str, u32)])] = &[
+    (
+        "direction_mode",
+        &[
+            ("MODE_KERNEL", MODE_KERNEL),
+            ("MODE_USER", MODE_USER),
+            ("MODE_FAILED", MODE_FAILED),
+            ("MODE_JOINING", MODE_JOINING),
+        ],
+    ),
+    (
+        "sockmap_event",
+        &[
+            ("EVENT_PAUSED", EVENT_PAUSED),
+            ("EVENT_FAILED", EVENT_FAILED),
+        ],
+    ),
+    (
+        "sockmap_stat",
+        &[
+            ("STAT_REDIRECTS", STAT_REDIRECTS),
+            ("STAT_PASSES", STAT_PASSES),
+            ("STAT_PAUSES", STAT_PAUSES),
+            ("STAT_RESUMES", STAT_RESUMES),
+            ("STAT_FAILURES", STAT_FAILURES),
+            ("STAT_LOST_EVENTS", STAT_LOST_EVENTS),
+            ("STAT_UNKNOWN", STAT_UNKNOWN),
+            ("STAT_REPEATED", STAT_REPEATED),
+            ("STAT_COUNT", STAT_COUNT),
+        ],
+    ),
+];
 
 /// How a direction moves its bytes right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -449,14 +497,14 @@ impl Sockmap {
     pub fn stats(&self) -> Stats {
         let read = |i: u32| percpu_sum(self.stats, i);
         Stats {
-            redirects: read(0),
-            passes: read(1),
-            pauses: read(2),
-            resumes: read(3),
-            failures: read(4),
-            lost_events: read(5),
-            unknown: read(6),
-            repeated: read(7),
+            redirects: read(STAT_REDIRECTS),
+            passes: read(STAT_PASSES),
+            pauses: read(STAT_PAUSES),
+            resumes: read(STAT_RESUMES),
+            failures: read(STAT_FAILURES),
+            lost_events: read(STAT_LOST_EVENTS),
+            unknown: read(STAT_UNKNOWN),
+            repeated: read(STAT_REPEATED),
         }
     }
 

@@ -350,6 +350,17 @@ impl Postgres {
         if pid <= 0 || kill(Pid::from_raw(pid), None).is_err() {
             return Ok(());
         }
+        if zombie(pid) {
+            // Killed, not yet reaped by its new parent (init reaps orphans when it gets to
+            // them): it holds no lock and no shared memory, but PostgreSQL would refuse to
+            // start beside its pid file until it is gone.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while kill(Pid::from_raw(pid), None).is_ok() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tracing::info!(pid, "the postgres left on this data directory had died");
+            return Ok(());
+        }
         tracing::warn!(
             pid,
             "stopping a postgres left running on this data directory"
@@ -530,6 +541,16 @@ impl ControlData {
     }
 }
 
+/// Whether process `pid` has died and waits to be reaped (state `Z` in /proc).
+fn zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // "pid (comm) state ...": the comm may hold spaces and parentheses.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            == Some("Z")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,5 +568,19 @@ mod tests {
         assert_eq!(c.checkpoint_timeline, Some(2));
         assert_eq!(c.state.as_deref(), Some("shut down"));
         assert_eq!(ControlData::parse(""), ControlData::default());
+    }
+
+    #[test]
+    fn a_dead_unreaped_process_is_a_zombie_until_reaped() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !zombie(pid) {
+            assert!(Instant::now() < deadline, "`true` did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait().unwrap();
+        assert!(!zombie(pid));
+        assert!(!zombie(std::process::id() as i32), "this process runs");
     }
 }

@@ -56,10 +56,12 @@ pub struct ProxyArgs {
     /// I/O driver: `auto` (io_uring, epoll when unavailable) or `epoll`.
     #[arg(long, env = "TENDRIL_IO_DRIVER", default_value = "auto")]
     pub io_driver: IoDriver,
-    /// How established connections move bytes: `userspace` (io_uring, or epoll), `kernel`
-    /// (BPF sockmap redirect; the proxy refuses to start without it; opt-in), or `auto`
-    /// (userspace: the default path is one that passes the data-plane fault matrix, and the
-    /// kernel paths do not yet).
+    /// How established connections move bytes: `auto` (the default: in the kernel on the
+    /// client's own socket for clients on this host that read in non-blocking mode, in
+    /// userspace for every other connection, and everything in userspace where the BPF
+    /// programs cannot load, as without root), `userspace` (io_uring, or epoll), or `kernel`
+    /// (the BPF paths: the client-socket path, then the pair path for what it cannot take;
+    /// the proxy refuses to start without them).
     #[arg(long, env = "TENDRIL_FORWARDING", default_value = "auto")]
     pub forwarding: Forwarding,
     /// Most bytes the kernel holds for one direction of a kernel-forwarded connection before
@@ -72,11 +74,13 @@ pub struct ProxyArgs {
     pub kernel_max_connections: u32,
     /// Kernel forwarding for clients on this host: `on` forwards on the client's own socket
     /// (sk_msg redirect to the server socket, replies into the client's receive queue; one
-    /// loopback hop fewer, the fastest path here) when its programs load; `off` keeps every
-    /// connection on the proxy's two sockets. A client whose socket is in blocking mode when
-    /// it sends its first bytes gets the two sockets anyway: with the client's socket in a
-    /// sockmap the kernel's receive path can end a blocking read with EAGAIN after a wake-up
-    /// without data (libpq and other non-blocking clients just poll again).
+    /// loopback hop fewer, the fastest path here) when its programs load; `off` turns that
+    /// path off (every connection then goes on the proxy's two sockets with `--forwarding
+    /// kernel`, and in userspace with `auto`). A client whose socket is in blocking mode
+    /// when it sends its first bytes stays off it anyway (pair path or userspace): with
+    /// the client's socket in a sockmap the kernel's receive path can end a blocking read
+    /// with EAGAIN after a wake-up without data (libpq and other non-blocking clients just
+    /// poll again).
     #[arg(long, env = "TENDRIL_KERNEL_CLIENT_SOCKET", default_value = "on")]
     pub kernel_client_socket: Switch,
     /// Certificate (PEM, leaf then chain) the proxy presents only to refuse a TLS client (no
@@ -102,34 +106,50 @@ pub enum Switch {
 /// The forwarding strategy asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Forwarding {
-    /// The default path: userspace, until a kernel path passes the fault matrix.
+    /// The default: the client-socket path where it applies, userspace for the rest.
     Auto,
-    /// Kernel only.
+    /// Both kernel paths (client socket, then pair); refuse to start without them.
     Kernel,
     /// Userspace only.
     Userspace,
 }
 
-/// The forwarding path a proxy runs, chosen from [`Forwarding`] in [`Forwarding::path`].
+/// The forwarding paths a proxy runs, chosen from [`Forwarding`] in [`Forwarding::path`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardPath {
     /// Userspace forwarding, and why (logged at start).
     Userspace(&'static str),
-    /// Kernel forwarding (the proxy refuses to start if its programs do not load).
-    Kernel,
+    /// Kernel forwarding for the connections it can take.
+    Kernel {
+        /// The proxy refuses to start when the programs do not load (else: userspace).
+        required: bool,
+        /// The pair path is selectable; without it only the client-socket path is, and
+        /// the proxy needs its programs (else: userspace).
+        pair: bool,
+    },
 }
 
 impl Forwarding {
-    /// The one place the forwarding path is chosen. A path is the default only while it
-    /// passes the data-plane fault matrix (`proxy/tests/matrix.rs`): the kernel paths
-    /// stranded clients whose backend ended (issue 18), so `auto` is userspace.
-    pub fn path(self) -> ForwardPath {
+    /// The one place the forwarding paths are chosen. A path is the default only while it
+    /// passes the data-plane fault matrix (`proxy/tests/matrix.rs`) and the fault soak
+    /// (`cargo xtask soak proxy`): the client-socket path and userspace do, with the
+    /// client-socket path at 0.94 of direct PostgreSQL's throughput against userspace's
+    /// 0.60 (docs/benchmarks.md). The pair path passes too but is barely faster than
+    /// userspace (a kernel worker wake-up per message each way), so it stays opt-in.
+    pub fn path(self, client_socket: bool) -> ForwardPath {
         match self {
+            Forwarding::Auto if client_socket => ForwardPath::Kernel {
+                required: false,
+                pair: false,
+            },
             Forwarding::Auto => ForwardPath::Userspace(
-                "auto: the default path; kernel forwarding is opt-in (--forwarding kernel)",
+                "auto with --kernel-client-socket off: every connection in userspace",
             ),
             Forwarding::Userspace => ForwardPath::Userspace("--forwarding userspace"),
-            Forwarding::Kernel => ForwardPath::Kernel,
+            Forwarding::Kernel => ForwardPath::Kernel {
+                required: true,
+                pair: true,
+            },
         }
     }
 }

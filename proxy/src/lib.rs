@@ -76,6 +76,18 @@ pub struct App {
     workers: Vec<JoinHandle<()>>,
     control: JoinHandle<()>,
     kernel: Option<JoinHandle<()>>,
+    forwarding: &'static str,
+}
+
+/// The forwarding strategy in use, as logs and metrics name it: `kernel` (both kernel
+/// paths), `client_socket` (the client-socket path, userspace for the rest: `auto`), or
+/// `userspace`.
+fn strategy(kernel: bool, pair: bool) -> &'static str {
+    match (kernel, pair) {
+        (false, _) => "userspace",
+        (true, true) => "kernel",
+        (true, false) => "client_socket",
+    }
 }
 
 impl App {
@@ -92,22 +104,54 @@ impl App {
                 addr: config.listen,
                 source,
             })?;
-        let sockmap = match config.forwarding.path() {
+        let (sockmap, pair) = match config.forwarding.path(config.kernel_client_socket) {
             config::ForwardPath::Userspace(why) => {
                 tracing::info!(reason = why, "forwarding in userspace");
-                None
+                (None, false)
             }
-            config::ForwardPath::Kernel => {
+            config::ForwardPath::Kernel { required, pair } => {
                 match tendril_ebpf::sockmap::Sockmap::load(config.kernel_max_connections) {
-                    Ok(map) => Some(map),
-                    Err(e) => {
+                    Ok(map) => (Some(map), pair),
+                    Err(e) if required => {
                         return Err(ProxyError::Other(format!(
                             "--forwarding kernel: {e}; use --forwarding auto or userspace"
                         )));
                     }
+                    Err(e) => {
+                        tracing::info!(reason = %e, "forwarding in userspace: the kernel programs cannot load");
+                        (None, false)
+                    }
                 }
             }
         };
+        let client_socket = match &sockmap {
+            Some(_) if config.kernel_client_socket => {
+                match tendril_ebpf::client_socket::ClientSocket::load(
+                    listen,
+                    config.kernel_max_connections,
+                    config.kernel_buffer_limit,
+                    config.kernel_buffer_limit,
+                ) {
+                    Ok(cs) => {
+                        tracing::info!(
+                            "kernel forwarding on the client's own socket for clients on this host"
+                        );
+                        Some(cs)
+                    }
+                    Err(e) if pair => {
+                        tracing::warn!(error = %e, "client-socket forwarding unavailable: every connection on the proxy's two sockets");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::info!(reason = %e, "forwarding in userspace: the client-socket programs cannot load");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        // Without the pair path (`auto`) the kernel path is the client-socket path alone.
+        let sockmap = sockmap.filter(|_| pair || client_socket.is_some());
         let shared = Shared::new(
             config.workers,
             usize::from(sockmap.is_some()),
@@ -130,27 +174,6 @@ impl App {
         let kernel = match sockmap {
             None => None,
             Some(map) => {
-                let client_socket = if config.kernel_client_socket {
-                    match tendril_ebpf::client_socket::ClientSocket::load(
-                        listen,
-                        config.kernel_max_connections,
-                        config.kernel_buffer_limit,
-                        config.kernel_buffer_limit,
-                    ) {
-                        Ok(cs) => {
-                            tracing::info!(
-                                "kernel forwarding on the client's own socket for clients on this host"
-                            );
-                            Some(cs)
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "client-socket forwarding unavailable: every connection on the proxy's two sockets");
-                            None
-                        }
-                    }
-                } else {
-                    None
-                };
                 let (control_end, thread_end) = std::os::unix::net::UnixStream::pair()
                     .map_err(|e| ProxyError::Other(format!("socketpair: {e}")))?;
                 control_end
@@ -160,6 +183,7 @@ impl App {
                 let (path, handle) = kernel::KernelPath::start(
                     map,
                     client_socket,
+                    pair,
                     config.kernel_buffer_limit,
                     shared.clone(),
                     config.workers,
@@ -167,15 +191,11 @@ impl App {
                 )
                 .map_err(|e| ProxyError::Other(format!("start the kernel path: {e}")))?;
                 kernel_thread = Some(handle);
-                kernel_stats = Some((path.map().clone(), path.client_socket().cloned()));
+                kernel_stats = Some((path.map().clone(), path.client_socket().cloned(), pair));
                 Some(path)
             }
         };
-        let forwarding = if kernel.is_some() {
-            "kernel"
-        } else {
-            "userspace"
-        };
+        let forwarding = strategy(kernel.is_some(), pair);
         let listener_fds: Vec<_> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
         let (started_tx, started_rx) =
             std::sync::mpsc::channel::<(usize, Result<worker::Driver, String>)>();
@@ -243,6 +263,7 @@ impl App {
             workers,
             control,
             kernel: kernel_thread,
+            forwarding,
         })
     }
 
@@ -257,13 +278,9 @@ impl App {
         }
     }
 
-    /// The forwarding strategy in use: `kernel` or `userspace`.
+    /// The forwarding strategy in use (see [`strategy`]).
     pub fn forwarding(&self) -> &'static str {
-        if self.kernel.is_some() {
-            "kernel"
-        } else {
-            "userspace"
-        }
+        self.forwarding
     }
 }
 
@@ -296,6 +313,7 @@ fn spawn_control(
     kernel: Option<(
         Arc<tendril_ebpf::sockmap::Sockmap>,
         Option<Arc<tendril_ebpf::client_socket::ClientSocket>>,
+        bool,
     )>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<JoinHandle<()>, ProxyError> {
@@ -353,7 +371,8 @@ fn spawn_control(
                         listener,
                         Arc::new(move || {
                             let table = s.table.load();
-                            let kernel = kernel.as_ref().map(|(k, cs)| metrics::KernelMetrics {
+                            let kernel = kernel.as_ref().map(|(k, cs, pair)| metrics::KernelMetrics {
+                                pair: *pair,
                                 client_socket: cs.as_ref().map(|l| {
                                     let open = s.workers.iter().map(|w| w.kernel_client_socket.load(std::sync::atomic::Ordering::Relaxed)).sum();
                                     metrics::ClientSocketMetrics {
@@ -374,7 +393,7 @@ fn spawn_control(
                                 table.backend().is_none(),
                                 s.driver(),
                                 mechanism,
-                                if kernel.is_some() { "kernel" } else { "userspace" },
+                                strategy(kernel.is_some(), kernel.as_ref().is_some_and(|k| k.pair)),
                                 s.killed.load(std::sync::atomic::Ordering::Relaxed),
                                 s.host_sockets.load(std::sync::atomic::Ordering::Relaxed),
                                 kernel,

@@ -105,6 +105,9 @@ pub struct ClientSocketMetrics {
 pub struct KernelMetrics {
     /// The program's counters.
     pub stats: tendril_ebpf::sockmap::Stats,
+    /// The pair path is selectable (what the client-socket path cannot take goes there,
+    /// else to userspace).
+    pub pair: bool,
     /// Connections given each path, by reason (`kernel::path::Reason::ALL`'s order).
     pub paths: [u64; crate::kernel::path::Reason::ALL.len()],
     /// Connections forwarded in the kernel now.
@@ -238,12 +241,16 @@ pub fn render(
         metric(
             "tendril_proxy_kernel_path_total",
             "counter",
-            "connections by the forwarding path the kernel path chose for them, and why (client_socket: a client on this host; pair: client_socket_off, client_elsewhere, client_silent, server_unkeyed, client_blocks, route_refused; userspace: map_full, join_refused)",
+            "connections by the forwarding path the kernel path chose for them, and why (client_socket: a client on this host; pair with --forwarding kernel, userspace with auto: client_socket_off, client_elsewhere, client_silent, server_unkeyed, client_blocks, route_refused; userspace: map_full, join_refused)",
             crate::kernel::path::Reason::ALL
                 .iter()
                 .map(|r| {
                     (
-                        format!("path=\"{}\",reason=\"{}\"", r.path().label(), r.label()),
+                        format!(
+                            "path=\"{}\",reason=\"{}\"",
+                            r.path(k.pair).label(),
+                            r.label()
+                        ),
                         k.paths[r.index()],
                     )
                 })

@@ -4,7 +4,8 @@
 //! host): psql and pgbench, 100 MB each way with checksums, a stalled reader held to the
 //! documented bound, a reader stopped and resumed every 20 ms, bytes sent before the join
 //! reaching the master once, fence under traffic, closes and resets on either side without
-//! leaks; then a failed redirect and the fallbacks (map full, program refused).
+//! leaks; then a failed redirect, the fallbacks (map full, program refused), and the
+//! default (`--forwarding auto`: the client-socket path, userspace for the rest).
 //!
 //! Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) and a kernel with sockmap: on these
 //! machines that is always there, so a missing piece fails loudly instead of skipping.
@@ -1705,4 +1706,65 @@ async fn each_local_client_takes_the_path_its_reading_mode_allows() {
         "{}",
         proxy.metrics()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_forwards_local_non_blocking_clients_on_their_socket_and_the_rest_in_userspace()
+{
+    // `--forwarding auto` (no flag): a client on this host that reads in non-blocking mode
+    // (libpq, tokio-postgres) takes the client-socket path; one that blocks stays in
+    // userspace (not on the pair path, which is opt-in), and both get their answers.
+    let _serial = SERIAL.lock().await;
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    env.route(Some(("db1", pg.port())), false).await;
+    let proxy = ProxyProc::start(&env, "k12", &[], &[]);
+    let log = proxy.log_text();
+    assert!(
+        log.contains("forwarding=\"client_socket\"") || log.contains("forwarding=client_socket"),
+        "the default does not say it forwards on the client's socket:\n{log}"
+    );
+    wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
+    let on_host_before = path_metric(&proxy, "client_socket", "client_on_host");
+    let libpq_like = connect(proxy.port).await.unwrap();
+    libpq_like.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(
+        path_metric(&proxy, "client_socket", "client_on_host") - on_host_before,
+        1.0,
+        "{}",
+        proxy.metrics()
+    );
+    let port = proxy.port;
+    let answered = tokio::task::spawn_blocking(move || {
+        let mut b = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        b.write_all(&support::startup_packet(&[
+            ("user", "postgres"),
+            ("database", "postgres"),
+        ]))
+        .unwrap();
+        read_until_ready(&mut b, 1);
+        let mut query = Vec::new();
+        message(&mut query, b'Q', b"SELECT 1\0");
+        b.write_all(&query).unwrap();
+        read_until_ready(&mut b, 1).contains(&b'D')
+    })
+    .await
+    .unwrap();
+    assert!(answered, "the blocking client got no row");
+    assert_eq!(
+        path_metric(&proxy, "userspace", "client_blocks"),
+        1.0,
+        "{}",
+        proxy.metrics()
+    );
+    let pair = proxy.path_total("pair");
+    assert_eq!(pair, 0.0, "the pair path is opt-in:\n{}", proxy.metrics());
+    libpq_like.simple_query("SELECT 2").await.unwrap();
+    drop(libpq_like);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kernel_map_entries(&proxy) > 0.0 {
+        assert!(Instant::now() < deadline, "{}", proxy.metrics());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

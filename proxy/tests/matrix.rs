@@ -5,9 +5,10 @@
 //! it: no open connection, no kernel map entry, no socket on its port but listeners and
 //! TIME-WAIT, and the close counted in its metrics.
 //!
-//! Paths: userspace on io_uring and on epoll, and the two kernel paths (the pair of proxy
+//! Paths: userspace on io_uring and on epoll, the two kernel paths (the pair of proxy
 //! sockets, and the client's own socket, which with PostgreSQL on this host also takes
-//! direct replies). Topologies: PostgreSQL on the proxy's host, and PostgreSQL on another
+//! direct replies), and the default (`--forwarding auto`: the client-socket path for these
+//! clients, which must be seen taking it). Topologies: PostgreSQL on the proxy's host, and PostgreSQL on another
 //! host (a network namespace behind a veth pair; the proxy and the clients stay here).
 //!
 //! Scenarios: the backend ends with FATAL then closes (pg_terminate_backend when idle, in a
@@ -49,6 +50,8 @@ enum Path {
     Epoll,
     KernelPair,
     KernelClientSocket,
+    /// No flag: what a user gets.
+    Default,
 }
 
 impl Path {
@@ -58,6 +61,7 @@ impl Path {
             Path::Epoll => &["--forwarding", "userspace", "--io-driver", "epoll"],
             Path::KernelPair => &["--forwarding", "kernel", "--kernel-client-socket", "off"],
             Path::KernelClientSocket => &["--forwarding", "kernel", "--kernel-client-socket", "on"],
+            Path::Default => &[],
         }
     }
 }
@@ -609,6 +613,26 @@ async fn matrix(topology: Topology, path: Path) {
     if let Some(left) = leftovers(&proxy) {
         failures.push(format!("after the fences: the proxy kept {left}"));
     }
+    if path == Path::Default {
+        // The default forwards these clients (on this host, non-blocking) in the kernel on
+        // their own socket, and nothing on the pair path.
+        let taken = |path: &str, reason: &str| {
+            proxy
+                .metric(&format!(
+                    "tendril_proxy_kernel_path_total{{cluster=\"{}\",path=\"{path}\",reason=\"{reason}\"}}",
+                    support::CLUSTER
+                ))
+                .unwrap_or(0.0)
+        };
+        let on_host = taken("client_socket", "client_on_host");
+        let pair = proxy.path_total("pair");
+        if on_host < SCENARIOS.len() as f64 || pair > 0.0 {
+            failures.push(format!(
+                "the default took the client-socket path {on_host} times (of {} scenarios) and the pair path {pair} times",
+                SCENARIOS.len()
+            ));
+        }
+    }
     assert!(
         failures.is_empty(),
         "{topology:?} {path:?}: {} of {} scenarios differ from a direct connection:\n  {}\nproxy log tail:\n{}",
@@ -644,4 +668,6 @@ matrix_tests! {
     remote_userspace_epoll: Remote, Epoll;
     remote_kernel_pair: Remote, KernelPair;
     remote_kernel_client_socket: Remote, KernelClientSocket;
+    local_default: Local, Default;
+    remote_default: Remote, Default;
 }

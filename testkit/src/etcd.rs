@@ -20,7 +20,7 @@ pub struct EtcdServer {
     peer_port: u16,
     child: Option<Child>,
     tls: Option<TlsMaterial>,
-    extra: Option<std::net::IpAddr>,
+    extra: Vec<std::net::IpAddr>,
 }
 
 impl EtcdServer {
@@ -40,14 +40,19 @@ impl EtcdServer {
     /// Starts etcd listening on `ip` too (same port): for processes in network namespaces,
     /// which cannot reach this namespace's loopback.
     pub fn start_also_on(ip: std::net::IpAddr) -> EtcdServer {
-        EtcdServer::start_inner_with(false, Some(ip))
+        EtcdServer::start_inner_with(false, vec![ip])
+    }
+
+    /// Starts etcd listening on each of `ips` too (same port): one per network namespace.
+    pub fn start_also_on_each(ips: &[std::net::IpAddr]) -> EtcdServer {
+        EtcdServer::start_inner_with(false, ips.to_vec())
     }
 
     fn start_inner(tls: bool) -> EtcdServer {
-        EtcdServer::start_inner_with(tls, None)
+        EtcdServer::start_inner_with(tls, Vec::new())
     }
 
-    fn start_inner_with(tls: bool, extra: Option<std::net::IpAddr>) -> EtcdServer {
+    fn start_inner_with(tls: bool, extra: Vec<std::net::IpAddr>) -> EtcdServer {
         let binary = find_binary("etcd", &["/usr/bin"]).unwrap_or_else(|| {
             panic!(
                 "etcd not found on PATH: install Debian's etcd-server package \
@@ -67,7 +72,7 @@ impl EtcdServer {
                 peer_port: free_port(),
                 child: None,
                 tls: None,
-                extra,
+                extra: extra.clone(),
             };
             if tls {
                 server.tls = Some(make_certificates(server.dir.path()));
@@ -88,8 +93,12 @@ impl EtcdServer {
 
     /// The client URL on the extra address given to [`EtcdServer::start_also_on`].
     pub fn endpoint_on_extra(&self) -> Option<String> {
-        self.extra
-            .map(|ip| format!("http://{}", std::net::SocketAddr::new(ip, self.client_port)))
+        self.extra.first().map(|ip| self.endpoint_on(*ip))
+    }
+
+    /// The client URL on `ip`, one of the extra addresses.
+    pub fn endpoint_on(&self, ip: std::net::IpAddr) -> String {
+        format!("http://{}", std::net::SocketAddr::new(ip, self.client_port))
     }
 
     /// The certificates, when started with [`EtcdServer::start_tls`].
@@ -156,8 +165,8 @@ impl EtcdServer {
     fn spawn_and_wait(&mut self) -> Result<(), String> {
         let url = |port: u16| format!("http://127.0.0.1:{port}");
         let mut client_url = self.endpoint();
-        if let Some(url) = self.endpoint_on_extra() {
-            client_url = format!("{client_url},{url}");
+        for ip in &self.extra {
+            client_url = format!("{client_url},{}", self.endpoint_on(*ip));
         }
         let log = File::options()
             .create(true)

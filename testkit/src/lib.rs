@@ -15,12 +15,14 @@ mod etcd;
 mod netns;
 mod port;
 mod postgres;
+mod rng;
 mod tls;
 
 pub use etcd::EtcdServer;
 pub use netns::Netns;
 pub use port::free_port;
 pub use postgres::{PG_BIN, PgServer};
+pub use rng::Rng;
 pub use tls::{TlsMaterial, make_certificates, make_certificates_for_postgres};
 
 use std::path::PathBuf;

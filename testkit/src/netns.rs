@@ -94,14 +94,44 @@ impl Netns {
     /// Cuts the namespace off from [`Netns::store_ip`] only (an unreachable route inside):
     /// a host that loses the store while its clients and peers still reach it.
     pub fn cut_store(&self) {
-        let route = format!("{}/32", self.store_ip);
-        ip(&["-n", &self.name, "route", "add", "unreachable", &route]);
+        self.cut_to(self.store_ip);
     }
 
     /// Undoes [`Netns::cut_store`].
     pub fn heal_store(&self) {
-        let route = format!("{}/32", self.store_ip);
+        self.heal_to(self.store_ip);
+    }
+
+    /// Makes `dest` unreachable from inside (an unreachable route): nothing the namespace
+    /// sends reaches it, so connections either way fail while every other address stays
+    /// reachable. [`Netns::root_ip`] is where connections from this namespace's root side
+    /// come from (the proxies, clients on the root side).
+    pub fn cut_to(&self, dest: IpAddr) {
+        let route = format!("{dest}/32");
+        ip(&["-n", &self.name, "route", "add", "unreachable", &route]);
+    }
+
+    /// Undoes [`Netns::cut_to`].
+    pub fn heal_to(&self, dest: IpAddr) {
+        let route = format!("{dest}/32");
         ip(&["-n", &self.name, "route", "del", "unreachable", &route]);
+    }
+
+    /// Routes what is not on the veth pair through the root namespace (a default route via
+    /// [`Netns::root_ip`], IPv4 forwarding on there): namespaces set up this way reach each
+    /// other's [`Netns::ns_ip`], like hosts on one network.
+    pub fn route_through_root(&self) {
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .unwrap_or_else(|e| panic!("enable IPv4 forwarding: {e}"));
+        ip(&[
+            "-n",
+            &self.name,
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.root_ip.to_string(),
+        ]);
     }
 }
 

@@ -34,7 +34,8 @@ pub fn target_dir() -> PathBuf {
 
 /// The tendril proxies `bench/proxy/tendril-up.sh` starts (name, port, pid file name) and the
 /// probe's sockmap replica.
-const TENDRIL_TARGETS: [(&str, u16, &str); 6] = [
+const TENDRIL_TARGETS: [(&str, u16, &str); 7] = [
+    ("tendril-default", 25507, "tendril-default"),
     ("tendril-uring", 25500, "tendril-uring"),
     ("tendril-epoll", 25501, "tendril-epoll"),
     ("tendril-kernel", 25502, "tendril-kernel"),

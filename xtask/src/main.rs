@@ -74,7 +74,11 @@ commands:
   soak proxy [--minutes N | --seconds N] [--seed S] [--paths P,..] [--topology T]
                      the proxy under clients and random faults (seed printed, replayable);
                      paths: userspace-io-uring, userspace-epoll, kernel-pair,
-                     kernel-client-socket; topology: remote (default), local, both
+                     kernel-client-socket, default; topology: remote (default), local, both
+  soak cluster [--minutes N | --seconds N] [--seed S] [--mode sync|async] [--keepers N]
+               [--proxies N] [--sentinels N] [--dir D]
+                     a whole cluster (keepers on hosts of their own) under writers,
+                     readers and random faults; the checker reads the history it writes
 ";
 
 /// `cargo xtask build-ebpf`: the same `ebpf/bpf/build.sh` the loader's build script runs.

@@ -1,6 +1,9 @@
 //! `cargo xtask soak proxy [--minutes N | --seconds N] [--seed S] [--paths P,..]
 //! [--topology remote|local|both]`: the proxy's fault soak (proxy/tests/soak), as long as
-//! asked. `cargo xtask test` runs the same soak briefly.
+//! asked. `cargo xtask soak cluster [--minutes N | --seconds N] [--seed S] [--mode
+//! sync|async] [--keepers N] [--proxies N] [--sentinels N] [--dir D]`: the whole-cluster
+//! fault soak (e2e/tests/soak.rs, `tendril_e2e::soak`), with a seed from the clock unless
+//! given. `cargo xtask test` runs both briefly.
 
 use std::process::Command;
 
@@ -65,13 +68,58 @@ impl SoakArgs {
     }
 }
 
+/// The cluster soak's settings, passed to the test as `TENDRIL_CLUSTER_SOAK_*` variables.
+fn cluster_env(args: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    let mut env = Vec::new();
+    let mut seeded = false;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<u64>()
+                .map_err(|_| anyhow::anyhow!("{flag} {value:?}: not a number"))
+        };
+        let (name, v) = match flag.as_str() {
+            "--minutes" => ("SECONDS", (number()? * 60).to_string()),
+            "--seconds" => ("SECONDS", number()?.to_string()),
+            "--seed" => {
+                seeded = true;
+                ("SEED", number()?.to_string())
+            }
+            "--keepers" => ("KEEPERS", number()?.to_string()),
+            "--proxies" => ("PROXIES", number()?.to_string()),
+            "--sentinels" => ("SENTINELS", number()?.to_string()),
+            "--mode" => {
+                anyhow::ensure!(
+                    value == "sync" || value == "async",
+                    "--mode {value:?}: sync or async"
+                );
+                ("MODE", value.clone())
+            }
+            "--dir" => ("DIR", value.clone()),
+            other => anyhow::bail!("unknown option {other:?} (cargo xtask help)"),
+        };
+        env.push((format!("TENDRIL_CLUSTER_SOAK_{name}"), v));
+    }
+    if !seeded {
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs());
+        env.push(("TENDRIL_CLUSTER_SOAK_SEED".into(), clock.to_string()));
+    }
+    Ok(env)
+}
+
 /// Runs a soak by name.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     match args.first().map(String::as_str) {
         Some("proxy") => {
             let soak = SoakArgs::parse(&args[1..])?;
             deps::ensure(deps::Purpose::Test)?;
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             crate::run(
                 Command::new(cargo)
                     .args(["test", "--locked", "-p", "tendril-proxy", "--test", "soak"])
@@ -79,9 +127,23 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                     .envs(soak.env()),
             )
         }
+        Some("cluster") => {
+            let env = cluster_env(&args[1..])?;
+            deps::ensure(deps::Purpose::Test)?;
+            // The harness runs the binaries beside the test's (see tendril_e2e::bin_dir).
+            crate::run(Command::new(&cargo).args(["build", "--locked", "--workspace", "--bins"]))?;
+            crate::run(
+                Command::new(cargo)
+                    .args(["test", "--locked", "-p", "tendril-e2e", "--test", "soak"])
+                    .args(["--", "--nocapture"])
+                    .envs(env),
+            )
+        }
         _ => anyhow::bail!(
             "usage: cargo xtask soak proxy [--minutes N | --seconds N] [--seed S] \
-             [--paths P,..] [--topology remote|local|both]"
+             [--paths P,..] [--topology remote|local|both]\n       \
+             cargo xtask soak cluster [--minutes N | --seconds N] [--seed S] \
+             [--mode sync|async] [--keepers N] [--proxies N] [--sentinels N] [--dir D]"
         ),
     }
 }

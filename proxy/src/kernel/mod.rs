@@ -54,6 +54,10 @@ pub enum AdoptError {
     /// The kernel-path thread has stopped; the pair was joined and is now closed.
     #[error("the kernel path has stopped")]
     Stopped,
+    /// The client-socket path cannot take it and the pair path is not selectable
+    /// (`--forwarding auto`); the reason's label.
+    #[error("{0}: userspace")]
+    Declined(&'static str),
 }
 
 /// How the kernel forwards a connection.
@@ -92,6 +96,9 @@ struct Handoff {
 pub struct KernelPath {
     map: Arc<Sockmap>,
     client_socket: Option<Arc<ClientSocket>>,
+    /// The pair path is selectable (`--forwarding kernel`); else what the client-socket
+    /// path cannot take stays in userspace.
+    pair: bool,
     limit: u64,
     tx: mpsc::Sender<Handoff>,
     wake: OwnedFd,
@@ -101,10 +108,12 @@ pub struct KernelPath {
 
 impl KernelPath {
     /// Starts the thread. `index` is its counter block in `shared.workers`; `fence` the
-    /// socket the control thread writes to after publishing a table.
+    /// socket the control thread writes to after publishing a table; `pair` whether the
+    /// pair path is selectable.
     pub fn start(
         map: Sockmap,
         client_socket: Option<ClientSocket>,
+        pair: bool,
         limit: u64,
         shared: Arc<Shared>,
         index: usize,
@@ -136,6 +145,7 @@ impl KernelPath {
             Arc::new(KernelPath {
                 map,
                 client_socket: cs,
+                pair,
                 limit,
                 tx,
                 wake,
@@ -144,6 +154,11 @@ impl KernelPath {
             }),
             handle,
         ))
+    }
+
+    /// Whether the pair path is selectable.
+    pub fn pair(&self) -> bool {
+        self.pair
     }
 
     /// The program and its maps (stats, tests).
@@ -235,17 +250,26 @@ impl KernelPath {
         // Everything that can fail without consequence comes before the join: once joined,
         // the kernel may already be forwarding.
         let mut error = None;
-        let fds = match dup(client).and_then(|c| Ok([c, dup(server)?])) {
-            Ok(fds) => Some(fds),
-            Err(e) => {
-                facts.join = Some(JoinFailure::Refused);
-                error = Some(AdoptError::Refused(e));
-                None
+        let fds = if path::choose(&facts).path(self.pair) == path::Path::Userspace {
+            None // nothing to hand over
+        } else {
+            match dup(client).and_then(|c| Ok([c, dup(server)?])) {
+                Ok(fds) => Some(fds),
+                Err(e) => {
+                    facts.join = Some(JoinFailure::Refused);
+                    error = Some(AdoptError::Refused(e));
+                    None
+                }
             }
         };
         let (reason, kind) = loop {
             let reason = path::choose(&facts);
-            match (reason.path(), &self.client_socket, candidate, backend_key) {
+            match (
+                reason.path(self.pair),
+                &self.client_socket,
+                candidate,
+                backend_key,
+            ) {
                 (path::Path::ClientSocket, Some(cs), Some(c), Some(b)) => {
                     match self.route(cs, client, server, consumed_from_client, c, b) {
                         Ok(route) => break (reason, Some(Kind::ClientSocket(route))),
@@ -282,9 +306,9 @@ impl KernelPath {
         }
         let (Some(kind), Some(fds)) = (kind, fds) else {
             tracing::debug!(client = %peer, backend = %backend.addr, reason = reason.label(), "kept in userspace");
-            return Err(error.unwrap_or(AdoptError::MapFull));
+            return Err(error.unwrap_or(AdoptError::Declined(reason.label())));
         };
-        tracing::debug!(client = %peer, backend = %backend.addr, path = reason.path().label(), reason = reason.label(), "connection forwarded in the kernel");
+        tracing::debug!(client = %peer, backend = %backend.addr, path = reason.path(self.pair).label(), reason = reason.label(), "connection forwarded in the kernel");
         let metrics = &self.shared.workers[self.index];
         metrics.active.fetch_add(1, Ordering::Relaxed);
         metrics.linked.fetch_add(1, Ordering::Relaxed);

@@ -1,7 +1,9 @@
 //! Which forwarding path a connection takes once the kernel path is on, and why: one pure
 //! function over what is known of the connection, asked again after each failed attempt
 //! (a refused route, a full map). Every choice is counted by its reason
-//! (`tendril_proxy_kernel_path_total{path, reason}`).
+//! (`tendril_proxy_kernel_path_total{path, reason}`). Where a connection goes when the
+//! client-socket path cannot take it depends on the proxy's setting: the pair path with
+//! `--forwarding kernel`, userspace with `auto` (see [`Reason::path`]).
 
 /// A forwarding path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,12 +83,17 @@ impl Reason {
         Reason::ALL.iter().position(|r| *r == self).unwrap_or(0)
     }
 
-    /// The path a connection with this reason takes.
-    pub fn path(self) -> Path {
+    /// The path a connection with this reason takes. `pair`: whether the pair path is
+    /// selectable (`--forwarding kernel`); without it (`--forwarding auto`, where the
+    /// default path is only one that passed the fault matrix and the soaks with the best
+    /// figures: the client-socket path for clients on this host, userspace for the rest),
+    /// what the client-socket path cannot take stays in userspace.
+    pub fn path(self, pair: bool) -> Path {
         match self {
             Reason::ClientOnHost => Path::ClientSocket,
             Reason::MapFull | Reason::JoinRefused => Path::Userspace,
-            _ => Path::Pair,
+            _ if pair => Path::Pair,
+            _ => Path::Userspace,
         }
     }
 }
@@ -118,8 +125,9 @@ pub struct Facts {
     pub join: Option<JoinFailure>,
 }
 
-/// The path for a connection, and why. The client-socket path only for a client on this
-/// host that is ready for it; else the pair path; userspace when the pair cannot join.
+/// Why a connection takes its path ([`Reason::path`] says which). The client-socket path
+/// only for a client on this host that is ready for it; else the pair path where it is
+/// selectable; userspace when the pair cannot join.
 pub fn choose(f: &Facts) -> Reason {
     match f.join {
         Some(JoinFailure::MapFull) => return Reason::MapFull,
@@ -159,11 +167,12 @@ mod tests {
     #[test]
     fn a_ready_client_on_this_host_takes_the_client_socket_path() {
         assert_eq!(choose(&ready()), Reason::ClientOnHost);
-        assert_eq!(Reason::ClientOnHost.path(), Path::ClientSocket);
+        assert_eq!(Reason::ClientOnHost.path(true), Path::ClientSocket);
+        assert_eq!(Reason::ClientOnHost.path(false), Path::ClientSocket);
     }
 
     #[test]
-    fn each_missing_fact_gives_the_pair_path_with_its_reason() {
+    fn each_missing_fact_gives_the_pair_path_or_userspace_with_its_reason() {
         let cases = [
             (
                 Facts {
@@ -210,7 +219,8 @@ mod tests {
         ];
         for (facts, want) in cases {
             assert_eq!(choose(&facts), want, "{facts:?}");
-            assert_eq!(want.path(), Path::Pair);
+            assert_eq!(want.path(true), Path::Pair, "--forwarding kernel");
+            assert_eq!(want.path(false), Path::Userspace, "--forwarding auto");
         }
     }
 
@@ -228,7 +238,10 @@ mod tests {
                 ..base
             };
             assert_eq!(choose(&refused), Reason::JoinRefused);
-            assert_eq!(Reason::JoinRefused.path(), Path::Userspace);
+            for pair in [true, false] {
+                assert_eq!(Reason::JoinRefused.path(pair), Path::Userspace);
+                assert_eq!(Reason::MapFull.path(pair), Path::Userspace);
+            }
         }
     }
 

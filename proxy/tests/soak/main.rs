@@ -15,7 +15,7 @@
 //! - `TENDRIL_SOAK_SECONDS`: per path and topology (default 12);
 //! - `TENDRIL_SOAK_SEED`: the seed (default: from the clock; printed, so a run replays);
 //! - `TENDRIL_SOAK_PATHS`: comma-separated among `userspace-io-uring`, `userspace-epoll`,
-//!   `kernel-pair`, `kernel-client-socket` (default: all);
+//!   `kernel-pair`, `kernel-client-socket`, `default` (no flag; default: all);
 //! - `TENDRIL_SOAK_TOPOLOGY`: `remote` (default), `local` or `both`.
 //!
 //! Needs root (network namespaces; the kernel paths need CAP_BPF).

@@ -18,35 +18,7 @@ pub const HOLD_MAX: Duration = Duration::from_millis(500);
 /// (`--switchover-grace`, 1 s by default), which runs before the next routing table applies.
 pub const HELD: Duration = Duration::from_millis(1500);
 
-/// splitmix64: small, seedable, and the same on every machine.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    /// An independent generator for a client, derived from this one's seed.
-    pub fn fork(&self, index: u64) -> Rng {
-        let mut r = Rng(self.0 ^ index.wrapping_mul(0xd1b5_4a32_d192_ed03));
-        r.next();
-        r
-    }
-}
+pub use tendril_testkit::Rng;
 
 /// Runs SQL on PostgreSQL directly; None when it is down or restarting.
 fn admin(pg: &PgServer, sql: &str) -> Option<String> {

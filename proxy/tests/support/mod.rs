@@ -203,6 +203,17 @@ impl ProxyProc {
             .ok()
     }
 
+    /// Connections the kernel path gave to `path` (`tendril_proxy_kernel_path_total`),
+    /// whatever the reason.
+    pub fn path_total(&self, path: &str) -> f64 {
+        let label = format!("path=\"{path}\"");
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with("tendril_proxy_kernel_path_total{") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Entries in every kernel-forwarding map (pair path and client-socket path); 0 when
     /// the proxy forwards in userspace.
     pub fn kernel_map_entries(&self) -> f64 {
@@ -325,6 +336,9 @@ pub const PATHS: &[(&str, &[&str])] = &[
         "kernel-client-socket",
         &["--forwarding", "kernel", "--kernel-client-socket", "on"],
     ),
+    // `--forwarding auto`: the client-socket path for clients on this host that read in
+    // non-blocking mode, userspace for the rest.
+    ("default", &[]),
 ];
 
 /// Sockets on the proxy's port other than listeners and TIME-WAIT.

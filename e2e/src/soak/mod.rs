@@ -1,0 +1,233 @@
+//! The whole-cluster fault soak (`cargo xtask soak cluster`): a cluster of real processes,
+//! every keeper on a host of its own (a network namespace), writers and readers through
+//! each proxy plus a writer straight to the master, while the nemesis injects faults from a
+//! seed. The history goes to a file, the final contents to another, and the checker
+//! ([`crate::checker`]) reads only those two.
+//!
+//! Settings, from the environment (the xtask command sets them from its flags):
+//! - `TENDRIL_CLUSTER_SOAK_SECONDS`: how long faults are injected (default 150);
+//! - `TENDRIL_CLUSTER_SOAK_SEED`: the seed (default: a fixed one, so the short run in
+//!   `cargo xtask test` is always the same sequence of faults; printed);
+//! - `TENDRIL_CLUSTER_SOAK_MODE`: `sync` (default) or `async`;
+//! - `TENDRIL_CLUSTER_SOAK_KEEPERS`, `_PROXIES`, `_SENTINELS`: 3, 2 and 2 by default;
+//! - `TENDRIL_CLUSTER_SOAK_DIR`: where the history and contents go (default: a new
+//!   directory under the system's temporary directory, printed).
+
+pub mod nemesis;
+pub mod workload;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tendril_testkit::Rng;
+
+use crate::checker::{self, Replication};
+use crate::history::{self, Event, Route};
+use crate::{Cluster, Options, default_spec};
+use workload::{Master, Shared, Target};
+
+/// The seed when none is given.
+pub const DEFAULT_SEED: u64 = 20_261_203;
+
+/// A soak's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Seconds of faults.
+    pub seconds: u64,
+    /// The seed.
+    pub seed: u64,
+    /// Synchronous replication.
+    pub sync: bool,
+    /// Keepers (each on its own host).
+    pub keepers: usize,
+    /// Proxies.
+    pub proxies: usize,
+    /// Sentinels.
+    pub sentinels: usize,
+    /// Where the history and final contents go.
+    pub dir: PathBuf,
+}
+
+impl Settings {
+    /// From the `TENDRIL_CLUSTER_SOAK_*` variables; an unparsable value is an error naming it.
+    pub fn from_env() -> Result<Settings, String> {
+        fn var<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
+            match std::env::var(format!("TENDRIL_CLUSTER_SOAK_{name}")) {
+                Ok(v) => v
+                    .parse()
+                    .map_err(|_| format!("TENDRIL_CLUSTER_SOAK_{name}={v:?}: not a number")),
+                Err(_) => Ok(default),
+            }
+        }
+        let clock = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64);
+        let sync = match std::env::var("TENDRIL_CLUSTER_SOAK_MODE").as_deref() {
+            Err(_) | Ok("sync") => true,
+            Ok("async") => false,
+            Ok(other) => {
+                return Err(format!(
+                    "TENDRIL_CLUSTER_SOAK_MODE={other:?}: sync or async"
+                ));
+            }
+        };
+        let dir = match std::env::var_os("TENDRIL_CLUSTER_SOAK_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => std::env::temp_dir().join(format!("tendril-cluster-soak-{clock}")),
+        };
+        Ok(Settings {
+            seconds: var("SECONDS", 150)?,
+            seed: var("SEED", DEFAULT_SEED)?,
+            sync,
+            keepers: var("KEEPERS", 3)?,
+            proxies: var("PROXIES", 2)?,
+            sentinels: var("SENTINELS", 2)?,
+            dir,
+        })
+    }
+}
+
+/// What a soak found.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The checker's report.
+    pub report: checker::Report,
+    /// The history file.
+    pub history: PathBuf,
+    /// The final contents file.
+    pub contents: PathBuf,
+}
+
+/// Runs a soak. An error means it could not finish (the cluster did not recover, or its
+/// final contents could not be read); anomalies are in the report.
+pub async fn run(s: &Settings) -> Result<Outcome, String> {
+    std::fs::create_dir_all(&s.dir).map_err(|e| format!("{}: {e}", s.dir.display()))?;
+    println!(
+        "cluster soak: seed {} (replay with TENDRIL_CLUSTER_SOAK_SEED={}), {} s of faults, {}, \
+         {} keepers, {} proxies, {} sentinels; history in {}",
+        s.seed,
+        s.seed,
+        s.seconds,
+        if s.sync { "sync" } else { "async" },
+        s.keepers,
+        s.proxies,
+        s.sentinels,
+        s.dir.display()
+    );
+    let mut cluster = Cluster::start(Options {
+        keepers: s.keepers,
+        sentinels: s.sentinels,
+        proxies: s.proxies,
+        spec: default_spec(s.sync),
+        partitionable: false,
+        isolated: true,
+    })
+    .await;
+    workload::create_tables("127.0.0.1", cluster.proxy_port())
+        .await
+        .map_err(|e| format!("create the tables: {e}"))?;
+    let shared = Shared::new();
+    let master: Master = Arc::default();
+    let follow = tokio::spawn(follow_master(cluster.routes.clone(), master.clone()));
+    let mut clients = Vec::new();
+    for (i, (_, port)) in cluster.proxies.iter().enumerate() {
+        let target = Target::Proxy(format!("p{i}"), *port);
+        for w in 0..2 {
+            clients.push(tokio::spawn(workload::writer(
+                shared.clone(),
+                format!("p{i}-w{w}"),
+                target.clone(),
+            )));
+        }
+        clients.push(tokio::spawn(workload::reader(
+            shared.clone(),
+            format!("p{i}-r0"),
+            target,
+        )));
+    }
+    clients.push(tokio::spawn(workload::writer(
+        shared.clone(),
+        "direct-w0".into(),
+        Target::Direct(master.clone()),
+    )));
+    let mut rng = Rng::new(s.seed);
+    let until = shared.us() + s.seconds * 1_000_000;
+    let faults = nemesis::run(
+        &mut cluster,
+        &shared,
+        &mut rng,
+        until,
+        Duration::from_secs(120),
+    )
+    .await;
+    // Let the clients see the recovered cluster, then stop them: each finishes the
+    // operation it is in (or is aborted, its last operation unrecorded), so nothing is
+    // acknowledged after the history is taken.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    shared.stop();
+    for c in clients {
+        let abort = c.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(70), c)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+    follow.abort();
+    let mut events = shared.history();
+    {
+        let routes = cluster
+            .routes
+            .lock()
+            .map_err(|_| "routes lock".to_owned())?;
+        for (i, (at, route)) in routes.iter().enumerate() {
+            events.push(Event::Route(Route {
+                at_us: shared.at(*at),
+                master: route.as_ref().map(|r| format!("{}:{}", r.address, r.port)),
+                seq: i as u64,
+            }));
+        }
+    }
+    events.sort_by_key(Event::start_us);
+    let history = s.dir.join("history.jsonl");
+    history::write(&history, &events).map_err(|e| format!("{}: {e}", history.display()))?;
+    let faults = faults.map_err(|e| format!("{e}\n(history so far in {})", history.display()))?;
+    // The final contents from the master, through a proxy (which routes only to it).
+    let contents = workload::contents("127.0.0.1", cluster.proxy_port()).await?;
+    let contents_file = s.dir.join("contents.json");
+    history::write_contents(&contents_file, &contents)
+        .map_err(|e| format!("{}: {e}", contents_file.display()))?;
+    let mode = if s.sync {
+        Replication::Sync
+    } else {
+        Replication::Async
+    };
+    let report = checker::check(&events, &contents, mode);
+    println!("cluster soak: {faults} faults injected");
+    Ok(Outcome {
+        report,
+        history,
+        contents: contents_file,
+    })
+}
+
+/// Keeps `master` at the address the proxies are told to route to (an application with
+/// its own discovery), from the cluster's watch of the routing.
+async fn follow_master(routes: crate::RouteLog, master: Master) {
+    loop {
+        let now = routes
+            .lock()
+            .ok()
+            .and_then(|r| r.last().cloned())
+            .and_then(|(_, route)| route)
+            .map(|r| (r.address, r.port));
+        if let Some(now) = now
+            && let Ok(mut m) = master.lock()
+        {
+            *m = Some(now);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
