@@ -1725,9 +1725,32 @@ async fn the_default_forwards_local_non_blocking_clients_on_their_socket_and_the
         "the default does not say it forwards on the client's socket:\n{log}"
     );
     wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
+    // wait_routed's connections end first (a connection is counted once routed, which may
+    // be after its client already got answers).
+    let settled = |proxy: &ProxyProc, what: &str, want: f64| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric(proxy, what) != want {
+            assert!(
+                Instant::now() < deadline,
+                "{what} is not {want}:\n{}",
+                proxy.metrics()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    settled(
+        &proxy,
+        "tendril_proxy_kernel_connections_active{cluster=\"pxy\"}",
+        0.0,
+    );
     let on_host_before = path_metric(&proxy, "client_socket", "client_on_host");
     let libpq_like = connect(proxy.port).await.unwrap();
     libpq_like.simple_query("SELECT 1").await.unwrap();
+    settled(
+        &proxy,
+        "tendril_proxy_kernel_client_socket_connections{cluster=\"pxy\"}",
+        1.0,
+    );
     assert_eq!(
         path_metric(&proxy, "client_socket", "client_on_host") - on_host_before,
         1.0,
@@ -1752,11 +1775,10 @@ async fn the_default_forwards_local_non_blocking_clients_on_their_socket_and_the
     .await
     .unwrap();
     assert!(answered, "the blocking client got no row");
-    assert_eq!(
-        path_metric(&proxy, "userspace", "client_blocks"),
+    settled(
+        &proxy,
+        "tendril_proxy_kernel_path_total{cluster=\"pxy\",path=\"userspace\",reason=\"client_blocks\"}",
         1.0,
-        "{}",
-        proxy.metrics()
     );
     let pair = proxy.path_total("pair");
     assert_eq!(pair, 0.0, "the pair path is opt-in:\n{}", proxy.metrics());
