@@ -21,6 +21,14 @@ async fn cluster_soak_with_random_faults_loses_no_acknowledged_write() {
         ),
     };
     println!("{}", outcome.report);
+    if let Some(why) = &outcome.unrecovered {
+        panic!(
+            "seed {}: {why}\n(history {}; what it showed until then:)\n{}",
+            settings.seed,
+            outcome.history.display(),
+            outcome.report
+        );
+    }
     assert!(
         outcome.report.anomalies.is_empty(),
         "seed {}: {} anomalies (history {}, contents {}):\n{}",

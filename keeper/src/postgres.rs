@@ -366,14 +366,27 @@ impl Postgres {
             "stopping a postgres left running on this data directory"
         );
         let pgdata = self.pgdata.to_string_lossy().into_owned();
-        self.run_tool(
-            "pg_ctl",
-            &["stop", "-D", &pgdata, "-m", "fast", "-w", "-t", "60"],
-            &[],
-            None,
-        )
-        .await
-        .map(|_| ())
+        let stopped = self
+            .run_tool(
+                "pg_ctl",
+                &["stop", "-D", &pgdata, "-m", "fast", "-w", "-t", "60"],
+                &[],
+                None,
+            )
+            .await;
+        match stopped {
+            Ok(_) => Ok(()),
+            // It stopped on its own meanwhile (the previous keeper's fence guard was
+            // stopping it): pg_ctl finds no pid file, which is the outcome wanted.
+            Err(_) if !pidfile.exists() || kill(Pid::from_raw(pid), None).is_err() => {
+                tracing::info!(
+                    pid,
+                    "the postgres left on this data directory stopped by itself"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Restarts postgres.

@@ -97,10 +97,13 @@ pub struct Outcome {
     pub history: PathBuf,
     /// The final contents file.
     pub contents: PathBuf,
+    /// Why the cluster did not recover from a fault, when it did not (the run stopped
+    /// there; its history is checked all the same).
+    pub unrecovered: Option<String>,
 }
 
-/// Runs a soak. An error means it could not finish (the cluster did not recover, or its
-/// final contents could not be read); anomalies are in the report.
+/// Runs a soak. An error means it could not be checked (the final contents could not be
+/// read); anomalies, and a fault the cluster did not recover from, are in the outcome.
 pub async fn run(s: &Settings) -> Result<Outcome, String> {
     std::fs::create_dir_all(&s.dir).map_err(|e| format!("{}: {e}", s.dir.display()))?;
     println!(
@@ -193,9 +196,15 @@ pub async fn run(s: &Settings) -> Result<Outcome, String> {
     events.sort_by_key(Event::start_us);
     let history = s.dir.join("history.jsonl");
     history::write(&history, &events).map_err(|e| format!("{}: {e}", history.display()))?;
-    let faults = faults.map_err(|e| format!("{e}\n(history so far in {})", history.display()))?;
-    // The final contents from the master, through a proxy (which routes only to it).
-    let contents = workload::contents("127.0.0.1", cluster.proxy_port()).await?;
+    // The final contents from the master, through a proxy (which routes only to it). A
+    // cluster that did not recover from a fault may still serve them: the history is then
+    // checked too, and the run fails on the recovery.
+    let contents = workload::contents("127.0.0.1", cluster.proxy_port())
+        .await
+        .map_err(|e| match &faults {
+            Err(unrecovered) => format!("{unrecovered}\n(history in {}; {e})", history.display()),
+            Ok(_) => e,
+        })?;
     let contents_file = s.dir.join("contents.json");
     history::write_contents(&contents_file, &contents)
         .map_err(|e| format!("{}: {e}", contents_file.display()))?;
@@ -205,11 +214,14 @@ pub async fn run(s: &Settings) -> Result<Outcome, String> {
         Replication::Async
     };
     let report = checker::check(&events, &contents, mode);
-    println!("cluster soak: {faults} faults injected");
+    if let Ok(n) = &faults {
+        println!("cluster soak: {n} faults injected");
+    }
     Ok(Outcome {
         report,
         history,
         contents: contents_file,
+        unrecovered: faults.err(),
     })
 }
 
