@@ -37,13 +37,8 @@ impl EtcdServer {
         EtcdServer::start_inner(true)
     }
 
-    /// Starts etcd listening on `ip` too (same port): for processes in network namespaces,
-    /// which cannot reach this namespace's loopback.
-    pub fn start_also_on(ip: std::net::IpAddr) -> EtcdServer {
-        EtcdServer::start_inner_with(false, vec![ip])
-    }
-
-    /// Starts etcd listening on each of `ips` too (same port): one per network namespace.
+    /// Starts etcd listening on each of `ips` too (same port): for processes in network
+    /// namespaces (one address each), which cannot reach this namespace's loopback.
     pub fn start_also_on_each(ips: &[std::net::IpAddr]) -> EtcdServer {
         EtcdServer::start_inner_with(false, ips.to_vec())
     }
@@ -89,11 +84,6 @@ impl EtcdServer {
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}", self.client_port)
-    }
-
-    /// The client URL on the extra address given to [`EtcdServer::start_also_on`].
-    pub fn endpoint_on_extra(&self) -> Option<String> {
-        self.extra.first().map(|ip| self.endpoint_on(*ip))
     }
 
     /// The client URL on `ip`, one of the extra addresses.
