@@ -479,8 +479,12 @@ impl Thread {
     fn abort(&mut self, slot: usize, reason: CloseReason) {
         if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
             conn.server_written = tcp_written(conn.fds[1].as_raw_fd()).ok();
+            let mut client_bytes_dropped = false;
             match conn.kind {
-                Kind::Pair(joined) => self.map.leave(&joined),
+                Kind::Pair(joined) => {
+                    client_bytes_dropped = pair_drops_client_bytes(conn);
+                    self.map.leave(&joined);
+                }
                 Kind::ClientSocket(r) => {
                     if let Some(cs) = &self.client_socket {
                         cs.leave(&r.key, &r.backend, r.server);
@@ -491,8 +495,12 @@ impl Thread {
                 // A reset from one side reaches the other as a reset, as over a direct
                 // connection, once that side acknowledged every byte sent to it (a reset
                 // would drop them); a FIN otherwise.
+                // So does a client whose bytes this cut drops (see
+                // `pair_drops_client_bytes`).
                 let fd = conn.fds[to].as_raw_fd();
-                let pass_reset = conn.dirs[1 - to].state.source_reset()
+                let reset =
+                    conn.dirs[1 - to].state.source_reset() || (to == 0 && client_bytes_dropped);
+                let pass_reset = reset
                     && !conn.dirs[to].state.source_reset()
                     && crate::sys::unacknowledged(fd).is_ok_and(|n| n == 0)
                     && crate::sys::reset_connection(fd).is_ok();
@@ -576,4 +584,20 @@ impl Thread {
 /// connection in its slot), its slot and the side.
 fn token(generation: u32, slot: usize, side: usize) -> u64 {
     (u64::from(generation) << 32) | ((slot as u64) << 1) | side as u64
+}
+
+/// Whether cutting a pair-path connection now drops bytes its client sent: bytes the client's
+/// socket received beyond what was written to the server socket. Those wait in the program's
+/// queue of the client's socket, which leaving the sockmap purges, so the close would not
+/// see them as unread and would send a FIN. The client, still sending into the window it
+/// last saw (zero once that queue filled the capped receive buffer), would then get no
+/// answer until the FIN-WAIT-2 timer ran out a minute later. A PostgreSQL that closes with
+/// unread bytes resets the connection; so does the proxy.
+fn pair_drops_client_bytes(conn: &Conn) -> bool {
+    let Ok(client) = crate::sys::tcp_bytes(conn.fds[0].as_raw_fd()) else {
+        return false;
+    };
+    // tcpi_bytes_received counts the client's FIN as one byte.
+    let received = client.received.saturating_sub(1);
+    conn.server_written.is_some_and(|w| received > w)
 }

@@ -373,16 +373,28 @@ pub fn leftovers_of(
             return None;
         }
         if Instant::now() >= deadline {
-            // The clients' ends of those connections too, with their processes: what a
-            // socket left in FIN-WAIT-2 is waiting for.
+            // Both ends of those connections, with their timers, windows and processes:
+            // what a socket left in FIN-WAIT-2 is waiting for.
+            let port = format!(":{}", proxy.port);
             let out = Command::new("ss")
-                .args(["-tanpH", "dport", "=", &format!(":{}", proxy.port)])
+                .args([
+                    "-tanoiepH",
+                    "(",
+                    "sport",
+                    "=",
+                    &port,
+                    "or",
+                    "dport",
+                    "=",
+                    &port,
+                ])
+                .arg(")")
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default();
             return Some(format!(
                 "{active} connections active, {entries} kernel map entries, sockets: \
-                 {sockets:?}; client ends: {:?}",
+                 {sockets:?}; both ends in detail: {:?}",
                 out.lines().collect::<Vec<_>>()
             ));
         }
