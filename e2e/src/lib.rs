@@ -791,6 +791,39 @@ async fn watch_routes(store: EtcdStore, key: String, routes: RouteLog) {
     }
 }
 
+/// As [`connect`], over TLS (required) with the server's certificate verified against the CA
+/// certificate `ca` (as libpq's `sslmode=verify-full`).
+pub async fn connect_tls(
+    host: &str,
+    port: u16,
+    ca: &std::path::Path,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("read the CA certificate") {
+        roots
+            .add(cert.expect("a PEM certificate"))
+            .expect("a usable CA certificate");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conninfo = format!(
+        "host={host} port={port} user=postgres password={SU_PASSWORD} dbname=postgres \
+         connect_timeout=5 sslmode=require"
+    );
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(config);
+    let (client, conn) = tokio_postgres::connect(&conninfo, tls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
 /// A superuser connection to `host:port`.
 pub async fn connect(
     host: &str,

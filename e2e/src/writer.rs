@@ -1,6 +1,7 @@
 //! A writer through the proxy that records every acknowledged write, to prove none is lost and
 //! to time the write gap around a fault.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,6 +15,18 @@ pub enum Mode {
     PerTransaction,
 }
 
+/// How a writer's clients connect and what each of their transactions is, beyond [`Mode`].
+#[derive(Debug, Clone, Default)]
+pub struct Style {
+    /// Connect over TLS (required), verifying the server against this CA certificate.
+    pub tls_ca: Option<PathBuf>,
+    /// Each write is an explicit transaction of several round trips: BEGIN, the INSERT, a
+    /// statement that lasts this long, COMMIT (`None`: a single INSERT).
+    pub in_transaction: Option<Duration>,
+    /// Pause after each transaction, as an application between two requests.
+    pub think: Duration,
+}
+
 /// What the writer saw.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
@@ -23,6 +36,8 @@ pub struct Report {
     pub acked: Vec<(i64, Instant, u16)>,
     /// Failed attempts, with when and why.
     pub failures: Vec<(Instant, String)>,
+    /// Connections opened.
+    pub connections: u64,
 }
 
 impl Report {
@@ -118,6 +133,18 @@ impl Writer {
         mode: Mode,
         first_id: i64,
     ) -> Writer {
+        Writer::start_styled(host, port, workers, mode, first_id, Style::default()).await
+    }
+
+    /// As [`Writer::start_to`], with the clients' [`Style`].
+    pub async fn start_styled(
+        host: &str,
+        port: u16,
+        workers: usize,
+        mode: Mode,
+        first_id: i64,
+        style: Style,
+    ) -> Writer {
         create_table(host, port).await;
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(Report::default()));
@@ -128,6 +155,7 @@ impl Writer {
                     host.to_owned(),
                     port,
                     mode,
+                    style.clone(),
                     stop.clone(),
                     report.clone(),
                     next.clone(),
@@ -172,6 +200,7 @@ async fn work(
     host: String,
     port: u16,
     mode: Mode,
+    style: Style,
     stop: Arc<AtomicBool>,
     report: Arc<Mutex<Report>>,
     next: Arc<AtomicI64>,
@@ -184,42 +213,46 @@ async fn work(
             client = None;
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client =
-                match tokio::time::timeout(Duration::from_secs(40), crate::connect(&host, port))
-                    .await
-                {
-                    Ok(Ok(c)) => Some(c),
-                    Ok(Err(e)) => {
-                        fail(&report, e.to_string());
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                    Err(_) => {
-                        fail(&report, "connect timed out".into());
-                        continue;
-                    }
-                };
+            let connect = async {
+                match &style.tls_ca {
+                    Some(ca) => crate::connect_tls(&host, port, ca).await,
+                    None => crate::connect(&host, port).await,
+                }
+            };
+            client = match tokio::time::timeout(Duration::from_secs(40), connect).await {
+                Ok(Ok(c)) => {
+                    report.lock().expect("report lock").connections += 1;
+                    Some(c)
+                }
+                Ok(Err(e)) => {
+                    fail(&report, describe(&e));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                Err(_) => {
+                    fail(&report, "connect timed out".into());
+                    continue;
+                }
+            };
         }
-        let Some(c) = client.as_ref() else { continue };
+        let Some(c) = client.as_mut() else { continue };
         let id = next.fetch_add(1, Ordering::Relaxed);
         // A client-side deadline only: a statement_timeout would cancel a commit waiting for a
         // synchronous standby and report it committed (locally) — not what we count.
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
-        let insert = c.query_one(
-            "INSERT INTO writes (id) VALUES ($1) RETURNING inet_server_port()",
-            &params,
-        );
-        match tokio::time::timeout(Duration::from_secs(30), insert).await {
-            Ok(Ok(row)) => {
-                let server: i32 = row.get(0);
+        let write = write_once(c, id, style.in_transaction);
+        match tokio::time::timeout(Duration::from_secs(30), write).await {
+            Ok(Ok(server)) => {
                 report.lock().expect("report lock").acked.push((
                     id,
                     Instant::now(),
                     u16::try_from(server).unwrap_or(0),
                 ));
+                if !style.think.is_zero() {
+                    tokio::time::sleep(style.think).await;
+                }
             }
             Ok(Err(e)) => {
-                fail(&report, e.to_string());
+                fail(&report, describe(&e));
                 client = None;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -228,6 +261,33 @@ async fn work(
                 client = None;
             }
         }
+    }
+}
+
+/// Writes `id`; returns the port of the server that committed it.
+async fn write_once(
+    client: &mut tokio_postgres::Client,
+    id: i64,
+    in_transaction: Option<Duration>,
+) -> Result<i32, tokio_postgres::Error> {
+    const INSERT: &str = "INSERT INTO writes (id) VALUES ($1) RETURNING inet_server_port()";
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+    let Some(lasting) = in_transaction else {
+        return Ok(client.query_one(INSERT, &params).await?.get(0));
+    };
+    let tx = client.transaction().await?;
+    let server: i32 = tx.query_one(INSERT, &params).await?.get(0);
+    tx.execute("SELECT pg_sleep($1)", &[&lasting.as_secs_f64()])
+        .await?;
+    tx.commit().await?;
+    Ok(server)
+}
+
+/// An error as the user would read it: the server's SQLSTATE and message when it sent one.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
     }
 }
 

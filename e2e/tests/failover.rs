@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use tendril_e2e::writer::{Mode, Writer};
+use tendril_e2e::writer::{Mode, Style, Writer};
 use tendril_e2e::{Cluster, Options, default_spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,6 +193,88 @@ async fn proxy_restarted_during_a_failover() {
         },
     )
     .await;
+}
+
+/// Persistent sessions over TLS, as a connection pool keeps them: each transaction spans
+/// several round trips, with a pause between transactions. The proxy cannot see where a
+/// transaction ends inside TLS; the old master's keeper ends each session once it is idle
+/// between transactions, the client sees it closed before its next transaction and connects
+/// again (held until the new master is routable). No transaction fails, and no session is
+/// left for the proxy to cut when its grace ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_closes_persistent_tls_sessions_between_transactions() {
+    let certs = tempfile::tempdir().unwrap();
+    let tls = tendril_testkit::make_certificates_for_postgres(certs.path());
+    let spec = format!(
+        r#"{{"synchronous_replication": true, "use_pg_rewind": true,
+            "pg_parameters": {{"ssl": "on", "ssl_cert_file": "{}", "ssl_key_file": "{}"}}}}"#,
+        tls.server_cert.display(),
+        tls.server_key.display()
+    );
+    let cluster = Cluster::start(Options {
+        spec,
+        ..Options::default()
+    })
+    .await;
+    let style = Style {
+        tls_ca: Some(tls.ca_cert.clone()),
+        in_transaction: Some(Duration::from_millis(20)),
+        think: Duration::from_millis(100),
+    };
+    let writer = Writer::start_styled(
+        "127.0.0.1",
+        cluster.proxy_port(),
+        4,
+        Mode::Persistent,
+        1,
+        style,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = writer.snapshot();
+    assert!(
+        before.failures.is_empty() && before.acked.len() > 20,
+        "the TLS writers work before the switchover: {before:?}"
+    );
+    let old = cluster.master_keeper().await.unwrap();
+    let out = cluster.ctl(&["switchover"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = cluster.master_keeper().await.unwrap();
+    assert_ne!(new, old);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = writer.stop().await;
+    assert!(
+        report.failures.is_empty(),
+        "{} failed transactions: {:?}",
+        report.failures.len(),
+        report.failures
+    );
+    assert!(
+        report.first_ack_on(cluster.node(&new).port).is_some(),
+        "the sessions reconnected to the new master"
+    );
+    assert!(
+        report.connections > 4,
+        "the sessions to the old master were closed and opened again: {} connections",
+        report.connections
+    );
+    // Every session ended at an idle moment: the proxy's drain had nothing left to cut.
+    let proxy_log = cluster.proxies[0].0.log_text();
+    let drain = proxy_log
+        .lines()
+        .find(|l| l.contains("switchover drain over"))
+        .unwrap_or_else(|| panic!("the proxy drained:\n{proxy_log}"));
+    assert!(drain.contains(" left=0"), "{drain}");
+    let keeper_log = cluster.node(&old).keeper.log_text();
+    assert!(
+        keeper_log.contains("ending client sessions as they go idle"),
+        "{keeper_log}"
+    );
+    cluster.assert_no_acked_write_lost(&report.ids()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

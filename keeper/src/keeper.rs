@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tendril_control_model::{
     ClusterData, ClusterSpec, Db, DbInitMode, DbRole, FORMAT_VERSION, FollowConfig, KeeperInfo,
-    PgVersion, PostgresState, decode, encode,
+    PgVersion, PostgresState, SwitchoverPhase, decode, encode,
 };
 use tendril_control_store::{KeptLease, Store, WatchEvent};
 use tokio::sync::watch;
@@ -28,6 +28,7 @@ use crate::guard::Guard;
 use crate::pgconf::{self, ConfInput, HbaInput, Upstream};
 use crate::postgres::{Endpoint, Postgres};
 use crate::sql::{self, Probe};
+use crate::switchover::IdleSessionCloser;
 
 /// TTL of the lease the keeper's report lives under. The sentinel judges liveness by the
 /// report's freshness over `fail_interval`; the lease only removes reports of keepers gone.
@@ -71,6 +72,8 @@ pub struct Keeper<S> {
     fenced: Option<(Instant, SystemTime)>,
     /// The last fence, as reported: when, how long, why.
     last_fence: Option<String>,
+    /// While a planned switchover drains this master: ends its sessions as they go idle.
+    idle_closer: Option<IdleSessionCloser>,
 }
 
 impl<S: Store> Keeper<S> {
@@ -126,6 +129,7 @@ impl<S: Store> Keeper<S> {
             running_master: false,
             fenced: None,
             last_fence: None,
+            idle_closer: None,
             guard: None,
         })
     }
@@ -365,6 +369,7 @@ impl<S: Store> Keeper<S> {
             }
         }
         if db.spec.stop {
+            self.idle_closer = None;
             // A switchover stops the old master: a clean shutdown sends every byte of WAL to
             // the connected standbys before postgres exits.
             if self.pg.is_running() {
@@ -413,6 +418,9 @@ impl<S: Store> Keeper<S> {
             for change in sql::reconcile_slots(&client, &wanted, &additional).await? {
                 tracing::info!(db = %db.uid, "{change}");
             }
+            self.close_idle_sessions_if_draining(&cd, &db).await?;
+        } else {
+            self.idle_closer = None;
         }
         let probe = sql::probe(&client).await?;
         if probe.pending_restart {
@@ -429,6 +437,27 @@ impl<S: Store> Keeper<S> {
             self.data.save_db_state(&self.db_state)?;
         }
         Ok(Pass::Converged)
+    }
+
+    /// While the proxies drain this master for a planned switchover (see
+    /// [`crate::switchover`]), its client sessions end as they go idle; before and after,
+    /// nothing is touched.
+    async fn close_idle_sessions_if_draining(
+        &mut self,
+        cd: &ClusterData,
+        db: &Db,
+    ) -> Result<(), KeeperError> {
+        let draining = cd.switchover.as_ref().is_some_and(|sw| {
+            sw.phase == SwitchoverPhase::Fencing && sw.old_master.as_deref() == Some(&db.uid)
+        });
+        if !draining {
+            self.idle_closer = None;
+        } else if self.idle_closer.is_none() {
+            let client = self.pg.connect(cd.spec.request_timeout).await?;
+            let limit = cd.spec.convergence_timeout + cd.spec.proxy_timeout;
+            self.idle_closer = Some(IdleSessionCloser::start(client, limit));
+        }
+        Ok(())
     }
 
     /// Creates the local data for `db` according to its init mode.

@@ -19,6 +19,7 @@ pub mod keeper;
 pub mod pgconf;
 pub mod postgres;
 pub mod sql;
+pub mod switchover;
 
 use std::path::{Path, PathBuf};
 

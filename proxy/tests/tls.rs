@@ -3,7 +3,8 @@
 //! requires TLS is held through a switchover and then does its handshake end to end with
 //! PostgreSQL (`sslmode=verify-full` verifies PostgreSQL's own certificate: the proxy is
 //! transparent); every forwarding path carries TLS; a switchover under a TLS-requiring load
-//! fails no connection.
+//! fails no connection and no transaction, whether clients connect per transaction or keep
+//! persistent sessions.
 
 #![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
 
@@ -13,6 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{Env, PATHS, ProxyProc};
+use tendril_e2e::writer::{Mode, Style, Writer};
+use tendril_keeper::switchover::IdleSessionCloser;
 use tendril_testkit::{PG_BIN, PgServer};
 
 /// What TLS a session got.
@@ -93,7 +96,7 @@ async fn every_forwarding_path_carries_tls_end_to_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_switchover_under_tls_requiring_load_fails_no_connection() {
+async fn a_switchover_under_tls_requiring_load_fails_no_connection_or_transaction() {
     let mut env = Env::new().await;
     let pg1 = PgServer::start_tls(&[]);
     let pg2 = PgServer::start_tls(&[]);
@@ -109,11 +112,37 @@ async fn a_switchover_under_tls_requiring_load_fails_no_connection() {
             String::from_utf8_lossy(&init.stderr)
         );
     }
-    for (name, flags) in PATHS {
+    // The persistent clients trust both servers' CAs (each test server has its own).
+    let cas = tempfile::tempdir().unwrap();
+    let bundle = cas.path().join("cas.pem");
+    let pem: Vec<u8> = [&pg1, &pg2]
+        .iter()
+        .flat_map(|pg| std::fs::read(&pg.tls().unwrap().ca_cert).unwrap())
+        .collect();
+    std::fs::write(&bundle, pem).unwrap();
+    for pg in [&pg1, &pg2] {
+        tendril_e2e::writer::create_table("127.0.0.1", pg.port()).await;
+    }
+    for (i, (name, flags)) in PATHS.iter().enumerate() {
         env.route(Some(("db1", pg1.port())), false).await;
         let uid = format!("s-{name}");
         let proxy = ProxyProc::start(&env, &uid, flags, &[]);
         support::wait_routed(proxy.port, pg1.port(), Duration::from_secs(15)).await;
+        // Persistent TLS sessions too, as a pool keeps them: transactions of several round
+        // trips, a pause between them.
+        let persistent = Writer::start_styled(
+            "127.0.0.1",
+            proxy.port,
+            3,
+            Mode::Persistent,
+            1 + i as i64 * 1_000_000,
+            Style {
+                tls_ca: Some(bundle.clone()),
+                in_transaction: Some(Duration::from_millis(20)),
+                think: Duration::from_millis(100),
+            },
+        )
+        .await;
         // New connection per transaction, each requiring TLS.
         let load = Command::new(format!("{PG_BIN}/pgbench"))
             .args(["-C", "-S", "-c", "2", "-T", "4", "-h", "127.0.0.1"])
@@ -124,9 +153,16 @@ async fn a_switchover_under_tls_requiring_load_fails_no_connection() {
             .spawn()
             .unwrap();
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        // The switchover: hold, then the new master.
+        // The switchover: hold (while the old master's keeper ends its sessions as they go
+        // idle), then the new master.
+        let keeper_session = tokio_postgres::connect(&pg1.conninfo(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(keeper_session.1);
         env.route(None, true).await;
+        let closer = IdleSessionCloser::start(keeper_session.0, Duration::from_secs(5));
         tokio::time::sleep(Duration::from_millis(800)).await;
+        drop(closer);
         env.route(Some(("db2", pg2.port())), false).await;
         let out = tokio::task::spawn_blocking(move || load.wait_with_output())
             .await
@@ -149,6 +185,18 @@ async fn a_switchover_under_tls_requiring_load_fails_no_connection() {
             .and_then(|v| v.split('/').next()?.trim().parse::<u64>().ok())
             .unwrap_or(0);
         assert!(served > 20, "{name}: only {served} transactions:\n{text}");
+        let report = persistent.stop().await;
+        assert!(
+            report.failures.is_empty(),
+            "{name}: {} persistent TLS transactions failed: {:?}",
+            report.failures.len(),
+            report.failures
+        );
+        assert!(
+            report.first_ack_on(pg2.port()).is_some() && report.connections > 3,
+            "{name}: the persistent sessions moved to the new master ({} connections)",
+            report.connections
+        );
         // Both masters served: the held connections went to the new one.
         let on_new = Command::new(format!("{PG_BIN}/psql"))
             .arg(format!(
