@@ -14,6 +14,10 @@
 //!   unknown writes missing at the end). Anomalies in
 //!   synchronous mode; counted in asynchronous mode, where a failover may lose rows.
 //!
+//! - **Blocked clients**: an operation through a proxy that ended later than the faults it
+//!   overlapped plus an allowance (the failover time the cluster promises): a client the
+//!   data plane left waiting.
+//!
 //! Unknown outcomes are reported apart: present or not, either is allowed.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,7 +37,8 @@ pub enum Replication {
 /// One anomaly, with the history excerpt around it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Anomaly {
-    /// The kind: `lost`, `failed-present`, `split-brain`, `stale-read`, `read-backwards`.
+    /// The kind: `lost`, `failed-present`, `split-brain`, `stale-read`, `read-backwards`,
+    /// `blocked`.
     pub kind: &'static str,
     /// What happened.
     pub what: String,
@@ -73,6 +78,12 @@ pub struct Report {
     pub failovers: Vec<u64>,
     /// The longest time without any acknowledged write (microseconds).
     pub longest_unavailable_us: u64,
+    /// Operations through the proxies, and the longest any of them lasted past the end of
+    /// the faults it overlapped (or past its start when it overlapped none), in
+    /// microseconds.
+    pub proxied_operations: usize,
+    /// See `proxied_operations`.
+    pub longest_wait_past_faults_us: u64,
 }
 
 impl Report {
@@ -133,6 +144,12 @@ impl fmt::Display for Report {
             "longest time without an acknowledged write: {}",
             secs(self.longest_unavailable_us)
         )?;
+        writeln!(
+            f,
+            "operations through the proxies: {} (longest wait past the faults it overlapped: {})",
+            self.proxied_operations,
+            secs(self.longest_wait_past_faults_us)
+        )?;
         for (failover, n) in &self.lost_by_failover {
             match failover {
                 Some(at) => writeln!(f, "lost to the master change at {}: {n}", secs(*at))?,
@@ -147,8 +164,14 @@ impl fmt::Display for Report {
     }
 }
 
-/// Checks a history against the final contents.
-pub fn check(events: &[Event], contents: &Contents, mode: Replication) -> Report {
+/// Checks a history against the final contents. `allowance_us`: how long past the faults it
+/// overlapped an operation through a proxy may last (the failover time the cluster promises).
+pub fn check(
+    events: &[Event],
+    contents: &Contents,
+    mode: Replication,
+    allowance_us: u64,
+) -> Report {
     let mut report = Report::default();
     let writes: Vec<&Write> = events
         .iter()
@@ -225,6 +248,7 @@ pub fn check(events: &[Event], contents: &Contents, mode: Replication) -> Report
     split_brain(&writes, &routes, &mut report);
     reads(events, contents, mode, &mut report);
     outages(&writes, &routes, &mut report);
+    blocked(events, allowance_us, &mut report);
     report.anomalies.sort_by_key(|a| a.at_us);
     report
 }
@@ -439,6 +463,54 @@ fn outages(writes: &[&Write], routes: &[&Route], report: &mut Report) {
             .find(|(at, s)| *at >= r.at_us && s.node == *master);
         if let (Some((b, _)), Some((a, _))) = (before, after) {
             report.failovers.push(a - b);
+        }
+    }
+}
+
+/// Operations through the proxies that lasted longer than the faults they overlapped plus
+/// `allowance_us`. The faults' windows count from injection to healing, so a client held
+/// through an outage and served once it ends is not blocked; one still waiting long after is.
+fn blocked(events: &[Event], allowance_us: u64, report: &mut Report) {
+    let faults: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Fault(f) => Some((f.start_us, f.end_us)),
+            _ => None,
+        })
+        .collect();
+    for e in events {
+        let (what, via, start, end) = match e {
+            Event::Write(w) => (
+                format!("write of id {} in {}", w.id, w.table),
+                &w.via,
+                w.start_us,
+                w.end_us,
+            ),
+            Event::Read(r) => (format!("read of {}", r.table), &r.via, r.start_us, r.end_us),
+            _ => continue,
+        };
+        if via == "direct" {
+            continue;
+        }
+        report.proxied_operations += 1;
+        let free_from = faults
+            .iter()
+            .filter(|(s, e)| *s <= end && *e >= start)
+            .map(|(_, e)| *e)
+            .fold(start, u64::max);
+        let waited = end.saturating_sub(free_from);
+        report.longest_wait_past_faults_us = report.longest_wait_past_faults_us.max(waited);
+        if waited > allowance_us {
+            report.anomalies.push(Anomaly {
+                kind: "blocked",
+                what: format!(
+                    "a {what} via {via} from {} to {} ended {} after the faults it overlapped",
+                    secs(start),
+                    secs(end),
+                    secs(waited)
+                ),
+                at_us: end,
+            });
         }
     }
 }

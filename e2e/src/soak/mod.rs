@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tendril_control_model::ClusterSpec;
 use tendril_testkit::Rng;
 
 use crate::checker::{self, Replication};
@@ -213,7 +214,10 @@ pub async fn run(s: &Settings) -> Result<Outcome, String> {
     } else {
         Replication::Async
     };
-    let report = checker::check(&events, &contents, mode);
+    // A client through a proxy waits at most for the fault and then a failover: the fail
+    // interval, plus the 3 s the failover itself may take.
+    let allowance = ClusterSpec::default().fail_interval + Duration::from_secs(3);
+    let report = checker::check(&events, &contents, mode, allowance.as_micros() as u64);
     if let Ok(n) = &faults {
         println!("cluster soak: {n} faults injected");
     }
