@@ -191,6 +191,12 @@ impl<S: Store> Keeper<S> {
                 Err(e) => tracing::warn!(keeper = %self.uid, error = %e, "pass failed"),
             }
             let failed = pass.is_err();
+            if failed {
+                // Only a pass that reads a switchover's fencing phase keeps the closer
+                // running: one that failed first (the store unreachable, postgres down)
+                // cannot tell whether the switchover was abandoned meanwhile.
+                self.idle_closer = None;
+            }
             let last_error = pass.err().map(|e| e.to_string());
             self.observe_and_report(last_error).await;
             // A failed pass (postgres not up yet after a crash) or a synchronous-standby
@@ -418,7 +424,7 @@ impl<S: Store> Keeper<S> {
             for change in sql::reconcile_slots(&client, &wanted, &additional).await? {
                 tracing::info!(db = %db.uid, "{change}");
             }
-            self.close_idle_sessions_if_draining(&cd, &db).await?;
+            self.close_idle_sessions_if_draining(&cd, &db).await;
         } else {
             self.idle_closer = None;
         }
@@ -442,22 +448,30 @@ impl<S: Store> Keeper<S> {
     /// While the proxies drain this master for a planned switchover (see
     /// [`crate::switchover`]), its client sessions end as they go idle; before and after,
     /// nothing is touched.
-    async fn close_idle_sessions_if_draining(
-        &mut self,
-        cd: &ClusterData,
-        db: &Db,
-    ) -> Result<(), KeeperError> {
+    async fn close_idle_sessions_if_draining(&mut self, cd: &ClusterData, db: &Db) {
         let draining = cd.switchover.as_ref().is_some_and(|sw| {
             sw.phase == SwitchoverPhase::Fencing && sw.old_master.as_deref() == Some(&db.uid)
         });
         if !draining {
             self.idle_closer = None;
-        } else if self.idle_closer.is_none() {
-            let client = self.pg.connect(cd.spec.request_timeout).await?;
-            let limit = cd.spec.convergence_timeout + cd.spec.proxy_timeout;
-            self.idle_closer = Some(IdleSessionCloser::start(client, limit));
+        } else if self
+            .idle_closer
+            .as_ref()
+            .is_none_or(IdleSessionCloser::stopped)
+        {
+            // Started, or started again after its query failed. Without it the drain only
+            // lasts longer (the proxies cut at the end of their grace): not worth failing the
+            // pass for.
+            match self.pg.connect(cd.spec.request_timeout).await {
+                Ok(client) => {
+                    let limit = cd.spec.convergence_timeout + cd.spec.proxy_timeout;
+                    self.idle_closer = Some(IdleSessionCloser::start(client, limit));
+                }
+                Err(e) => {
+                    tracing::warn!(db = %db.uid, error = %e, "switchover: cannot connect to end idle sessions");
+                }
+            }
         }
-        Ok(())
     }
 
     /// Creates the local data for `db` according to its init mode.

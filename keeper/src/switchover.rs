@@ -8,7 +8,7 @@
 //! exactly (`pg_stat_activity.state`).
 //!
 //! Which idle sessions end, and when ([`Idle`]): a session is ended just after it finishes
-//! a transaction (idle for a few milliseconds), which leaves its application the longest
+//! a transaction (idle for 20 to 50 ms), which leaves its application the longest
 //! time before its next request to notice the close: a pool that checks its connections
 //! before use (or reads them, as asynchronous drivers do) opens a new one, which the proxies
 //! hold until the new master is routable. A session found in the middle of a pause is left
@@ -28,7 +28,9 @@ use tokio_postgres::Client;
 /// Which idle sessions are ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Idle {
-    /// Idle for at least this long: not between two statements sent back to back.
+    /// Idle for at least this long: not between two statements sent back to back, nor
+    /// between the two round trips of a statement some drivers send in two (tokio-postgres
+    /// prepares it first: the session is idle in between, its query already shown).
     pub quiet: Duration,
     /// ... and for less than `quiet + fresh`: just finished a transaction.
     pub fresh: Duration,
@@ -39,8 +41,8 @@ pub struct Idle {
 /// What the keeper ends while a switchover drains its master. `fresh` spans several
 /// [`PERIOD`]s, so a scan late by a few milliseconds still finds a session in its window.
 pub const IDLE: Idle = Idle {
-    quiet: Duration::from_millis(5),
-    fresh: Duration::from_millis(20),
+    quiet: Duration::from_millis(20),
+    fresh: Duration::from_millis(30),
     unused: Duration::from_millis(500),
 };
 
@@ -49,7 +51,10 @@ pub const PERIOD: Duration = Duration::from_millis(5);
 
 /// Ends the client sessions `idle` selects, except the keeper's own; returns how many.
 /// Replication connections are not client backends and are never touched: the standbys
-/// must receive everything up to the shutdown checkpoint.
+/// must receive everything up to the shutdown checkpoint. Clients connected straight to the
+/// master (not through a proxy) are ended alike: the master is about to stop. The states
+/// are read once per scan, so a session that starts a transaction in the microseconds
+/// between the read and its termination is ended in it.
 pub async fn end_idle_sessions(client: &Client, idle: &Idle) -> Result<i64, String> {
     let row = client
         .query_one(
@@ -59,9 +64,9 @@ pub async fn end_idle_sessions(client: &Client, idle: &Idle) -> Result<i64, Stri
                WHERE backend_type = 'client backend' AND state = 'idle' \
                  AND pid <> pg_backend_pid() \
                  AND application_name IS DISTINCT FROM 'tendril-keeper') s \
-             WHERE (query <> '' AND idle >= make_interval(secs => $1) \
-                    AND idle < make_interval(secs => $1 + $2)) \
-                OR idle >= make_interval(secs => $3)",
+             WHERE (query <> '' AND idle >= make_interval(secs => $1::float8) \
+                    AND idle < make_interval(secs => $1::float8 + $2::float8)) \
+                OR idle >= make_interval(secs => $3::float8)",
             &[
                 &idle.quiet.as_secs_f64(),
                 &idle.fresh.as_secs_f64(),
@@ -105,6 +110,13 @@ impl IdleSessionCloser {
         });
         tracing::info!("switchover: ending client sessions as they go idle");
         IdleSessionCloser { task, ended }
+    }
+}
+
+impl IdleSessionCloser {
+    /// Whether the task ended by itself (its query failed, or its time ran out).
+    pub fn stopped(&self) -> bool {
+        self.task.is_finished()
     }
 }
 

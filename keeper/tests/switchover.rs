@@ -45,10 +45,11 @@ async fn only_sessions_idle_between_transactions_are_ended() {
         .unwrap();
     let busy = connect(&pg).await;
     let running =
-        tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(2)").await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(3)").await.map(|_| ()) });
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // Everything idle is in the middle of a pause (idle for 300 ms, more than 5 + 20 ms),
+    // Everything idle is in the middle of a pause (idle for 500 ms, more than 5 + 20 ms),
     // and not unused for an hour: nothing ends.
     let mid_pause = Idle {
         quiet: Duration::from_millis(5),
@@ -72,16 +73,18 @@ async fn only_sessions_idle_between_transactions_are_ended() {
     wait_closed(&finished, "the session that just finished a transaction").await;
     assert!(!not_yet.is_closed() && !paused.is_closed());
 
-    // Unused for 200 ms: the paused session and the two that never ran a query end.
+    // Unused for 1 s: the paused session and the one that never ran a query end (idle for
+    // 1.25 s), not the one connected 0.5 s later.
+    tokio::time::sleep(Duration::from_millis(1250).saturating_sub(start.elapsed())).await;
     let unused = Idle {
         quiet: HOUR,
         fresh: HOUR,
-        unused: Duration::from_millis(200),
+        unused: Duration::from_secs(1),
     };
     assert_eq!(end_idle_sessions(&keeper, &unused).await.unwrap(), 2);
     wait_closed(&paused, "the paused session").await;
     wait_closed(&never_queried, "the session that never ran a query").await;
-    assert!(!not_yet.is_closed(), "idle for less than 200 ms");
+    assert!(!not_yet.is_closed(), "idle for less than 1 s");
 
     assert!(!keeper.is_closed(), "the caller's own session goes on");
     running

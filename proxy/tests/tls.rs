@@ -143,9 +143,22 @@ async fn a_switchover_under_tls_requiring_load_fails_no_connection_or_transactio
             },
         )
         .await;
-        // New connection per transaction, each requiring TLS.
+        // New connection per transaction, each requiring TLS. A thread per client: pgbench
+        // connects in blocking mode, and one thread stuck in a held connect would leave the
+        // other client's finished session unread through the drain.
         let load = Command::new(format!("{PG_BIN}/pgbench"))
-            .args(["-C", "-S", "-c", "2", "-T", "4", "-h", "127.0.0.1"])
+            .args([
+                "-C",
+                "-S",
+                "-c",
+                "2",
+                "-j",
+                "2",
+                "-T",
+                "4",
+                "-h",
+                "127.0.0.1",
+            ])
             .args(["-p", &proxy.port.to_string(), "-U", "postgres", "postgres"])
             .env("PGSSLMODE", "require")
             .stdout(Stdio::piped())
@@ -197,6 +210,14 @@ async fn a_switchover_under_tls_requiring_load_fails_no_connection_or_transactio
             "{name}: the persistent sessions moved to the new master ({} connections)",
             report.connections
         );
+        // Every session to the old master ended between transactions: the drain had
+        // nothing left to cut.
+        let log = proxy.log_text();
+        let drain = log
+            .lines()
+            .find(|l| l.contains("switchover drain over"))
+            .unwrap_or_else(|| panic!("{name}: the proxy drained:\n{log}"));
+        assert!(drain.contains(" left=0"), "{name}: {drain}");
         // Both masters served: the held connections went to the new one.
         let on_new = Command::new(format!("{PG_BIN}/psql"))
             .arg(format!(

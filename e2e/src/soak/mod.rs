@@ -215,7 +215,8 @@ pub async fn run(s: &Settings) -> Result<Outcome, String> {
         Replication::Async
     };
     // A client through a proxy waits at most for the fault and then a failover: the fail
-    // interval, plus the 3 s the failover itself may take.
+    // interval (the soak's spec leaves it at its default), plus the 3 s the failover itself
+    // may take.
     let allowance = ClusterSpec::default().fail_interval + Duration::from_secs(3);
     let report = checker::check(&events, &contents, mode, allowance.as_micros() as u64);
     if let Ok(n) = &faults {

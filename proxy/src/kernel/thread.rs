@@ -594,10 +594,20 @@ fn token(generation: u32, slot: usize, side: usize) -> u64 {
 /// answer until the FIN-WAIT-2 timer ran out a minute later. A PostgreSQL that closes with
 /// unread bytes resets the connection; so does the proxy.
 fn pair_drops_client_bytes(conn: &Conn) -> bool {
-    let Ok(client) = crate::sys::tcp_bytes(conn.fds[0].as_raw_fd()) else {
+    // Read so that traffic still moving can only make the written count larger than the
+    // received one (no reset then): the client's count first, then the server socket's
+    // queue before what its peer acknowledged (a byte acknowledged in between is counted
+    // twice, never missed).
+    let (client, server) = (conn.fds[0].as_raw_fd(), conn.fds[1].as_raw_fd());
+    let Ok(received) = crate::sys::tcp_bytes(client).map(|b| b.received) else {
+        return false;
+    };
+    let (Ok(queued), Ok(acked)) = (
+        crate::sys::unacknowledged(server),
+        crate::sys::tcp_bytes(server).map(|b| b.acked),
+    ) else {
         return false;
     };
     // tcpi_bytes_received counts the client's FIN as one byte.
-    let received = client.received.saturating_sub(1);
-    conn.server_written.is_some_and(|w| received > w)
+    received.saturating_sub(1) > queued + acked
 }
