@@ -30,19 +30,12 @@ impl Node {
             return Vec::new();
         };
         let mut pids = vec![postmaster];
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-            // "pid (comm) state ppid ...": the comm may hold spaces, so split after ')'.
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
-            if ppid == Some(postmaster) {
-                pids.push(pid);
-            }
-        }
+        pids.extend(
+            tendril_testkit::processes()
+                .into_iter()
+                .filter(|(_, ppid)| *ppid == postmaster)
+                .map(|(pid, _)| pid),
+        );
         pids
     }
 

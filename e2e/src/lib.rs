@@ -37,6 +37,9 @@ pub const SU_PASSWORD: &str = "e2e-su-secret";
 /// The cluster name.
 pub const CLUSTER: &str = "e2e";
 
+/// The longest the harness waits for one answer from the store.
+const STORE_LIMIT: Duration = Duration::from_secs(10);
+
 /// Where the binaries are.
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("TENDRIL_BIN_DIR") {
@@ -512,24 +515,28 @@ impl Cluster {
 
     /// The cluster data.
     pub async fn cluster_data(&self) -> ClusterData {
-        let kv = self
-            .store
-            .get(&self.keys.cluster_data())
-            .await
-            .unwrap()
-            .unwrap();
+        let kv = self.get(&self.keys.cluster_data()).await.unwrap().unwrap();
         decode(&kv.value).unwrap()
+    }
+
+    /// A key from the store, within [`STORE_LIMIT`] whatever the client's own timeouts
+    /// do: a harness that waits on the store forever hides the fault it is testing.
+    async fn get(&self, key: &str) -> Result<Option<tendril_control_store::KeyValue>, String> {
+        match tokio::time::timeout(STORE_LIMIT, self.store.get(key)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("get {key}: no answer within {STORE_LIMIT:?}")),
+        }
     }
 
     /// The cluster data, or None when the store does not answer or holds none.
     pub async fn try_cluster_data(&self) -> Option<ClusterData> {
-        let kv = self.store.get(&self.keys.cluster_data()).await.ok()??;
+        let kv = self.get(&self.keys.cluster_data()).await.ok()??;
         decode(&kv.value).ok()
     }
 
     /// A keeper's report.
     pub async fn info(&self, uid: &str) -> Option<KeeperInfo> {
-        let kv = self.store.get(&self.keys.keeper(uid)).await.ok()??;
+        let kv = self.get(&self.keys.keeper(uid)).await.ok()??;
         decode(&kv.value).ok()
     }
 

@@ -30,6 +30,14 @@ async fn cluster_soak_with_random_faults_loses_no_acknowledged_write() {
         );
     }
     assert!(
+        outcome.stuck.is_empty(),
+        "seed {}: clients hung (history {}, logs beside it):\n{}\n{}",
+        settings.seed,
+        outcome.history.display(),
+        outcome.stuck.join("\n"),
+        outcome.report
+    );
+    assert!(
         outcome.report.anomalies.is_empty(),
         "seed {}: {} anomalies (history {}, contents {}):\n{}",
         settings.seed,

@@ -17,6 +17,7 @@ mod port;
 mod postgres;
 mod rng;
 mod tls;
+mod watchdog;
 
 pub use etcd::EtcdServer;
 pub use netns::Netns;
@@ -24,6 +25,7 @@ pub use port::free_port;
 pub use postgres::{PG_BIN, PgServer};
 pub use rng::Rng;
 pub use tls::{TlsMaterial, make_certificates, make_certificates_for_postgres};
+pub use watchdog::{Watchdog, kill_tree, processes};
 
 use std::path::PathBuf;
 

@@ -174,6 +174,11 @@ pub const PROBES: &[Probe] = &[
         used_by: "forwarding tests checksum streams",
     },
     Probe {
+        path: "/usr/bin/sleep",
+        package: "coreutils",
+        used_by: "the test watchdog's test starts a process to kill",
+    },
+    Probe {
         path: "/usr/bin/kill",
         package: "procps",
         used_by: "`cargo xtask down` signals the local cluster's process groups",

@@ -14,6 +14,7 @@
 //!   directory under the system's temporary directory, printed).
 
 pub mod nemesis;
+pub mod progress;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use tendril_testkit::Rng;
 use crate::checker::{self, Replication};
 use crate::history::{self, Event, Route};
 use crate::{Cluster, Options, default_spec};
+use progress::Progress;
 use workload::{Master, Shared, Target};
 
 /// The seed when none is given.
@@ -101,6 +103,9 @@ pub struct Outcome {
     /// Why the cluster did not recover from a fault, when it did not (the run stopped
     /// there; its history is checked all the same).
     pub unrecovered: Option<String>,
+    /// Clients that hung past every deadline (each operation has its own), and the final
+    /// read when it hung: the data plane left them waiting.
+    pub stuck: Vec<String>,
 }
 
 /// Runs a soak. An error means it could not be checked (the final contents could not be
@@ -119,6 +124,19 @@ pub async fn run(s: &Settings) -> Result<Outcome, String> {
         s.sentinels,
         s.dir.display()
     );
+    let progress = Progress::new(&s.dir);
+    progress.step("starting the cluster");
+    let cluster_dir = std::sync::Arc::new(std::sync::OnceLock::new());
+    let shared = Shared::new();
+    // The last resort when a step hangs past every timeout below: it names the step, keeps
+    // the logs, and fails the run instead of leaving CI to time out without a word.
+    let _watchdog = progress::watchdog(
+        s,
+        Duration::from_secs(s.seconds) + WATCHDOG_MARGIN,
+        progress.clone(),
+        shared.clone(),
+        cluster_dir.clone(),
+    );
     let mut cluster = Cluster::start(Options {
         keepers: s.keepers,
         sentinels: s.sentinels,
@@ -128,14 +146,19 @@ pub async fn run(s: &Settings) -> Result<Outcome, String> {
         isolated: true,
     })
     .await;
-    workload::create_tables("127.0.0.1", cluster.proxy_port())
-        .await
-        .map_err(|e| format!("create the tables: {e}"))?;
-    let shared = Shared::new();
+    let _ = cluster_dir.set(cluster.dir.path().to_path_buf());
+    let proxy_ports: Vec<u16> = cluster.proxies.iter().map(|(_, p)| *p).collect();
+    progress.set_proxy_ports(&proxy_ports);
+    progress.step("creating the tables");
+    bounded(
+        "create the tables",
+        workload::create_tables("127.0.0.1", cluster.proxy_port()),
+    )
+    .await?;
     let master: Master = Arc::default();
     let follow = tokio::spawn(follow_master(cluster.routes.clone(), master.clone()));
     let mut clients = Vec::new();
-    for (i, (_, port)) in cluster.proxies.iter().enumerate() {
+    for (i, port) in proxy_ports.iter().enumerate() {
         let target = Target::Proxy(format!("p{i}"), *port);
         for w in 0..2 {
             clients.push(tokio::spawn(workload::writer(
@@ -160,6 +183,7 @@ pub async fn run(s: &Settings) -> Result<Outcome, String> {
     let faults = nemesis::run(
         &mut cluster,
         &shared,
+        &progress,
         &mut rng,
         until,
         Duration::from_secs(120),
@@ -167,17 +191,25 @@ pub async fn run(s: &Settings) -> Result<Outcome, String> {
     .await;
     // Let the clients see the recovered cluster, then stop them: each finishes the
     // operation it is in (or is aborted, its last operation unrecorded), so nothing is
-    // acknowledged after the history is taken.
+    // acknowledged after the history is taken. Every operation has its own deadline, so
+    // a client still running well past it is stuck: it is aborted and named.
+    progress.step("stopping the clients");
     tokio::time::sleep(Duration::from_secs(3)).await;
     shared.stop();
+    let deadline = tokio::time::Instant::now() + workload::OPERATION * 2 + Duration::from_secs(10);
+    let mut stuck = 0;
     for c in clients {
         let abort = c.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(70), c)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout_at(deadline, c).await.is_err() {
             abort.abort();
+            stuck += 1;
         }
+    }
+    let mut stuck_clients = Vec::new();
+    if stuck > 0 {
+        let what = format!("{stuck} clients still running past their deadlines: aborted");
+        progress.line(&format!("{what}\n{}", progress.sockets()));
+        stuck_clients.push(what);
     }
     follow.abort();
     let mut events = shared.history();
@@ -199,13 +231,38 @@ pub async fn run(s: &Settings) -> Result<Outcome, String> {
     history::write(&history, &events).map_err(|e| format!("{}: {e}", history.display()))?;
     // The final contents from the master, through a proxy (which routes only to it). A
     // cluster that did not recover from a fault may still serve them: the history is then
-    // checked too, and the run fails on the recovery.
-    let contents = workload::contents("127.0.0.1", cluster.proxy_port())
-        .await
-        .map_err(|e| match &faults {
-            Err(unrecovered) => format!("{unrecovered}\n(history in {}; {e})", history.display()),
-            Ok(_) => e,
-        })?;
+    // checked too, and the run fails on the recovery. A read that does not end is a client
+    // the data plane hangs: named, with the sockets, and the contents read another way.
+    progress.step("reading the final contents");
+    let mut stuck = stuck_clients;
+    let mut contents = Err(String::new());
+    let master_now = master.lock().ok().and_then(|m| m.clone());
+    let ways = proxy_ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("proxy p{i}"), ("127.0.0.1".to_owned(), *p)))
+        .chain(master_now.map(|m| ("the master directly".to_owned(), m)));
+    for (way, (host, port)) in ways {
+        contents = bounded(
+            &format!("read the final contents through {way}"),
+            workload::contents(&host, port),
+        )
+        .await;
+        match &contents {
+            Ok(_) => break,
+            Err(e) if e.contains("no answer within") => {
+                progress.line(&format!("{e}\n{}", progress.sockets()));
+                stuck.push(e.clone());
+            }
+            Err(e) => progress.line(e),
+        }
+    }
+    let contents = contents.map_err(|e| match &faults {
+        Err(unrecovered) => format!("{unrecovered}\n(history in {}; {e})", history.display()),
+        Ok(_) => e,
+    });
+    progress.keep_logs(cluster.dir.path());
+    let contents = contents?;
     let contents_file = s.dir.join("contents.json");
     history::write_contents(&contents_file, &contents)
         .map_err(|e| format!("{}: {e}", contents_file.display()))?;
@@ -218,17 +275,41 @@ pub async fn run(s: &Settings) -> Result<Outcome, String> {
     // interval (the soak's spec leaves it at its default), plus the 3 s the failover itself
     // may take.
     let allowance = ClusterSpec::default().fail_interval + Duration::from_secs(3);
+    progress.step("checking the history");
     let report = checker::check(&events, &contents, mode, allowance.as_micros() as u64);
     if let Ok(n) = &faults {
-        println!("cluster soak: {n} faults injected");
+        progress.line(&format!("{n} faults injected"));
     }
     Ok(Outcome {
         report,
         history,
         contents: contents_file,
         unrecovered: faults.err(),
+        stuck,
     })
 }
+
+/// How long past its faults a soak may run before the watchdog stops it: the recovery
+/// wait of the last fault, stopping the clients, and reading the contents, with room.
+const WATCHDOG_MARGIN: Duration = Duration::from_secs(12 * 60);
+
+/// Runs a step that talks to the cluster within [`STEP_LIMIT`]; its error, or its not
+/// ending, as a message naming it.
+async fn bounded<T, E: std::fmt::Display>(
+    what: &str,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(STEP_LIMIT, step).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!(
+            "{what}: no answer within {STEP_LIMIT:?} (a proxy holds a client at most 30 s)"
+        )),
+    }
+}
+
+/// See [`bounded`].
+const STEP_LIMIT: Duration = Duration::from_secs(90);
 
 /// Keeps `master` at the address the proxies are told to route to (an application with
 /// its own discovery), from the cluster's watch of the routing.

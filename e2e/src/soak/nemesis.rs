@@ -9,6 +9,7 @@ use tendril_testkit::Rng;
 
 use crate::Cluster;
 use crate::history::{Event, Fault};
+use crate::soak::progress::Progress;
 use crate::soak::workload::Shared;
 
 /// The kinds of fault, by the names the report counts.
@@ -151,6 +152,7 @@ pub async fn inject(cluster: &mut Cluster, kind: &str, rng: &mut Rng) -> String 
 pub async fn run(
     cluster: &mut Cluster,
     shared: &Shared,
+    progress: &Progress,
     rng: &mut Rng,
     until_us: u64,
     recovery: Duration,
@@ -161,12 +163,14 @@ pub async fn run(
         tokio::time::sleep(between(rng, 1000, 3000)).await;
         let kind = KINDS[rng.below(KINDS.len() as u64) as usize];
         let start_us = shared.us();
+        progress.step(&format!("fault {}: injecting {kind}", injected + 1));
         let detail = inject(cluster, kind, rng).await;
         let end_us = shared.us();
-        println!(
-            "cluster soak {:>8.3}s fault: {kind} {detail}",
+        progress.step(&format!(
+            "fault {}: {kind} {detail} (from {:.3}s), healed; waiting for the recovery",
+            injected + 1,
             start_us as f64 / 1e6
-        );
+        ));
         shared.record(Event::Fault(Fault {
             name: kind.into(),
             detail,

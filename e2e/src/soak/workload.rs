@@ -16,7 +16,7 @@ pub const TABLES: [&str; 3] = ["soak_a", "soak_b", "soak_c"];
 /// How long a client waits for one operation before it calls the outcome unknown (a
 /// client-side deadline only: a statement_timeout would cancel a commit waiting for a
 /// synchronous standby after it committed locally).
-const OPERATION: Duration = Duration::from_secs(30);
+pub const OPERATION: Duration = Duration::from_secs(30);
 
 /// What the clients share: the clock, the history, the next id, each table's last
 /// acknowledged id, and the stop flag.
