@@ -35,8 +35,12 @@
  * length, whether the backlog worker runs) once per CHECK_EVERY redirected bytes and, past
  * `recv_limit`, pauses: it passes replies to the server socket's own queue, where they count
  * against its receive buffer and its TCP window closes (DRAINING). A timer checks every
- * millisecond until the client's backlog is empty and the worker idle, then tells the proxy
- * (USER): the proxy copies the passed replies through the accepted socket. The verdict
+ * millisecond until the client's backlog is empty, the worker idle and the client has read
+ * every redirected byte, then tells the proxy (USER): the proxy copies the passed replies
+ * through the accepted socket. (Read, not just delivered: a read on the client socket takes
+ * only from the redirected queue while that holds anything, and an edge-triggered client
+ * such as tokio takes the short read to mean that its socket is empty; bytes that reached
+ * the TCP queue meanwhile would wait for a wake-up that already came.) The verdict
  * redirects again once the proxy wrote every passed byte, the accepted socket's data was
  * acknowledged and the client read its TCP queue, so each byte reaches the client in order.
  * A pause lowers the proxy's allowance to what was passed before it: bytes passed while
@@ -658,7 +662,14 @@ static __always_inline int still_waiting(struct reply *st)
 		return 0;
 	}
 	if (gone || (qlen == 0 && !busy)) {
-		if (st->mode == R_DRAINING) {
+		/* Replies go through the accepted socket only once the client has read every
+		 * redirected byte too (msg_tot_len 0): a read on the client socket takes only from
+		 * the redirected queue while that holds anything, so bytes then reaching its TCP
+		 * queue would wait behind a read shorter than asked for, which an edge-triggered
+		 * client (tokio) takes to mean that its socket is empty: it waits for a wake-up
+		 * that already came. (The FIN need not wait: the hang-up it signals is a state
+		 * such clients keep until they read the end.) */
+		if (st->mode == R_DRAINING && (gone || tot == 0)) {
 			st->mode = R_USER;
 			st->allow = ~0ULL;
 			notify(st->server, EVENT_DRAINED);
@@ -667,7 +678,7 @@ static __always_inline int still_waiting(struct reply *st)
 			st->delivered = 1;
 			notify(st->server, EVENT_DELIVERED);
 		}
-		return 0;
+		return st->mode == R_DRAINING;
 	}
 	return 1;
 }
