@@ -128,6 +128,10 @@ pub async fn run(s: &Settings) -> Result<Outcome, String> {
     progress.step("starting the cluster");
     let cluster_dir = std::sync::Arc::new(std::sync::OnceLock::new());
     let shared = Shared::new();
+    progress.line(&format!(
+        "the history's times count from {}",
+        humantime::format_rfc3339_millis(SystemTime::now() - Duration::from_micros(shared.us()))
+    ));
     // The last resort when a step hangs past every timeout below: it names the step, keeps
     // the logs, and fails the run instead of leaving CI to time out without a word.
     let _watchdog = progress::watchdog(

@@ -42,9 +42,11 @@ impl Progress {
 
     /// Records a line: printed, and appended to the journal.
     pub fn line(&self, text: &str) {
+        // The wall clock too: the processes' logs are in it.
         let line = format!(
-            "cluster soak {:>8.3}s {text}",
-            self.start.elapsed().as_secs_f64()
+            "cluster soak {:>8.3}s ({}) {text}",
+            self.start.elapsed().as_secs_f64(),
+            humantime::format_rfc3339_millis(std::time::SystemTime::now())
         );
         println!("{line}");
         if let Some(f) = self

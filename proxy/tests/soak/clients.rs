@@ -43,7 +43,7 @@ impl Report {
     }
 
     /// Records how long operation `what` took past `expected`.
-    fn took(&self, what: &str, elapsed: Duration, expected: Duration) {
+    pub fn took(&self, what: &str, elapsed: Duration, expected: Duration) {
         let over = elapsed.saturating_sub(expected);
         let mut worst = self.worst.lock().unwrap();
         if over > worst.0 {
@@ -73,7 +73,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn going(&self) -> bool {
+    pub fn going(&self) -> bool {
         !self.stop.load(Ordering::Relaxed)
     }
 }

@@ -1,6 +1,7 @@
 //! The proxy's fault soak: clients of every kind work through the proxy (raw-protocol
 //! sessions checking every row, a client streaming megabytes through COPY in both directions
-//! and comparing them byte for byte, pgbench and psql) while a seeded driver injects the
+//! and comparing them byte for byte, pgbench and psql, and tokio-postgres on tokio, whose
+//! edge-triggered reads notice what blocking clients do not) while a seeded driver injects the
 //! faults of the data-plane matrix at random: terminated, cancelled and killed backends, a
 //! crashed postmaster, failover fences and switchover holds, and the clients' own FIN, reset,
 //! Terminate and idle timeouts.
@@ -25,6 +26,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod async_client;
 mod clients;
 mod nemesis;
 
@@ -154,7 +156,7 @@ async fn soak(
     let addr = SocketAddr::from(([127, 0, 0, 1], proxy.port));
     let start = Instant::now();
     let until = start + Duration::from_secs(settings.seconds);
-    let clients: [(&str, Client); 8] = [
+    let clients: [(&str, Client); 9] = [
         ("wire-1", clients::wire_client),
         ("wire-2", clients::wire_client),
         ("wire-3", clients::wire_client),
@@ -163,6 +165,7 @@ async fn soak(
         ("copy-2", clients::copy_client),
         ("pgbench", clients::pgbench_client),
         ("psql", clients::psql_client),
+        ("async", async_client::async_client),
     ];
     let threads: Vec<_> = clients
         .iter()
