@@ -32,8 +32,9 @@ pub struct ProxyArgs {
     /// wake-up (docs/benchmarks.md, "one ring or one per core").
     #[arg(long, env = "TENDRIL_WORKERS")]
     pub workers: Option<usize>,
-    /// During a switchover, hold new connections up to this long instead of refusing them
-    /// (0: refuse at once).
+    /// During a switchover, and while the proxy has not read its routing table yet (just
+    /// started), hold new connections up to this long instead of refusing them (0: refuse
+    /// at once).
     #[arg(long, env = "TENDRIL_HOLD_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub hold_timeout: Duration,
     /// During a switchover, how long connections to the old master may finish what they are
@@ -41,7 +42,8 @@ pub struct ProxyArgs {
     /// drain ends as soon as the last of them closes. A failover never waits.
     #[arg(long, env = "TENDRIL_SWITCHOVER_GRACE", default_value = "1s", value_parser = humantime::parse_duration)]
     pub switchover_grace: Duration,
-    /// Serve Prometheus metrics on this address.
+    /// Serve Prometheus metrics and `/health` on this address (shared, like the listen
+    /// address, with a proxy started beside this one to replace it).
     #[arg(long, env = "TENDRIL_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
     /// Most client connections at once; more are refused with SQLSTATE 53300.

@@ -97,7 +97,11 @@ impl App {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<App, ProxyError> {
         let nofile = sys::raise_nofile_limit();
-        let listeners = bind(config.listen, config.workers)?;
+        // Beside a running process on the same address (a proxy started to replace it),
+        // the listeners join only once the routing table is read: until then every new
+        // client goes to the process that can route it.
+        let beside = listened_on(config.listen);
+        let listeners = bind(config.listen, config.workers, !beside)?;
         let listen = listeners[0]
             .local_addr()
             .map_err(|source| ProxyError::Listen {
@@ -223,6 +227,7 @@ impl App {
                     worker::run(
                         id,
                         listener,
+                        beside,
                         worker_end,
                         shared,
                         force_epoll,
@@ -249,6 +254,9 @@ impl App {
         }
         let driver = shared.driver();
         tracing::info!(%listen, workers = config.workers, driver, forwarding, nofile, uid = %config.uid, "proxy listening");
+        if beside {
+            tracing::info!(%listen, "another process listens on this address: this one takes clients once it has read its routing table");
+        }
         let control = spawn_control(
             config,
             shared.clone(),
@@ -284,7 +292,29 @@ impl App {
     }
 }
 
-fn bind(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, ProxyError> {
+/// Whether a process listens on `addr` already: a socket that does not share the port
+/// cannot bind it then (port 0 is never taken).
+fn listened_on(addr: SocketAddr) -> bool {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if addr.port() == 0 {
+        return false;
+    }
+    let Ok(probe) = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+    else {
+        return false;
+    };
+    // Past connections in TIME-WAIT do not count.
+    let _ = probe.set_reuse_address(true);
+    matches!(probe.bind(&addr.into()), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
+}
+
+/// `n` sockets sharing `addr` (`SO_REUSEPORT`), listening unless `listen` is false (the
+/// workers listen once the routing table is read, [`worker::run`]).
+fn bind(
+    addr: SocketAddr,
+    n: usize,
+    listen: bool,
+) -> Result<Vec<std::net::TcpListener>, ProxyError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let mut out = Vec::with_capacity(n);
     let mut addr = addr;
@@ -296,7 +326,9 @@ fn bind(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, ProxyE
         socket.set_reuse_port(true).map_err(err)?;
         socket.set_nonblocking(true).map_err(err)?;
         socket.bind(&addr.into()).map_err(err)?;
-        socket.listen(4096).map_err(err)?;
+        if listen {
+            socket.listen(worker::BACKLOG).map_err(err)?;
+        }
         let listener: std::net::TcpListener = socket.into();
         // With port 0 the first bind picks a port; the others share it.
         addr = listener.local_addr().map_err(err)?;
@@ -324,7 +356,7 @@ fn spawn_control(
     let metrics_listener = match config.metrics_address {
         Some(addr) => Some(
             runtime
-                .block_on(tendril_metrics::bind(addr))
+                .block_on(tendril_metrics::bind_shared(addr))
                 .map_err(ProxyError::Metrics)?,
         ),
         None => None,

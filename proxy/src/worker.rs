@@ -173,11 +173,21 @@ impl Ctx {
     }
 }
 
+/// The listen backlog of each worker's socket.
+pub const BACKLOG: i32 = 4096;
+
 /// Runs worker `id` on the current thread until the proxy drains. `started` hears once: the
-/// driver, as soon as the worker accepts, or why it could not start.
+/// driver, as soon as the worker runs, or why it could not start. `deferred`: `listener` is
+/// bound but not listening (another process listens on the address); it listens once the
+/// routing table is read.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the worker's whole start, passed once"
+)]
 pub fn run(
     id: usize,
     listener: std::net::TcpListener,
+    deferred: bool,
     wake: std::os::unix::net::UnixStream,
     shared: Arc<Shared>,
     force_epoll: bool,
@@ -197,10 +207,21 @@ pub fn run(
         k.register_worker_thread();
     }
     let result: std::io::Result<()> = rt.block_on(async move {
-        let listener = monoio::net::TcpListener::from_std(listener)?;
         let wake = monoio::net::UnixStream::from_std(wake)?;
         tracing::info!(worker = id, driver = driver.label(), "worker started");
         let _ = started.send((id, Ok(driver)));
+        if deferred {
+            // The process beside this one takes every client until this one can route.
+            while matches!(shared.table.load().backend, Err(NoBackend::Starting)) {
+                if shared.draining() {
+                    return Ok(());
+                }
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            socket2::SockRef::from(&listener).listen(BACKLOG)?;
+            tracing::info!(worker = id, "routing table read: accepting");
+        }
+        let listener = monoio::net::TcpListener::from_std(listener)?;
         let ctx = Rc::new(Ctx {
             id,
             shared: shared.clone(),
@@ -617,7 +638,11 @@ async fn hold_or_refuse(
             )
             .await;
         }
-        let holding = table.hold
+        // A switchover holds; so does a proxy that has not loaded its routing table yet
+        // (started, restarted, or started beside the proxy it replaces): the route is
+        // a store read away, and a refusal would fail a client that a moment's wait serves.
+        let starting = matches!(table.backend, Err(NoBackend::Starting));
+        let holding = (table.hold || starting)
             && !settings.hold_timeout.is_zero()
             && start.elapsed() < settings.hold_timeout;
         if !holding {
@@ -625,7 +650,9 @@ async fn hold_or_refuse(
                 Err(NoBackend::SelfFenced) => " (this proxy cannot reach the store)",
                 Err(NoBackend::BadClusterData) => " (the cluster data cannot be used)",
                 Err(NoBackend::Unresolved) => " (the master's address does not resolve)",
-                Err(NoBackend::Starting) => " (the proxy is starting)",
+                Err(NoBackend::Starting) => {
+                    " (the proxy has not read its routing table within the hold timeout)"
+                }
                 _ if table.hold => " (a switchover did not finish within the hold timeout)",
                 _ => "",
             };

@@ -71,3 +71,37 @@ async fn short_store_outage_keeps_connections_long_one_fences() {
     env.etcd.restart();
     wait_routed(proxy.port, pg.port(), Duration::from_secs(20)).await;
 }
+
+/// A proxy that starts while the store does not answer has no routing table yet: it holds its
+/// first clients, as during a switchover, and serves them once it reads the table, instead of
+/// refusing them; past the hold timeout it refuses, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_proxy_holds_clients_until_it_reads_its_routing_table() {
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    env.route(Some(("db1", pg.port())), false).await;
+    env.etcd.pause();
+    let proxy = ProxyProc::start(&env, "p1", &["--hold-timeout", "20s"], &[]);
+    let impatient = ProxyProc::start(&env, "p2", &["--hold-timeout", "1s"], &[]);
+    let port = proxy.port;
+    let held = tokio::spawn(async move { connect(port).await });
+    let refused = connect(impatient.port).await.unwrap_err();
+    let db = refused.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "57P03");
+    assert!(
+        db.message().contains("has not read its routing table"),
+        "{}",
+        db.message()
+    );
+    assert!(
+        !held.is_finished(),
+        "the client of a starting proxy was answered before the proxy had a route"
+    );
+    env.etcd.resume();
+    let client = tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .expect("the held client was served once the store answered")
+        .unwrap()
+        .expect("the held client connects");
+    assert_eq!(backend_port(&client).await, pg.port());
+}

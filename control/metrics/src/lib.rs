@@ -23,6 +23,28 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     })
 }
 
+/// As [`bind`], sharing the port with other sockets of this user that share it too
+/// (`SO_REUSEPORT`): a proxy started beside the one it replaces, with the same flags, serves
+/// its metrics on the same address until the old one exits.
+pub async fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let err = |e: std::io::Error| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen for metrics on {addr}: {e}"),
+        )
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.set_reuseport(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(128).map_err(err)
+}
+
 /// What `/health` answers: `Ok` (200) or `Err` (503), with the line to send.
 pub type Health = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 

@@ -108,22 +108,21 @@ pub struct ProxyProc {
 
 impl ProxyProc {
     pub fn start(env: &Env, uid: &str, args: &[&str], envs: &[(&str, &str)]) -> ProxyProc {
-        // --listen-address and --workers in `args` replace the defaults.
-        let listen = args
-            .iter()
-            .position(|a| *a == "--listen-address")
-            .map(|i| args[i + 1].to_owned());
-        let port = listen.as_ref().map_or_else(free_port, |l| {
-            l.rsplit(':').next().unwrap().parse().unwrap()
-        });
-        let metrics_port = free_port();
+        // --listen-address, --metrics-address and --workers in `args` replace the defaults.
+        let given = |flag: &str| {
+            args.iter()
+                .position(|a| *a == flag)
+                .map(|i| args[i + 1].rsplit(':').next().unwrap().parse().unwrap())
+        };
+        let listen = given("--listen-address");
+        let port = listen.unwrap_or_else(free_port);
+        let metrics = given("--metrics-address");
+        let metrics_port = metrics.unwrap_or_else(free_port);
         let log = tempfile::NamedTempFile::new().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tendril-proxy"));
         cmd.env("TENDRIL_CLUSTER_NAME", CLUSTER)
             .env("TENDRIL_STORE_ENDPOINTS", env.etcd.endpoint())
             .env("TENDRIL_LOG", "info,tendril_proxy=debug")
-            .arg("--metrics-address")
-            .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--uid")
             .arg(uid)
             .args(args)
@@ -132,6 +131,10 @@ impl ProxyProc {
             .stderr(log.reopen().unwrap());
         if listen.is_none() {
             cmd.arg("--listen-address").arg(format!("127.0.0.1:{port}"));
+        }
+        if metrics.is_none() {
+            cmd.arg("--metrics-address")
+                .arg(format!("127.0.0.1:{metrics_port}"));
         }
         if !args.contains(&"--workers") {
             cmd.arg("--workers").arg("2");
