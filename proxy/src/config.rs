@@ -94,6 +94,13 @@ pub struct ProxyArgs {
     /// The refusal certificate's private key (PEM).
     #[arg(long, env = "TENDRIL_REFUSAL_KEY_FILE", requires = "refusal_cert_file")]
     pub refusal_key_file: Option<std::path::PathBuf>,
+    /// Take over from the proxy running on the same listen address (a restart or an
+    /// upgrade): receive its listening sockets, serve once the routing table is read, then
+    /// the old process stops accepting, finishes its connections (up to its
+    /// `--drain-timeout`) and exits. No connect is refused meanwhile. Fails when no proxy
+    /// runs there.
+    #[arg(long, env = "TENDRIL_TAKEOVER")]
+    pub takeover: bool,
 }
 
 /// On or off.
@@ -223,6 +230,8 @@ pub struct ProxyConfig {
     pub kernel_client_socket: bool,
     /// The refusal certificate, loaded.
     pub refusal_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// Take the listening sockets of the proxy running on `listen`.
+    pub takeover: bool,
 }
 
 impl ProxyArgs {
@@ -259,6 +268,9 @@ impl ProxyArgs {
             errors.push(format!("--uid {uid:?}: use letters, digits, '-' and '_'"));
         }
         let force_epoll = self.io_driver == IoDriver::Epoll;
+        if self.takeover && self.listen_address.port() == 0 {
+            errors.push("--takeover needs a --listen-address with a fixed port".into());
+        }
         if self.kernel_buffer_limit < 64 * 1024 {
             errors.push(format!(
                 "--kernel-buffer-limit {}: use at least 64KiB (one TCP segment batch)",
@@ -297,6 +309,7 @@ impl ProxyArgs {
                 kernel_max_connections: self.kernel_max_connections,
                 kernel_client_socket: self.kernel_client_socket == Switch::On,
                 refusal_tls,
+                takeover: self.takeover,
             }),
             _ => Err(errors.join("\n  - ")),
         }

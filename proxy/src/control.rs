@@ -418,12 +418,17 @@ impl<S: Store> Control<S> {
         }
     }
 
-    async fn drain(self, lease: KeptLease) {
+    async fn drain(mut self, lease: KeptLease) {
         tracing::info!(connections = self.shared.active_connections(), "draining");
         self.shared.start_draining();
-        for fd in &self.listener_fds {
-            crate::sys::shutdown_both(*fd);
+        if self.shared.may_shut_listeners() {
+            // Clients in the accept queues are reset now rather than left waiting.
+            for fd in &self.listener_fds {
+                crate::sys::shutdown_both(*fd);
+            }
         }
+        // Workers stop accepting; after a takeover the sockets stay open in the new process.
+        self.wake_workers();
         let deadline = Instant::now() + self.shared.settings.drain_timeout + Duration::from_secs(1);
         while self.shared.active_connections() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;

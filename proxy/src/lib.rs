@@ -16,6 +16,7 @@
 pub mod config;
 pub mod control;
 pub mod forward;
+pub mod handover;
 pub mod kernel;
 pub mod metrics;
 pub mod pgwire;
@@ -61,6 +62,9 @@ pub enum ProxyError {
     /// The store configuration is unusable.
     #[error(transparent)]
     Store(#[from] tendril_control_store::StoreError),
+    /// `--takeover` could not take the running proxy's listening sockets.
+    #[error(transparent)]
+    Takeover(#[from] handover::HandoverError),
     /// Another startup failure.
     #[error("{0}")]
     Other(String),
@@ -96,12 +100,32 @@ impl App {
         config: ProxyConfig,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<App, ProxyError> {
+        let mut config = config;
         let nofile = sys::raise_nofile_limit();
-        // Beside a running process on the same address (a proxy started to replace it),
-        // the listeners join only once the routing table is read: until then every new
-        // client goes to the process that can route it.
-        let beside = listened_on(config.listen);
-        let listeners = bind(config.listen, config.workers, !beside)?;
+        let (listeners, beside, taken) = if config.takeover {
+            // The running process's own sockets: they never close, so no connect is
+            // refused. It accepts on them until this one has read its routing table.
+            let (mut listeners, taken) = handover::take(config.listen)?;
+            if listeners.len() > config.workers {
+                // Every socket of the group gets clients: each needs a worker.
+                tracing::info!(
+                    workers = listeners.len(),
+                    "one worker per listening socket taken over"
+                );
+                config.workers = listeners.len();
+            }
+            let more = config.workers - listeners.len();
+            if more > 0 {
+                listeners.extend(bind(config.listen, more, false)?);
+            }
+            (listeners, true, Some(taken))
+        } else {
+            // Beside a running process on the same address (a proxy started to replace
+            // it without --takeover), the listeners join only once the routing table is
+            // read: until then every new client goes to the process that can route it.
+            let beside = handover::listened_on(config.listen);
+            (bind(config.listen, config.workers, !beside)?, beside, None)
+        };
         let listen = listeners[0]
             .local_addr()
             .map_err(|source| ProxyError::Listen {
@@ -254,9 +278,28 @@ impl App {
         }
         let driver = shared.driver();
         tracing::info!(%listen, workers = config.workers, driver, forwarding, nofile, uid = %config.uid, "proxy listening");
-        if beside {
+        if taken.is_some() {
+            tracing::info!(%listen, "took the running proxy's listening sockets: accepting once the routing table is read");
+        } else if beside {
             tracing::info!(%listen, "another process listens on this address: this one takes clients once it has read its routing table");
         }
+        let (handed_over_tx, handed_over) = tokio::sync::oneshot::channel::<()>();
+        match taken {
+            Some(taken) => tell_when_routing(taken, shared.clone())?,
+            None => shared.own_listeners(),
+        }
+        let s = shared.clone();
+        handover::serve(listen, listener_fds.clone(), move || {
+            s.hand_over();
+            let _ = handed_over_tx.send(());
+        })
+        .map_err(|e| ProxyError::Other(format!("handover socket: {e}")))?;
+        let shutdown = async move {
+            tokio::select! {
+                () = shutdown => {}
+                Ok(()) = handed_over => {}
+            }
+        };
         let control = spawn_control(
             config,
             shared.clone(),
@@ -292,20 +335,35 @@ impl App {
     }
 }
 
-/// Whether a process listens on `addr` already: a socket that does not share the port
-/// cannot bind it then (port 0 is never taken).
-fn listened_on(addr: SocketAddr) -> bool {
-    use socket2::{Domain, Protocol, Socket, Type};
-    if addr.port() == 0 {
-        return false;
-    }
-    let Ok(probe) = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-    else {
-        return false;
-    };
-    // Past connections in TIME-WAIT do not count.
-    let _ = probe.set_reuse_address(true);
-    matches!(probe.bind(&addr.into()), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
+/// Once the routing table is read, tells the proxy whose sockets this one took to stop
+/// accepting: from then on the sockets are this process's alone.
+fn tell_when_routing(taken: handover::Taken, shared: Arc<Shared>) -> Result<(), ProxyError> {
+    std::thread::Builder::new()
+        .name("takeover".into())
+        .spawn(move || {
+            while matches!(
+                shared.table.load().backend,
+                Err(routing::NoBackend::Starting)
+            ) {
+                if shared.draining() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            match taken.ready() {
+                Ok(()) => {
+                    shared.own_listeners();
+                    tracing::info!("took over: the old proxy stops accepting and drains");
+                }
+                Err(e) => {
+                    // It exited meanwhile: the sockets are this process's anyway.
+                    shared.own_listeners();
+                    tracing::warn!(error = %e, "cannot tell the old proxy to stop accepting");
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| ProxyError::Other(format!("spawn takeover thread: {e}")))
 }
 
 /// `n` sockets sharing `addr` (`SO_REUSEPORT`), listening unless `listen` is false (the

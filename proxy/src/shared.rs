@@ -51,6 +51,8 @@ pub struct Shared {
     pub kernel_paths: [AtomicU64; crate::kernel::path::Reason::ALL.len()],
     drivers: Vec<AtomicU8>,
     draining: AtomicBool,
+    owns_listeners: AtomicBool,
+    handed_over: AtomicBool,
     workers_stopped: std::sync::atomic::AtomicUsize,
 }
 
@@ -70,6 +72,8 @@ impl Shared {
             kernel_paths: Default::default(),
             drivers: (0..workers).map(|_| AtomicU8::new(0)).collect(),
             draining: AtomicBool::new(false),
+            owns_listeners: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
             workers_stopped: std::sync::atomic::AtomicUsize::new(0),
         })
     }
@@ -133,6 +137,23 @@ impl Shared {
     /// Whether every worker thread returned (none can hand over a connection any more).
     pub fn all_workers_stopped(&self) -> bool {
         self.workers_stopped.load(Ordering::Acquire) >= self.drivers.len()
+    }
+
+    /// Marks the listening sockets as this process's alone: shutting them down on drain
+    /// refuses nobody another process would serve.
+    pub fn own_listeners(&self) {
+        self.owns_listeners.store(true, Ordering::Release);
+    }
+
+    /// Records that a new process took over the listening sockets (it serves on them now).
+    pub fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
+    }
+
+    /// Whether draining may shut the listening sockets down: they are this process's and
+    /// no other took them over (else the workers only stop accepting on them).
+    pub fn may_shut_listeners(&self) -> bool {
+        self.owns_listeners.load(Ordering::Acquire) && !self.handed_over.load(Ordering::Acquire)
     }
 
     /// Whether the proxy is draining.

@@ -229,9 +229,13 @@ pub fn run(
             forwarder: UserspaceCopy::new(Rc::new(BufferPool::default())),
             kernel,
         });
-        monoio::spawn(fence_task(ctx.clone(), wake));
+        // Draining stops the accepts: the fence task cancels the one in flight (after a
+        // takeover the socket stays open in the new process, so nothing else ends it).
+        let accepting = monoio::io::Canceller::new();
+        let stop = accepting.handle();
+        monoio::spawn(fence_task(ctx.clone(), wake, accepting));
         loop {
-            match listener.accept().await {
+            match listener.cancelable_accept(stop.clone()).await {
                 Ok((stream, peer)) => {
                     monoio::spawn(connection(ctx.clone(), stream, peer));
                 }
@@ -281,7 +285,12 @@ async fn drain(ctx: &Ctx) {
     }
 }
 
-async fn fence_task(ctx: Rc<Ctx>, mut wake: monoio::net::UnixStream) {
+async fn fence_task(
+    ctx: Rc<Ctx>,
+    mut wake: monoio::net::UnixStream,
+    accepting: monoio::io::Canceller,
+) {
+    let mut accepting = Some(accepting);
     let mut buf = vec![0u8; 64];
     loop {
         let (res, b) = wake.read(buf).await;
@@ -289,6 +298,13 @@ async fn fence_task(ctx: Rc<Ctx>, mut wake: monoio::net::UnixStream) {
         match res {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
+        }
+        if ctx.shared.draining() {
+            // An accept that completed before the cancel still returns its client, which
+            // is served like the others.
+            if let Some(c) = accepting.take() {
+                drop(c.cancel());
+            }
         }
         let table = ctx.shared.table.load_full();
         let cut = ctx.registry.borrow_mut().fence(&table);

@@ -96,3 +96,223 @@ async fn a_proxy_started_beside_a_running_one_takes_clients_only_once_it_can_rou
     let c = connect(new.port).await.unwrap();
     assert_eq!(backend_port(&c).await, pg.port());
 }
+
+/// New connections (one `select 1` each) in `loops` tasks until `stop`; every failure with
+/// how it failed, and how many succeeded.
+fn connect_loops(
+    port: u16,
+    loops: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
+    use std::sync::atomic::Ordering;
+    tokio::spawn(async move {
+        let tasks: Vec<_> = (0..loops)
+            .map(|_| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let (mut ok, mut failed) = (0, Vec::new());
+                    while !stop.load(Ordering::Relaxed) {
+                        let f = clients(port, 1).await;
+                        if f.is_empty() {
+                            ok += 1;
+                        }
+                        failed.extend(f);
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        let (mut ok, mut failed) = (0, Vec::new());
+        for t in tasks {
+            let (o, f) = t.await.unwrap();
+            ok += o;
+            failed.extend(f);
+        }
+        (ok, failed)
+    })
+}
+
+async fn wait_log(p: &ProxyProc, what: &str, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while !p.log_text().contains(what) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "proxy {} did not log {what:?}:\n{}",
+            p.uid,
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_exit(p: &mut ProxyProc, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "proxy {} did not exit:\n{}",
+            p.uid,
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn accepted(p: &ProxyProc) -> u64 {
+    p.metrics()
+        .lines()
+        .find(|l| l.starts_with("tendril_proxy_connections_accepted_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Three takeovers in a row (default forwarding, then the epoll driver in userspace, then the
+/// default again) under new connections in a loop and an open session on the old process:
+/// no connect fails, the session keeps working on the old process until it closes it, the
+/// old process then exits by itself, and the new one serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_moves_the_listening_sockets_without_failing_a_client() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    env.route(Some(("db1", pg.port())), false).await;
+    let mut old = ProxyProc::start(&env, "r0", &["--workers", "2"], &[]);
+    wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
+    let listen = format!("127.0.0.1:{}", old.port);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let loops = connect_loops(old.port, 3, stop.clone());
+    let rounds: [&[&str]; 3] = [
+        &["--workers", "1"],
+        &[
+            "--workers",
+            "3",
+            "--io-driver",
+            "epoll",
+            "--forwarding",
+            "userspace",
+        ],
+        &[],
+    ];
+    for (i, flags) in rounds.iter().enumerate() {
+        let session = connect(old.port).await.unwrap();
+        session.simple_query("select 1").await.unwrap();
+        let mut args = vec!["--listen-address", listen.as_str(), "--takeover"];
+        args.extend_from_slice(flags);
+        let new = ProxyProc::start(&env, &format!("r{}", i + 1), &args, &[]);
+        wait_log(
+            &new,
+            "took over: the old proxy stops accepting",
+            Duration::from_secs(10),
+        )
+        .await;
+        wait_log(
+            &old,
+            "a new proxy took over the listening sockets",
+            Duration::from_secs(5),
+        )
+        .await;
+        // The old process serves what it has until it ends.
+        for _ in 0..20 {
+            session.simple_query("select 1").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(session);
+        let status = wait_exit(&mut old, Duration::from_secs(10)).await;
+        assert!(status.success(), "old proxy: {status}\n{}", old.log_text());
+        let before = accepted(&new);
+        assert!(clients(new.port, 5).await.is_empty());
+        assert!(
+            accepted(&new) >= before + 5,
+            "round {i}: the new proxy did not accept the clients:\n{}",
+            new.metrics()
+        );
+        old = new;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = loops.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} connects failed: {failed:?}",
+        failed.len()
+    );
+    assert!(ok > 30, "only {ok} connects in the loops");
+    let c = connect(old.port).await.unwrap();
+    assert_eq!(backend_port(&c).await, pg.port());
+}
+
+/// A taker that never reads its routing table (the store unreachable) and is then killed
+/// changes nothing: the old process takes every client meanwhile and after, and answers the
+/// next taker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taker_that_cannot_route_leaves_the_old_proxy_serving() {
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    env.route(Some(("db1", pg.port())), false).await;
+    let mut old = ProxyProc::start(&env, "t0", &[], &[]);
+    wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
+    let listen = format!("127.0.0.1:{}", old.port);
+    let args = ["--listen-address", listen.as_str(), "--takeover"];
+    let stuck = ProxyProc::start(
+        &env,
+        "t1",
+        &args,
+        &[("TENDRIL_STORE_ENDPOINTS", "http://127.0.0.1:1")],
+    );
+    wait_log(
+        &old,
+        "a new proxy asks for the listening sockets",
+        Duration::from_secs(5),
+    )
+    .await;
+    let failed = clients(old.port, 40).await;
+    assert!(
+        failed.is_empty(),
+        "with a taker that cannot route: {failed:?}"
+    );
+    drop(stuck);
+    let failed = clients(old.port, 20).await;
+    assert!(failed.is_empty(), "after the taker died: {failed:?}");
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "{}",
+        old.log_text()
+    );
+    let mut new = ProxyProc::start(&env, "t2", &args, &[]);
+    wait_log(
+        &new,
+        "took over: the old proxy stops accepting",
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_exit(&mut old, Duration::from_secs(10)).await;
+    assert!(clients(new.port, 5).await.is_empty());
+    assert!(new.child.try_wait().unwrap().is_none());
+}
+
+/// `--takeover` with no proxy on the address fails at once and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_without_a_running_proxy_says_so() {
+    let env = Env::new().await;
+    let port = tendril_testkit::free_port();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tendril-proxy"))
+        .env("TENDRIL_CLUSTER_NAME", support::CLUSTER)
+        .env("TENDRIL_STORE_ENDPOINTS", env.etcd.endpoint())
+        .args([
+            "--listen-address",
+            &format!("127.0.0.1:{port}"),
+            "--takeover",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "--takeover: no running tendril-proxy answers for 127.0.0.1:{port}"
+        )),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,281 @@
+//! Listener handover: a new `tendril-proxy --takeover` receives the running process's
+//! listening sockets (the same kernel sockets, over `SCM_RIGHTS`), serves on them once it has
+//! read its routing table, and only then does the old process stop accepting. The sockets
+//! never close, so no client's connect is refused or reset at any moment of a restart or an
+//! upgrade; the old process finishes the connections it has, then exits.
+//!
+//! Every proxy answers on an abstract Unix socket named after its listen address
+//! ([`name`]): abstract, so nothing is left on disk after a kill -9, and per network
+//! namespace like the address itself. Only a process of the same user (or root) is answered
+//! (`SO_PEERCRED`): the listening sockets carry every client of the host.
+//!
+//! The exchange, one line each way plus the descriptors:
+//! 1. new → old: `takeover v1`
+//! 2. old → new: `listeners N` with N descriptors attached
+//! 3. new → old: `ready`, once its routing table is read. The old process then drains.
+//!
+//! A new process that dies before `ready` (EOF) changes nothing: the old one keeps serving
+//! and answers the next taker.
+
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+const REQUEST: &str = "takeover v1";
+const READY: &str = "ready";
+/// Most listening sockets one exchange carries (one per worker).
+const MAX_LISTENERS: usize = 256;
+/// How long either side waits for the other's line during the exchange (not for `ready`).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a proxy tries to take its handover name while the one it replaced holds it.
+const RETRY: Duration = Duration::from_millis(20);
+
+/// Why a takeover failed (the new process does not start; the old one is unaffected).
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// No running proxy answers for this listen address.
+    #[error(
+        "--takeover: no running tendril-proxy answers for {listen} (handover socket @{name}): {source}"
+    )]
+    NoneRunning {
+        /// The listen address.
+        listen: SocketAddr,
+        /// The abstract socket's name.
+        name: String,
+        /// Why the connect failed.
+        source: std::io::Error,
+    },
+    /// The exchange broke off or made no sense.
+    #[error("--takeover from the proxy on {listen}: {detail}")]
+    Exchange {
+        /// The listen address.
+        listen: SocketAddr,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+/// The abstract socket name a proxy listening on `listen` answers takeovers on.
+pub fn name(listen: SocketAddr) -> String {
+    format!("tendril-proxy/{listen}")
+}
+
+/// The exchange with the proxy whose listening sockets this process took: [`Taken::ready`]
+/// tells it to stop accepting.
+#[derive(Debug)]
+pub struct Taken {
+    stream: UnixStream,
+}
+
+impl Taken {
+    /// Tells the old process that this one serves: it stops accepting and drains.
+    pub fn ready(mut self) -> std::io::Result<()> {
+        self.stream.write_all(format!("{READY}\n").as_bytes())
+    }
+}
+
+/// Takes the listening sockets of the proxy running on `listen` (as its workers used them).
+pub fn take(listen: SocketAddr) -> Result<(Vec<std::net::TcpListener>, Taken), HandoverError> {
+    let exchange = |detail: String| HandoverError::Exchange { listen, detail };
+    let name = name(listen);
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .map_err(|e| exchange(e.to_string()))?;
+    // A proxy that took over a moment ago answers once the one it replaced has gone (the
+    // name is free then): while something listens on the address, wait a little for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut stream = loop {
+        match UnixStream::connect_addr(&addr) {
+            Ok(stream) => break stream,
+            Err(_) if listened_on(listen) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(RETRY);
+            }
+            Err(source) => {
+                return Err(HandoverError::NoneRunning {
+                    listen,
+                    name: name.clone(),
+                    source,
+                });
+            }
+        }
+    };
+    stream
+        .set_read_timeout(Some(EXCHANGE_TIMEOUT))
+        .map_err(|e| exchange(e.to_string()))?;
+    stream
+        .write_all(format!("{REQUEST}\n").as_bytes())
+        .map_err(|e| exchange(format!("cannot send the request: {e}")))?;
+    let (line, fds) = receive(&stream).map_err(|e| exchange(format!("no answer: {e}")))?;
+    let expected = line
+        .strip_prefix("listeners ")
+        .and_then(|n| n.parse::<usize>().ok());
+    if expected != Some(fds.len()) || fds.is_empty() {
+        return Err(exchange(format!(
+            "unexpected answer {line:?} with {} descriptors",
+            fds.len()
+        )));
+    }
+    let mut listeners = Vec::with_capacity(fds.len());
+    for fd in fds {
+        let socket = socket2::Socket::from(fd);
+        let bound = socket.local_addr().ok().and_then(|a| a.as_socket());
+        let listening = socket.is_listener().unwrap_or(false);
+        if !listening || bound.is_none_or(|b| !same_address(b, listen)) {
+            return Err(exchange(format!(
+                "received a socket that is not listening on {listen} ({bound:?}, listening {listening})"
+            )));
+        }
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| exchange(e.to_string()))?;
+        listeners.push(socket.into());
+    }
+    stream
+        .set_read_timeout(None)
+        .map_err(|e| exchange(e.to_string()))?;
+    Ok((listeners, Taken { stream }))
+}
+
+/// Whether a process listens on `addr` already: a socket that does not share the port
+/// cannot bind it then (port 0 is never taken).
+pub(crate) fn listened_on(addr: SocketAddr) -> bool {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if addr.port() == 0 {
+        return false;
+    }
+    let Ok(probe) = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+    else {
+        return false;
+    };
+    // Past connections in TIME-WAIT do not count.
+    let _ = probe.set_reuse_address(true);
+    matches!(probe.bind(&addr.into()), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
+}
+
+/// Whether a socket bound to `bound` serves `listen` (port 0 is never handed over).
+fn same_address(bound: SocketAddr, listen: SocketAddr) -> bool {
+    bound.port() == listen.port() && (bound.ip() == listen.ip() || listen.ip().is_unspecified())
+}
+
+/// One line and the descriptors attached to it.
+fn receive(stream: &UnixStream) -> std::io::Result<(String, Vec<OwnedFd>)> {
+    let mut buf = [0u8; 128];
+    let mut space = nix::cmsg_space!([RawFd; MAX_LISTENERS]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: SCM_RIGHTS installed these descriptors in this process just now;
+            // nothing else owns them.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(std::io::Error::other("too many descriptors"));
+    }
+    let n = msg.bytes;
+    let line = String::from_utf8_lossy(&buf[..n]).trim_end().to_owned();
+    Ok((line, fds))
+}
+
+/// Answers takeovers for the proxy listening on `listen` with `listeners`, on a thread of
+/// its own. `handed_over` runs once, when a taker said `ready`: the caller drains. While
+/// another process holds the name (the proxy this one replaced, until it hands over), the
+/// thread tries again every [`RETRY`].
+pub fn serve(
+    listen: SocketAddr,
+    listeners: Vec<RawFd>,
+    handed_over: impl FnOnce() + Send + 'static,
+) -> std::io::Result<()> {
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name(listen).as_bytes())?;
+    std::thread::Builder::new()
+        .name("handover".into())
+        .spawn(move || {
+            let socket = loop {
+                match UnixListener::bind_addr(&addr) {
+                    Ok(socket) => break socket,
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                        std::thread::sleep(RETRY);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%listen, error = %e, "cannot answer takeovers");
+                        return;
+                    }
+                }
+            };
+            for stream in socket.incoming() {
+                let Ok(stream) = stream else { continue };
+                match answer(&stream, &listeners) {
+                    Ok(()) => {
+                        tracing::info!(%listen, "a new proxy took over the listening sockets: draining");
+                        handed_over();
+                        return;
+                    }
+                    Err(e) => tracing::warn!(%listen, error = %e, "takeover not completed; still serving"),
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// One taker: check who it is, send the sockets, wait for `ready` (or its end).
+fn answer(stream: &UnixStream, listeners: &[RawFd]) -> std::io::Result<()> {
+    let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if cred.uid() != me && cred.uid() != 0 {
+        return Err(std::io::Error::other(format!(
+            "refused a takeover from uid {} (pid {}): only this user or root may",
+            cred.uid(),
+            cred.pid()
+        )));
+    }
+    stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if line.trim_end() != REQUEST {
+        return Err(std::io::Error::other(format!(
+            "unexpected request {:?} from pid {}",
+            line.trim_end(),
+            cred.pid()
+        )));
+    }
+    tracing::info!(
+        pid = cred.pid(),
+        "a new proxy asks for the listening sockets"
+    );
+    let head = format!("listeners {}\n", listeners.len());
+    let rights = [ControlMessage::ScmRights(listeners)];
+    sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(head.as_bytes())],
+        &rights,
+        MsgFlags::empty(),
+        None,
+    )?;
+    // The taker reads its routing table first: that may take as long as the store does.
+    stream.set_read_timeout(None)?;
+    line.clear();
+    reader.read_line(&mut line)?;
+    if line.trim_end() == READY {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "the new proxy (pid {}) ended before it was ready",
+            cred.pid()
+        )))
+    }
+}
