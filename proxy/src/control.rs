@@ -112,7 +112,9 @@ impl<S: Store> Control<S> {
         self.killer.as_ref().map_or("none", |k| k.mechanism())
     }
 
-    /// Runs until `shutdown`, then drains: stop accepting, let connections finish.
+    /// Runs until `shutdown`, then drains: stop accepting, let connections finish. While
+    /// they do, routing still follows the store: a fence during the drain cuts them as it
+    /// would have before.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         let mut lease = KeptLease::start(self.store.clone(), self.lease_ttl);
         let started = Instant::now();
@@ -120,6 +122,7 @@ impl<S: Store> Control<S> {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
+        let mut drain_until: Option<Instant> = None;
         loop {
             if watch.is_none() && !self.self_fenced {
                 match self.reload().await {
@@ -156,6 +159,11 @@ impl<S: Store> Control<S> {
                 _ = tick.tick() => {
                     self.check_lease(&lease, started).await;
                     self.track_host_sockets();
+                    if drain_until.is_some_and(|until| {
+                        self.shared.active_connections() == 0 || Instant::now() >= until
+                    }) {
+                        break;
+                    }
                 }
                 () = lease.changed() => {
                     if lease.id() != self.lease_id {
@@ -163,10 +171,12 @@ impl<S: Store> Control<S> {
                         self.acknowledge().await;
                     }
                 }
-                () = &mut shutdown => break,
+                () = &mut shutdown, if drain_until.is_none() => {
+                    drain_until = Some(self.start_drain());
+                }
             }
         }
-        self.drain(lease).await;
+        let _ = lease.revoke(&self.store).await;
     }
 
     /// The connection tracker: every few seconds, how many sockets on the host (proxied or
@@ -418,7 +428,9 @@ impl<S: Store> Control<S> {
         }
     }
 
-    async fn drain(mut self, lease: KeptLease) {
+    /// Stops the accepts; returns when the drain ends at the latest (the workers cut what
+    /// is left at `drain_timeout`).
+    fn start_drain(&mut self) -> Instant {
         tracing::info!(connections = self.shared.active_connections(), "draining");
         self.shared.start_draining();
         if self.shared.may_shut_listeners() {
@@ -429,11 +441,7 @@ impl<S: Store> Control<S> {
         }
         // Workers stop accepting; after a takeover the sockets stay open in the new process.
         self.wake_workers();
-        let deadline = Instant::now() + self.shared.settings.drain_timeout + Duration::from_secs(1);
-        while self.shared.active_connections() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = lease.revoke(&self.store).await;
+        Instant::now() + self.shared.settings.drain_timeout + Duration::from_secs(1)
     }
 }
 

@@ -11,7 +11,9 @@
 //!
 //! The exchange, one line each way plus the descriptors:
 //! 1. new → old: `takeover v1`
-//! 2. old → new: `listeners N` with N descriptors attached
+//! 2. old → new: `listeners N UID` with N descriptors attached (UID: the old process's proxy
+//!    uid; a taker with the same `--uid` takes another, [`successor_uid`], so that each
+//!    process acknowledges fences for its own connections only)
 //! 3. new → old: `ready`, once its routing table is read. The old process then drains.
 //!
 //! A new process that dies before `ready` (EOF) changes nothing: the old one keeps serving
@@ -69,6 +71,8 @@ pub fn name(listen: SocketAddr) -> String {
 /// tells it to stop accepting.
 #[derive(Debug)]
 pub struct Taken {
+    /// The old process's proxy uid.
+    pub uid: String,
     stream: UnixStream,
 }
 
@@ -110,15 +114,19 @@ pub fn take(listen: SocketAddr) -> Result<(Vec<std::net::TcpListener>, Taken), H
         .write_all(format!("{REQUEST}\n").as_bytes())
         .map_err(|e| exchange(format!("cannot send the request: {e}")))?;
     let (line, fds) = receive(&stream).map_err(|e| exchange(format!("no answer: {e}")))?;
-    let expected = line
-        .strip_prefix("listeners ")
-        .and_then(|n| n.parse::<usize>().ok());
-    if expected != Some(fds.len()) || fds.is_empty() {
+    let mut words = line.split(' ');
+    let expected = match (words.next(), words.next(), words.next(), words.next()) {
+        (Some("listeners"), Some(n), Some(uid), None) => {
+            n.parse::<usize>().ok().map(|n| (n, uid.to_owned()))
+        }
+        _ => None,
+    };
+    let Some((_, uid)) = expected.filter(|(n, _)| *n == fds.len() && *n > 0) else {
         return Err(exchange(format!(
             "unexpected answer {line:?} with {} descriptors",
             fds.len()
         )));
-    }
+    };
     let mut listeners = Vec::with_capacity(fds.len());
     for fd in fds {
         let socket = socket2::Socket::from(fd);
@@ -137,7 +145,7 @@ pub fn take(listen: SocketAddr) -> Result<(Vec<std::net::TcpListener>, Taken), H
     stream
         .set_read_timeout(None)
         .map_err(|e| exchange(e.to_string()))?;
-    Ok((listeners, Taken { stream }))
+    Ok((listeners, Taken { uid, stream }))
 }
 
 /// Whether a process listens on `addr` already: a socket that does not share the port
@@ -154,6 +162,20 @@ pub(crate) fn listened_on(addr: SocketAddr) -> bool {
     // Past connections in TIME-WAIT do not count.
     let _ = probe.set_reuse_address(true);
     matches!(probe.bind(&addr.into()), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
+}
+
+/// The uid a taker configured with `mine` uses after a process with `old`: its own, unless
+/// that is the old one's (the same `--uid` on both), then the other of `UID` and `UID-b`.
+/// Two processes acknowledging for one uid would let one's acknowledgement cover the
+/// other's connections to a fenced master.
+pub fn successor_uid(mine: &str, old: &str) -> String {
+    if mine != old {
+        mine.to_owned()
+    } else if let Some(base) = mine.strip_suffix("-b") {
+        base.to_owned()
+    } else {
+        format!("{mine}-b")
+    }
 }
 
 /// Whether a socket bound to `bound` serves `listen` (port 0 is never handed over).
@@ -197,6 +219,7 @@ fn receive(stream: &UnixStream) -> std::io::Result<(String, Vec<OwnedFd>)> {
 /// thread tries again every [`RETRY`].
 pub fn serve(
     listen: SocketAddr,
+    uid: String,
     listeners: Vec<RawFd>,
     handed_over: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<()> {
@@ -218,7 +241,7 @@ pub fn serve(
             };
             for stream in socket.incoming() {
                 let Ok(stream) = stream else { continue };
-                match answer(&stream, &listeners) {
+                match answer(&stream, &uid, &listeners) {
                     Ok(()) => {
                         tracing::info!(%listen, "a new proxy took over the listening sockets: draining");
                         handed_over();
@@ -232,7 +255,7 @@ pub fn serve(
 }
 
 /// One taker: check who it is, send the sockets, wait for `ready` (or its end).
-fn answer(stream: &UnixStream, listeners: &[RawFd]) -> std::io::Result<()> {
+fn answer(stream: &UnixStream, uid: &str, listeners: &[RawFd]) -> std::io::Result<()> {
     let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
     let me = nix::unistd::geteuid().as_raw();
     if cred.uid() != me && cred.uid() != 0 {
@@ -257,7 +280,7 @@ fn answer(stream: &UnixStream, listeners: &[RawFd]) -> std::io::Result<()> {
         pid = cred.pid(),
         "a new proxy asks for the listening sockets"
     );
-    let head = format!("listeners {}\n", listeners.len());
+    let head = format!("listeners {} {uid}\n", listeners.len());
     let rights = [ControlMessage::ScmRights(listeners)];
     sendmsg::<()>(
         stream.as_raw_fd(),
@@ -277,5 +300,18 @@ fn answer(stream: &UnixStream, listeners: &[RawFd]) -> std::io::Result<()> {
             "the new proxy (pid {}) ended before it was ready",
             cred.pid()
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::successor_uid;
+
+    #[test]
+    fn a_taker_with_the_old_process_uid_alternates() {
+        assert_eq!(successor_uid("a1", "zz"), "a1");
+        assert_eq!(successor_uid("a1", "a1"), "a1-b");
+        assert_eq!(successor_uid("a1", "a1-b"), "a1");
+        assert_eq!(successor_uid("a1-b", "a1-b"), "a1");
     }
 }

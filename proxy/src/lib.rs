@@ -106,6 +106,11 @@ impl App {
             // The running process's own sockets: they never close, so no connect is
             // refused. It accepts on them until this one has read its routing table.
             let (mut listeners, taken) = handover::take(config.listen)?;
+            let uid = handover::successor_uid(&config.uid, &taken.uid);
+            if uid != config.uid {
+                tracing::info!(old = %taken.uid, %uid, "the running proxy has this uid: taking another until it exits");
+                config.uid = uid;
+            }
             if listeners.len() > config.workers {
                 // Every socket of the group gets clients: each needs a worker.
                 tracing::info!(
@@ -289,10 +294,15 @@ impl App {
             None => shared.own_listeners(),
         }
         let s = shared.clone();
-        handover::serve(listen, listener_fds.clone(), move || {
-            s.hand_over();
-            let _ = handed_over_tx.send(());
-        })
+        handover::serve(
+            listen,
+            config.uid.clone(),
+            listener_fds.clone(),
+            move || {
+                s.hand_over();
+                let _ = handed_over_tx.send(());
+            },
+        )
         .map_err(|e| ProxyError::Other(format!("handover socket: {e}")))?;
         let shutdown = async move {
             tokio::select! {

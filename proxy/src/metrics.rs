@@ -79,6 +79,12 @@ pub struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
+    /// Records that this block's thread stopped: it holds no connection, so it has applied
+    /// every fence to come (a drain must not wait for it).
+    pub fn stopped(&self) {
+        self.applied_epoch.store(u64::MAX, Ordering::Release);
+    }
+
     /// Counts a closed connection.
     pub fn closed(&self, reason: CloseReason) {
         let i = CloseReason::ALL

@@ -250,6 +250,7 @@ pub fn run(
             }
         }
         drain(&ctx).await;
+        ctx.metrics().stopped();
         Ok(())
     });
     if let Err(e) = result {

@@ -316,3 +316,59 @@ async fn takeover_without_a_running_proxy_says_so() {
         "{stderr}"
     );
 }
+
+/// A failover while the old process drains after a takeover: both processes follow the store,
+/// each cuts its own connections to the old master and acknowledges for its own uid (the
+/// new one, started with the same `--uid`, takes `UID-b`), and new clients reach the new
+/// master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_during_a_takeover_is_fenced_in_both_processes() {
+    let mut env = Env::new().await;
+    let (pg1, pg2) = (support::pg(), support::pg());
+    let g1 = env.route(Some(("db1", pg1.port())), false).await;
+    let old = ProxyProc::start(&env, "same", &[], &[]);
+    env.wait_acked("same", g1, Duration::from_secs(10)).await;
+    let listen = format!("127.0.0.1:{}", old.port);
+    let on_old = connect(old.port).await.unwrap();
+    assert_eq!(backend_port(&on_old).await, pg1.port());
+    let new = ProxyProc::start(
+        &env,
+        "same",
+        &["--listen-address", listen.as_str(), "--takeover"],
+        &[],
+    );
+    wait_log(
+        &new,
+        "took over: the old proxy stops accepting",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(new.log_text().contains("same-b"), "{}", new.log_text());
+    env.wait_acked("same-b", g1, Duration::from_secs(10)).await;
+    let on_new = connect(new.port).await.unwrap();
+    assert_eq!(backend_port(&on_new).await, pg1.port());
+    // The old process is draining (it still serves its session) when the master changes.
+    on_old.simple_query("select 1").await.unwrap();
+    let g2 = env.route(Some(("db2", pg2.port())), false).await;
+    env.wait_acked("same-b", g2, Duration::from_secs(10)).await;
+    for (which, c) in [("old", &on_old), ("new", &on_new)] {
+        let r = tokio::time::timeout(Duration::from_secs(5), c.simple_query("select 1")).await;
+        assert!(
+            matches!(r, Ok(Err(_))),
+            "the {which} process's connection to the old master survived the fence: {r:?}"
+        );
+    }
+    // The old process acknowledged for its own uid before it cut its last connection and
+    // exited (its registration ends with its lease).
+    let mut old = old;
+    let status = wait_exit(&mut old, Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}");
+    let log = old.log_text();
+    assert!(
+        log.contains("fence complete: every connection to the old master is closed")
+            && !log.contains("did not acknowledge the fence"),
+        "{log}"
+    );
+    let c = connect(new.port).await.unwrap();
+    assert_eq!(backend_port(&c).await, pg2.port());
+}

@@ -166,6 +166,7 @@ impl Thread {
                 break;
             }
         }
+        self.metrics().stopped();
         tracing::info!("kernel forwarding thread stopped");
     }
 
