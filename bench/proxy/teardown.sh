@@ -31,6 +31,7 @@ stop_pid tendril-etcd "$RUN_DIR/tendril-etcd.pid"
 stop_pid pgb-session "$RUN_DIR/pgb-session.pid"
 stop_pid pgb-txn "$RUN_DIR/pgb-txn.pid"
 stop_pid haproxy "$RUN_DIR/haproxy.pid"
+stop_pid haproxy-rollout "$RUN_DIR/haproxy-rollout.pid"
 # Also in the remote topology: pg_ctl stop signals the pid in postmaster.pid and waits for
 # the file to go, and the namespace shares this PID namespace and file system.
 if [ -f "$PG_DATA/postmaster.pid" ]; then

@@ -434,6 +434,7 @@ impl<S: Store> Control<S> {
         tracing::info!(connections = self.shared.active_connections(), "draining");
         self.shared.start_draining();
         if self.shared.may_shut_listeners() {
+            tendril_daemon::notify("STOPPING=1");
             // Clients in the accept queues are reset now rather than left waiting.
             for fd in &self.listener_fds {
                 crate::sys::shutdown_both(*fd);

@@ -11,9 +11,10 @@
 //!
 //! The exchange, one line each way plus the descriptors:
 //! 1. new → old: `takeover v1`
-//! 2. old → new: `listeners N UID` with N descriptors attached (UID: the old process's proxy
-//!    uid; a taker with the same `--uid` takes another, [`successor_uid`], so that each
-//!    process acknowledges fences for its own connections only)
+//! 2. old → new: `listeners N UID CLUSTER` with N descriptors attached (UID: the old
+//!    process's proxy uid; a taker with the same `--uid` takes another, [`successor_uid`],
+//!    so that each process acknowledges fences for its own connections only; CLUSTER: the
+//!    cluster it serves, which must be the taker's)
 //! 3. new → old: `ready`, once its routing table is read. The old process then drains.
 //!
 //! A new process that dies before `ready` (EOF) changes nothing: the old one keeps serving
@@ -62,6 +63,39 @@ pub enum HandoverError {
     },
 }
 
+/// Starts this program again with the same arguments plus `--takeover`; returns its pid.
+/// The program is found as it was started (a relative path against the working directory,
+/// a bare name on `PATH`), so a binary replaced on disk is the one that runs. Its exit, if it
+/// fails before taking over, is logged.
+pub fn reexec() -> std::io::Result<u32> {
+    let mut args = std::env::args_os();
+    let program = args
+        .next()
+        .ok_or_else(|| std::io::Error::other("no program name in argv"))?;
+    let program = if std::path::Path::new(&program).components().count() > 1 {
+        std::path::absolute(&program)?.into_os_string()
+    } else {
+        program
+    };
+    let args: Vec<_> = args.filter(|a| a != "--takeover").collect();
+    let mut child = std::process::Command::new(&program)
+        .args(&args)
+        .arg("--takeover")
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    std::thread::Builder::new()
+        .name("reexec".into())
+        .spawn(move || {
+            if let Ok(status) = child.wait()
+                && !status.success()
+            {
+                tracing::error!(pid, %status, "the new process exited with an error");
+            }
+        })?;
+    Ok(pid)
+}
+
 /// The abstract socket name a proxy listening on `listen` answers takeovers on.
 pub fn name(listen: SocketAddr) -> String {
     format!("tendril-proxy/{listen}")
@@ -77,6 +111,17 @@ pub struct Taken {
 }
 
 impl Taken {
+    /// Whether the old process is gone (it closed its end: exited or killed) before this
+    /// one was ready: nobody else accepts on the sockets then.
+    pub fn old_gone(&self) -> bool {
+        let mut byte = [0u8; 1];
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        matches!(
+            nix::sys::socket::recv(self.stream.as_raw_fd(), &mut byte, flags),
+            Ok(0) | Err(nix::errno::Errno::ECONNRESET)
+        )
+    }
+
     /// Tells the old process that this one serves: it stops accepting and drains.
     pub fn ready(mut self) -> std::io::Result<()> {
         self.stream.write_all(format!("{READY}\n").as_bytes())
@@ -84,7 +129,10 @@ impl Taken {
 }
 
 /// Takes the listening sockets of the proxy running on `listen` (as its workers used them).
-pub fn take(listen: SocketAddr) -> Result<(Vec<std::net::TcpListener>, Taken), HandoverError> {
+pub fn take(
+    listen: SocketAddr,
+    cluster: &str,
+) -> Result<(Vec<std::net::TcpListener>, Taken), HandoverError> {
     let exchange = |detail: String| HandoverError::Exchange { listen, detail };
     let name = name(listen);
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
@@ -116,17 +164,24 @@ pub fn take(listen: SocketAddr) -> Result<(Vec<std::net::TcpListener>, Taken), H
     let (line, fds) = receive(&stream).map_err(|e| exchange(format!("no answer: {e}")))?;
     let mut words = line.split(' ');
     let expected = match (words.next(), words.next(), words.next(), words.next()) {
-        (Some("listeners"), Some(n), Some(uid), None) => {
-            n.parse::<usize>().ok().map(|n| (n, uid.to_owned()))
-        }
+        (Some("listeners"), Some(n), Some(uid), Some(theirs)) => n
+            .parse::<usize>()
+            .ok()
+            .map(|n| (n, uid.to_owned(), theirs.to_owned())),
         _ => None,
     };
-    let Some((_, uid)) = expected.filter(|(n, _)| *n == fds.len() && *n > 0) else {
+    let Some((_, uid, theirs)) = expected.filter(|(n, ..)| *n == fds.len() && *n > 0) else {
         return Err(exchange(format!(
             "unexpected answer {line:?} with {} descriptors",
             fds.len()
         )));
     };
+    if theirs != cluster {
+        // Dropping the descriptors closes only this process's copies.
+        return Err(exchange(format!(
+            "the proxy running there serves cluster {theirs:?}, not {cluster:?}"
+        )));
+    }
     let mut listeners = Vec::with_capacity(fds.len());
     for fd in fds {
         let socket = socket2::Socket::from(fd);
@@ -220,6 +275,7 @@ fn receive(stream: &UnixStream) -> std::io::Result<(String, Vec<OwnedFd>)> {
 pub fn serve(
     listen: SocketAddr,
     uid: String,
+    cluster: String,
     listeners: Vec<RawFd>,
     handed_over: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<()> {
@@ -241,7 +297,7 @@ pub fn serve(
             };
             for stream in socket.incoming() {
                 let Ok(stream) = stream else { continue };
-                match answer(&stream, &uid, &listeners) {
+                match answer(&stream, &format!("{uid} {cluster}"), &listeners) {
                     Ok(()) => {
                         tracing::info!(%listen, "a new proxy took over the listening sockets: draining");
                         handed_over();
@@ -254,8 +310,9 @@ pub fn serve(
     Ok(())
 }
 
-/// One taker: check who it is, send the sockets, wait for `ready` (or its end).
-fn answer(stream: &UnixStream, uid: &str, listeners: &[RawFd]) -> std::io::Result<()> {
+/// One taker: check who it is, send the sockets (with `about`: uid and cluster), wait for
+/// `ready` (or its end).
+fn answer(stream: &UnixStream, about: &str, listeners: &[RawFd]) -> std::io::Result<()> {
     let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
     let me = nix::unistd::geteuid().as_raw();
     if cred.uid() != me && cred.uid() != 0 {
@@ -280,7 +337,7 @@ fn answer(stream: &UnixStream, uid: &str, listeners: &[RawFd]) -> std::io::Resul
         pid = cred.pid(),
         "a new proxy asks for the listening sockets"
     );
-    let head = format!("listeners {} {uid}\n", listeners.len());
+    let head = format!("listeners {} {about}\n", listeners.len());
     let rights = [ControlMessage::ScmRights(listeners)];
     sendmsg::<()>(
         stream.as_raw_fd(),

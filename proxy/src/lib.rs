@@ -105,7 +105,7 @@ impl App {
         let (listeners, beside, taken) = if config.takeover {
             // The running process's own sockets: they never close, so no connect is
             // refused. It accepts on them until this one has read its routing table.
-            let (mut listeners, taken) = handover::take(config.listen)?;
+            let (mut listeners, taken) = handover::take(config.listen, &config.cluster)?;
             let uid = handover::successor_uid(&config.uid, &taken.uid);
             if uid != config.uid {
                 tracing::info!(old = %taken.uid, %uid, "the running proxy has this uid: taking another until it exits");
@@ -291,12 +291,17 @@ impl App {
         let (handed_over_tx, handed_over) = tokio::sync::oneshot::channel::<()>();
         match taken {
             Some(taken) => tell_when_routing(taken, shared.clone())?,
-            None => shared.own_listeners(),
+            None => {
+                shared.own_listeners();
+                // Listening: clients are held until the routing table is read.
+                tendril_daemon::notify("READY=1");
+            }
         }
         let s = shared.clone();
         handover::serve(
             listen,
             config.uid.clone(),
+            config.cluster.clone(),
             listener_fds.clone(),
             move || {
                 s.hand_over();
@@ -358,19 +363,29 @@ fn tell_when_routing(taken: handover::Taken, shared: Arc<Shared>) -> Result<(), 
                 if shared.draining() {
                     return;
                 }
+                if !shared.alone() && taken.old_gone() {
+                    // Killed mid-handover: clients in the queues would wait for nobody.
+                    // Accept them and hold them, as a proxy that just started does.
+                    tracing::warn!(
+                        "the old proxy ended before this one could route: accepting now"
+                    );
+                    shared.set_alone();
+                }
                 std::thread::sleep(Duration::from_millis(10));
             }
+            shared.set_alone();
             match taken.ready() {
                 Ok(()) => {
-                    shared.own_listeners();
                     tracing::info!("took over: the old proxy stops accepting and drains");
                 }
                 Err(e) => {
                     // It exited meanwhile: the sockets are this process's anyway.
-                    shared.own_listeners();
                     tracing::warn!(error = %e, "cannot tell the old proxy to stop accepting");
                 }
             }
+            shared.own_listeners();
+            // Under systemd (NotifyAccess=all) this process becomes the service's main one.
+            tendril_daemon::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
         })
         .map(drop)
         .map_err(|e| ProxyError::Other(format!("spawn takeover thread: {e}")))
@@ -502,10 +517,31 @@ fn spawn_control(
                         health,
                     ));
                 }
+                tokio::spawn(reexec_on_sigusr2(shared.clone()));
                 control.run(shutdown).await;
             });
         })
         .map_err(|e| ProxyError::Other(format!("spawn control thread: {e}")))
+}
+
+/// SIGUSR2 starts this program again with `--takeover` (systemd's `ExecReload`): a restart,
+/// or an upgrade once the binary was replaced on disk.
+async fn reexec_on_sigusr2(shared: Arc<Shared>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        tracing::warn!("cannot handle SIGUSR2: no re-execution on reload");
+        return;
+    };
+    while usr2.recv().await.is_some() {
+        if shared.draining() {
+            tracing::info!("SIGUSR2 while draining: ignored");
+            continue;
+        }
+        match handover::reexec() {
+            Ok(pid) => tracing::info!(pid, "SIGUSR2: started a new process to take over"),
+            Err(e) => tracing::error!(error = %e, "SIGUSR2: cannot start a new process"),
+        }
+    }
 }
 
 /// The lease TTL: the spec's `proxy_timeout` if the cluster data can be read now, else 5 s.

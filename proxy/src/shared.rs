@@ -52,6 +52,7 @@ pub struct Shared {
     drivers: Vec<AtomicU8>,
     draining: AtomicBool,
     owns_listeners: AtomicBool,
+    alone: AtomicBool,
     handed_over: AtomicBool,
     workers_stopped: std::sync::atomic::AtomicUsize,
 }
@@ -73,6 +74,7 @@ impl Shared {
             drivers: (0..workers).map(|_| AtomicU8::new(0)).collect(),
             draining: AtomicBool::new(false),
             owns_listeners: AtomicBool::new(false),
+            alone: AtomicBool::new(false),
             handed_over: AtomicBool::new(false),
             workers_stopped: std::sync::atomic::AtomicUsize::new(0),
         })
@@ -143,6 +145,18 @@ impl Shared {
     /// refuses nobody another process would serve.
     pub fn own_listeners(&self) {
         self.owns_listeners.store(true, Ordering::Release);
+    }
+
+    /// Records that no other process accepts on this one's listening sockets any more (the
+    /// one they were taken from is ready to drain, or gone): workers waiting for the routing
+    /// table accept at once.
+    pub fn set_alone(&self) {
+        self.alone.store(true, Ordering::Release);
+    }
+
+    /// See [`Shared::set_alone`].
+    pub fn alone(&self) -> bool {
+        self.alone.load(Ordering::Acquire)
     }
 
     /// Records that a new process took over the listening sockets (it serves on them now).

@@ -212,7 +212,8 @@ pub fn run(
         let _ = started.send((id, Ok(driver)));
         if deferred {
             // The process beside this one takes every client until this one can route.
-            while matches!(shared.table.load().backend, Err(NoBackend::Starting)) {
+            while matches!(shared.table.load().backend, Err(NoBackend::Starting)) && !shared.alone()
+            {
                 if shared.draining() {
                     return Ok(());
                 }

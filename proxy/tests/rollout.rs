@@ -15,11 +15,14 @@ use support::{Env, ProxyProc, backend_port, connect, wait_routed};
 async fn clients(port: u16, n: usize) -> Vec<String> {
     let mut failed = Vec::new();
     for i in 0..n {
+        // A server's error with its message (the Display of tokio-postgres says "db error").
+        let said = |e: tokio_postgres::Error| {
+            e.as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_owned())
+        };
         let attempt = async {
-            let c = connect(port).await.map_err(|e| e.to_string())?;
-            c.simple_query("select 1")
-                .await
-                .map_err(|e| e.to_string())?;
+            let c = connect(port).await.map_err(said)?;
+            c.simple_query("select 1").await.map_err(said)?;
             Ok::<_, String>(())
         };
         match tokio::time::timeout(Duration::from_secs(5), attempt).await {
@@ -371,4 +374,271 @@ async fn a_failover_during_a_takeover_is_fenced_in_both_processes() {
     );
     let c = connect(new.port).await.unwrap();
     assert_eq!(backend_port(&c).await, pg2.port());
+}
+
+/// Kills a process the test did not spawn (the one a re-execution started) when dropped.
+struct Pid(i32);
+
+impl Drop for Pid {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// The next notice a service manager would get on `socket`.
+fn notice(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf).expect("no notice within the timeout");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// What `systemctl reload` does with the shipped unit (its `ExecReload`, SIGUSR2 to the main
+/// process; run here as the unit says): the proxy starts itself again
+/// with `--takeover`; the new process takes the sockets, tells the service manager it is
+/// the main process and ready (`MAINPID=`, `READY=1` on `NOTIFY_SOCKET`), and the old one
+/// exits. No connect fails meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_restarts_the_proxy_in_place_and_notifies_the_service_manager() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    env.route(Some(("db1", pg.port())), false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut old = ProxyProc::start(
+        &env,
+        "u0",
+        &[],
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    assert_eq!(notice(&socket), "READY=1");
+    wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let loops = connect_loops(old.port, 3, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // `systemctl reload`: what the shipped unit's ExecReload says, for the main pid.
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/systemd/tendril-proxy.service"
+    ))
+    .unwrap();
+    for line in ["Type=notify", "NotifyAccess=all"] {
+        assert!(unit.lines().any(|l| l == line), "the unit lacks {line}");
+    }
+    let reload = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecReload="))
+        .expect("the unit has an ExecReload")
+        .replace("$MAINPID", &old.child.id().to_string());
+    let ran = std::process::Command::new("bash")
+        .args(["-c", &reload])
+        .status()
+        .unwrap();
+    assert!(ran.success(), "{reload}: {ran}");
+    let ready = tokio::task::block_in_place(|| notice(&socket));
+    let pid: i32 = ready
+        .strip_prefix("MAINPID=")
+        .and_then(|r| r.strip_suffix("\nREADY=1"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected notice {ready:?}:\n{}", old.log_text()));
+    let _new = Pid(pid);
+    assert_ne!(pid, old.child.id() as i32);
+    let status = wait_exit(&mut old, Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = loops.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} connects failed: {failed:?}",
+        failed.len()
+    );
+    assert!(ok > 10, "only {ok} connects in the loops");
+    // The new process (same flags, same log) serves alone.
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "{}",
+        old.log_text()
+    );
+    let c = connect(old.port).await.unwrap();
+    assert_eq!(backend_port(&c).await, pg.port());
+    assert!(
+        old.log_text()
+            .contains("SIGUSR2: started a new process to take over")
+    );
+}
+
+#[test]
+fn version_is_printed() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tendril-proxy"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("tendril-proxy {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// `pgbench` with a new connection per transaction (`-C -c 8`) and with persistent
+/// connections (`-c 8`) at once, while the proxy is replaced three times in a row by
+/// `--takeover`, with the default forwarding and in userspace: no transaction fails, no
+/// client aborts, and every replaced process exits once its connections ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_takeovers_under_pgbench_fail_no_transaction() {
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    let bench = |args: &[&str], port: u16| {
+        std::process::Command::new(format!("{}/pgbench", tendril_testkit::PG_BIN))
+            .args(args)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+            .arg("postgres")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let init = bench(&["-i", "-q", "-s", "1"], pg.port())
+        .wait_with_output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    env.route(Some(("db1", pg.port())), false).await;
+    for (name, flags) in [
+        ("default", &[][..]),
+        ("userspace", &["--forwarding", "userspace"][..]),
+    ] {
+        let mut old = ProxyProc::start(&env, &format!("{name}0"), flags, &[]);
+        wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
+        let listen = format!("127.0.0.1:{}", old.port);
+        let runs = [
+            bench(&["-C", "-S", "-c", "8", "-j", "2", "-T", "8"], old.port),
+            bench(&["-S", "-c", "8", "-j", "2", "-T", "8"], old.port),
+        ];
+        let mut replaced = Vec::new();
+        for i in 1..=3 {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let mut args = vec!["--listen-address", listen.as_str(), "--takeover"];
+            args.extend_from_slice(flags);
+            let new = ProxyProc::start(&env, &format!("{name}{i}"), &args, &[]);
+            wait_log(
+                &new,
+                "took over: the old proxy stops accepting",
+                Duration::from_secs(10),
+            )
+            .await;
+            replaced.push(std::mem::replace(&mut old, new));
+        }
+        for run in runs {
+            let out = tokio::task::spawn_blocking(move || run.wait_with_output())
+                .await
+                .unwrap()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "{name}: pgbench failed:\n{text}");
+            assert!(
+                !text.contains("error") && !text.contains("abort"),
+                "{name}: a transaction or a client failed:\n{text}"
+            );
+            let served = text
+                .lines()
+                .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+                .and_then(|v| v.split('/').next()?.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            assert!(served > 100, "{name}: only {served} transactions:\n{text}");
+        }
+        for mut p in replaced {
+            let status = wait_exit(&mut p, Duration::from_secs(10)).await;
+            assert!(status.success(), "{name}: {status}");
+        }
+    }
+}
+
+/// The old process killed mid-handover (after it passed its sockets, before the new one
+/// could route): the new one accepts at once and treats clients as a proxy that just
+/// started does (held, then refused with the reason), so none waits in a queue forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_proxy_killed_mid_handover_leaves_no_client_waiting() {
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    env.route(Some(("db1", pg.port())), false).await;
+    let old = ProxyProc::start(&env, "k0", &[], &[]);
+    wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
+    let listen = format!("127.0.0.1:{}", old.port);
+    let new = ProxyProc::start(
+        &env,
+        "k1",
+        &[
+            "--listen-address",
+            listen.as_str(),
+            "--takeover",
+            "--hold-timeout",
+            "1s",
+        ],
+        &[("TENDRIL_STORE_ENDPOINTS", "http://127.0.0.1:1")],
+    );
+    wait_log(
+        &old,
+        "a new proxy asks for the listening sockets",
+        Duration::from_secs(5),
+    )
+    .await;
+    drop(old);
+    wait_log(
+        &new,
+        "the old proxy ended before this one could route",
+        Duration::from_secs(5),
+    )
+    .await;
+    let failed = clients(new.port, 3).await;
+    assert_eq!(failed.len(), 3, "{failed:?}");
+    for f in &failed {
+        assert!(
+            f.contains("has not read its routing table"),
+            "a client did not get the reason: {f}\n{}",
+            new.log_text()
+        );
+    }
+}
+
+/// `--takeover` for another cluster than the running proxy's is refused, and the running
+/// proxy goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_across_clusters_is_refused() {
+    let mut env = Env::new().await;
+    let pg = support::pg();
+    env.route(Some(("db1", pg.port())), false).await;
+    let old = ProxyProc::start(&env, "c0", &[], &[]);
+    wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tendril-proxy"))
+        .env("TENDRIL_CLUSTER_NAME", "other")
+        .env("TENDRIL_STORE_ENDPOINTS", env.etcd.endpoint())
+        .args([
+            "--listen-address",
+            &format!("127.0.0.1:{}", old.port),
+            "--takeover",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "serves cluster {:?}, not \"other\"",
+            support::CLUSTER
+        )),
+        "{stderr}"
+    );
+    assert!(clients(old.port, 10).await.is_empty());
 }

@@ -5,6 +5,8 @@
 //! namespace behind a veth pair (another host, as deployed; no sockmap replica there), `local`
 //! (the default) beside the proxies on 127.0.0.1.
 //! `cargo xtask bench failover [--runs N] [--only default,partition]`: failover timings of whole clusters (e2e harness).
+//! `cargo xtask bench rollout [--topology local|remote]`: connects across proxy replacements,
+//! tendril's `--takeover` against HAProxy's seamless reload (bench/proxy/rollout.sh).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,10 +19,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         Some("proxy") => proxy(&ProxyArgs::parse(&args[1..])?),
         Some("failover") => failover(&args[1..]),
         Some("fence") => fence(),
+        Some("rollout") => rollout(&args[1..]),
         _ => {
             anyhow::bail!(
                 "usage: cargo xtask bench proxy [--quick] [--only TARGETS] [--tests TESTS] \
-                 [--topology local|remote] | failover [--runs N] | fence"
+                 [--topology local|remote] | failover [--runs N] | fence | rollout \
+                 [--topology local|remote]"
             )
         }
     }
@@ -220,6 +224,43 @@ fn proxy(args: &ProxyArgs) -> anyhow::Result<()> {
             .env("MAX_LOAD", "100");
     }
     crate::run(&mut cmd)
+}
+
+/// `cargo xtask bench rollout [--topology local|remote]`: release binaries, the harness's
+/// set-up, then bench/proxy/rollout.sh.
+fn rollout(args: &[String]) -> anyhow::Result<()> {
+    let topology = match args {
+        [] => Topology::Local,
+        [flag, value] if flag == "--topology" && value == "local" => Topology::Local,
+        [flag, value] if flag == "--topology" && value == "remote" => Topology::Remote,
+        _ => anyhow::bail!("usage: cargo xtask bench rollout [--topology local|remote]"),
+    };
+    deps::ensure(deps::Purpose::Test)?;
+    let bench = project_root().join("bench/proxy");
+    if !std::path::Path::new("/usr/sbin/haproxy").exists() {
+        crate::run(Command::new("bash").arg(bench.join("install.sh")))?;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::run(Command::new(&cargo).args([
+        "build",
+        "--release",
+        "-p",
+        "tendril-proxy",
+        "-p",
+        "tendril-control",
+    ]))?;
+    crate::run(
+        Command::new("bash")
+            .arg(bench.join("run_all.sh"))
+            .current_dir(&bench)
+            .env("TENDRIL_BIN", target_dir().join("release"))
+            .env("PRE_BENCH_HOOK", bench.join("tendril-up.sh"))
+            .env(
+                "BENCH_CMD",
+                format!("bash {}", bench.join("rollout.sh").display()),
+            )
+            .env("TOPOLOGY", topology.as_str()),
+    )
 }
 
 /// `cargo xtask bench failover [--runs N] [--only WORDS]`: release binaries, then the failover timing runs.

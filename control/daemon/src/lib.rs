@@ -1,7 +1,8 @@
 //! What every tendril daemon (keeper, sentinel, proxy) does at its edges, written once:
 //! structured logs to standard error, filtered by `TENDRIL_LOG` (`info` for the daemons,
 //! `warn` for `tendrilctl`, which logs the same way), and the future that completes on
-//! SIGTERM or SIGINT, which each daemon's `run` takes as its shutdown trigger.
+//! SIGTERM or SIGINT, which each daemon's `run` takes as its shutdown trigger, and readiness
+//! notices to the service manager (systemd's `sd_notify` protocol).
 #![forbid(unsafe_code)]
 
 /// Sends `tracing` output to standard error, filtered by `TENDRIL_LOG` (an `EnvFilter`
@@ -33,5 +34,32 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// Sends `state` (newline-separated `KEY=value` lines such as `READY=1`) to the service
+/// manager named by `NOTIFY_SOCKET` (systemd's `Type=notify`): a datagram to that path, or to
+/// the abstract socket when it starts with `@`. Returns whether one was sent; without
+/// `NOTIFY_SOCKET` (not run by systemd) it does nothing.
+pub fn notify(state: &str) -> bool {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return false;
+    };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        socket.send_to_addr(state.as_bytes(), &addr)
+    });
+    match sent {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, notify_socket = ?path, "cannot notify the service manager");
+            false
+        }
     }
 }
