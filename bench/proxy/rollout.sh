@@ -23,7 +23,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 export TENDRIL_CLUSTER_NAME=bench TENDRIL_STORE_ENDPOINTS="http://127.0.0.1:$ETCD_CLIENT_PORT"
 
 OUT="$HERE/results/$(date -u +%Y%m%dT%H%M%SZ)-rollout"
-mkdir -p "$OUT"
+mkdir -p "$OUT/pgbench-logs"   # per-transaction logs: large, not committed
 
 # HAProxy with a stats socket that hands its listeners over, on its own port.
 cat >"$RUN_DIR/haproxy-rollout.cfg" <<EOF
@@ -78,7 +78,7 @@ run() {
   case "$target" in tendril) port=$TENDRIL_DEFAULT_PORT ;; haproxy) port=$HAPROXY_ROLLOUT_PORT ;; esac
   local prefix="$OUT/$target-$mode"
   (cd "$OUT" && exec "$PGBIN/pgbench" -C -S -c "$CLIENTS" -j 2 -T "$DURATION" --log \
-    --log-prefix="$target-$mode" -h 127.0.0.1 -p "$port" -U "$PG_USER" "$PG_DB") \
+    --log-prefix="pgbench-logs/$target-$mode" -h 127.0.0.1 -p "$port" -U "$PG_USER" "$PG_DB") \
     >"$prefix.out" 2>&1 &
   local bench=$! times=()
   if [ "$mode" = rollout ]; then
@@ -96,9 +96,7 @@ import glob, json, re, sys
 out, target, mode, rc, times = sys.argv[1:6]
 text = open(f"{out}/{target}-{mode}.out").read()
 lat = []
-for path in glob.glob(f"{out}/{target}-{mode}.*"):
-    if path.endswith(".out"):
-        continue
+for path in glob.glob(f"{out}/pgbench-logs/{target}-{mode}.*"):
     for line in open(path):
         f = line.split()
         if len(f) >= 3 and f[2].isdigit():
