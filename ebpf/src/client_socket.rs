@@ -368,7 +368,8 @@ pub struct Entries {
 /// The loaded programs and their maps.
 pub struct ClientSocket {
     _object: Object,
-    _link: Link,
+    /// The sockops program's attachment: taken (detached) by [`ClientSocket::stop_capturing`].
+    link: std::sync::Mutex<Option<Link>>,
     clients: RawFd,
     blocking: RawFd,
     routes: RawFd,
@@ -417,6 +418,20 @@ fn cgroup2_root() -> Option<String> {
 }
 
 impl ClientSocket {
+    /// Detaches the sockops program: sockets connecting from now on are no longer put in
+    /// this object's maps. A draining proxy calls it, so that the clients of the proxy that
+    /// replaces it are captured by that proxy's own programs, not by these (whose maps it
+    /// cannot use). Connections already routed keep forwarding; their sends lose the
+    /// acknowledgement tracking and are copied by the kernel-path thread instead.
+    pub fn stop_capturing(&self) {
+        let link = self
+            .link
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(link);
+    }
+
     /// Loads the programs for a proxy listening on `listen`, with room for `max_clients`
     /// connections, `send_limit` and `recv_limit` bytes held per direction, and attaches the
     /// sockops program to the cgroup v2 root (through a link: detached when this is dropped).
@@ -521,7 +536,7 @@ impl ClientSocket {
         init_checker(&object)?;
         Ok(ClientSocket {
             _object: object,
-            _link: link,
+            link: std::sync::Mutex::new(Some(link)),
             clients,
             blocking,
             routes,

@@ -66,6 +66,7 @@ pub struct Control<S> {
     epoch: u64,
     lease_id: Option<tendril_control_store::LeaseId>,
     last_count: Option<Instant>,
+    on_drain: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl<S> std::fmt::Debug for Control<S> {
@@ -104,7 +105,13 @@ impl<S: Store> Control<S> {
             epoch: 0,
             lease_id: None,
             last_count: None,
+            on_drain: None,
         }
+    }
+
+    /// Runs `f` when the drain starts (the kernel path stops capturing new clients).
+    pub fn on_drain(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.on_drain = Some(Box::new(f));
     }
 
     /// The kill mechanism in use.
@@ -433,6 +440,9 @@ impl<S: Store> Control<S> {
     fn start_drain(&mut self) -> Instant {
         tracing::info!(connections = self.shared.active_connections(), "draining");
         self.shared.start_draining();
+        if let Some(f) = self.on_drain.take() {
+            f();
+        }
         if self.shared.may_shut_listeners() {
             tendril_daemon::notify("STOPPING=1");
             // Clients in the accept queues are reset now rather than left waiting.

@@ -15,7 +15,12 @@
 //!    process's proxy uid; a taker with the same `--uid` takes another, [`successor_uid`],
 //!    so that each process acknowledges fences for its own connections only; CLUSTER: the
 //!    cluster it serves, which must be the taker's)
-//! 3. new → old: `ready`, once its routing table is read. The old process then drains.
+//! 3. new → old: `ready`, once its routing table is read. The old process stops capturing
+//!    new local clients in its kernel programs and starts its drain (it stops accepting).
+//! 4. old → new: `stopped`. Only then does the new process accept: a local client it
+//!    accepts was captured by its own programs, never by the old process's, whose maps it
+//!    cannot use. (Clients the old process still accepts meanwhile are its own, served to
+//!    their end.)
 //!
 //! A new process that dies before `ready` (EOF) changes nothing: the old one keeps serving
 //! and answers the next taker.
@@ -31,6 +36,7 @@ use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, s
 
 const REQUEST: &str = "takeover v1";
 const READY: &str = "ready";
+const STOPPED: &str = "stopped";
 /// Most listening sockets one exchange carries (one per worker).
 const MAX_LISTENERS: usize = 256;
 /// How long either side waits for the other's line during the exchange (not for `ready`).
@@ -122,9 +128,22 @@ impl Taken {
         )
     }
 
-    /// Tells the old process that this one serves: it stops accepting and drains.
+    /// Tells the old process that this one serves; returns once it has stopped capturing
+    /// and accepting (`stopped`), or after [`EXCHANGE_TIMEOUT`] without an answer (it hangs
+    /// or died: this process accepts anyway).
     pub fn ready(mut self) -> std::io::Result<()> {
-        self.stream.write_all(format!("{READY}\n").as_bytes())
+        self.stream.write_all(format!("{READY}\n").as_bytes())?;
+        self.stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
+        let mut line = String::new();
+        BufReader::new(&self.stream).read_line(&mut line)?;
+        if line.trim_end() == STOPPED {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "the old proxy answered {:?} instead of {STOPPED:?}",
+                line.trim_end()
+            )))
+        }
     }
 }
 
@@ -269,7 +288,8 @@ fn receive(stream: &UnixStream) -> std::io::Result<(String, Vec<OwnedFd>)> {
 }
 
 /// Answers takeovers for the proxy listening on `listen` with `listeners`, on a thread of
-/// its own. `handed_over` runs once, when a taker said `ready`: the caller drains. While
+/// its own. `handed_over` runs once, when a taker said `ready`: the caller stops capturing
+/// new clients and starts its drain before it returns; the taker is then told `stopped`. While
 /// another process holds the name (the proxy this one replaced, until it hands over), the
 /// thread tries again every [`RETRY`].
 pub fn serve(
@@ -301,6 +321,10 @@ pub fn serve(
                     Ok(()) => {
                         tracing::info!(%listen, "a new proxy took over the listening sockets: draining");
                         handed_over();
+                        let mut stream = &stream;
+                        if let Err(e) = stream.write_all(format!("{STOPPED}\n").as_bytes()) {
+                            tracing::warn!(error = %e, "cannot tell the new proxy that this one stopped");
+                        }
                         return;
                     }
                     Err(e) => tracing::warn!(%listen, error = %e, "takeover not completed; still serving"),

@@ -229,6 +229,11 @@ impl App {
             }
         };
         let forwarding = strategy(kernel.is_some(), pair);
+        let accept = match (&taken, beside) {
+            (Some(_), _) => worker::Accept::OnceAlone,
+            (None, true) => worker::Accept::OnceRouting,
+            (None, false) => worker::Accept::Now,
+        };
         let listener_fds: Vec<_> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
         let (started_tx, started_rx) =
             std::sync::mpsc::channel::<(usize, Result<worker::Driver, String>)>();
@@ -256,7 +261,7 @@ impl App {
                     worker::run(
                         id,
                         listener,
-                        beside,
+                        accept,
                         worker_end,
                         shared,
                         force_epoll,
@@ -298,12 +303,18 @@ impl App {
             }
         }
         let s = shared.clone();
+        let capturing = kernel_stats.as_ref().and_then(|(_, cs, _)| cs.clone());
         handover::serve(
             listen,
             config.uid.clone(),
             config.cluster.clone(),
             listener_fds.clone(),
             move || {
+                // Before the new process accepts: its local clients must reach its own
+                // programs (the drain repeats this for SIGTERM).
+                if let Some(cs) = capturing {
+                    cs.stop_capturing();
+                }
                 s.hand_over();
                 let _ = handed_over_tx.send(());
             },
@@ -373,16 +384,16 @@ fn tell_when_routing(taken: handover::Taken, shared: Arc<Shared>) -> Result<(), 
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            shared.set_alone();
             match taken.ready() {
                 Ok(()) => {
-                    tracing::info!("took over: the old proxy stops accepting and drains");
+                    tracing::info!("took over: the old proxy stopped accepting and drains");
                 }
                 Err(e) => {
-                    // It exited meanwhile: the sockets are this process's anyway.
-                    tracing::warn!(error = %e, "cannot tell the old proxy to stop accepting");
+                    // It exited or hangs: the sockets are this process's anyway.
+                    tracing::warn!(error = %e, "the old proxy did not confirm it stopped accepting");
                 }
             }
+            shared.set_alone();
             shared.own_listeners();
             // Under systemd (NotifyAccess=all) this process becomes the service's main one.
             tendril_daemon::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
@@ -464,7 +475,7 @@ fn spawn_control(
                 }
                 let killer: Option<Box<dyn control::SocketKiller>> =
                     (mechanism != tendril_ebpf::Mechanism::None).then(|| Box::new(killer) as Box<dyn control::SocketKiller>);
-                let control = control::Control::new(
+                let mut control = control::Control::new(
                     store,
                     shared.clone(),
                     config.keys.clone(),
@@ -474,6 +485,11 @@ fn spawn_control(
                     listener_fds,
                     killer,
                 );
+                if let Some(cs) = kernel.as_ref().and_then(|(_, cs, _)| cs.clone()) {
+                    // New local clients then reach the programs of the process that
+                    // accepts them (after a takeover), not this one's.
+                    control.on_drain(move || cs.stop_capturing());
+                }
                 if let Some(listener) = metrics_listener {
                     let mechanism = control.kill_mechanism();
                     let cluster = config.cluster.clone();

@@ -176,10 +176,22 @@ impl Ctx {
 /// The listen backlog of each worker's socket.
 pub const BACKLOG: i32 = 4096;
 
+/// When a worker starts accepting on its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accept {
+    /// At once (the socket is this process's own).
+    Now,
+    /// Once the routing table is read: a proxy started beside a running one, whose socket
+    /// is bound but not listening until then.
+    OnceRouting,
+    /// Once the process the socket was taken from stopped accepting on it
+    /// ([`crate::handover`]), or is gone.
+    OnceAlone,
+}
+
 /// Runs worker `id` on the current thread until the proxy drains. `started` hears once: the
-/// driver, as soon as the worker runs, or why it could not start. `deferred`: `listener` is
-/// bound but not listening (another process listens on the address); it listens once the
-/// routing table is read.
+/// driver, as soon as the worker runs, or why it could not start. `accept`: when it starts
+/// accepting on `listener`.
 #[allow(
     clippy::too_many_arguments,
     reason = "the worker's whole start, passed once"
@@ -187,7 +199,7 @@ pub const BACKLOG: i32 = 4096;
 pub fn run(
     id: usize,
     listener: std::net::TcpListener,
-    deferred: bool,
+    accept: Accept,
     wake: std::os::unix::net::UnixStream,
     shared: Arc<Shared>,
     force_epoll: bool,
@@ -210,15 +222,21 @@ pub fn run(
         let wake = monoio::net::UnixStream::from_std(wake)?;
         tracing::info!(worker = id, driver = driver.label(), "worker started");
         let _ = started.send((id, Ok(driver)));
-        if deferred {
-            // The process beside this one takes every client until this one can route.
-            while matches!(shared.table.load().backend, Err(NoBackend::Starting)) && !shared.alone()
-            {
+        if accept != Accept::Now {
+            // The process beside this one, or the one the socket was taken from, takes
+            // every client until then.
+            let ready = || {
+                shared.alone()
+                    || (accept == Accept::OnceRouting
+                        && !matches!(shared.table.load().backend, Err(NoBackend::Starting)))
+            };
+            while !ready() {
                 if shared.draining() {
                     return Ok(());
                 }
                 monoio::time::sleep(Duration::from_millis(10)).await;
             }
+            // Listening already after a takeover: this only sets the backlog again.
             socket2::SockRef::from(&listener).listen(BACKLOG)?;
             tracing::info!(worker = id, "routing table read: accepting");
         }
@@ -238,6 +256,11 @@ pub fn run(
         loop {
             match listener.cancelable_accept(stop.clone()).await {
                 Ok((stream, peer)) => {
+                    // Counted before its task first runs: a drain that starts meanwhile
+                    // (a takeover's cancel can return one last client) waits for it.
+                    let metrics = ctx.metrics();
+                    metrics.accepted.fetch_add(1, Ordering::Relaxed);
+                    metrics.active.fetch_add(1, Ordering::Relaxed);
                     monoio::spawn(connection(ctx.clone(), stream, peer));
                 }
                 Err(e) => {
@@ -349,10 +372,10 @@ impl Drop for Active<'_> {
     }
 }
 
+/// Serves one accepted client (already counted as accepted and active by the accept loop;
+/// `Active` uncounts it when it ends).
 async fn connection(ctx: Rc<Ctx>, client: TcpStream, peer: SocketAddr) {
     let metrics = ctx.metrics();
-    metrics.accepted.fetch_add(1, Ordering::Relaxed);
-    metrics.active.fetch_add(1, Ordering::Relaxed);
     let mut active = Active {
         metrics,
         outcome: Outcome::Closed(CloseReason::Error),

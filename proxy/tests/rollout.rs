@@ -207,7 +207,7 @@ async fn takeover_moves_the_listening_sockets_without_failing_a_client() {
         let new = ProxyProc::start(&env, &format!("r{}", i + 1), &args, &[]);
         wait_log(
             &new,
-            "took over: the old proxy stops accepting",
+            "took over: the old proxy stopped accepting",
             Duration::from_secs(10),
         )
         .await;
@@ -222,6 +222,10 @@ async fn takeover_moves_the_listening_sockets_without_failing_a_client() {
             session.simple_query("select 1").await.unwrap();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        assert!(
+            old.child.try_wait().unwrap().is_none(),
+            "the old process ended early"
+        );
         drop(session);
         let status = wait_exit(&mut old, Duration::from_secs(10)).await;
         assert!(status.success(), "old proxy: {status}\n{}", old.log_text());
@@ -286,7 +290,7 @@ async fn a_taker_that_cannot_route_leaves_the_old_proxy_serving() {
     let mut new = ProxyProc::start(&env, "t2", &args, &[]);
     wait_log(
         &new,
-        "took over: the old proxy stops accepting",
+        "took over: the old proxy stopped accepting",
         Duration::from_secs(10),
     )
     .await;
@@ -342,7 +346,7 @@ async fn a_failover_during_a_takeover_is_fenced_in_both_processes() {
     );
     wait_log(
         &new,
-        "took over: the old proxy stops accepting",
+        "took over: the old proxy stopped accepting",
         Duration::from_secs(10),
     )
     .await;
@@ -350,6 +354,23 @@ async fn a_failover_during_a_takeover_is_fenced_in_both_processes() {
     env.wait_acked("same-b", g1, Duration::from_secs(10)).await;
     let on_new = connect(new.port).await.unwrap();
     assert_eq!(backend_port(&on_new).await, pg1.port());
+    // While the old process drains, local clients are the new one's own: its programs
+    // capture them (the client-socket path), not the old process's.
+    for _ in 0..5 {
+        let c = connect(new.port).await.unwrap();
+        c.simple_query("select 1").await.unwrap();
+    }
+    assert!(new.path_total("client_socket") >= 6.0, "{}", new.metrics());
+    let elsewhere: f64 = new
+        .metrics()
+        .lines()
+        .filter(|l| l.contains("reason=\"client_elsewhere\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        elsewhere, 0.0,
+        "local clients captured by the draining process's programs"
+    );
     // The old process is draining (it still serves its session) when the master changes.
     on_old.simple_query("select 1").await.unwrap();
     let g2 = env.route(Some(("db2", pg2.port())), false).await;
@@ -530,7 +551,7 @@ async fn three_takeovers_under_pgbench_fail_no_transaction() {
             let new = ProxyProc::start(&env, &format!("{name}{i}"), &args, &[]);
             wait_log(
                 &new,
-                "took over: the old proxy stops accepting",
+                "took over: the old proxy stopped accepting",
                 Duration::from_secs(10),
             )
             .await;
