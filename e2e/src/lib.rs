@@ -227,6 +227,8 @@ pub struct Node {
     pub frozen: std::sync::Mutex<Vec<i32>>,
     /// Its own network namespace, in an isolated cluster ([`Options::isolated`]).
     pub host: Option<faults::Netns>,
+    /// The keeper's HTTP address (`--metrics-address`: metrics and role checks).
+    pub http: std::net::SocketAddr,
 }
 
 impl Node {
@@ -274,6 +276,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// Sentinels.
     pub sentinels: Vec<Proc>,
+    /// Each sentinel's metrics address, in the order of `sentinels`.
+    pub sentinel_metrics: Vec<std::net::SocketAddr>,
     /// Proxies: (process, port).
     pub proxies: Vec<(Proc, u16)>,
     /// The store.
@@ -355,6 +359,7 @@ impl Cluster {
             dir,
             nodes: Vec::new(),
             sentinels: Vec::new(),
+            sentinel_metrics: Vec::new(),
             proxies: Vec::new(),
             store,
             keys,
@@ -401,6 +406,7 @@ impl Cluster {
     /// runs in and the store endpoint it reaches from there.
     fn add_node(&mut self, uid: &str, address: IpAddr, place: Option<(String, String)>) {
         let port = free_port();
+        let http = std::net::SocketAddr::new(address, free_port());
         let data_dir = self.dir.path().join(uid);
         let mut command = Vec::new();
         if let Some((ns, _)) = &place {
@@ -421,6 +427,8 @@ impl Cluster {
             address.to_string(),
             "--pg-port".into(),
             port.to_string(),
+            "--metrics-address".into(),
+            http.to_string(),
             "--pg-su-passwordfile".into(),
             self.dir.path().join("su.pw").to_string_lossy().into_owned(),
             "--pg-repl-passwordfile".into(),
@@ -445,6 +453,7 @@ impl Cluster {
             keeper,
             frozen: std::sync::Mutex::new(Vec::new()),
             host: None,
+            http,
         });
     }
 
@@ -457,6 +466,7 @@ impl Cluster {
     }
 
     fn add_sentinel(&mut self, i: usize) {
+        let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
         let command = vec![
             self.bin
                 .join("tendril-sentinel")
@@ -464,7 +474,10 @@ impl Cluster {
                 .into_owned(),
             "--leader-ttl".into(),
             "3s".into(),
+            "--metrics-address".into(),
+            metrics.to_string(),
         ];
+        self.sentinel_metrics.push(metrics);
         self.sentinels.push(Proc::spawn(
             &format!("sentinel-{i}"),
             self.dir.path(),
@@ -796,6 +809,22 @@ async fn watch_routes(store: EtcdStore, key: String, routes: RouteLog) {
             }
         }
     }
+}
+
+/// `GET path` on `addr` (a daemon's metrics or role-check endpoint): the status code and the
+/// body, or `None` when nothing answers within 2 s.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let limit = Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, limit).ok()?;
+    s.set_read_timeout(Some(limit)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((status, body.to_owned()))
 }
 
 /// As [`connect`], over TLS (required) with the server's certificate verified against the CA

@@ -76,6 +76,10 @@ pub struct KeeperArgs {
     /// keeper freezes or dies while running the master, before another can be elected.
     #[arg(long, env = "TENDRIL_FENCE_GUARD", default_value_t = true, action = clap::ArgAction::Set)]
     pub fence_guard: bool,
+    /// Serve `/metrics`, the role checks `/master` (`/primary`) and `/replica`, `/health`
+    /// and `/status` (JSON) on this address.
+    #[arg(long, env = "TENDRIL_METRICS_ADDRESS")]
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// A user name and password. The password never appears in `Debug` output or logs.
@@ -144,6 +148,8 @@ pub struct KeeperConfig {
     pub priority: i32,
     /// Whether to start the fence guard.
     pub fence_guard: bool,
+    /// Where to serve metrics and the role checks.
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// PostgreSQL's OS identity when the keeper runs as root.
     pub run_as: Option<RunAs>,
 }
@@ -258,6 +264,7 @@ impl KeeperConfig {
                     can_be_synchronous_replica: args.can_be_synchronous_replica,
                     priority: args.priority,
                     fence_guard: args.fence_guard,
+                    metrics_address: args.metrics_address,
                     run_as,
                 })
             }

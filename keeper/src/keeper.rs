@@ -25,6 +25,7 @@ use crate::config::KeeperConfig;
 use crate::datadir::{DataDir, DbState, KeeperState};
 use crate::fence::{self, ReportClock, Unfence};
 use crate::guard::Guard;
+use crate::health;
 use crate::pgconf::{self, ConfInput, HbaInput, Upstream};
 use crate::postgres::{Endpoint, Postgres};
 use crate::sql::{self, Probe};
@@ -74,6 +75,8 @@ pub struct Keeper<S> {
     last_fence: Option<String>,
     /// While a planned switchover drains this master: ends its sessions as they go idle.
     idle_closer: Option<IdleSessionCloser>,
+    /// What the HTTP endpoints answer from (see [`crate::health`]).
+    health: Arc<std::sync::Mutex<health::Snapshot>>,
 }
 
 impl<S: Store> Keeper<S> {
@@ -109,6 +112,10 @@ impl<S: Store> Keeper<S> {
         );
         let (major, minor) = pg.binary_version().await?;
         let (report, _) = watch::channel(None);
+        let health = Arc::new(std::sync::Mutex::new(health::Snapshot {
+            keeper_uid: uid.clone(),
+            ..health::Snapshot::default()
+        }));
         Ok(Keeper {
             config,
             store,
@@ -131,6 +138,7 @@ impl<S: Store> Keeper<S> {
             last_fence: None,
             idle_closer: None,
             guard: None,
+            health,
         })
     }
 
@@ -158,6 +166,20 @@ impl<S: Store> Keeper<S> {
                     tracing::error!(error = %e, "cannot start the fence guard: a frozen or dead keeper's master will not be stopped")
                 }
             }
+        }
+        if let Some(addr) = self.config.metrics_address {
+            let listener = tendril_metrics::bind(addr)
+                .await
+                .map_err(|source| KeeperError::Io {
+                    op: "listen for metrics on",
+                    path: addr.to_string().into(),
+                    source,
+                })?;
+            tokio::spawn(tendril_metrics::serve_routes(
+                listener,
+                health::routes(self.health.clone(), self.config.cluster.clone()),
+            ));
+            tracing::info!(%addr, "serving /metrics, /master, /replica, /health and /status");
         }
         // A postgres left by a keeper that was killed runs with whatever role it had; it is
         // stopped so it only runs again once this keeper knows its assignment.
@@ -191,6 +213,9 @@ impl<S: Store> Keeper<S> {
                 Err(e) => tracing::warn!(keeper = %self.uid, error = %e, "pass failed"),
             }
             let failed = pass.is_err();
+            if !failed {
+                self.snapshot().last_pass_ok = Some(SystemTime::now());
+            }
             if failed {
                 // Only a pass that reads a switchover's fencing phase keeps the closer
                 // running: one that failed first (the store unreachable, postgres down)
@@ -215,8 +240,23 @@ impl<S: Store> Keeper<S> {
                     () = tokio::time::sleep_until(wake) => break false,
                     () = tokio::time::sleep(fence::CHECK_PERIOD) => {}
                     event = next_watch_event(&mut cd_watch) => {
-                        if let Some(WatchEvent::Interrupted { error }) = event {
-                            tracing::debug!(%error, "cluster data watch interrupted");
+                        match event {
+                            Some(WatchEvent::Interrupted { error }) => {
+                                tracing::debug!(%error, "cluster data watch interrupted");
+                            }
+                            // The role checks follow a fence at once, before the pass that
+                            // acts on it reads the cluster data again.
+                            Some(WatchEvent::Put(kv)) => {
+                                if let Ok(cd) = decode::<ClusterData>(&kv.value) {
+                                    self.snapshot().read_cluster_data(
+                                        &cd,
+                                        cd.spec.max_standby_lag_for_reads,
+                                        fence::fence_after(&cd.spec),
+                                        SystemTime::now(),
+                                    );
+                                }
+                            }
+                            _ => {}
                         }
                         break false;
                     }
@@ -248,6 +288,13 @@ impl<S: Store> Keeper<S> {
             let _ = self.store.revoke_lease(id).await;
         }
         stopped
+    }
+
+    /// The endpoints' snapshot (a poisoned lock still holds the last values).
+    fn snapshot(&self) -> std::sync::MutexGuard<'_, health::Snapshot> {
+        self.health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Tells the fence guard what to guard: this master while it runs unfenced.
@@ -293,6 +340,12 @@ impl<S: Store> Keeper<S> {
         };
         let cd: ClusterData = decode(&kv.value)?;
         self.spec = cd.spec.clone();
+        self.snapshot().read_cluster_data(
+            &cd,
+            cd.spec.max_standby_lag_for_reads,
+            fence::fence_after(&cd.spec),
+            SystemTime::now(),
+        );
         if self.state.cluster_uid.as_deref() != Some(cd.uid.as_str()) {
             tracing::info!(cluster_uid = %cd.uid, "joined cluster incarnation");
             self.state.cluster_uid = Some(cd.uid.clone());
@@ -821,6 +874,16 @@ impl<S: Store> Keeper<S> {
     }
 
     fn set_report(&self, postgres_state: Option<PostgresState>, last_error: Option<String>) {
+        {
+            let mut snap = self.snapshot();
+            snap.postgres.clone_from(&postgres_state);
+            snap.last_error.clone_from(&last_error);
+            snap.fenced = self.fenced.is_some();
+            snap.pg_crashes = self.pg_crashes;
+            let probe = self.last_probe.as_ref();
+            snap.streaming = probe.is_some_and(|p| p.streaming);
+            snap.replication_slots = probe.map_or(0, |p| p.replication_slots);
+        }
         let Some(cluster_uid) = self.state.cluster_uid.clone() else {
             return;
         };

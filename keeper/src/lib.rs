@@ -15,6 +15,7 @@ pub mod config;
 pub mod datadir;
 pub mod fence;
 pub mod guard;
+pub mod health;
 pub mod keeper;
 pub mod pgconf;
 pub mod postgres;

@@ -42,6 +42,10 @@ pub struct Probe {
     pub sync_standbys: BTreeSet<String>,
     /// A changed parameter needs a restart.
     pub pending_restart: bool,
+    /// A standby's WAL receiver is streaming.
+    pub streaming: bool,
+    /// Replication slots on this instance.
+    pub replication_slots: u64,
 }
 
 impl Probe {
@@ -65,7 +69,8 @@ pub async fn probe(client: &Client) -> Result<Probe, KeeperError> {
     let row = client
         .query_one(
             "SELECT pg_is_in_recovery(), (SELECT system_identifier::text FROM pg_control_system()), \
-                    (SELECT count(*) FROM pg_settings WHERE pending_restart)::int",
+                    (SELECT count(*) FROM pg_settings WHERE pending_restart)::int, \
+                    (SELECT count(*) FROM pg_replication_slots)::int",
             &[],
         )
         .await
@@ -75,6 +80,7 @@ pub async fn probe(client: &Client) -> Result<Probe, KeeperError> {
         in_recovery,
         system_id: row.get(1),
         pending_restart: row.get::<_, i32>(2) > 0,
+        replication_slots: u64::try_from(row.get::<_, i32>(3)).unwrap_or(0),
         ..Probe::default()
     };
     if in_recovery {
@@ -82,7 +88,8 @@ pub async fn probe(client: &Client) -> Result<Probe, KeeperError> {
             .query_one(
                 "SELECT pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text, \
                         (SELECT received_tli FROM pg_stat_wal_receiver), \
-                        (SELECT timeline_id FROM pg_control_checkpoint())",
+                        (SELECT timeline_id FROM pg_control_checkpoint()), \
+                        coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)",
                 &[],
             )
             .await
@@ -91,6 +98,7 @@ pub async fn probe(client: &Client) -> Result<Probe, KeeperError> {
         p.replay_lsn = lsn(row.get(1));
         let received: Option<i32> = row.get(2);
         let checkpoint: i32 = row.get(3);
+        p.streaming = row.get(4);
         p.timeline = u32::try_from(received.unwrap_or(checkpoint).max(checkpoint)).unwrap_or(0);
     } else {
         let row = client

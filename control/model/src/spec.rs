@@ -55,6 +55,9 @@ pub struct ClusterSpec {
     /// Largest lag in bytes, against the master's last reported position, with which a standby
     /// may still be elected in asynchronous mode.
     pub max_standby_lag: u64,
+    /// Largest lag in bytes, against the master's last reported position, with which a
+    /// standby still serves reads: its keeper's `/replica` answers 503 beyond it.
+    pub max_standby_lag_for_reads: u64,
     /// Synchronous replication: commits wait for the synchronous standbys.
     pub synchronous_replication: bool,
     /// Fewest synchronous standbys; with fewer real ones commits block rather than degrade.
@@ -113,6 +116,7 @@ impl Default for ClusterSpec {
             max_standbys_per_sender: 3,
             // stolon documents 1 MiB but its code says 1024*1204; we mean 1 MiB.
             max_standby_lag: 1024 * 1024,
+            max_standby_lag_for_reads: 1024 * 1024,
             synchronous_replication: false,
             min_synchronous_standbys: 1,
             max_synchronous_standbys: 1,
