@@ -25,26 +25,12 @@ export TENDRIL_CLUSTER_NAME=bench TENDRIL_STORE_ENDPOINTS="http://127.0.0.1:$ETC
 OUT="$HERE/results/$(date -u +%Y%m%dT%H%M%SZ)-rollout"
 mkdir -p "$OUT/pgbench-logs"   # per-transaction logs: large, not committed
 
-# HAProxy with a stats socket that hands its listeners over, on its own port.
-cat >"$RUN_DIR/haproxy-rollout.cfg" <<EOF
-global
-    nbthread 2
-    maxconn 2000
-    stats socket $RUN_DIR/haproxy-rollout.sock mode 600 level admin expose-fd listeners
-
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client  1h
-    timeout server  1h
-
-frontend pg_in
-    bind 127.0.0.1:$HAPROXY_ROLLOUT_PORT
-    default_backend pg
-
-backend pg
-    server pg1 $PG_HOST:$PG_PORT
-EOF
+# HAProxy as setup.sh configured it, on its own port, with a stats socket that hands its
+# listeners over.
+sed -e "s/bind 127.0.0.1:$HAPROXY_PORT\$/bind 127.0.0.1:$HAPROXY_ROLLOUT_PORT/" \
+  -e "/^global/a\\    stats socket $RUN_DIR/haproxy-rollout.sock mode 600 level admin expose-fd listeners" \
+  "$RUN_DIR/haproxy.cfg" >"$RUN_DIR/haproxy-rollout.cfg"
+grep -q "bind 127.0.0.1:$HAPROXY_ROLLOUT_PORT" "$RUN_DIR/haproxy-rollout.cfg"
 haproxy -c -q -f "$RUN_DIR/haproxy-rollout.cfg"
 "${AS_USER[@]}" haproxy -D -f "$RUN_DIR/haproxy-rollout.cfg" -p "$RUN_DIR/haproxy-rollout.pid"
 

@@ -342,11 +342,7 @@ async fn psql_and_pgbench_run_through_the_kernel_path(path: Path) {
         "{text}{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let processed: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|v| v.split('/').next()?.trim().parse().ok())
-        .unwrap_or(0);
+    let processed = support::pgbench_processed(&text);
     assert!(processed > 100, "{text}");
     assert!(text.contains("number of failed transactions: 0"), "{text}");
     // The bytes went through the program, not the proxy's buffers.

@@ -36,12 +36,7 @@ async fn clients(port: u16, n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_started_beside_a_running_one_takes_clients_only_once_it_can_route() {
-    let mut env = Env::new().await;
-    let pg = support::pg();
-    env.route(Some(("db1", pg.port())), false).await;
-    let mut old = ProxyProc::start(&env, "p1", &[], &[]);
-    wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
-    let listen = format!("127.0.0.1:{}", old.port);
+    let (env, pg, mut old, listen) = support::routed_proxy("p1").await;
     let same = ["--listen-address", listen.as_str()];
 
     // A process that cannot reach the store never gets its routing table: it must leave
@@ -255,12 +250,7 @@ async fn takeover_moves_the_listening_sockets_without_failing_a_client() {
 /// next taker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_taker_that_cannot_route_leaves_the_old_proxy_serving() {
-    let mut env = Env::new().await;
-    let pg = support::pg();
-    env.route(Some(("db1", pg.port())), false).await;
-    let mut old = ProxyProc::start(&env, "t0", &[], &[]);
-    wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
-    let listen = format!("127.0.0.1:{}", old.port);
+    let (env, _pg, mut old, listen) = support::routed_proxy("t0").await;
     let args = ["--listen-address", listen.as_str(), "--takeover"];
     let stuck = ProxyProc::start(
         &env,
@@ -572,11 +562,7 @@ async fn three_takeovers_under_pgbench_fail_no_transaction() {
                 !text.contains("error") && !text.contains("abort"),
                 "{name}: a transaction or a client failed:\n{text}"
             );
-            let served = text
-                .lines()
-                .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-                .and_then(|v| v.split('/').next()?.trim().parse::<u64>().ok())
-                .unwrap_or(0);
+            let served = support::pgbench_processed(&text);
             assert!(served > 100, "{name}: only {served} transactions:\n{text}");
         }
         for mut p in replaced {
@@ -591,12 +577,7 @@ async fn three_takeovers_under_pgbench_fail_no_transaction() {
 /// started does (held, then refused with the reason), so none waits in a queue forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_old_proxy_killed_mid_handover_leaves_no_client_waiting() {
-    let mut env = Env::new().await;
-    let pg = support::pg();
-    env.route(Some(("db1", pg.port())), false).await;
-    let old = ProxyProc::start(&env, "k0", &[], &[]);
-    wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
-    let listen = format!("127.0.0.1:{}", old.port);
+    let (env, _pg, old, listen) = support::routed_proxy("k0").await;
     let new = ProxyProc::start(
         &env,
         "k1",
@@ -637,11 +618,7 @@ async fn the_old_proxy_killed_mid_handover_leaves_no_client_waiting() {
 /// proxy goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_across_clusters_is_refused() {
-    let mut env = Env::new().await;
-    let pg = support::pg();
-    env.route(Some(("db1", pg.port())), false).await;
-    let old = ProxyProc::start(&env, "c0", &[], &[]);
-    wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
+    let (env, _pg, old, _) = support::routed_proxy("c0").await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tendril-proxy"))
         .env("TENDRIL_CLUSTER_NAME", "other")
         .env("TENDRIL_STORE_ENDPOINTS", env.etcd.endpoint())

@@ -192,11 +192,7 @@ async fn a_switchover_under_tls_requiring_load_fails_no_connection_or_transactio
             !text.contains("SSL") && !text.contains("error"),
             "{name}: a connection failed:\n{text}"
         );
-        let served = text
-            .lines()
-            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-            .and_then(|v| v.split('/').next()?.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        let served = support::pgbench_processed(&text);
         assert!(served > 20, "{name}: only {served} transactions:\n{text}");
         let report = persistent.stop().await;
         assert!(

@@ -170,15 +170,7 @@ fn proxy(args: &ProxyArgs) -> anyhow::Result<()> {
     if !installed {
         crate::run(Command::new("bash").arg(bench.join("install.sh")))?;
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::run(Command::new(&cargo).args([
-        "build",
-        "--release",
-        "-p",
-        "tendril-proxy",
-        "-p",
-        "tendril-control",
-    ]))?;
+    build_release(&["-p", "tendril-proxy", "-p", "tendril-control"])?;
     // The probe's minimal sockmap proxy, the reference for the kernel path
     // (bench/proxy/replica/); it connects to PostgreSQL on 127.0.0.1, so local topology only.
     let replica = target_dir().join("sockmap-replica");
@@ -240,15 +232,7 @@ fn rollout(args: &[String]) -> anyhow::Result<()> {
     if !std::path::Path::new("/usr/sbin/haproxy").exists() {
         crate::run(Command::new("bash").arg(bench.join("install.sh")))?;
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::run(Command::new(&cargo).args([
-        "build",
-        "--release",
-        "-p",
-        "tendril-proxy",
-        "-p",
-        "tendril-control",
-    ]))?;
+    build_release(&["-p", "tendril-proxy", "-p", "tendril-control"])?;
     crate::run(
         Command::new("bash")
             .arg(bench.join("run_all.sh"))
@@ -263,13 +247,16 @@ fn rollout(args: &[String]) -> anyhow::Result<()> {
     )
 }
 
+/// `cargo build --release` with `args` (packages, `--bins`).
+fn build_release(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::run(Command::new(cargo).args(["build", "--release"]).args(args))
+}
+
 /// `cargo xtask bench failover [--runs N] [--only WORDS]`: release binaries, then the failover timing runs.
 fn failover(args: &[String]) -> anyhow::Result<()> {
     deps::ensure(deps::Purpose::Test)?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::run(Command::new(&cargo).args([
-        "build",
-        "--release",
+    build_release(&[
         "--bins",
         "-p",
         "tendril-keeper",
@@ -281,7 +268,7 @@ fn failover(args: &[String]) -> anyhow::Result<()> {
         "tendril-control",
         "-p",
         "tendril-e2e",
-    ]))?;
+    ])?;
     let release = target_dir().join("release");
     crate::run(
         Command::new(release.join("failover-bench"))
@@ -293,10 +280,7 @@ fn failover(args: &[String]) -> anyhow::Result<()> {
 /// `cargo xtask bench fence`: cluster-data write to last old-master connection closed.
 fn fence() -> anyhow::Result<()> {
     deps::ensure(deps::Purpose::Test)?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::run(Command::new(&cargo).args([
-        "build",
-        "--release",
+    build_release(&[
         "--bins",
         "-p",
         "tendril-proxy",
@@ -308,7 +292,7 @@ fn fence() -> anyhow::Result<()> {
         "tendril-control",
         "-p",
         "tendril-e2e",
-    ]))?;
+    ])?;
     let release = target_dir().join("release");
     crate::run(Command::new(release.join("fence-bench")).env("TENDRIL_BIN_DIR", &release))
 }

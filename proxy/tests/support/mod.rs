@@ -319,6 +319,26 @@ pub async fn wait_routed(proxy: u16, port: u16, limit: Duration) {
     }
 }
 
+/// The transactions pgbench's report says it processed (0 when the line is missing).
+pub fn pgbench_processed(report: &str) -> u64 {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split('/').next()?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A proxy `uid` (default flags) routing to a new PostgreSQL, and its listen address.
+pub async fn routed_proxy(uid: &str) -> (Env, PgServer, ProxyProc, String) {
+    let mut env = Env::new().await;
+    let pg = pg();
+    env.route(Some(("db1", pg.port())), false).await;
+    let proxy = ProxyProc::start(&env, uid, &[], &[]);
+    wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
+    let listen = format!("127.0.0.1:{}", proxy.port);
+    (env, pg, proxy, listen)
+}
+
 pub fn pg() -> PgServer {
     PgServer::start()
 }
