@@ -50,6 +50,8 @@ pub const PACKAGES: &[&str] = &[
     "coreutils",
     "procps",
     "bash",
+    "openjdk-17-jdk-headless",
+    "libpostgresql-jdbc-java",
 ];
 
 /// Everything `cargo xtask test` and `cargo xtask up` need: building (Rust with C parts and
@@ -187,6 +189,21 @@ pub const PROBES: &[Probe] = &[
         path: "/usr/bin/bash",
         package: "bash",
         used_by: "build and benchmark scripts",
+    },
+    Probe {
+        path: "/usr/lib/jvm/java-17-openjdk-amd64/bin/javac",
+        package: "openjdk-17-jdk-headless",
+        used_by: "the pgjdbc test compiles its client",
+    },
+    Probe {
+        path: "/usr/lib/jvm/java-17-openjdk-amd64/bin/java",
+        package: "openjdk-17-jdk-headless",
+        used_by: "the pgjdbc test runs its client",
+    },
+    Probe {
+        path: "/usr/share/java/postgresql.jar",
+        package: "libpostgresql-jdbc-java",
+        used_by: "the pgjdbc test: the JDBC driver Debian ships",
     },
 ];
 
