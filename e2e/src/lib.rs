@@ -231,11 +231,28 @@ pub struct Node {
     pub http: std::net::SocketAddr,
 }
 
+/// The postmaster pid of the keeper whose data directory is `data_dir`, from PostgreSQL's
+/// `postmaster.pid` (`None` when PostgreSQL is not running there).
+pub fn postmaster_pid_in(data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data_dir.join("postgres/postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// The last `lines` lines of a log's `text`, under a `--- title ---` header.
+pub fn log_tail(title: &str, text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    let mut out = format!("--- {title} ---\n");
+    for l in &all[all.len().saturating_sub(lines)..] {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
 impl Node {
     /// The postmaster pid, from postmaster.pid.
     pub fn postmaster_pid(&self) -> Option<i32> {
-        let text = std::fs::read_to_string(self.data_dir.join("postgres/postmaster.pid")).ok()?;
-        text.lines().next()?.trim().parse().ok()
+        postmaster_pid_in(&self.data_dir)
     }
 
     /// A superuser connection straight to this PostgreSQL.
@@ -727,13 +744,7 @@ impl Cluster {
             .chain(self.sentinels.iter())
             .chain(self.proxies.iter().map(|(p, _)| p));
         for p in procs {
-            let text = p.log_text();
-            let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!("--- {} ---\n", p.name));
-            for l in &lines[lines.len().saturating_sub(8)..] {
-                out.push_str(l);
-                out.push('\n');
-            }
+            out.push_str(&log_tail(&p.name, &p.log_text(), 8));
         }
         out
     }

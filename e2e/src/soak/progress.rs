@@ -122,12 +122,7 @@ fn logs_tail(cluster_dir: &Path, lines: usize) -> String {
     logs.sort();
     for log in logs {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        out.push_str(&format!("--- {} ---\n", log.display()));
-        for l in &all[all.len().saturating_sub(lines)..] {
-            out.push_str(l);
-            out.push('\n');
-        }
+        out.push_str(&crate::log_tail(&log.display().to_string(), &text, lines));
     }
     out
 }
@@ -159,11 +154,7 @@ fn kill_postgres(cluster_dir: &Path) {
         .flatten()
         .flatten()
     {
-        let pid_file = entry.path().join("postgres/postmaster.pid");
-        let pid = std::fs::read_to_string(pid_file)
-            .ok()
-            .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok());
-        if let Some(pid) = pid {
+        if let Some(pid) = crate::postmaster_pid_in(&entry.path()) {
             tendril_testkit::kill_tree(pid, true);
         }
     }
