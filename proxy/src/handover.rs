@@ -303,11 +303,15 @@ pub fn serve(
     std::thread::Builder::new()
         .name("handover".into())
         .spawn(move || {
+            // Quick after a takeover (the old process frees the name as it hands over);
+            // slower when started beside a proxy that may run for long.
+            let mut wait = RETRY;
             let socket = loop {
                 match UnixListener::bind_addr(&addr) {
                     Ok(socket) => break socket,
                     Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                        std::thread::sleep(RETRY);
+                        std::thread::sleep(wait);
+                        wait = (wait * 2).min(Duration::from_secs(1));
                     }
                     Err(e) => {
                         tracing::warn!(%listen, error = %e, "cannot answer takeovers");

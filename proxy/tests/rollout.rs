@@ -95,39 +95,48 @@ async fn a_proxy_started_beside_a_running_one_takes_clients_only_once_it_can_rou
     assert_eq!(backend_port(&c).await, pg.port());
 }
 
-/// New connections (one `select 1` each) in `loops` tasks until `stop`; every failure with
-/// how it failed, and how many succeeded.
-fn connect_loops(
-    port: u16,
-    loops: usize,
+/// New connections (one `select 1` each) in a few tasks until [`ConnectLoops::finish`].
+struct ConnectLoops {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
-    use std::sync::atomic::Ordering;
-    tokio::spawn(async move {
-        let tasks: Vec<_> = (0..loops)
+    tasks: Vec<tokio::task::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl ConnectLoops {
+    fn start(port: u16, loops: usize) -> ConnectLoops {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..loops)
             .map(|_| {
                 let stop = stop.clone();
                 tokio::spawn(async move {
                     let (mut ok, mut failed) = (0, Vec::new());
-                    while !stop.load(Ordering::Relaxed) {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let f = clients(port, 1).await;
-                        if f.is_empty() {
-                            ok += 1;
-                        }
+                        ok += usize::from(f.is_empty());
                         failed.extend(f);
                     }
                     (ok, failed)
                 })
             })
             .collect();
+        ConnectLoops { stop, tasks }
+    }
+
+    /// Stops the loops; fails unless every connect succeeded and more than `least` did.
+    async fn finish(self, least: usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (mut ok, mut failed) = (0, Vec::new());
-        for t in tasks {
+        for t in self.tasks {
             let (o, f) = t.await.unwrap();
             ok += o;
             failed.extend(f);
         }
-        (ok, failed)
-    })
+        assert!(
+            failed.is_empty(),
+            "{} connects failed: {failed:?}",
+            failed.len()
+        );
+        assert!(ok > least, "only {ok} connects in the loops");
+    }
 }
 
 async fn wait_log(p: &ProxyProc, what: &str, limit: Duration) {
@@ -173,15 +182,13 @@ fn accepted(p: &ProxyProc) -> u64 {
 /// old process then exits by itself, and the new one serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_moves_the_listening_sockets_without_failing_a_client() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let mut env = Env::new().await;
     let pg = support::pg();
     env.route(Some(("db1", pg.port())), false).await;
     let mut old = ProxyProc::start(&env, "r0", &["--workers", "2"], &[]);
     wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
     let listen = format!("127.0.0.1:{}", old.port);
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let loops = connect_loops(old.port, 3, stop.clone());
+    let loops = ConnectLoops::start(old.port, 3);
     let rounds: [&[&str]; 3] = [
         &["--workers", "1"],
         &[
@@ -233,14 +240,7 @@ async fn takeover_moves_the_listening_sockets_without_failing_a_client() {
         );
         old = new;
     }
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = loops.await.unwrap();
-    assert!(
-        failed.is_empty(),
-        "{} connects failed: {failed:?}",
-        failed.len()
-    );
-    assert!(ok > 30, "only {ok} connects in the loops");
+    loops.finish(30).await;
     let c = connect(old.port).await.unwrap();
     assert_eq!(backend_port(&c).await, pg.port());
 }
@@ -413,7 +413,6 @@ fn notice(socket: &std::os::unix::net::UnixDatagram) -> String {
 /// exits. No connect fails meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr2_restarts_the_proxy_in_place_and_notifies_the_service_manager() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let mut env = Env::new().await;
     let pg = support::pg();
     env.route(Some(("db1", pg.port())), false).await;
@@ -431,8 +430,7 @@ async fn sigusr2_restarts_the_proxy_in_place_and_notifies_the_service_manager() 
     );
     assert_eq!(notice(&socket), "READY=1");
     wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let loops = connect_loops(old.port, 3, stop.clone());
+    let loops = ConnectLoops::start(old.port, 3);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // `systemctl reload`: what the shipped unit's ExecReload says, for the main pid.
     let unit = std::fs::read_to_string(concat!(
@@ -464,14 +462,7 @@ async fn sigusr2_restarts_the_proxy_in_place_and_notifies_the_service_manager() 
     let status = wait_exit(&mut old, Duration::from_secs(10)).await;
     assert!(status.success(), "{status}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = loops.await.unwrap();
-    assert!(
-        failed.is_empty(),
-        "{} connects failed: {failed:?}",
-        failed.len()
-    );
-    assert!(ok > 10, "only {ok} connects in the loops");
+    loops.finish(10).await;
     // The new process (same flags, same log) serves alone.
     assert!(
         std::path::Path::new(&format!("/proc/{pid}")).exists(),
@@ -548,16 +539,8 @@ async fn three_takeovers_under_pgbench_fail_no_transaction() {
             replaced.push(std::mem::replace(&mut old, new));
         }
         for run in runs {
-            let out = tokio::task::spawn_blocking(move || run.wait_with_output())
-                .await
-                .unwrap()
-                .unwrap();
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(out.status.success(), "{name}: pgbench failed:\n{text}");
+            let (status, text) = support::finished(run).await;
+            assert!(status.success(), "{name}: pgbench failed:\n{text}");
             assert!(
                 !text.contains("error") && !text.contains("abort"),
                 "{name}: a transaction or a client failed:\n{text}"

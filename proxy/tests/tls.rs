@@ -177,17 +177,9 @@ async fn a_switchover_under_tls_requiring_load_fails_no_connection_or_transactio
         tokio::time::sleep(Duration::from_millis(800)).await;
         drop(closer);
         env.route(Some(("db2", pg2.port())), false).await;
-        let out = tokio::task::spawn_blocking(move || load.wait_with_output())
-            .await
-            .unwrap()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (status, text) = support::finished(load).await;
         println!("{name}:\n{text}");
-        assert!(out.status.success(), "{name}: pgbench failed:\n{text}");
+        assert!(status.success(), "{name}: pgbench failed:\n{text}");
         assert!(
             !text.contains("SSL") && !text.contains("error"),
             "{name}: a connection failed:\n{text}"

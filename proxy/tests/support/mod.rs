@@ -319,6 +319,20 @@ pub async fn wait_routed(proxy: u16, port: u16, limit: Duration) {
     }
 }
 
+/// Waits for `child` off the async threads; its exit status and its stdout then stderr.
+pub async fn finished(child: std::process::Child) -> (std::process::ExitStatus, String) {
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
 /// The transactions pgbench's report says it processed (0 when the line is missing).
 pub fn pgbench_processed(report: &str) -> u64 {
     report
