@@ -505,7 +505,26 @@ impl Cluster {
 
     fn add_proxy(&mut self, i: usize) {
         let port = free_port();
-        let command = vec![
+        self.spawn_proxy(i, port, Vec::new());
+    }
+
+    /// Starts one more proxy, with a read-only listener (`args`: more flags, such as
+    /// `--read-only-fallback reject`); returns its index in `proxies`, its port and its
+    /// read-only port.
+    pub fn add_read_only_proxy(&mut self, args: &[&str]) -> (usize, u16, u16) {
+        let i = self.proxies.len();
+        let (port, read_only) = (free_port(), free_port());
+        let mut extra = vec![
+            "--read-only-listen-address".to_owned(),
+            format!("127.0.0.1:{read_only}"),
+        ];
+        extra.extend(args.iter().map(|a| (*a).to_owned()));
+        self.spawn_proxy(i, port, extra);
+        (i, port, read_only)
+    }
+
+    fn spawn_proxy(&mut self, i: usize, port: u16, extra: Vec<String>) {
+        let mut command = vec![
             self.bin
                 .join("tendril-proxy")
                 .to_string_lossy()
@@ -519,6 +538,7 @@ impl Cluster {
             "--hold-timeout".into(),
             "30s".into(),
         ];
+        command.extend(extra);
         let p = Proc::spawn(
             &format!("proxy-{i}"),
             self.dir.path(),

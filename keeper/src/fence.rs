@@ -39,6 +39,14 @@ pub fn fence_after(spec: &ClusterSpec) -> Duration {
     spec.fail_interval * 3 / 5
 }
 
+/// How often the keeper writes its report again when nothing changed (a pass that takes
+/// long, such as an initdb, observes nothing meanwhile): well within the fence limit, or
+/// a master just started could find its last report older than the limit and fence
+/// itself (it did, with a 1.5 s `fail_interval` and a fixed 1 s period).
+pub fn republish_every(spec: &ClusterSpec) -> Duration {
+    (fence_after(spec) / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
 /// When the keeper's last report write that succeeded started, shared by the publisher
 /// (which records it) and the run loop (which reads it).
 #[derive(Debug, Clone, Default)]
@@ -111,6 +119,17 @@ mod tests {
     use tendril_control_model::{DbInitMode, DbSpec, DbStatus, Generation, ProxyRoute};
 
     const LIMIT: Duration = Duration::from_secs(3);
+
+    #[test]
+    fn reports_are_written_again_well_within_the_fence_limit() {
+        let mut spec = ClusterSpec::default();
+        assert_eq!(republish_every(&spec), Duration::from_millis(750));
+        spec.fail_interval = Duration::from_millis(1500);
+        assert_eq!(fence_after(&spec), Duration::from_millis(900));
+        assert_eq!(republish_every(&spec), Duration::from_millis(225));
+        spec.fail_interval = Duration::from_secs(60);
+        assert_eq!(republish_every(&spec), Duration::from_secs(1));
+    }
 
     #[test]
     fn the_default_fence_comes_two_seconds_before_the_earliest_failover() {

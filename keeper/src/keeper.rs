@@ -59,6 +59,9 @@ pub struct Keeper<S> {
     spec: ClusterSpec,
     last_probe: Option<Probe>,
     report: watch::Sender<Option<KeeperInfo>>,
+    /// How often an unchanged report is written again (from the spec, see
+    /// [`fence::republish_every`]).
+    republish: watch::Sender<Duration>,
     pg_crashes: u64,
     last_pg_crash: Option<String>,
     sync_change_pending: bool,
@@ -112,6 +115,7 @@ impl<S: Store> Keeper<S> {
         );
         let (major, minor) = pg.binary_version().await?;
         let (report, _) = watch::channel(None);
+        let (republish, _) = watch::channel(fence::republish_every(&ClusterSpec::default()));
         let health = Arc::new(std::sync::Mutex::new(health::Snapshot {
             keeper_uid: uid.clone(),
             ..health::Snapshot::default()
@@ -129,6 +133,7 @@ impl<S: Store> Keeper<S> {
             spec: ClusterSpec::default(),
             last_probe: None,
             report,
+            republish,
             pg_crashes: 0,
             last_pg_crash: None,
             sync_change_pending: false,
@@ -193,6 +198,7 @@ impl<S: Store> Keeper<S> {
             self.config.keys.keeper(&self.uid),
             lease.clone(),
             self.report.subscribe(),
+            self.republish.subscribe(),
             self.report_clock.clone(),
             self.guard.clone(),
         ));
@@ -340,6 +346,10 @@ impl<S: Store> Keeper<S> {
         };
         let cd: ClusterData = decode(&kv.value)?;
         self.spec = cd.spec.clone();
+        self.republish.send_if_modified(|every| {
+            let wanted = fence::republish_every(&cd.spec);
+            std::mem::replace(every, wanted) != wanted
+        });
         self.snapshot().read_cluster_data(
             &cd,
             cd.spec.max_standby_lag_for_reads,
@@ -847,6 +857,7 @@ impl<S: Store> Keeper<S> {
                 flush_lsn: p.flush_lsn,
                 receive_lsn: p.receive_lsn,
                 replay_lsn: p.replay_lsn,
+                streaming: p.streaming,
                 checkpoint_lsn,
                 timelines_history: history,
                 pg_parameters: p.parameters.clone(),
@@ -921,15 +932,24 @@ async fn publish<S: Store>(
     key: String,
     lease: Arc<tokio::sync::Mutex<KeptLease>>,
     mut reports: watch::Receiver<Option<KeeperInfo>>,
+    mut every: watch::Receiver<Duration>,
     clock: ReportClock,
     guard: Option<Arc<Guard>>,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(*every.borrow_and_update());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             changed = reports.changed() => if changed.is_err() { return },
+            changed = every.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                tick = tokio::time::interval(*every.borrow_and_update());
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                continue;
+            }
         }
         let Some(mut info) = reports.borrow_and_update().clone() else {
             continue;

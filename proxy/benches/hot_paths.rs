@@ -53,6 +53,7 @@ fn routing(c: &mut Criterion) {
     let backend = Backend {
         db_uid: "db1".into(),
         addr: "10.0.0.2:5432".parse().expect("an address"),
+        role: tendril_proxy::routing::Role::Master,
     };
     let table = ArcSwap::from_pointee(RoutingTable {
         epoch: 7,
@@ -60,6 +61,7 @@ fn routing(c: &mut Criterion) {
         backend: Ok(backend.clone()),
         hold: false,
         draining: None,
+        standbys: Vec::new(),
     });
     let table = Arc::new(table);
     // What a worker does per accept: load the table, take the backend, and after the

@@ -23,6 +23,16 @@ pub struct ProxyArgs {
         default_value = "127.0.0.1:25432"
     )]
     pub listen_address: SocketAddr,
+    /// A second address for read-only connections (off by default): each new connection
+    /// goes to a standby eligible for reads (healthy, streaming from the master, within the
+    /// cluster spec's `max_standby_lag_for_reads`), round robin; see
+    /// `--read-only-fallback` for when none is.
+    #[arg(long, env = "TENDRIL_READ_ONLY_LISTEN_ADDRESS")]
+    pub read_only_listen_address: Option<SocketAddr>,
+    /// Where a read-only connection goes when no standby is eligible: `master`, or `reject`
+    /// (refused with SQLSTATE 57P03 and the reason).
+    #[arg(long, env = "TENDRIL_READ_ONLY_FALLBACK", default_value = "master")]
+    pub read_only_fallback: ReadOnlyFallback,
     /// This proxy's uid (default: random per start).
     #[arg(long, env = "TENDRIL_PROXY_UID")]
     pub uid: Option<String>,
@@ -101,6 +111,15 @@ pub struct ProxyArgs {
     /// runs there.
     #[arg(long, env = "TENDRIL_TAKEOVER")]
     pub takeover: bool,
+}
+
+/// Where the read-only listener sends a connection no standby can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadOnlyFallback {
+    /// To the master (reads keep working, on the master).
+    Master,
+    /// Refuse it (SQLSTATE 57P03, saying why no standby is eligible).
+    Reject,
 }
 
 /// On or off.
@@ -202,6 +221,10 @@ pub struct ProxyConfig {
     pub store: StoreConfig,
     /// Listen address.
     pub listen: SocketAddr,
+    /// The read-only listener's address, if any.
+    pub read_only_listen: Option<SocketAddr>,
+    /// Where read-only connections go when no standby is eligible.
+    pub read_only_fallback: ReadOnlyFallback,
     /// Proxy uid.
     pub uid: String,
     /// Worker count.
@@ -271,6 +294,17 @@ impl ProxyArgs {
         if self.takeover && self.listen_address.port() == 0 {
             errors.push("--takeover needs a --listen-address with a fixed port".into());
         }
+        if let Some(ro) = self.read_only_listen_address {
+            if ro == self.listen_address && ro.port() != 0 {
+                errors.push(format!(
+                    "--read-only-listen-address {ro} is the --listen-address: give it its own port"
+                ));
+            }
+            if self.takeover && ro.port() == 0 {
+                errors
+                    .push("--takeover needs a --read-only-listen-address with a fixed port".into());
+            }
+        }
         if self.kernel_buffer_limit < 64 * 1024 {
             errors.push(format!(
                 "--kernel-buffer-limit {}: use at least 64KiB (one TCP segment batch)",
@@ -295,6 +329,8 @@ impl ProxyArgs {
                 keys,
                 store,
                 listen: self.listen_address,
+                read_only_listen: self.read_only_listen_address,
+                read_only_fallback: self.read_only_fallback,
                 uid,
                 workers,
                 hold_timeout: self.hold_timeout,
@@ -341,6 +377,30 @@ mod tests {
         ];
         all.extend(extra);
         ProxyArgs::try_parse_from(all)
+    }
+
+    #[test]
+    fn the_read_only_listener_needs_its_own_port() {
+        let config = args(&["--read-only-listen-address", "127.0.0.1:25433"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(
+            config.read_only_listen,
+            Some("127.0.0.1:25433".parse().unwrap())
+        );
+        assert_eq!(config.read_only_fallback, ReadOnlyFallback::Master);
+        assert_eq!(
+            args(&[]).unwrap().into_config().unwrap().read_only_listen,
+            None
+        );
+        let err = args(&["--read-only-listen-address", "127.0.0.1:25432"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(err.contains("give it its own port"), "{err}");
+        let err = args(&["--read-only-fallback", "standby"]).unwrap_err();
+        assert!(err.to_string().contains("master, reject"), "{err}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tendril_control_model::{
 };
 use tendril_control_store::{KeptLease, Store, Watch, WatchEvent};
 
-use crate::routing::{Backend, NoBackend, RoutingTable, Target};
+use crate::routing::{Backend, NoBackend, Role, RoutingTable, Standby, Target};
 use crate::shared::Shared;
 
 /// Destroys every socket on the host connected to an address (the eBPF socket killer).
@@ -231,6 +231,7 @@ impl<S: Store> Control<S> {
                     generation: Generation::NONE,
                     route: Err(NoBackend::BadClusterData),
                     hold: false,
+                    standbys: Vec::new(),
                 }
             }
         };
@@ -250,6 +251,7 @@ impl<S: Store> Control<S> {
                 Some(addr) => Ok(Backend {
                     db_uid: route.db_uid.clone(),
                     addr,
+                    role: Role::Master,
                 }),
                 None => {
                     tracing::error!(address = %route.address, port = route.port, "the master's address does not resolve; routing nowhere");
@@ -258,7 +260,25 @@ impl<S: Store> Control<S> {
             },
             Err(why) => Err(*why),
         };
-        self.publish(target.generation, backend, target.hold).await;
+        let mut standbys = Vec::with_capacity(target.standbys.len());
+        for s in &target.standbys {
+            match resolve(&s.address, s.port).await {
+                Some(addr) => standbys.push(Standby {
+                    backend: Backend {
+                        db_uid: s.db_uid.clone(),
+                        addr,
+                        role: Role::Standby,
+                    },
+                    eligible: s.eligible,
+                }),
+                // Not listed: it takes no read-only connection, and those it has are cut.
+                None => {
+                    tracing::warn!(db = %s.db_uid, address = %s.address, "a standby's address does not resolve")
+                }
+            }
+        }
+        self.publish(target.generation, backend, target.hold, standbys)
+            .await;
         self.acknowledge().await;
     }
 
@@ -269,6 +289,7 @@ impl<S: Store> Control<S> {
         generation: Generation,
         backend: Result<Backend, NoBackend>,
         hold: bool,
+        standbys: Vec<Standby>,
     ) {
         let old = self.shared.table.load_full();
         self.epoch += 1;
@@ -278,7 +299,27 @@ impl<S: Store> Control<S> {
             backend,
             hold,
             draining: None,
+            standbys,
         };
+        if old.standbys != table.standbys {
+            let eligible: Vec<_> = table
+                .standbys
+                .iter()
+                .map(|s| match s.eligible {
+                    Ok(()) => format!("{} at {}: eligible", s.backend.db_uid, s.backend.addr),
+                    Err(why) => format!(
+                        "{} at {}: {}",
+                        s.backend.db_uid,
+                        s.backend.addr,
+                        why.describe()
+                    ),
+                })
+                .collect();
+            tracing::info!(standbys = ?eligible, "standbys for read-only connections");
+        }
+        // Standbys that left the cluster (or moved): their read-only connections are cut
+        // without waiting (nothing is acknowledged for them).
+        let standbys_cut = old.standbys.iter().any(|s| table.fences(&s.backend));
         let cut = old
             .backend()
             .or(old.draining.as_ref())
@@ -294,6 +335,9 @@ impl<S: Store> Control<S> {
         let grace = self.shared.settings.switchover_grace;
         let Some(old_backend) = cut else {
             self.shared.table.store(Arc::new(table));
+            if standbys_cut {
+                self.wake_workers();
+            }
             return;
         };
         if hold && table.backend().is_none() && !grace.is_zero() {
@@ -420,7 +464,7 @@ impl<S: Store> Control<S> {
                 .target
                 .as_ref()
                 .map_or(Generation::NONE, |t| t.generation);
-            self.publish(generation, Err(NoBackend::SelfFenced), false)
+            self.publish(generation, Err(NoBackend::SelfFenced), false, Vec::new())
                 .await;
         } else if !stale && self.self_fenced {
             self.self_fenced = false;

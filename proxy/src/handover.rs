@@ -11,10 +11,12 @@
 //!
 //! The exchange, one line each way plus the descriptors:
 //! 1. new → old: `takeover v1`
-//! 2. old → new: `listeners N UID CLUSTER` with N descriptors attached (UID: the old
+//! 2. old → new: `listeners N UID CLUSTER R` with N descriptors attached (UID: the old
 //!    process's proxy uid; a taker with the same `--uid` takes another, [`successor_uid`],
 //!    so that each process acknowledges fences for its own connections only; CLUSTER: the
-//!    cluster it serves, which must be the taker's)
+//!    cluster it serves, which must be the taker's; R, absent in older versions: how many
+//!    of the N, at the end, are the read-only listener's. A taker whose read-only address
+//!    differs closes its copies of those and binds its own)
 //! 3. new → old: `ready`, once its routing table is read. The old process stops capturing
 //!    new local clients in its kernel programs and starts its drain (it stops accepting).
 //! 4. old → new: `stopped`. Only then does the new process accept: a local client it
@@ -147,11 +149,22 @@ impl Taken {
     }
 }
 
-/// Takes the listening sockets of the proxy running on `listen` (as its workers used them).
+/// The listening sockets taken from a running proxy, as its workers used them.
+#[derive(Debug)]
+pub struct Listeners {
+    /// On the listen address.
+    pub primary: Vec<std::net::TcpListener>,
+    /// On the read-only listen address, when the running proxy had the one this proxy has.
+    pub read_only: Vec<std::net::TcpListener>,
+}
+
+/// Takes the listening sockets of the proxy running on `listen` (and those of its read-only
+/// listener when it is on `read_only`).
 pub fn take(
     listen: SocketAddr,
+    read_only: Option<SocketAddr>,
     cluster: &str,
-) -> Result<(Vec<std::net::TcpListener>, Taken), HandoverError> {
+) -> Result<(Listeners, Taken), HandoverError> {
     let exchange = |detail: String| HandoverError::Exchange { listen, detail };
     let name = name(listen);
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
@@ -182,14 +195,18 @@ pub fn take(
         .map_err(|e| exchange(format!("cannot send the request: {e}")))?;
     let (line, fds) = receive(&stream).map_err(|e| exchange(format!("no answer: {e}")))?;
     let mut words = line.split(' ');
-    let expected = match (words.next(), words.next(), words.next(), words.next()) {
-        (Some("listeners"), Some(n), Some(uid), Some(theirs)) => n
+    let head = (words.next(), words.next(), words.next(), words.next());
+    let read_only_count = words.next().map_or(Some(0), |r| r.parse::<usize>().ok());
+    let expected = match (head, read_only_count) {
+        ((Some("listeners"), Some(n), Some(uid), Some(theirs)), Some(r)) => n
             .parse::<usize>()
             .ok()
-            .map(|n| (n, uid.to_owned(), theirs.to_owned())),
+            .map(|n| (n, r, uid.to_owned(), theirs.to_owned())),
         _ => None,
     };
-    let Some((_, uid, theirs)) = expected.filter(|(n, ..)| *n == fds.len() && *n > 0) else {
+    let Some((_, read_only_count, uid, theirs)) =
+        expected.filter(|(n, r, ..)| *n == fds.len() && *n > *r)
+    else {
         return Err(exchange(format!(
             "unexpected answer {line:?} with {} descriptors",
             fds.len()
@@ -201,11 +218,31 @@ pub fn take(
             "the proxy running there serves cluster {theirs:?}, not {cluster:?}"
         )));
     }
-    let mut listeners = Vec::with_capacity(fds.len());
-    for fd in fds {
+    let primary_count = fds.len() - read_only_count;
+    let mut listeners = Listeners {
+        primary: Vec::with_capacity(primary_count),
+        read_only: Vec::with_capacity(read_only_count),
+    };
+    let mut theirs_read_only = None;
+    for (i, fd) in fds.into_iter().enumerate() {
         let socket = socket2::Socket::from(fd);
         let bound = socket.local_addr().ok().and_then(|a| a.as_socket());
         let listening = socket.is_listener().unwrap_or(false);
+        if i >= primary_count {
+            // Theirs: kept only when it is this proxy's read-only address too.
+            theirs_read_only = bound;
+            if listening
+                && bound
+                    .zip(read_only)
+                    .is_some_and(|(b, r)| same_address(b, r))
+            {
+                socket
+                    .set_nonblocking(true)
+                    .map_err(|e| exchange(e.to_string()))?;
+                listeners.read_only.push(socket.into());
+            }
+            continue;
+        }
         if !listening || bound.is_none_or(|b| !same_address(b, listen)) {
             return Err(exchange(format!(
                 "received a socket that is not listening on {listen} ({bound:?}, listening {listening})"
@@ -214,7 +251,14 @@ pub fn take(
         socket
             .set_nonblocking(true)
             .map_err(|e| exchange(e.to_string()))?;
-        listeners.push(socket.into());
+        listeners.primary.push(socket.into());
+    }
+    if read_only_count > 0 && listeners.read_only.is_empty() {
+        tracing::info!(
+            theirs = ?theirs_read_only,
+            ours = ?read_only,
+            "the running proxy's read-only listener is on another address: not taken"
+        );
     }
     stream
         .set_read_timeout(None)
@@ -287,8 +331,8 @@ fn receive(stream: &UnixStream) -> std::io::Result<(String, Vec<OwnedFd>)> {
     Ok((line, fds))
 }
 
-/// Answers takeovers for the proxy listening on `listen` with `listeners`, on a thread of
-/// its own. `handed_over` runs once, when a taker said `ready`: the caller stops capturing
+/// Answers takeovers for the proxy listening on `listen` with `listeners` (the read-only
+/// listener's, `read_only`, after them), on a thread of its own. `handed_over` runs once, when a taker said `ready`: the caller stops capturing
 /// new clients and starts its drain before it returns; the taker is then told `stopped`. While
 /// another process holds the name (the proxy this one replaced, until it hands over), the
 /// thread tries again every [`RETRY`].
@@ -297,8 +341,11 @@ pub fn serve(
     uid: String,
     cluster: String,
     listeners: Vec<RawFd>,
+    read_only: Vec<RawFd>,
     handed_over: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<()> {
+    let about = format!("{uid} {cluster} {}", read_only.len());
+    let listeners: Vec<RawFd> = listeners.into_iter().chain(read_only).collect();
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name(listen).as_bytes())?;
     std::thread::Builder::new()
         .name("handover".into())
@@ -321,7 +368,7 @@ pub fn serve(
             };
             for stream in socket.incoming() {
                 let Ok(stream) = stream else { continue };
-                match answer(&stream, &format!("{uid} {cluster}"), &listeners) {
+                match answer(&stream, &about, &listeners) {
                     Ok(()) => {
                         tracing::info!(%listen, "a new proxy took over the listening sockets: draining");
                         handed_over();

@@ -20,6 +20,7 @@ pub mod handover;
 pub mod kernel;
 pub mod metrics;
 pub mod pgwire;
+pub use tendril_control_model::reads;
 pub mod routing;
 pub mod shared;
 mod sys;
@@ -75,6 +76,8 @@ pub enum ProxyError {
 pub struct App {
     /// The address clients connect to.
     pub listen: SocketAddr,
+    /// The read-only listener's address, when it runs.
+    pub read_only: Option<SocketAddr>,
     /// Shared state (routing table, counters).
     pub shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
@@ -102,34 +105,63 @@ impl App {
     ) -> Result<App, ProxyError> {
         let mut config = config;
         let nofile = sys::raise_nofile_limit();
-        let (listeners, beside, taken) = if config.takeover {
+        let (listeners, read_only, beside, taken) = if config.takeover {
             // The running process's own sockets: they never close, so no connect is
             // refused. It accepts on them until this one has read its routing table.
-            let (mut listeners, taken) = handover::take(config.listen, &config.cluster)?;
+            let (taken_sockets, taken) =
+                handover::take(config.listen, config.read_only_listen, &config.cluster)?;
+            let (mut listeners, mut read_only) = (taken_sockets.primary, taken_sockets.read_only);
             let uid = handover::successor_uid(&config.uid, &taken.uid);
             if uid != config.uid {
                 tracing::info!(old = %taken.uid, %uid, "the running proxy has this uid: taking another until it exits");
                 config.uid = uid;
             }
-            if listeners.len() > config.workers {
+            let taken_count = listeners.len().max(read_only.len());
+            if taken_count > config.workers {
                 // Every socket of the group gets clients: each needs a worker.
                 tracing::info!(
-                    workers = listeners.len(),
+                    workers = taken_count,
                     "one worker per listening socket taken over"
                 );
-                config.workers = listeners.len();
+                config.workers = taken_count;
             }
             let more = config.workers - listeners.len();
             if more > 0 {
                 listeners.extend(bind(config.listen, more, false)?);
             }
-            (listeners, true, Some(taken))
+            if let Some(ro) = config.read_only_listen {
+                let more = config.workers - read_only.len();
+                if more > 0 {
+                    let ro = read_only
+                        .first()
+                        .and_then(|l| l.local_addr().ok())
+                        .unwrap_or(ro);
+                    read_only.extend(bind(ro, more, false)?);
+                }
+            }
+            (listeners, read_only, true, Some(taken))
         } else {
             // Beside a running process on the same address (a proxy started to replace
             // it without --takeover), the listeners join only once the routing table is
             // read: until then every new client goes to the process that can route it.
             let beside = handover::listened_on(config.listen);
-            (bind(config.listen, config.workers, !beside)?, beside, None)
+            let read_only = match config.read_only_listen {
+                Some(ro) => bind(ro, config.workers, !beside)?,
+                None => Vec::new(),
+            };
+            (
+                bind(config.listen, config.workers, !beside)?,
+                read_only,
+                beside,
+                None,
+            )
+        };
+        let read_only_listen = match read_only.first() {
+            Some(l) => Some(l.local_addr().map_err(|source| ProxyError::Listen {
+                addr: config.read_only_listen.unwrap_or(config.listen),
+                source,
+            })?),
+            None => None,
         };
         let listen = listeners[0]
             .local_addr()
@@ -197,6 +229,7 @@ impl App {
                 drain_timeout: config.drain_timeout,
                 switchover_grace: config.switchover_grace,
                 refusal_tls: config.refusal_tls.clone(),
+                read_only_fallback: config.read_only_fallback,
             },
         );
         let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -235,6 +268,8 @@ impl App {
             (None, false) => worker::Accept::Now,
         };
         let listener_fds: Vec<_> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        let read_only_fds: Vec<_> = read_only.iter().map(AsRawFd::as_raw_fd).collect();
+        let mut read_only = read_only.into_iter();
         let (started_tx, started_rx) =
             std::sync::mpsc::channel::<(usize, Result<worker::Driver, String>)>();
         for (id, listener) in listeners.into_iter().enumerate() {
@@ -252,6 +287,7 @@ impl App {
             let force_epoll = config.force_epoll;
             let kernel = kernel.clone();
             let started = started_tx.clone();
+            let read_only = read_only.next();
             let handle = std::thread::Builder::new()
                 .name(format!("tendril-worker-{id}"))
                 .spawn(move || {
@@ -261,6 +297,7 @@ impl App {
                     worker::run(
                         id,
                         listener,
+                        read_only,
                         accept,
                         worker_end,
                         shared,
@@ -287,7 +324,7 @@ impl App {
             }
         }
         let driver = shared.driver();
-        tracing::info!(%listen, workers = config.workers, driver, forwarding, nofile, uid = %config.uid, "proxy listening");
+        tracing::info!(%listen, read_only = ?read_only_listen, workers = config.workers, driver, forwarding, nofile, uid = %config.uid, "proxy listening");
         if taken.is_some() {
             tracing::info!(%listen, "took the running proxy's listening sockets: accepting once the routing table is read");
         } else if beside {
@@ -309,6 +346,7 @@ impl App {
             config.uid.clone(),
             config.cluster.clone(),
             listener_fds.clone(),
+            read_only_fds.clone(),
             move || {
                 // Before the new process accepts: its local clients must reach its own
                 // programs (the drain repeats this for SIGTERM).
@@ -330,12 +368,13 @@ impl App {
             config,
             shared.clone(),
             wakers,
-            listener_fds,
+            listener_fds.into_iter().chain(read_only_fds).collect(),
             kernel_stats,
             shutdown,
         )?;
         Ok(App {
             listen,
+            read_only: read_only_listen,
             shared,
             workers,
             control,
@@ -493,6 +532,7 @@ fn spawn_control(
                 if let Some(listener) = metrics_listener {
                     let mechanism = control.kill_mechanism();
                     let cluster = config.cluster.clone();
+                    let read_only = config.read_only_listen.is_some();
                     let s = shared.clone();
                     let s_health = shared.clone();
                     let health: tendril_metrics::Health = Arc::new(move || {
@@ -517,7 +557,7 @@ fn spawn_control(
                                 active: s.workers.last().map_or(0, |w| w.active.load(std::sync::atomic::Ordering::Relaxed)),
                                 entries: k.entries(),
                             });
-                            metrics::render(
+                            let mut text = metrics::render(
                                 &cluster,
                                 &s.workers,
                                 table.generation.0,
@@ -528,7 +568,9 @@ fn spawn_control(
                                 s.killed.load(std::sync::atomic::Ordering::Relaxed),
                                 s.host_sockets.load(std::sync::atomic::Ordering::Relaxed),
                                 kernel,
-                            )
+                            );
+                            text.push_str(&metrics::render_listeners(&cluster, &s.workers, &table, read_only));
+                            text
                         }),
                         health,
                     ));

@@ -24,11 +24,14 @@ pub enum CloseReason {
     BadStartup,
     /// A cancel request, forwarded or dropped.
     Cancel,
+    /// Refused by the read-only listener: no standby eligible and `--read-only-fallback
+    /// reject` (SQLSTATE 57P03).
+    NoStandby,
 }
 
 impl CloseReason {
     /// All reasons, for rendering.
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::Client,
         CloseReason::Backend,
         CloseReason::Fenced,
@@ -38,6 +41,7 @@ impl CloseReason {
         CloseReason::ConnectFailed,
         CloseReason::BadStartup,
         CloseReason::Cancel,
+        CloseReason::NoStandby,
     ];
 
     /// The label value.
@@ -52,6 +56,7 @@ impl CloseReason {
             CloseReason::ConnectFailed => "connect_failed",
             CloseReason::BadStartup => "bad_startup",
             CloseReason::Cancel => "cancel",
+            CloseReason::NoStandby => "no_standby",
         }
     }
 }
@@ -68,8 +73,14 @@ pub struct WorkerMetrics {
     pub linked: AtomicU64,
     /// Kernel-forwarded connections on the client's own socket, open now.
     pub kernel_client_socket: AtomicU64,
+    /// Connections accepted on the read-only listener (also counted in `accepted`).
+    pub accepted_read_only: AtomicU64,
+    /// Read-only connections sent to a standby.
+    pub read_only_to_standby: AtomicU64,
+    /// Read-only connections sent to the master (`--read-only-fallback master`).
+    pub read_only_to_master: AtomicU64,
     /// Closed, by reason (indexed like [`CloseReason::ALL`]).
-    pub closed: [AtomicU64; 9],
+    pub closed: [AtomicU64; CloseReason::ALL.len()],
     /// Bytes from clients to the backend.
     pub bytes_to_backend: AtomicU64,
     /// Bytes from the backend to clients.
@@ -123,6 +134,79 @@ pub struct KernelMetrics {
     /// The client-socket programs, when loaded: counters, open connections, and map
     /// entries.
     pub client_socket: Option<ClientSocketMetrics>,
+}
+
+/// The listeners' and the read-only routing's part of the Prometheus text: connections
+/// accepted per listener, where read-only connections went, and each standby's
+/// eligibility (`read_only`: whether the read-only listener runs).
+pub fn render_listeners(
+    cluster: &str,
+    workers: &[WorkerMetrics],
+    table: &crate::routing::RoutingTable,
+    read_only: bool,
+) -> String {
+    let sum = |f: &dyn Fn(&WorkerMetrics) -> u64| workers.iter().map(f).sum::<u64>();
+    let read_only_accepted = sum(&|w| w.accepted_read_only.load(Ordering::Relaxed));
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, value) in rows {
+            out.push_str(&format!(
+                "{name}{{cluster=\"{cluster}\",{labels}}} {value}\n"
+            ));
+        }
+    };
+    let mut accepted = vec![(
+        "listener=\"primary\"".to_owned(),
+        sum(&|w| w.accepted.load(Ordering::Relaxed)) - read_only_accepted,
+    )];
+    if read_only {
+        accepted.push(("listener=\"read_only\"".to_owned(), read_only_accepted));
+    }
+    metric(
+        "tendril_proxy_listener_connections_accepted_total",
+        "counter",
+        "client connections accepted, by listener",
+        accepted,
+    );
+    if !read_only {
+        return out;
+    }
+    metric(
+        "tendril_proxy_read_only_routed_total",
+        "counter",
+        "read-only connections sent to a backend, by its role",
+        vec![
+            (
+                "to=\"standby\"".into(),
+                sum(&|w| w.read_only_to_standby.load(Ordering::Relaxed)),
+            ),
+            (
+                "to=\"master\"".into(),
+                sum(&|w| w.read_only_to_master.load(Ordering::Relaxed)),
+            ),
+        ],
+    );
+    metric(
+        "tendril_proxy_standby_eligible",
+        "gauge",
+        "1 while a standby takes new read-only connections, else 0 with the reason",
+        table
+            .standbys
+            .iter()
+            .map(|s| {
+                let reason = s.eligible.err().map_or("eligible", |r| r.label());
+                (
+                    format!(
+                        "db=\"{}\",address=\"{}\",reason=\"{reason}\"",
+                        s.backend.db_uid, s.backend.addr
+                    ),
+                    u64::from(s.eligible.is_ok()),
+                )
+            })
+            .collect(),
+    );
+    out
 }
 
 /// Renders the Prometheus text for all workers plus the control-plane values.

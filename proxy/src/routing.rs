@@ -5,13 +5,37 @@ use std::net::SocketAddr;
 
 use tendril_control_model::{ClusterData, Generation, ProxyRoute};
 
-/// The master to send clients to.
+use crate::reads::{Ineligible, StandbyRoute};
+
+/// A database to send clients to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Backend {
     /// Its database uid: a connection to another database is a connection to fence.
     pub db_uid: String,
     /// Its resolved address.
     pub addr: SocketAddr,
+    /// What it was chosen as, which decides when its connections are cut.
+    pub role: Role,
+}
+
+/// What a connection's backend was chosen as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The master (the listen address, or the read-only listener's fallback): its
+    /// connections are cut as soon as the proxies route elsewhere.
+    Master,
+    /// A standby, by the read-only listener: its connections stay while the database is
+    /// in the cluster at that address (see [`RoutingTable::fences`]).
+    Standby,
+}
+
+/// A standby in the routing table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standby {
+    /// Where it is (role [`Role::Standby`]).
+    pub backend: Backend,
+    /// Whether the read-only listener sends it new connections, or why not.
+    pub eligible: Result<(), Ineligible>,
 }
 
 /// Why there is no backend.
@@ -44,6 +68,8 @@ pub struct RoutingTable {
     /// During a switchover's drain: connections to this former backend are left to finish
     /// (new ones are held) until they end or the grace period runs out.
     pub draining: Option<Backend>,
+    /// Every standby database of the cluster with an address, eligible for reads or not.
+    pub standbys: Vec<Standby>,
 }
 
 impl RoutingTable {
@@ -55,6 +81,7 @@ impl RoutingTable {
             backend: Err(NoBackend::Starting),
             hold: false,
             draining: None,
+            standbys: Vec::new(),
         }
     }
 
@@ -63,9 +90,50 @@ impl RoutingTable {
         self.backend.as_ref().ok()
     }
 
-    /// Whether a connection to `backend` must be closed under this table.
+    /// Whether a connection to `backend` must be closed under this table. A master's as
+    /// soon as the table routes elsewhere (the fence). A standby's when its database left
+    /// the cluster, was re-initialised (a new uid) or moved, or when the proxy knows nothing
+    /// current (no usable cluster data, or fenced itself); a standby promoted to master keeps
+    /// its sessions.
     pub fn fences(&self, backend: &Backend) -> bool {
-        self.backend() != Some(backend) && self.draining.as_ref() != Some(backend)
+        match backend.role {
+            Role::Master => {
+                self.backend() != Some(backend) && self.draining.as_ref() != Some(backend)
+            }
+            Role::Standby => {
+                let same = |b: &Backend| b.db_uid == backend.db_uid && b.addr == backend.addr;
+                !(self.standbys.iter().any(|s| same(&s.backend))
+                    || self.backend().is_some_and(same)
+                    || self.draining.as_ref().is_some_and(same))
+            }
+        }
+    }
+
+    /// The standby for the `turn`-th read-only connection (round robin over the eligible
+    /// ones), if any is eligible.
+    pub fn pick_standby(&self, turn: u64) -> Option<&Backend> {
+        let eligible = self.standbys.iter().filter(|s| s.eligible.is_ok());
+        let n = eligible.clone().count() as u64;
+        if n == 0 {
+            return None;
+        }
+        eligible.map(|s| &s.backend).nth((turn % n) as usize)
+    }
+
+    /// Why no standby takes read-only connections (for the refusal).
+    pub fn no_standby_reason(&self) -> String {
+        if self.standbys.is_empty() {
+            return "the cluster has no standby".into();
+        }
+        let each: Vec<String> = self
+            .standbys
+            .iter()
+            .filter_map(|s| {
+                let why = s.eligible.err()?;
+                Some(format!("{} {}", s.backend.db_uid, why.describe()))
+            })
+            .collect();
+        format!("no standby is eligible for reads: {}", each.join("; "))
     }
 }
 
@@ -107,6 +175,8 @@ pub struct Target {
     pub route: Result<ProxyRoute, NoBackend>,
     /// Hold new connections.
     pub hold: bool,
+    /// The standbys, for the read-only listener.
+    pub standbys: Vec<StandbyRoute>,
 }
 
 impl Target {
@@ -117,11 +187,13 @@ impl Target {
                 generation: Generation::NONE,
                 route: Err(NoBackend::NoMaster),
                 hold: false,
+                standbys: Vec::new(),
             },
             Some(cd) => Target {
                 generation: cd.proxy.generation,
                 route: cd.proxy.master.clone().ok_or(NoBackend::NoMaster),
                 hold: cd.proxy.hold,
+                standbys: crate::reads::standbys(cd),
             },
         }
     }
@@ -148,6 +220,7 @@ mod tests {
         t.backend = Ok(Backend {
             db_uid: "db1".into(),
             addr: "10.0.0.2:5432".parse().unwrap(),
+            role: Role::Master,
         });
         assert_eq!(
             health(&t, false).unwrap(),
@@ -184,14 +257,17 @@ mod tests {
         let a = Backend {
             db_uid: "a".into(),
             addr: "127.0.0.1:1".parse().unwrap(),
+            role: Role::Master,
         };
         let b = Backend {
             db_uid: "b".into(),
             addr: "127.0.0.1:1".parse().unwrap(),
+            role: Role::Master,
         };
         let a_moved = Backend {
             db_uid: "a".into(),
             addr: "127.0.0.1:2".parse().unwrap(),
+            role: Role::Master,
         };
         let table = RoutingTable {
             epoch: 1,
@@ -199,6 +275,7 @@ mod tests {
             backend: Ok(a.clone()),
             hold: false,
             draining: None,
+            standbys: Vec::new(),
         };
         assert!(!table.fences(&a));
         assert!(table.fences(&b));
@@ -213,11 +290,94 @@ mod tests {
             backend: Err(NoBackend::NoMaster),
             hold: true,
             draining: Some(a.clone()),
+            standbys: Vec::new(),
         };
         assert!(
             !drain.fences(&a),
             "a draining backend keeps its connections"
         );
         assert!(drain.fences(&b));
+    }
+
+    fn standby(uid: &str, port: u16, eligible: Result<(), Ineligible>) -> Standby {
+        Standby {
+            backend: Backend {
+                db_uid: uid.into(),
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                role: Role::Standby,
+            },
+            eligible,
+        }
+    }
+
+    #[test]
+    fn standby_connections_stay_while_their_database_does() {
+        let mut table = RoutingTable::starting();
+        table.backend = Ok(Backend {
+            db_uid: "m".into(),
+            addr: "127.0.0.1:5432".parse().unwrap(),
+            role: Role::Master,
+        });
+        table.standbys = vec![
+            standby("s1", 5433, Ok(())),
+            standby("s2", 5434, Err(Ineligible::Lagging)),
+        ];
+        let s1 = table.standbys[0].backend.clone();
+        let s2 = table.standbys[1].backend.clone();
+        assert!(!table.fences(&s1));
+        assert!(
+            !table.fences(&s2),
+            "a lagging standby takes no new connection, keeps its own"
+        );
+        let mut moved = s1.clone();
+        moved.addr.set_port(6000);
+        assert!(table.fences(&moved));
+        let mut resynced = s1.clone();
+        resynced.db_uid = "s1-new".into();
+        assert!(
+            table.fences(&resynced),
+            "re-initialised: a new database uid"
+        );
+        let mut promoted = table.clone();
+        promoted.standbys.remove(0);
+        promoted.backend = Ok(Backend {
+            role: Role::Master,
+            ..s1.clone()
+        });
+        assert!(
+            !promoted.fences(&s1),
+            "a promoted standby keeps its sessions"
+        );
+        assert!(RoutingTable::starting().fences(&s1), "no cluster data: cut");
+        let master_fallback = table.backend().unwrap().clone();
+        assert!(!table.fences(&master_fallback));
+        assert!(
+            promoted.fences(&master_fallback),
+            "a read-only connection on the master is fenced like any"
+        );
+    }
+
+    #[test]
+    fn read_only_connections_go_round_robin_over_eligible_standbys() {
+        let mut table = RoutingTable::starting();
+        table.standbys = vec![
+            standby("s1", 5433, Ok(())),
+            standby("s2", 5434, Err(Ineligible::Lagging)),
+            standby("s3", 5435, Ok(())),
+        ];
+        let picks: Vec<_> = (0..4)
+            .map(|t| table.pick_standby(t).unwrap().db_uid.clone())
+            .collect();
+        assert_eq!(picks, ["s1", "s3", "s1", "s3"]);
+        table.standbys[0].eligible = Err(Ineligible::NotStreaming);
+        table.standbys[2].eligible = Err(Ineligible::Unhealthy);
+        assert_eq!(table.pick_standby(0), None);
+        assert_eq!(
+            table.no_standby_reason(),
+            "no standby is eligible for reads: s1 not streaming from the master; \
+             s2 further behind than max_standby_lag_for_reads; s3 not healthy"
+        );
+        table.standbys.clear();
+        assert_eq!(table.no_standby_reason(), "the cluster has no standby");
     }
 }

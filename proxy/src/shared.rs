@@ -31,6 +31,8 @@ pub struct Settings {
     pub switchover_grace: Duration,
     /// The certificate a TLS client is refused with (see [`crate::tls_refusal`]).
     pub refusal_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// Where read-only connections go when no standby is eligible.
+    pub read_only_fallback: crate::config::ReadOnlyFallback,
 }
 
 /// Shared state.
@@ -49,6 +51,7 @@ pub struct Shared {
     /// Connections given a path by the kernel path, by reason (`kernel::path::Reason`'s
     /// index).
     pub kernel_paths: [AtomicU64; crate::kernel::path::Reason::ALL.len()],
+    read_turn: AtomicU64,
     drivers: Vec<AtomicU8>,
     draining: AtomicBool,
     owns_listeners: AtomicBool,
@@ -71,6 +74,7 @@ impl Shared {
             killed: AtomicU64::new(0),
             host_sockets: AtomicU64::new(0),
             kernel_paths: Default::default(),
+            read_turn: AtomicU64::new(0),
             drivers: (0..workers).map(|_| AtomicU8::new(0)).collect(),
             draining: AtomicBool::new(false),
             owns_listeners: AtomicBool::new(false),
@@ -94,6 +98,12 @@ impl Shared {
             .iter()
             .map(|w| w.linked.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// The turn of a new read-only connection, for the round robin over standbys (one
+    /// counter for every worker, so that the spread is even across them).
+    pub fn next_read_turn(&self) -> u64 {
+        self.read_turn.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Records the driver worker `id` runs on.

@@ -18,6 +18,7 @@ use std::time::Duration;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use crate::config::ReadOnlyFallback;
 use crate::forward::{BufferPool, Ended, Forwarder, UserspaceCopy};
 use crate::kernel::{AdoptError, Candidacy, KernelPath};
 use crate::metrics::{CloseReason, WorkerMetrics};
@@ -189,9 +190,18 @@ pub enum Accept {
     OnceAlone,
 }
 
+/// Which listener a client came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The listen address: to the master.
+    Primary,
+    /// The read-only listen address: to a standby eligible for reads.
+    ReadOnly,
+}
+
 /// Runs worker `id` on the current thread until the proxy drains. `started` hears once: the
 /// driver, as soon as the worker runs, or why it could not start. `accept`: when it starts
-/// accepting on `listener`.
+/// accepting on `listener` (and on `read_only`, the read-only listener's socket).
 #[allow(
     clippy::too_many_arguments,
     reason = "the worker's whole start, passed once"
@@ -199,6 +209,7 @@ pub enum Accept {
 pub fn run(
     id: usize,
     listener: std::net::TcpListener,
+    read_only: Option<std::net::TcpListener>,
     accept: Accept,
     wake: std::os::unix::net::UnixStream,
     shared: Arc<Shared>,
@@ -238,9 +249,15 @@ pub fn run(
             }
             // Listening already after a takeover: this only sets the backlog again.
             socket2::SockRef::from(&listener).listen(BACKLOG)?;
+            if let Some(ro) = &read_only {
+                socket2::SockRef::from(ro).listen(BACKLOG)?;
+            }
             tracing::info!(worker = id, "routing table read: accepting");
         }
         let listener = monoio::net::TcpListener::from_std(listener)?;
+        let read_only = read_only
+            .map(monoio::net::TcpListener::from_std)
+            .transpose()?;
         let ctx = Rc::new(Ctx {
             id,
             shared: shared.clone(),
@@ -253,25 +270,17 @@ pub fn run(
         let accepting = monoio::io::Canceller::new();
         let stop = accepting.handle();
         monoio::spawn(fence_task(ctx.clone(), wake, accepting));
-        loop {
-            match listener.cancelable_accept(stop.clone()).await {
-                Ok((stream, peer)) => {
-                    // Counted before its task first runs: a drain that starts meanwhile
-                    // (a takeover's cancel can return one last client) waits for it.
-                    let metrics = ctx.metrics();
-                    metrics.accepted.fetch_add(1, Ordering::Relaxed);
-                    metrics.active.fetch_add(1, Ordering::Relaxed);
-                    monoio::spawn(connection(ctx.clone(), stream, peer));
-                }
-                Err(e) => {
-                    if shared.draining() {
-                        break;
-                    }
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(worker = id, error = %e, "accept failed");
-                    monoio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
+        let read_only = read_only.map(|ro| {
+            monoio::spawn(accept_loop(
+                ctx.clone(),
+                ro,
+                Listener::ReadOnly,
+                stop.clone(),
+            ))
+        });
+        accept_loop(ctx.clone(), listener, Listener::Primary, stop).await;
+        if let Some(ro) = read_only {
+            ro.await;
         }
         drain(&ctx).await;
         ctx.metrics().stopped();
@@ -279,6 +288,38 @@ pub fn run(
     });
     if let Err(e) = result {
         tracing::error!(worker = id, error = %e, "worker stopped");
+    }
+}
+
+/// Accepts on `listener` until the drain cancels the accepts.
+async fn accept_loop(
+    ctx: Rc<Ctx>,
+    listener: monoio::net::TcpListener,
+    kind: Listener,
+    stop: monoio::io::CancelHandle,
+) {
+    loop {
+        match listener.cancelable_accept(stop.clone()).await {
+            Ok((stream, peer)) => {
+                // Counted before its task first runs: a drain that starts meanwhile
+                // (a takeover's cancel can return one last client) waits for it.
+                let metrics = ctx.metrics();
+                metrics.accepted.fetch_add(1, Ordering::Relaxed);
+                if kind == Listener::ReadOnly {
+                    metrics.accepted_read_only.fetch_add(1, Ordering::Relaxed);
+                }
+                metrics.active.fetch_add(1, Ordering::Relaxed);
+                monoio::spawn(connection(ctx.clone(), stream, peer, kind));
+            }
+            Err(e) => {
+                if ctx.shared.draining() {
+                    return;
+                }
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(worker = ctx.id, error = %e, "accept failed");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 
@@ -374,7 +415,7 @@ impl Drop for Active<'_> {
 
 /// Serves one accepted client (already counted as accepted and active by the accept loop;
 /// `Active` uncounts it when it ends).
-async fn connection(ctx: Rc<Ctx>, client: TcpStream, peer: SocketAddr) {
+async fn connection(ctx: Rc<Ctx>, client: TcpStream, peer: SocketAddr, listener: Listener) {
     let metrics = ctx.metrics();
     let mut active = Active {
         metrics,
@@ -400,13 +441,19 @@ async fn connection(ctx: Rc<Ctx>, client: TcpStream, peer: SocketAddr) {
         .await;
         return;
     }
+    if listener == Listener::ReadOnly {
+        // Always through the first packet: a cancel request must reach whichever standby
+        // runs the query, and the standby is chosen per connection.
+        active.outcome = unrouted(&ctx, client, peer, listener).await;
+        return;
+    }
     let table = ctx.shared.table.load_full();
     active.outcome = match table.backend() {
         Some(backend) => {
             let backend = backend.clone();
             routed(&ctx, client, peer, backend, table.epoch, Vec::new(), 0).await
         }
-        None => unrouted(&ctx, client, peer).await,
+        None => unrouted(&ctx, client, peer, listener).await,
     };
 }
 
@@ -568,9 +615,15 @@ async fn first_bytes(client: &mut TcpStream, server: &mut TcpStream, wait: Durat
     FirstBytes::Forwarded(n as u64)
 }
 
-/// No backend: speak just enough protocol to refuse properly, or hold the client during a
-/// switchover until the new master is published.
-async fn unrouted(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> Outcome {
+/// No backend yet (or the read-only listener, which chooses one per connection): speak just
+/// enough protocol to refuse properly, or hold the client during a switchover until the
+/// new master is published.
+async fn unrouted(
+    ctx: &Ctx,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    listener: Listener,
+) -> Outcome {
     let settings = &ctx.shared.settings;
     let deadline = std::time::Instant::now() + settings.startup_timeout;
     let buf = match read_first_packet(&mut client, Vec::with_capacity(256), deadline).await {
@@ -598,17 +651,27 @@ async fn unrouted(ctx: &Ctx, mut client: TcpStream, peer: SocketAddr) -> Outcome
             // A refusal answers with an ErrorResponse instead of the one byte, which
             // clients report as the server's error: an `N` here would make an
             // `sslmode=require` client fail with "server does not support SSL".
-            hold_or_refuse(ctx, client, peer, buf, consumed).await
+            hold_or_refuse(ctx, client, peer, buf, consumed, listener).await
         }
         Parse::Done(FirstPacket::CancelRequest { .. }, used) => {
-            // Cancel keys belong to the master: forward if there is one now, else drop.
-            if let Some(backend) = ctx.shared.table.load().backend().cloned() {
-                forward_cancel(&backend, buf[..used].to_vec(), settings.connect_timeout).await;
+            // Cancel keys belong to the master: forward if there is one now, else drop. On
+            // the read-only listener the session may be on any standby (or the master): the
+            // request goes to each, and only the one whose key matches acts on it.
+            let table = ctx.shared.table.load_full();
+            let packet = &buf[..used];
+            let mut to: Vec<&Backend> = table.backend().into_iter().collect();
+            if listener == Listener::ReadOnly {
+                to.extend(table.standbys.iter().map(|s| &s.backend));
+            }
+            let timeout = settings.connect_timeout;
+            for b in to {
+                // Each on its own: a dead standby must not delay the others.
+                monoio::spawn(forward_cancel(b.clone(), packet.to_vec(), timeout));
             }
             CloseReason::Cancel.into()
         }
         Parse::Done(FirstPacket::Startup { .. }, _) => {
-            hold_or_refuse(ctx, client, peer, buf, consumed).await
+            hold_or_refuse(ctx, client, peer, buf, consumed, listener).await
         }
     }
 }
@@ -655,19 +718,57 @@ async fn read_more(client: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<
 
 /// Holds a client whose first packet (`first`: a startup packet, an SSLRequest or a
 /// GSSENCRequest) is read, until a master is routable (then forwards `first` to it) or the
-/// hold ends (then refuses with 57P03 and the reason).
+/// hold ends (then refuses with 57P03 and the reason). On the read-only listener an eligible
+/// standby comes first; without one, `--read-only-fallback` says master or refuse.
 async fn hold_or_refuse(
     ctx: &Ctx,
     client: TcpStream,
     peer: SocketAddr,
     first: Vec<u8>,
     consumed: u64,
+    listener: Listener,
 ) -> Outcome {
     let settings = &ctx.shared.settings;
     let start = std::time::Instant::now();
+    let turn = match listener {
+        Listener::ReadOnly => Some(ctx.shared.next_read_turn()),
+        Listener::Primary => None,
+    };
     loop {
         let table = ctx.shared.table.load_full();
+        if let Some(turn) = turn {
+            if let Some(standby) = table.pick_standby(turn) {
+                ctx.metrics()
+                    .read_only_to_standby
+                    .fetch_add(1, Ordering::Relaxed);
+                let standby = standby.clone();
+                return routed(ctx, client, peer, standby, table.epoch, first, consumed).await;
+            }
+            let starting = matches!(table.backend, Err(NoBackend::Starting));
+            if !starting && settings.read_only_fallback == ReadOnlyFallback::Reject {
+                let message = format!(
+                    "tendril: no standby available for read-only connections to cluster {} ({})",
+                    settings.cluster,
+                    table.no_standby_reason()
+                );
+                refuse_first(
+                    ctx,
+                    client,
+                    peer,
+                    first,
+                    pgwire::CANNOT_CONNECT_NOW,
+                    &message,
+                )
+                .await;
+                return CloseReason::NoStandby.into();
+            }
+        }
         if let Some(backend) = table.backend() {
+            if turn.is_some() {
+                ctx.metrics()
+                    .read_only_to_master
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             return routed(
                 ctx,
                 client,
@@ -718,7 +819,7 @@ async fn hold_or_refuse(
     }
 }
 
-async fn forward_cancel(backend: &Backend, packet: Vec<u8>, timeout: Duration) {
+async fn forward_cancel(backend: Backend, packet: Vec<u8>, timeout: Duration) {
     if let Ok(Ok(mut s)) =
         monoio::time::timeout(timeout, TcpStream::connect_addr(backend.addr)).await
     {

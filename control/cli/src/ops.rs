@@ -68,6 +68,9 @@ pub struct KeeperRow {
     pub lag_bytes: Option<u64>,
     /// Listed and known in sync.
     pub synchronous: bool,
+    /// A standby: whether the proxies' read-only listeners send it new connections
+    /// (`eligible`), or why not.
+    pub reads: Option<String>,
     /// Spec generation wanted / reached.
     pub generation: String,
     /// Advertised address.
@@ -130,6 +133,7 @@ impl<S: Store> Ctl<S> {
                 .filter(|s| s.uid == m.uid && s.healthy)
                 .map_or(m.status.xlog_pos, |s| s.xlog_pos)
         });
+        let read_routes = tendril_control_model::reads::standbys(&cd);
         let mut keepers = Vec::new();
         for (uid, keeper) in &cd.keepers {
             let info = infos.get(uid).filter(|i| i.cluster_uid == cd.uid);
@@ -173,6 +177,7 @@ impl<S: Store> Ctl<S> {
                     _ => None,
                 },
                 synchronous,
+                reads: None,
                 generation: db.map_or("-".into(), |d| {
                     format!("{}/{}", d.generation, d.status.current_generation)
                 }),
@@ -180,6 +185,17 @@ impl<S: Store> Ctl<S> {
                 last_error: info.and_then(|i| i.last_error.clone()),
                 last_fence: info.and_then(|i| i.last_fence.clone()),
             });
+        }
+        for row in &mut keepers {
+            row.reads = read_routes
+                .iter()
+                .find(|r| Some(&r.db_uid) == row.db.as_ref())
+                .map(|r| {
+                    r.eligible
+                        .err()
+                        .map_or("eligible", |why| why.label())
+                        .to_owned()
+                });
         }
         let recent = cd.events.len().saturating_sub(10);
         Ok(Status {
@@ -420,7 +436,8 @@ pub fn render_table(s: &Status) -> String {
     }
     out.push('\n');
     let headers = [
-        "KEEPER", "HEALTHY", "DB", "ROLE", "POSTGRES", "LSN", "LAG", "SYNC", "GEN", "ADDRESS",
+        "KEEPER", "HEALTHY", "DB", "ROLE", "POSTGRES", "LSN", "LAG", "SYNC", "READS", "GEN",
+        "ADDRESS",
     ];
     let rows: Vec<Vec<String>> = s
         .keepers
@@ -449,6 +466,7 @@ pub fn render_table(s: &Status) -> String {
                 } else {
                     "-".into()
                 },
+                k.reads.clone().unwrap_or_else(|| "-".into()),
                 k.generation.clone(),
                 k.address.clone().unwrap_or_else(|| "-".into()),
             ]

@@ -379,6 +379,11 @@ pub struct DbStatus {
     pub timeline_id: u32,
     /// Current WAL position (write position on a master, replay on a standby).
     pub xlog_pos: Lsn,
+    /// A healthy standby's WAL receiver is streaming from its upstream.
+    pub streaming: bool,
+    /// A standby's last replayed WAL position (what its readers see; `xlog_pos` is the
+    /// furthest of received and replayed).
+    pub replay_lsn: Option<Lsn>,
     /// The last entries of the timeline history.
     pub timelines_history: Vec<TimelineHistoryEntry>,
     /// Parameters in effect.

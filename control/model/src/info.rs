@@ -101,6 +101,8 @@ pub struct PostgresState {
     pub receive_lsn: Option<Lsn>,
     /// Last WAL position replayed (standbys).
     pub replay_lsn: Option<Lsn>,
+    /// A standby's WAL receiver is streaming from its upstream.
+    pub streaming: bool,
     /// With postgres stopped: the last checkpoint, the end of what it wrote.
     pub checkpoint_lsn: Option<Lsn>,
     /// The last entries of the timeline history.

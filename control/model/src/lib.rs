@@ -19,6 +19,7 @@ mod info;
 mod keys;
 mod lsn;
 mod patch;
+pub mod reads;
 mod replication_tls;
 mod spec;
 

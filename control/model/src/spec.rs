@@ -56,8 +56,11 @@ pub struct ClusterSpec {
     /// may still be elected in asynchronous mode.
     pub max_standby_lag: u64,
     /// Largest lag in bytes, against the master's last reported position, with which a
-    /// standby still serves reads: its keeper's `/replica` answers 503 beyond it.
+    /// standby still serves reads: its keeper's `/replica` answers 503 beyond it, and the
+    /// proxies' read-only listeners send it no new connection.
     pub max_standby_lag_for_reads: u64,
+    /// The proxies' read-only listeners use only the master's synchronous standbys.
+    pub reads_on_synchronous_only: bool,
     /// Synchronous replication: commits wait for the synchronous standbys.
     pub synchronous_replication: bool,
     /// Fewest synchronous standbys; with fewer real ones commits block rather than degrade.
@@ -117,6 +120,7 @@ impl Default for ClusterSpec {
             // stolon documents 1 MiB but its code says 1024*1204; we mean 1 MiB.
             max_standby_lag: 1024 * 1024,
             max_standby_lag_for_reads: 1024 * 1024,
+            reads_on_synchronous_only: false,
             synchronous_replication: false,
             min_synchronous_standbys: 1,
             max_synchronous_standbys: 1,

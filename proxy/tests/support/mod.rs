@@ -6,6 +6,7 @@
 )]
 #![allow(clippy::unwrap_used, reason = "test support: a failed step panics")]
 
+pub mod loops;
 pub mod wire;
 
 use std::process::{Child, Command, Stdio};
@@ -79,6 +80,44 @@ impl Env {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.cd.proxy.generation
+    }
+
+    /// Makes `master` the cluster's master database and `standbys` (database uid, port on
+    /// 127.0.0.1) its standbys, each eligible for reads (healthy, converged, streaming, not
+    /// behind), in the cluster data the next [`Env::route`] writes.
+    pub fn set_standbys(&mut self, master: &str, standbys: &[(&str, u16)]) {
+        use tendril_control_model::{Db, DbRole, DbSpec, DbStatus, FollowConfig};
+        let db = |uid: &str, role: DbRole, port: Option<u16>| Db {
+            uid: uid.into(),
+            generation: Generation(1),
+            change_time: SystemTime::now(),
+            spec: DbSpec {
+                keeper_uid: format!("keeper-{uid}"),
+                role,
+                follow: (role == DbRole::Standby).then(|| FollowConfig::Internal {
+                    db_uid: master.into(),
+                }),
+                ..DbSpec::default()
+            },
+            status: DbStatus {
+                healthy: true,
+                current_generation: Generation(1),
+                listen_address: port.map(|_| "127.0.0.1".into()),
+                port,
+                streaming: role == DbRole::Standby,
+                ..DbStatus::default()
+            },
+        };
+        self.cd.dbs.clear();
+        self.cd
+            .dbs
+            .insert(master.into(), db(master, DbRole::Master, None));
+        for (uid, port) in standbys {
+            self.cd
+                .dbs
+                .insert((*uid).into(), db(uid, DbRole::Standby, Some(*port)));
+        }
+        self.cd.master = Some(master.into());
     }
 
     pub async fn acked(&self, uid: &str) -> Option<Generation> {

@@ -412,12 +412,14 @@ fn update_dbs(ctx: &mut Ctx<'_>) {
             st.current_generation = s.generation;
             st.listen_address = Some(s.listen_address.clone());
             st.port = Some(s.port);
+            st.streaming = s.healthy && s.streaming;
             if !s.system_id.is_empty() {
                 st.system_id = Some(s.system_id.clone());
             }
             if s.healthy {
                 st.timeline_id = s.timeline_id;
                 st.xlog_pos = s.xlog_pos;
+                st.replay_lsn = s.replay_lsn;
                 st.timelines_history = s.timelines_history.clone();
                 st.pg_parameters = s.pg_parameters.clone();
                 st.older_wal_file = s.older_wal_file.clone();
