@@ -2,8 +2,9 @@
 //! connections spread over the standbys eligible for reads, never to the master while one
 //! is; a standby whose replay falls behind `max_standby_lag_for_reads` takes no new
 //! connection (its open ones stay) and takes them again once it caught up; with no standby
-//! eligible, `--read-only-fallback` sends them to the master or refuses them with 57P03; a
-//! cancel request on the read-only listener reaches the standby that runs the query.
+//! eligible (both behind, then both stopped), `--read-only-fallback` sends them to the
+//! master or refuses them with 57P03; a cancel request on the read-only listener reaches the
+//! standby that runs the query.
 
 #![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
 
@@ -12,18 +13,24 @@ use std::time::{Duration, Instant};
 
 use tendril_e2e::{Cluster, Options, connect, http_get, tuned_spec};
 
-/// The server port of a new connection through `port` (`inet_server_port()`), or the error.
+/// The server port of a new connection through `port` (`inet_server_port()`), or the error
+/// (a server that does not answer within 10 s is one).
 async fn served_by(port: u16) -> Result<u16, String> {
-    let client = connect("127.0.0.1", port).await.map_err(|e| {
-        e.as_db_error().map_or(e.to_string(), |d| {
-            format!("{}: {}", d.code().code(), d.message())
-        })
-    })?;
-    let row = client
-        .query_one("select inet_server_port()", &[])
+    let ask = async {
+        let client = connect("127.0.0.1", port).await.map_err(|e| {
+            e.as_db_error().map_or(e.to_string(), |d| {
+                format!("{}: {}", d.code().code(), d.message())
+            })
+        })?;
+        let row = client
+            .query_one("select inet_server_port()", &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(row.get::<_, i32>(0) as u16)
+    };
+    tokio::time::timeout(Duration::from_secs(10), ask)
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(row.get::<_, i32>(0) as u16)
+        .unwrap_or_else(|_| Err("no answer within 10 s".into()))
 }
 
 /// How `n` new connections through `port` were served: server port to count.
@@ -255,6 +262,26 @@ async fn read_only_connections_go_to_eligible_standbys_and_fall_back_as_configur
             .unwrap();
     }
     wait_served_only_by(reject, &standby_ports, "replay resumed on both").await;
+
+    // Both standbys gone (their PostgreSQL stopped answering): unhealthy, out of the
+    // rotation; the fallbacks again, and back once they answer.
+    for (uid, _) in &standbys {
+        cluster.node(uid).pause_postgres();
+    }
+    wait_served_only_by(to_master, &[master_port], "both standbys stopped").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let refusal = loop {
+        match served_by(reject).await {
+            Err(e) if e.starts_with("57P03") => break e,
+            other => assert!(Instant::now() < deadline, "not refused: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(refusal.contains("not healthy"), "{refusal}");
+    for (uid, _) in &standbys {
+        cluster.node(uid).thaw();
+    }
+    wait_served_only_by(reject, &standby_ports, "standbys answering again").await;
     let lines = eligibility(metrics);
     assert_eq!(
         lines

@@ -87,6 +87,7 @@ struct config {
 	__u32 proxy_tgid;   /* the proxy's process: its connects are followed */
 	__u64 send_limit;   /* most unacknowledged bytes redirected to a server socket */
 	__u64 recv_limit;   /* most reply bytes held for a client that does not read */
+	__u32 read_only_port; /* host order; the read-only listener's, same address; 0: none */
 };
 const volatile struct config cfg = {};
 
@@ -457,7 +458,8 @@ int watch_sockets(struct bpf_sock_ops *ops)
 	default:
 		return 1;
 	}
-	if (bpf_ntohl(ops->remote_port) != cfg.listen_port)
+	__u32 port = bpf_ntohl(ops->remote_port);
+	if (port != cfg.listen_port && (!cfg.read_only_port || port != cfg.read_only_port))
 		return 1;
 	if (!ops_key(ops, &key, 1))
 		return 1;

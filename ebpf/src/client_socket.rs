@@ -34,7 +34,7 @@ const ROUTE_SIZE: usize = 32;
 /// Size of `struct reply`.
 const REPLY_SIZE: usize = KEY_SIZE + 48 + 40 + 32;
 /// Size of `struct config`, the read-only data.
-const CONFIG_SIZE: usize = 40;
+const CONFIG_SIZE: usize = 48;
 
 // The program's enums (client_socket.bpf.c), checked against its BTF by CONSTANTS's test.
 pub(crate) const R_KERNEL: u32 = 0;
@@ -432,11 +432,13 @@ impl ClientSocket {
         drop(link);
     }
 
-    /// Loads the programs for a proxy listening on `listen`, with room for `max_clients`
-    /// connections, `send_limit` and `recv_limit` bytes held per direction, and attaches the
-    /// sockops program to the cgroup v2 root (through a link: detached when this is dropped).
+    /// Loads the programs for a proxy listening on `listen` (and on the port `read_only`, a
+    /// second listener on the same address), with room for `max_clients` connections,
+    /// `send_limit` and `recv_limit` bytes held per direction, and attaches the sockops
+    /// program to the cgroup v2 root (through a link: detached when this is dropped).
     pub fn load(
         listen: SocketAddr,
+        read_only: Option<u16>,
         max_clients: u32,
         send_limit: u64,
         recv_limit: u64,
@@ -446,7 +448,13 @@ impl ClientSocket {
         }
         let root = cgroup2_root().ok_or_else(|| unavailable("no cgroup v2 mount"))?;
         let mut open = crate::object::open(OBJECT, BUILD_ERROR, MECHANISM)?;
-        let config = config_bytes(listen, std::process::id(), send_limit, recv_limit);
+        let config = config_bytes(
+            listen,
+            read_only.unwrap_or(0),
+            std::process::id(),
+            send_limit,
+            recv_limit,
+        );
         for mut map in open.maps_mut() {
             let name = map.name().to_string_lossy().into_owned();
             if name.ends_with(".rodata") {
@@ -881,6 +889,7 @@ impl ClientSocket {
 /// `struct config`, as [`ClientSocket::load`] writes it into the read-only data.
 pub(crate) fn config_bytes(
     listen: SocketAddr,
+    read_only_port: u16,
     tgid: u32,
     send_limit: u64,
     recv_limit: u64,
@@ -893,6 +902,7 @@ pub(crate) fn config_bytes(
     config[20..24].copy_from_slice(&tgid.to_ne_bytes());
     config[24..32].copy_from_slice(&send_limit.to_ne_bytes());
     config[32..40].copy_from_slice(&recv_limit.to_ne_bytes());
+    config[40..44].copy_from_slice(&u32::from(read_only_port).to_ne_bytes());
     config
 }
 

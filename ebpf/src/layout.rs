@@ -380,13 +380,24 @@ fn client_socket_structs(btf: &Btf<'_>, errors: &mut Vec<String>) {
             u16::from_ne_bytes(pat(0x40)),
         );
         let (tgid, send_limit, recv_limit) = (u32_pat(0x50), u64_pat(0x60), u64_pat(0x70));
-        let config = client_socket::config_bytes((ip, port).into(), tgid, send_limit, recv_limit);
+        let read_only_port = u16::from_ne_bytes(pat(0x80));
+        let config = client_socket::config_bytes(
+            (ip, port).into(),
+            read_only_port,
+            tgid,
+            send_limit,
+            recv_limit,
+        );
         let fields = [
             ("listen_ip", ip.octets().to_vec()),
             ("listen_port", u32::from(port).to_ne_bytes().to_vec()),
             ("proxy_tgid", tgid.to_ne_bytes().to_vec()),
             ("send_limit", send_limit.to_ne_bytes().to_vec()),
             ("recv_limit", recv_limit.to_ne_bytes().to_vec()),
+            (
+                "read_only_port",
+                u32::from(read_only_port).to_ne_bytes().to_vec(),
+            ),
         ];
         check_encoder(&c, "config_bytes", &config, &fields, errors);
         // ClientSocket::load writes the config at the start of the read-only data.

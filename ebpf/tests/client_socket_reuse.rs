@@ -85,7 +85,7 @@ fn a_connection_reusing_the_addresses_of_one_not_yet_cleaned_up_is_routed_and_ke
     }
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
     let backend = TcpListener::bind("127.0.0.1:0").unwrap();
-    let local = ClientSocket::load(proxy.local_addr().unwrap(), 1024, 1 << 20, 1 << 20)
+    let local = ClientSocket::load(proxy.local_addr().unwrap(), None, 1024, 1 << 20, 1 << 20)
         .expect("the client-socket programs load on this machine");
     // Two free ports for the fixed client and server ends.
     let client_port = TcpListener::bind("127.0.0.1:0")

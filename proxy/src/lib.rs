@@ -191,8 +191,19 @@ impl App {
         };
         let client_socket = match &sockmap {
             Some(_) if config.kernel_client_socket => {
+                // The read-only listener's clients on this host take the path too when it
+                // shares the listen address's IP (the program matches one address).
+                let read_only_port = read_only_listen
+                    .filter(|ro| ro.ip() == listen.ip())
+                    .map(|ro| ro.port());
+                if read_only_listen.is_some() && read_only_port.is_none() {
+                    tracing::info!(
+                        "the read-only listener has another IP than the listen address: its clients on this host are forwarded on the pair path or in userspace"
+                    );
+                }
                 match tendril_ebpf::client_socket::ClientSocket::load(
                     listen,
+                    read_only_port,
                     config.kernel_max_connections,
                     config.kernel_buffer_limit,
                     config.kernel_buffer_limit,

@@ -1,6 +1,6 @@
 //! The read-only listener of the proxy binary, with real etcd and PostgreSQL and the cluster
 //! data written by hand: it moves with a takeover like the listen address (no connect on
-//! either fails), and a standby that leaves the cluster data has its read-only sessions cut
+//! either fails), its local clients take the kernel's client-socket path, and a standby that leaves the cluster data has its read-only sessions cut
 //! while the master's stay, its new clients going to the master (`--read-only-fallback
 //! master`, the default). The choice among standbys and the fallbacks on a real cluster are
 //! in e2e/tests/reads.rs.
@@ -70,8 +70,18 @@ async fn the_read_only_listener_moves_with_a_takeover_and_cuts_a_removed_standby
         "the new proxy took no read-only client:\n{}",
         new.metrics()
     );
-    let c = connect(ro_port).await.unwrap();
-    assert_eq!(backend_port(&c).await, standby.port());
+    // Local read-only clients take the default path of local clients (the kernel, on
+    // their own socket), as on the listen address.
+    let before = new.path_total("client_socket");
+    for _ in 0..4 {
+        let c = connect(ro_port).await.unwrap();
+        assert_eq!(backend_port(&c).await, standby.port());
+    }
+    assert!(
+        new.path_total("client_socket") >= before + 4.0,
+        "{}",
+        new.metrics()
+    );
 
     // The standby leaves the cluster data: its read-only sessions are cut, the master's
     // stay, and new read-only clients go to the master.

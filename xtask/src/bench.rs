@@ -7,6 +7,8 @@
 //! `cargo xtask bench failover [--runs N] [--only default,partition]`: failover timings of whole clusters (e2e harness).
 //! `cargo xtask bench rollout [--topology local|remote]`: connects across proxy replacements,
 //! tendril's `--takeover` against HAProxy's seamless reload (bench/proxy/rollout.sh).
+//! `cargo xtask bench reads`: pgbench -S through a proxy's listen address and through its
+//! read-only listener on a local three-keeper cluster (bench/proxy/reads.sh).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -20,11 +22,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         Some("failover") => failover(&args[1..]),
         Some("fence") => fence(),
         Some("rollout") => rollout(&args[1..]),
+        Some("reads") if args.len() == 1 => reads(),
         _ => {
             anyhow::bail!(
                 "usage: cargo xtask bench proxy [--quick] [--only TARGETS] [--tests TESTS] \
                  [--topology local|remote] | failover [--runs N] | fence | rollout \
-                 [--topology local|remote]"
+                 [--topology local|remote] | reads"
             )
         }
     }
@@ -245,6 +248,23 @@ fn rollout(args: &[String]) -> anyhow::Result<()> {
             )
             .env("TOPOLOGY", topology.as_str()),
     )
+}
+
+/// `cargo xtask bench reads`: a local cluster of release binaries (`cargo xtask up
+/// --release`, in a state directory of its own), bench/proxy/reads.sh, then the cluster
+/// stopped whatever the result.
+fn reads() -> anyhow::Result<()> {
+    let state = "/var/tmp/tendril-bench-reads";
+    crate::up::up(&["--detach", "--release", "--state-dir", state].map(String::from))?;
+    let bench = project_root().join("bench/proxy");
+    let result = crate::run(
+        Command::new("bash")
+            .arg(bench.join("reads.sh"))
+            .current_dir(&bench)
+            .env("STATE", state),
+    );
+    crate::up::down(&["--state-dir", state].map(String::from))?;
+    result
 }
 
 /// `cargo build --release` with `args` (packages, `--bins`).

@@ -58,6 +58,7 @@ usage: cargo xtask <command>
 
 commands:
   up [--keepers N] [--sentinels N] [--proxies N] [--sync] [--state-dir DIR] [--detach]
+     [--release]
                      a local HA cluster on loopback: etcd, keepers, sentinels, proxy
   down [--state-dir DIR]
                      stop it
@@ -71,6 +72,8 @@ commands:
   bench failover [--runs N]
                      failover timings of whole clusters under faults
   bench fence        cluster-data write to the last old-master connection closed
+  bench reads        pgbench -S through the master listener and the read-only listener
+                     (two standbys) of a local cluster, with CPU per transaction
   soak proxy [--minutes N | --seconds N] [--seed S] [--paths P,..] [--topology T]
                      the proxy under clients and random faults (seed printed, replayable);
                      paths: userspace-io-uring, userspace-epoll, kernel-pair,

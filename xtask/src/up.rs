@@ -20,6 +20,8 @@ const CLUSTER: &str = "local";
 const ETCD_PORT: u16 = 25479;
 const ETCD_PEER_PORT: u16 = 25480;
 const PROXY_PORT: u16 = 25432;
+/// The first proxy's read-only listener (standbys); the next proxies take the next ports.
+const READ_ONLY_PORT: u16 = 25450;
 const KEEPER_PORT: u16 = 25440;
 const METRICS_PORT: u16 = 25490;
 
@@ -32,6 +34,8 @@ struct UpOptions {
     sync: bool,
     state: PathBuf,
     detach: bool,
+    /// Release binaries (the benchmarks), instead of debug ones.
+    release: bool,
 }
 
 fn default_state() -> PathBuf {
@@ -46,6 +50,7 @@ fn parse(args: &[String]) -> anyhow::Result<UpOptions> {
         sync: false,
         state: default_state(),
         detach: false,
+        release: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -57,6 +62,7 @@ fn parse(args: &[String]) -> anyhow::Result<UpOptions> {
             "--state-dir" => o.state = PathBuf::from(value("--state-dir")?),
             "--sync" => o.sync = true,
             "--detach" => o.detach = true,
+            "--release" => o.release = true,
             other => bail!("unknown option {other:?} (cargo xtask help)"),
         }
     }
@@ -72,8 +78,8 @@ fn parse(args: &[String]) -> anyhow::Result<UpOptions> {
     Ok(o)
 }
 
-fn bin_dir() -> PathBuf {
-    crate::bench::target_dir().join("debug")
+fn bin_dir(release: bool) -> PathBuf {
+    crate::bench::target_dir().join(if release { "release" } else { "debug" })
 }
 
 /// `cargo xtask up`.
@@ -90,6 +96,7 @@ pub fn up(args: &[String]) -> anyhow::Result<()> {
         .chain(std::iter::once(ETCD_PEER_PORT))
         .chain((0..o.keepers).map(|i| KEEPER_PORT + i as u16))
         .chain((0..o.proxies).map(|i| PROXY_PORT + i as u16))
+        .chain((0..o.proxies).map(|i| READ_ONLY_PORT + i as u16))
     {
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
             bail!(
@@ -99,18 +106,22 @@ pub fn up(args: &[String]) -> anyhow::Result<()> {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("building the binaries...");
-    crate::run(Command::new(&cargo).args([
-        "build",
-        "--bins",
-        "-p",
-        "tendril-keeper",
-        "-p",
-        "tendril-sentinel",
-        "-p",
-        "tendril-proxy",
-        "-p",
-        "tendril-control",
-    ]))?;
+    crate::run(
+        Command::new(&cargo)
+            .args(["build"])
+            .args(o.release.then_some("--release"))
+            .args([
+                "--bins",
+                "-p",
+                "tendril-keeper",
+                "-p",
+                "tendril-sentinel",
+                "-p",
+                "tendril-proxy",
+                "-p",
+                "tendril-control",
+            ]),
+    )?;
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
@@ -158,7 +169,7 @@ fn start_cluster(o: &UpOptions, stop: &AtomicBool, started: Instant) -> anyhow::
     set_mode(&state.join("su.pw"), 0o600)?;
     set_mode(&state.join("repl.pw"), 0o600)?;
     let endpoint = format!("http://127.0.0.1:{ETCD_PORT}");
-    let bins = bin_dir();
+    let bins = bin_dir(o.release);
 
     step(stop, started, "starting etcd", || {
         spawn(
@@ -247,6 +258,8 @@ fn start_cluster(o: &UpOptions, stop: &AtomicBool, started: Instant) -> anyhow::
                         endpoint.clone(),
                         "--listen-address".into(),
                         format!("127.0.0.1:{}", PROXY_PORT + i as u16),
+                        "--read-only-listen-address".into(),
+                        format!("127.0.0.1:{}", READ_ONLY_PORT + i as u16),
                         "--metrics-address".into(),
                         format!("127.0.0.1:{}", METRICS_PORT - 1 - i as u16),
                         "--uid".into(),
@@ -296,6 +309,8 @@ fn start_cluster(o: &UpOptions, stop: &AtomicBool, started: Instant) -> anyhow::
         started.elapsed().as_secs_f64()
     );
     println!("    psql {uri}\n");
+    println!("Read-only, on a standby (the master when none is eligible):\n");
+    println!("    psql postgres://postgres:{password}@127.0.0.1:{READ_ONLY_PORT}/postgres\n");
     println!("tendrilctl, for this cluster:\n");
     println!("    export TENDRIL_CLUSTER_NAME={CLUSTER} TENDRIL_STORE_ENDPOINTS={endpoint}");
     println!("    {} status\n", bins.join("tendrilctl").display());
