@@ -358,3 +358,72 @@ async fn etcd_down_for_everyone_stops_writes_then_the_same_master_resumes() {
     cluster.assert_no_acked_write_lost(&ids).await;
     cluster.assert_never_two_masters_routable();
 }
+
+/// The master's keeper cut from the store long enough to fence its PostgreSQL and to have
+/// the proxies fenced, with no standby to take over (a one-keeper cluster): once the store
+/// is reachable again the sentinel routes the proxies back to it, its keeper lifts the fence
+/// and writes resume, on the same master. Before, the sentinel waited for a writable master
+/// to route to and the keeper for a route to lift its fence: the cluster stayed down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_master_with_no_standby_comes_back_once_the_store_does() {
+    let cluster = Cluster::start(Options {
+        keepers: 1,
+        sentinels: 1,
+        spec: tendril_e2e::tuned_spec(false),
+        partitionable: true,
+        ..Options::default()
+    })
+    .await;
+    let master_db = cluster.cluster_data().await.master.clone().unwrap();
+    let (addr, port) = {
+        let n = cluster.node("k0");
+        (n.address.to_string(), n.port)
+    };
+    let (proxied, direct) = writers(&cluster, &addr, port).await;
+    let cut = Instant::now();
+    cluster.netns.as_ref().unwrap().cut_store();
+    let deadline = cut + Duration::from_secs(20);
+    while cluster.cluster_data().await.proxy.master.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the proxies were not fenced:\n{}",
+            cluster.logs_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while cluster.node("k0").postmaster_pid().is_some() {
+        assert!(Instant::now() < deadline, "k0 did not fence itself");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past fail_interval again: the sentinel has found no standby to promote.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.netns.as_ref().unwrap().heal_store();
+    let healed = Instant::now();
+    let resumed = proxied
+        .wait_success_after(healed, Duration::from_secs(60))
+        .await;
+    let cd = cluster.cluster_data().await;
+    assert!(
+        resumed.is_some(),
+        "writes through the proxy never resumed:\n{}\n{}",
+        cluster.describe().await,
+        cluster.logs_tail()
+    );
+    println!(
+        "writes resumed {:?} after the store was reachable again",
+        resumed.unwrap().saturating_duration_since(healed)
+    );
+    assert_eq!(cd.master.as_deref(), Some(master_db.as_str()));
+    assert!(
+        cluster
+            .node("k0")
+            .keeper
+            .log_text()
+            .contains("lifting the fence"),
+        "the keeper never lifted its fence"
+    );
+    let proxied = proxied.stop().await;
+    let direct = direct.stop().await;
+    let ids: Vec<i64> = direct.ids().into_iter().chain(proxied.ids()).collect();
+    cluster.assert_no_acked_write_lost(&ids).await;
+}

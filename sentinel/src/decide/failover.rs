@@ -56,20 +56,28 @@ pub(super) fn failover(ctx: &mut Ctx<'_>, master: &str, forced: bool) {
         format!("master {master} is being demoted by a failover")
     };
     let routed = ctx.cd.proxy.master.is_some() || ctx.cd.proxy.hold;
-    if routed {
-        fence(ctx, false, &why);
-    }
     let keeper = ctx.cd.dbs[master].spec.keeper_uid.clone();
     let lease = lease_left(ctx, &keeper);
     let new = match choose(ctx, master, None, ctx.cd.spec.max_standby_lag) {
         Ok(new) => new,
         Err(reasons) => {
-            // Nothing can take over: a master this failover stopped runs again (its proxies
-            // stay fenced until it is healthy), rather than leave the cluster with none.
-            if let Some(d) = ctx.cd.dbs.get_mut(master)
-                && !lease.is_zero()
-            {
-                d.spec.stop = false;
+            if lease.is_zero() {
+                // A silent keeper stops its PostgreSQL by itself (its self-fence): the
+                // proxies route nowhere either until it reports again.
+                if routed {
+                    fence(ctx, false, &why);
+                }
+            } else {
+                // Nothing can take over and the keeper reports: its master runs again (a
+                // master this failover stopped), and the proxies route to it again. A keeper
+                // that fenced its master lifts the fence only once they do, and the route
+                // would otherwise wait for a writable master: neither would ever move.
+                if let Some(d) = ctx.cd.dbs.get_mut(master) {
+                    d.spec.stop = false;
+                }
+                if !routed {
+                    route_back(ctx, master, &reasons);
+                }
             }
             ctx.event(
                 "no candidate",
@@ -78,6 +86,9 @@ pub(super) fn failover(ctx: &mut Ctx<'_>, master: &str, forced: bool) {
             return;
         }
     };
+    if routed {
+        fence(ctx, false, &why);
+    }
     // The old master must be fenced before another is promoted, or a client that bypasses
     // the proxies could write to both. A keeper that stopped reporting fences its PostgreSQL
     // itself before its lease (fail_interval after its last report) runs out; one that still
@@ -353,6 +364,31 @@ pub(super) fn publish(ctx: &mut Ctx<'_>, master: &str) {
         "publish",
         format!(
             "proxy generation {generation}: route to {} at {}:{}",
+            route.db_uid, route.address, route.port
+        ),
+    );
+}
+
+/// Routes the proxies back to `master` with no standby to promote (`why_none`), once every
+/// live proxy acknowledged the fence, whether or not it is writable yet (see [`failover`]).
+fn route_back(ctx: &mut Ctx<'_>, master: &str, why_none: &str) {
+    let Some(route) = route(ctx, master) else {
+        return;
+    };
+    if !unacknowledged(ctx).is_empty() {
+        return;
+    }
+    let p = &mut ctx.cd.proxy;
+    p.master = Some(route.clone());
+    p.hold = false;
+    p.generation = p.generation.next();
+    p.change_time = Some(ctx.now.wall);
+    let generation = p.generation;
+    ctx.event(
+        "publish",
+        format!(
+            "proxy generation {generation}: route to {} at {}:{} again: its keeper reports \
+             and no standby can be promoted ({why_none})",
             route.db_uid, route.address, route.port
         ),
     );
