@@ -616,13 +616,15 @@ impl Cluster {
     }
 
     /// Whether a master is published and `keepers` databases have converged (the master
-    /// out of recovery, each standby in it).
+    /// out of recovery, each standby in it) and the sentinel counts each healthy (a
+    /// switchover picks only such a target).
     pub async fn healthy(&self, keepers: usize) -> bool {
         let Some(cd) = self.try_cluster_data().await else {
             return false;
         };
         cd.phase == ClusterPhase::Normal
             && cd.proxy.master.is_some()
+            && cd.dbs.values().all(|d| d.status.healthy)
             && self.all_converged(&cd, keepers).await
     }
 
@@ -646,11 +648,15 @@ impl Cluster {
         good == keepers && cd.dbs.len() == keepers
     }
 
-    /// Makes `keeper`'s database the master (a switchover) unless it is already.
+    /// Makes `keeper`'s database the master (a switchover) unless it is already. Waits first
+    /// until every keeper's database is healthy and converged: a keeper that has just
+    /// rejoined (a former master) is not yet a target the sentinel accepts.
     pub async fn make_master(&self, keeper: &str) {
         if self.master_keeper().await.as_deref() == Some(keeper) {
             return;
         }
+        self.wait_healthy(self.nodes.len(), Duration::from_secs(90))
+            .await;
         let out = self.ctl(&["switchover", "--to", keeper]);
         assert!(
             out.status.success(),

@@ -94,9 +94,13 @@ async fn write_wal(cluster: &Cluster, mib: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_connections_go_to_eligible_standbys_and_fall_back_as_configured() {
+    // A standby whose PostgreSQL stops answering is found unhealthy when its keeper's probes
+    // time out (request_timeout, twice: the pass and the report), then after fail_interval:
+    // a short request_timeout keeps that within seconds.
+    let spec = tuned_spec(false).replace('{', r#"{"request_timeout": "2s", "#);
     let mut cluster = Cluster::start(Options {
         sentinels: 1,
-        spec: tuned_spec(false),
+        spec,
         ..Options::default()
     })
     .await;
