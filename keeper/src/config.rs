@@ -10,11 +10,15 @@ use crate::KeeperError;
 
 /// Run one PostgreSQL instance as the cluster data says.
 #[derive(Debug, Parser)]
-#[command(name = "tendril-keeper", version, about, long_about = None)]
+#[command(name = "tendril-keeper", version, about, long_about = None, args_override_self = true)]
 pub struct KeeperArgs {
     /// The cluster's name.
     #[arg(long, env = "TENDRIL_CLUSTER_NAME")]
     pub cluster_name: String,
+    /// Read settings from this TOML file too: its keys are these flags' long names
+    /// (`hold_timeout = "15s"`); a flag or a set environment variable wins over it.
+    #[arg(long, env = "TENDRIL_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
     /// This keeper's uid (a-z, 0-9, _). Default: generated once and kept in the data dir.
@@ -327,6 +331,35 @@ fn run_as(os_user: &str) -> Result<Option<RunAs>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sample_settings_file_covers_every_flag_and_holds_the_defaults() {
+        use clap::CommandFactory;
+        use tendril_daemon::config_file::{missing_from_sample, read_sample, settings_args};
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/keeper.toml");
+        let sample = read_sample(&path);
+        let command = KeeperArgs::command();
+        assert_eq!(
+            missing_from_sample(&command, &sample),
+            Vec::<String>::new(),
+            "settings the sample does not show"
+        );
+        let from_file =
+            settings_args(&command, &sample, &|_| false).unwrap_or_else(|p| panic!("{p:#?}"));
+        let parsed =
+            KeeperArgs::try_parse_from(std::iter::once("tendril-keeper".into()).chain(from_file))
+                .unwrap();
+        let defaults = KeeperArgs::try_parse_from([
+            "tendril-keeper",
+            "--cluster-name",
+            "main",
+            "--data-dir",
+            "/var/lib/tendril/keeper",
+        ])
+        .unwrap();
+        assert_eq!(format!("{parsed:?}"), format!("{defaults:?}"));
+    }
 
     fn args(extra: &[&str]) -> KeeperArgs {
         let mut argv = vec![

@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tendril_control_store::EtcdStore;
 use tendril_keeper::{Keeper, KeeperArgs, KeeperConfig, KeeperError};
 
@@ -12,7 +11,13 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(tendril_keeper::guard::SUBCOMMAND.as_ref()) {
         return tendril_keeper::guard::run();
     }
-    let args = KeeperArgs::parse();
+    let args: KeeperArgs = match tendril_daemon::config_file::parse() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("tendril-keeper: {e}");
+            return ExitCode::from(64);
+        }
+    };
     tendril_daemon::init_logging("info");
     let config = match KeeperConfig::from_args(args) {
         Ok(c) => c,

@@ -9,11 +9,15 @@ use tendril_control_store::{StoreArgs, StoreConfig};
 
 /// Send every PostgreSQL client to the current master.
 #[derive(Debug, Parser)]
-#[command(name = "tendril-proxy", version, about, long_about = None)]
+#[command(name = "tendril-proxy", version, about, long_about = None, args_override_self = true)]
 pub struct ProxyArgs {
     /// The cluster's name.
     #[arg(long, env = "TENDRIL_CLUSTER_NAME")]
     pub cluster_name: String,
+    /// Read settings from this TOML file too: its keys are these flags' long names
+    /// (`hold_timeout = "15s"`); a flag or a set environment variable wins over it.
+    #[arg(long, env = "TENDRIL_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
     /// Address clients connect to.
@@ -355,6 +359,29 @@ impl ProxyArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sample_settings_file_covers_every_flag_and_holds_the_defaults() {
+        use clap::CommandFactory;
+        use tendril_daemon::config_file::{missing_from_sample, read_sample, settings_args};
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/proxy.toml");
+        let sample = read_sample(&path);
+        let command = ProxyArgs::command();
+        assert_eq!(
+            missing_from_sample(&command, &sample),
+            Vec::<String>::new(),
+            "settings the sample does not show"
+        );
+        let from_file =
+            settings_args(&command, &sample, &|_| false).unwrap_or_else(|p| panic!("{p:#?}"));
+        let parsed =
+            ProxyArgs::try_parse_from(std::iter::once("tendril-proxy".into()).chain(from_file))
+                .unwrap();
+        let defaults =
+            ProxyArgs::try_parse_from(["tendril-proxy", "--cluster-name", "main"]).unwrap();
+        assert_eq!(format!("{parsed:?}"), format!("{defaults:?}"));
+    }
 
     #[test]
     fn byte_sizes_parse_with_binary_units_and_reject_garbage() {

@@ -56,7 +56,13 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("kill") {
         return kill(KillArgs::parse_from(std::env::args().skip(1)));
     }
-    let args = ProxyArgs::parse();
+    let args: ProxyArgs = match tendril_daemon::config_file::parse() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("tendril-proxy: {e}");
+            return ExitCode::from(64);
+        }
+    };
     tendril_daemon::init_logging("info");
     let config = match args.into_config() {
         Ok(c) => c,

@@ -1,5 +1,6 @@
 //! The read-only listener of the proxy binary, with real etcd and PostgreSQL and the cluster
-//! data written by hand: it moves with a takeover like the listen address (no connect on
+//! data written by hand: it moves with a takeover like the listen address (the new process
+//! reading it from its settings file; no connect on
 //! either fails), its local clients take the kernel's client-socket path, and a standby that leaves the cluster data has its read-only sessions cut
 //! while the master's stay, its new clients going to the master (`--read-only-fallback
 //! master`, the default). The choice among standbys and the fallbacks on a real cluster are
@@ -38,14 +39,21 @@ async fn the_read_only_listener_moves_with_a_takeover_and_cuts_a_removed_standby
         ConnectLoops::start(old.port, 1),
     ];
     let listen = format!("127.0.0.1:{}", old.port);
+    // The new process reads its read-only address from a settings file.
+    let settings = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        settings.path(),
+        format!("read_only_listen_address = \"{read_only}\"\ndrain_timeout = \"20s\"\n"),
+    )
+    .unwrap();
     let new = ProxyProc::start(
         &env,
         "ro1",
         &[
             "--listen-address",
             listen.as_str(),
-            "--read-only-listen-address",
-            read_only.as_str(),
+            "--config",
+            settings.path().to_str().unwrap(),
             "--takeover",
         ],
         &[],

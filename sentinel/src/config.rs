@@ -12,11 +12,15 @@ use crate::sentinel::SentinelConfig;
 
 /// Watch the cluster and, when elected leader, decide its view.
 #[derive(Debug, Parser)]
-#[command(name = "tendril-sentinel", version, about, long_about = None)]
+#[command(name = "tendril-sentinel", version, about, long_about = None, args_override_self = true)]
 pub struct SentinelArgs {
     /// The cluster's name.
     #[arg(long, env = "TENDRIL_CLUSTER_NAME")]
     pub cluster_name: String,
+    /// Read settings from this TOML file too: its keys are these flags' long names
+    /// (`hold_timeout = "15s"`); a flag or a set environment variable wins over it.
+    #[arg(long, env = "TENDRIL_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
     /// A cluster spec (JSON) written as the cluster data when none exists yet.
@@ -87,5 +91,34 @@ impl SentinelArgs {
             }),
             _ => Err(errors.join("\n  - ")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_settings_file_covers_every_flag_and_holds_the_defaults() {
+        use clap::CommandFactory;
+        use tendril_daemon::config_file::{missing_from_sample, read_sample, settings_args};
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/sentinel.toml");
+        let sample = read_sample(&path);
+        let command = SentinelArgs::command();
+        assert_eq!(
+            missing_from_sample(&command, &sample),
+            Vec::<String>::new(),
+            "settings the sample does not show"
+        );
+        let from_file =
+            settings_args(&command, &sample, &|_| false).unwrap_or_else(|p| panic!("{p:#?}"));
+        let parsed = SentinelArgs::try_parse_from(
+            std::iter::once("tendril-sentinel".into()).chain(from_file),
+        )
+        .unwrap();
+        let defaults =
+            SentinelArgs::try_parse_from(["tendril-sentinel", "--cluster-name", "main"]).unwrap();
+        assert_eq!(format!("{parsed:?}"), format!("{defaults:?}"));
     }
 }

@@ -4,13 +4,18 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use tendril_control_store::EtcdStore;
 use tendril_sentinel::config::SentinelArgs;
 use tendril_sentinel::sentinel::{Sentinel, SentinelMetrics};
 
 fn main() -> ExitCode {
-    let args = SentinelArgs::parse();
+    let args: SentinelArgs = match tendril_daemon::config_file::parse() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("tendril-sentinel: {e}");
+            return ExitCode::from(64);
+        }
+    };
     tendril_daemon::init_logging("info");
     let config = match args.into_config() {
         Ok(c) => c,

@@ -2,8 +2,11 @@
 //! structured logs to standard error, filtered by `TENDRIL_LOG` (`info` for the daemons,
 //! `warn` for `tendrilctl`, which logs the same way), and the future that completes on
 //! SIGTERM or SIGINT, which each daemon's `run` takes as its shutdown trigger, and readiness
-//! notices to the service manager (systemd's `sd_notify` protocol).
+//! notices to the service manager (systemd's `sd_notify` protocol), and settings read from a
+//! file ([`config_file`]).
 #![forbid(unsafe_code)]
+
+pub mod config_file;
 
 /// Sends `tracing` output to standard error, filtered by `TENDRIL_LOG` (an `EnvFilter`
 /// directive such as `info` or `tendril_proxy=debug`; `default` when unset), coloured only
