@@ -43,8 +43,9 @@ async fn spread(port: u16, n: usize) -> BTreeMap<u16, usize> {
     out
 }
 
-/// Waits until `runs` new connections in a row through `port` are all served by `want`.
-async fn wait_served_only_by(port: u16, want: &[u16], what: &str) {
+/// Waits until 8 new connections in a row through `port` are all served by `want`; says
+/// what the cluster looked like if they never are.
+async fn wait_served_only_by(cluster: &Cluster, port: u16, want: &[u16], what: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut in_a_row = 0;
     let mut last = Vec::new();
@@ -59,11 +60,26 @@ async fn wait_served_only_by(port: u16, want: &[u16], what: &str) {
         if last.len() > 10 {
             let _ = last.remove(0);
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: connections through {port} never went only to {want:?}; last: {last:?}"
-        );
+        if Instant::now() >= deadline {
+            panic!(
+                "{what}: connections through {port} never went only to {want:?}; last: {last:?}\n{}\n{}",
+                cluster.describe().await,
+                cluster.logs_tail()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until a new connection through `port` is refused with 57P03; returns the refusal.
+async fn wait_refused(port: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match served_by(port).await {
+            Err(e) if e.starts_with("57P03") => return e,
+            other => assert!(Instant::now() < deadline, "not refused: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -177,14 +193,41 @@ async fn read_only_connections_go_to_eligible_standbys_and_fall_back_as_configur
         .await
         .unwrap();
     write_wal(&cluster, 3).await;
-    wait_served_only_by(to_master, &[other_port], "replay paused on one standby").await;
-    wait_served_only_by(reject, &[other_port], "replay paused on one standby").await;
+    wait_served_only_by(
+        &cluster,
+        to_master,
+        &[other_port],
+        "replay paused on one standby",
+    )
+    .await;
+    wait_served_only_by(
+        &cluster,
+        reject,
+        &[other_port],
+        "replay paused on one standby",
+    )
+    .await;
     let lines = eligibility(metrics);
     assert!(
         lines
             .iter()
             .any(|l| l.contains("reason=\"lagging\"") && l.ends_with(" 0")),
         "{lines:?}"
+    );
+    // tendrilctl status says the same, and shows the proxies' read-only listeners.
+    let status = String::from_utf8_lossy(&cluster.ctl(&["status"]).stdout).into_owned();
+    let row = status
+        .lines()
+        .find(|l| l.starts_with(paused_uid.as_str()))
+        .unwrap_or_else(|| panic!("no row for {paused_uid}:\n{status}"));
+    assert!(row.contains("lagging"), "{status}");
+    assert!(
+        status.contains("READS") && status.contains("eligible"),
+        "{status}"
+    );
+    assert!(
+        status.contains("READ-ONLY") && status.contains(&format!("127.0.0.1:{to_master}")),
+        "the proxies' read-only listeners: {status}"
     );
     let still: i32 = open_on_paused
         .query_one("select inet_server_port()", &[])
@@ -241,15 +284,8 @@ async fn read_only_connections_go_to_eligible_standbys_and_fall_back_as_configur
             .unwrap();
     }
     write_wal(&cluster, 3).await;
-    wait_served_only_by(to_master, &[master_port], "both standbys behind").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let refusal = loop {
-        match served_by(reject).await {
-            Err(e) if e.starts_with("57P03") => break e,
-            other => assert!(Instant::now() < deadline, "not refused: {other:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    wait_served_only_by(&cluster, to_master, &[master_port], "both standbys behind").await;
+    let refusal = wait_refused(reject).await;
     eprintln!("refused: {refusal}");
     assert!(
         refusal.contains("no standby is eligible for reads")
@@ -265,27 +301,20 @@ async fn read_only_connections_go_to_eligible_standbys_and_fall_back_as_configur
             .await
             .unwrap();
     }
-    wait_served_only_by(reject, &standby_ports, "replay resumed on both").await;
+    wait_served_only_by(&cluster, reject, &standby_ports, "replay resumed on both").await;
 
     // Both standbys gone (their PostgreSQL stopped answering): unhealthy, out of the
     // rotation; the fallbacks again, and back once they answer.
     for (uid, _) in &standbys {
         cluster.node(uid).pause_postgres();
     }
-    wait_served_only_by(to_master, &[master_port], "both standbys stopped").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let refusal = loop {
-        match served_by(reject).await {
-            Err(e) if e.starts_with("57P03") => break e,
-            other => assert!(Instant::now() < deadline, "not refused: {other:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    wait_served_only_by(&cluster, to_master, &[master_port], "both standbys stopped").await;
+    let refusal = wait_refused(reject).await;
     assert!(refusal.contains("not healthy"), "{refusal}");
     for (uid, _) in &standbys {
         cluster.node(uid).thaw();
     }
-    wait_served_only_by(reject, &standby_ports, "standbys answering again").await;
+    wait_served_only_by(&cluster, reject, &standby_ports, "standbys answering again").await;
     let lines = eligibility(metrics);
     assert_eq!(
         lines

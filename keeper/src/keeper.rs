@@ -461,14 +461,16 @@ impl<S: Store> Keeper<S> {
             self.pg.start(cd.spec.db_wait_ready_timeout).await?;
         }
         let client = self.pg.connect(cd.spec.request_timeout).await?;
+        let limit = cd.spec.request_timeout;
         if changed && was_running {
             tracing::info!(db = %db.uid, "configuration changed, reloading");
             self.pg.reload()?;
         }
         if db.spec.role == DbRole::Master {
             self.running_master = true;
-            if !sql::is_writable(&client).await? {
+            if !sql::within(limit, "is_writable", sql::is_writable(&client)).await? {
                 tracing::info!(db = %db.uid, "promoting");
+                // Unbounded: a promotion cut short and tried again could find one under way.
                 sql::promote(&client).await?;
                 tracing::info!(db = %db.uid, "promoted: accepting writes");
             }
@@ -484,14 +486,15 @@ impl<S: Store> Keeper<S> {
                 .iter()
                 .cloned()
                 .collect();
-            for change in sql::reconcile_slots(&client, &wanted, &additional).await? {
+            let slots = sql::reconcile_slots(&client, &wanted, &additional);
+            for change in sql::within(limit, "replication slots", slots).await? {
                 tracing::info!(db = %db.uid, "{change}");
             }
             self.close_idle_sessions_if_draining(&cd, &db).await;
         } else {
             self.idle_closer = None;
         }
-        let probe = sql::probe(&client).await?;
+        let probe = sql::within(limit, "probe", sql::probe(&client)).await?;
         if probe.pending_restart {
             if cd.spec.automatic_pg_restart {
                 tracing::info!(db = %db.uid, "a changed parameter needs a restart; restarting");
@@ -812,7 +815,7 @@ impl<S: Store> Keeper<S> {
         let mut probe_error = None;
         let probe = if running {
             match self.pg.connect(self.spec.request_timeout).await {
-                Ok(client) => sql::probe(&client)
+                Ok(client) => sql::within(self.spec.request_timeout, "probe", sql::probe(&client))
                     .await
                     .map_err(|e| probe_error = Some(e.to_string()))
                     .ok(),

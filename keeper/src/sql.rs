@@ -64,6 +64,20 @@ fn lsn(text: Option<String>) -> Option<Lsn> {
     text.and_then(|t| t.parse().ok())
 }
 
+/// Runs `query` within `limit`. A PostgreSQL that stops answering (stopped, hung, its host
+/// frozen) must fail the keeper's pass rather than hang it: the keeper's last report would
+/// go on saying healthy meanwhile (it is written again as it is), so a hung standby would
+/// keep taking reads and a hung master would never be failed over.
+pub async fn within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    query: impl std::future::Future<Output = Result<T, KeeperError>>,
+) -> Result<T, KeeperError> {
+    tokio::time::timeout(limit, query)
+        .await
+        .map_err(|_| KeeperError::Sql(format!("{what}: no answer within {limit:?}")))?
+}
+
 /// Observes a running instance.
 pub async fn probe(client: &Client) -> Result<Probe, KeeperError> {
     let row = client

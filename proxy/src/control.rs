@@ -438,6 +438,8 @@ impl<S: Store> Control<S> {
             uid: self.uid.clone(),
             generation: target.generation,
             proxy_timeout: self.lease_ttl,
+            listen: Some(self.shared.settings.listen.0.to_string()),
+            read_only_listen: self.shared.settings.listen.1.map(|a| a.to_string()),
         };
         if let Err(e) = self
             .store

@@ -241,6 +241,7 @@ impl App {
                 switchover_grace: config.switchover_grace,
                 refusal_tls: config.refusal_tls.clone(),
                 read_only_fallback: config.read_only_fallback,
+                listen: (listen, read_only_listen),
             },
         );
         let cores = core_affinity::get_core_ids().unwrap_or_default();

@@ -33,6 +33,8 @@ pub struct Settings {
     pub refusal_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// Where read-only connections go when no standby is eligible.
     pub read_only_fallback: crate::config::ReadOnlyFallback,
+    /// The listen addresses (client and read-only), for the proxy's report.
+    pub listen: (std::net::SocketAddr, Option<std::net::SocketAddr>),
 }
 
 /// Shared state.

@@ -167,6 +167,8 @@ impl Sim {
                         uid: p.to_owned(),
                         generation,
                         proxy_timeout: Duration::from_secs(5),
+                        listen: None,
+                        read_only_listen: None,
                     },
                 );
             }

@@ -90,6 +90,10 @@ pub struct ProxyRow {
     pub generation: u64,
     /// Whether that is the current one.
     pub current: bool,
+    /// Its client address.
+    pub listen: Option<String>,
+    /// Its read-only listener's address.
+    pub read_only_listen: Option<String>,
 }
 
 impl<S: Store> Ctl<S> {
@@ -233,6 +237,8 @@ impl<S: Store> Ctl<S> {
                     proxy: p.uid.clone(),
                     generation: p.generation.0,
                     current: p.generation == cd.proxy.generation,
+                    listen: p.listen.clone(),
+                    read_only_listen: p.read_only_listen.clone(),
                 })
                 .collect(),
             events: cd.events[recent..].to_vec(),
@@ -491,13 +497,16 @@ pub fn render_table(s: &Status) -> String {
                 } else {
                     "no (behind)".into()
                 },
+                p.listen.clone().unwrap_or_else(|| "-".into()),
+                p.read_only_listen.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
     if prows.is_empty() {
         out.push_str("no proxy reporting\n");
     } else {
-        out.push_str(&table(&["PROXY", "GENERATION", "CURRENT"], &prows));
+        let headers = ["PROXY", "GENERATION", "CURRENT", "LISTEN", "READ-ONLY"];
+        out.push_str(&table(&headers, &prows));
     }
     if !s.events.is_empty() {
         out.push_str("\nrecent events:\n");

@@ -226,9 +226,34 @@ pub fn missing_from_sample(command: &clap::Command, sample: &str) -> Vec<String>
         .collect()
 }
 
-/// Reads a sample file shipped in the repository (for the tests of each component).
-pub fn read_sample(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+/// Checks a sample settings file shipped with a component (for its tests): it shows every
+/// setting of `P`, and parses to what `required` alone (the command line of the settings
+/// without a default, program name first) parses to. What is wrong, or nothing.
+pub fn check_sample<P: clap::Parser + std::fmt::Debug>(
+    path: &Path,
+    required: &[&str],
+) -> Result<(), String> {
+    let sample = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let command = P::command();
+    let missing = missing_from_sample(&command, &sample);
+    if !missing.is_empty() {
+        return Err(format!("{} does not show {missing:?}", path.display()));
+    }
+    let from_file = settings_args(&command, &sample, &|_| false)
+        .map_err(|p| format!("{}: {}", path.display(), p.join("; ")))?;
+    let name = required.first().copied().unwrap_or_default();
+    let argv = std::iter::once(OsString::from(name)).chain(from_file);
+    let parsed = P::try_parse_from(argv).map_err(|e| e.to_string())?;
+    let defaults = P::try_parse_from(required).map_err(|e| e.to_string())?;
+    let (parsed, defaults) = (format!("{parsed:#?}"), format!("{defaults:#?}"));
+    if parsed == defaults {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} parses to\n{parsed}\nnot to the defaults\n{defaults}",
+            path.display()
+        ))
+    }
 }
 
 #[cfg(test)]

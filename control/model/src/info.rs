@@ -130,6 +130,12 @@ pub struct ProxyInfo {
     /// Its lease TTL; the sentinel waits at most this long for an acknowledgement.
     #[serde(with = "humantime_serde")]
     pub proxy_timeout: Duration,
+    /// The address it listens on for clients (absent from older proxies' reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Its read-only listener's address, when it runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only_listen: Option<String>,
 }
 
 impl Document for ProxyInfo {
@@ -216,6 +222,8 @@ mod tests {
             uid: "p1".into(),
             generation: Generation(9),
             proxy_timeout: Duration::from_secs(5),
+            listen: Some("127.0.0.1:25432".into()),
+            read_only_listen: None,
         };
         let text = String::from_utf8(encode(&proxy)).unwrap();
         assert!(text.contains(r#""proxy_timeout":"5s""#), "{text}");

@@ -354,6 +354,11 @@ pub(super) fn publish(ctx: &mut Ctx<'_>, master: &str) {
             return;
         }
     }
+    set_route(ctx, route, "");
+}
+
+/// Routes the proxies to `route` in a new proxy generation; `note` ends the event's reason.
+fn set_route(ctx: &mut Ctx<'_>, route: ProxyRoute, note: &str) {
     let p = &mut ctx.cd.proxy;
     p.master = Some(route.clone());
     p.hold = false;
@@ -363,7 +368,7 @@ pub(super) fn publish(ctx: &mut Ctx<'_>, master: &str) {
     ctx.event(
         "publish",
         format!(
-            "proxy generation {generation}: route to {} at {}:{}",
+            "proxy generation {generation}: route to {} at {}:{}{note}",
             route.db_uid, route.address, route.port
         ),
     );
@@ -378,20 +383,8 @@ fn route_back(ctx: &mut Ctx<'_>, master: &str, why_none: &str) {
     if !unacknowledged(ctx).is_empty() {
         return;
     }
-    let p = &mut ctx.cd.proxy;
-    p.master = Some(route.clone());
-    p.hold = false;
-    p.generation = p.generation.next();
-    p.change_time = Some(ctx.now.wall);
-    let generation = p.generation;
-    ctx.event(
-        "publish",
-        format!(
-            "proxy generation {generation}: route to {} at {}:{} again: its keeper reports \
-             and no standby can be promoted ({why_none})",
-            route.db_uid, route.address, route.port
-        ),
-    );
+    let note = format!(" again: its keeper reports and no standby can be promoted ({why_none})");
+    set_route(ctx, route, &note);
 }
 
 fn route(ctx: &Ctx<'_>, master: &str) -> Option<ProxyRoute> {

@@ -495,6 +495,8 @@ impl World {
                         uid,
                         generation,
                         proxy_timeout: Duration::from_secs(5),
+                        listen: None,
+                        read_only_listen: None,
                     },
                 );
             }
