@@ -52,6 +52,7 @@ pub const PACKAGES: &[&str] = &[
     "bash",
     "openjdk-17-jdk-headless",
     "libpostgresql-jdbc-java",
+    "systemd",
 ];
 
 /// Everything `cargo xtask test` and `cargo xtask up` need: building (Rust with C parts and
@@ -204,6 +205,11 @@ pub const PROBES: &[Probe] = &[
         path: "/usr/share/java/postgresql.jar",
         package: "libpostgresql-jdbc-java",
         used_by: "the pgjdbc test: the JDBC driver Debian ships",
+    },
+    Probe {
+        path: "/usr/bin/systemd-analyze",
+        package: "systemd",
+        used_by: "the repository check verifies the shipped systemd units",
     },
 ];
 

@@ -51,6 +51,43 @@ mod tests {
         );
     }
 
+    /// The shipped units, as `systemd-analyze verify` reads them: every directive known and
+    /// valid. Their programs are replaced by /bin/true (not installed here); the arguments
+    /// stay.
+    #[test]
+    fn the_systemd_units_verify() {
+        let units = project_root().join("deploy/systemd");
+        let dir = std::env::temp_dir().join(format!("tendril-units-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut copies = Vec::new();
+        for entry in std::fs::read_dir(&units).unwrap().flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            let text = ["keeper", "sentinel", "proxy"].iter().fold(text, |t, c| {
+                t.replace(&format!("/usr/local/bin/tendril-{c}"), "/bin/true")
+            });
+            let copy = dir.join(entry.file_name());
+            std::fs::write(&copy, text).unwrap();
+            copies.push(copy);
+        }
+        assert_eq!(
+            copies.len(),
+            3,
+            "keeper, sentinel and proxy units: {copies:?}"
+        );
+        let out = std::process::Command::new("/usr/bin/systemd-analyze")
+            .arg("verify")
+            .args(&copies)
+            .output()
+            .expect("systemd-analyze (package systemd, installed by cargo xtask deps)");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(out.status.success() && said.trim().is_empty(), "{said}");
+    }
+
     #[test]
     fn no_ignored_tests() {
         let mut files = Vec::new();
