@@ -13,6 +13,7 @@
 
 mod bench;
 mod deps;
+mod dist;
 mod soak;
 mod test;
 mod tidy;
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
         Some("deps") => deps::run(&args[1..]),
+        Some("dist") => dist::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
         Some("build-ebpf") => build_ebpf(),
@@ -66,6 +68,7 @@ commands:
   deps [--check]     print each file the build and tests use, whether present, and its
                      Debian package; without --check, install what is missing (root)
   build-ebpf         compile the BPF programs (clang) into <target>/bpf
+  dist               a tarball for hosts: release binaries, systemd units, sample settings
   bench proxy [--quick] [--only T,..] [--tests T,..] [--topology local|remote]
                      pgbench: direct vs tendril vs HAProxy vs PgBouncer (bench/proxy);
                      remote: PostgreSQL in a network namespace behind a veth pair
