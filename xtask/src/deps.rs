@@ -53,6 +53,7 @@ pub const PACKAGES: &[&str] = &[
     "openjdk-17-jdk-headless",
     "libpostgresql-jdbc-java",
     "systemd",
+    "tar",
 ];
 
 /// Everything `cargo xtask test` and `cargo xtask up` need: building (Rust with C parts and
@@ -210,6 +211,11 @@ pub const PROBES: &[Probe] = &[
         path: "/usr/bin/systemd-analyze",
         package: "systemd",
         used_by: "the repository check verifies the shipped systemd units",
+    },
+    Probe {
+        path: "/bin/tar",
+        package: "tar",
+        used_by: "cargo xtask dist packs the tarball",
     },
 ];
 
