@@ -21,6 +21,7 @@ pub struct EtcdServer {
     child: Option<Child>,
     tls: Option<TlsMaterial>,
     extra: Vec<std::net::IpAddr>,
+    args: Vec<String>,
 }
 
 impl EtcdServer {
@@ -43,11 +44,20 @@ impl EtcdServer {
         EtcdServer::start_inner_with(false, ips.to_vec())
     }
 
+    /// Starts etcd with these flags added, e.g. `--auth-token-ttl=1`.
+    pub fn start_with_args(args: &[&str]) -> EtcdServer {
+        EtcdServer::start_inner_with_args(false, Vec::new(), args)
+    }
+
     fn start_inner(tls: bool) -> EtcdServer {
         EtcdServer::start_inner_with(tls, Vec::new())
     }
 
     fn start_inner_with(tls: bool, extra: Vec<std::net::IpAddr>) -> EtcdServer {
+        EtcdServer::start_inner_with_args(tls, extra, &[])
+    }
+
+    fn start_inner_with_args(tls: bool, extra: Vec<std::net::IpAddr>, args: &[&str]) -> EtcdServer {
         let binary = find_binary("etcd", &["/usr/bin"]).unwrap_or_else(|| {
             panic!(
                 "etcd not found on PATH: install Debian's etcd-server package \
@@ -68,6 +78,7 @@ impl EtcdServer {
                 child: None,
                 tls: None,
                 extra: extra.clone(),
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
             };
             if tls {
                 server.tls = Some(make_certificates(server.dir.path()));
@@ -183,6 +194,7 @@ impl EtcdServer {
             ))
             .arg("--heartbeat-interval=50")
             .arg("--election-timeout=250")
+            .args(&self.args)
             .env_remove("ETCD_NAME");
         if let Some(tls) = &self.tls {
             cmd.arg(format!("--cert-file={}", tls.server_cert.display()))

@@ -38,7 +38,12 @@ impl Inner {
             options = options.with_tls(tls_options(tls)?);
         }
         if let Some((user, password)) = &config.credentials {
-            options = options.with_user(user, password);
+            // A member forgets its tokens when it restarts (and a simple token expires after
+            // five idle minutes): without a refresh, every request that member serves would
+            // fail with "invalid auth token" until this process restarts.
+            options = options
+                .with_user(user, password)
+                .with_auto_token_refresh(true);
         }
         let mut clients = Vec::with_capacity(config.endpoints.len());
         let mut last_error = None;

@@ -435,7 +435,8 @@ async fn store_reconnects_after_an_outage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_password_authentication() {
     init_logging();
-    let etcd = EtcdServer::start();
+    // Tokens expire after a second unused (300 s by default).
+    let etcd = EtcdServer::start_with_args(&["--auth-token-ttl=1"]);
     let mut admin = etcd_client::Client::connect([etcd.endpoint()], None)
         .await
         .unwrap();
@@ -461,6 +462,29 @@ async fn user_and_password_authentication() {
         .expect("authenticated connect");
     store.put("/auth/k", b"v".to_vec(), None).await.unwrap();
     assert_eq!(store.get("/auth/k").await.unwrap().unwrap().value, b"v");
+
+    // A member forgets a token unused for --auth-token-ttl (the members a client is not
+    // talking to forget it that way), and every token when it restarts: the store
+    // authenticates again rather than failing each request with "invalid auth token".
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    store
+        .put("/auth/k", b"after-expiry".to_vec(), None)
+        .await
+        .expect("a put after the token expired");
+    let mut etcd = etcd;
+    etcd.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let read = loop {
+        match store.get("/auth/k").await {
+            Ok(kv) => break kv,
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("after a restart of etcd: {e}"),
+        }
+    };
+    assert_eq!(read.unwrap().value, b"after-expiry");
+    store.put("/auth/k", b"w".to_vec(), None).await.unwrap();
 
     let anonymous = EtcdStore::connect(&StoreConfig::new([etcd.endpoint()])).await;
     let err = anonymous.expect_err("etcd with auth enabled must refuse an anonymous client");
