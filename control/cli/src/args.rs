@@ -7,11 +7,16 @@ use tendril_control_store::StoreArgs;
 
 /// Administer a tendril cluster.
 #[derive(Debug, Parser)]
-#[command(name = "tendrilctl", version, about, long_about = None)]
+#[command(name = "tendrilctl", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     /// The cluster's name (its keys live under /tendril/<name>/).
     #[arg(long, env = "TENDRIL_CLUSTER_NAME", global = true)]
     pub cluster_name: Option<String>,
+    /// Read the cluster name and store settings from this TOML file (keys are these flags'
+    /// long names, `store_endpoints = [...]`); a flag or a set environment variable wins.
+    /// Default: /etc/tendril/tendrilctl.toml when it exists.
+    #[arg(long, env = "TENDRIL_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
     /// The command.
@@ -129,4 +134,47 @@ pub enum ClusterDataCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// The settings file tendrilctl reads when none is named: written by the deployment guide
+/// on each host, so that `tendrilctl status` works there without flags.
+pub const DEFAULT_CONFIG: &str = "/etc/tendril/tendrilctl.toml";
+
+/// `argv` with `--config DEFAULT_CONFIG` added when neither the command line nor
+/// `TENDRIL_CONFIG` names a file and `default_exists`.
+pub fn with_default_config(
+    mut argv: Vec<std::ffi::OsString>,
+    env_names_one: bool,
+    default_exists: bool,
+) -> Vec<std::ffi::OsString> {
+    let named = argv
+        .iter()
+        .skip(1)
+        .any(|a| a == "--config" || a.to_string_lossy().starts_with("--config="));
+    if !named && !env_names_one && default_exists {
+        argv.splice(1..1, ["--config".into(), DEFAULT_CONFIG.into()]);
+    }
+    argv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<std::ffi::OsString> {
+        a.iter().map(Into::into).collect()
+    }
+
+    #[test]
+    fn the_default_file_is_read_only_when_it_exists_and_none_is_named() {
+        let plain = args(&["tendrilctl", "status"]);
+        assert_eq!(
+            with_default_config(plain.clone(), false, true),
+            args(&["tendrilctl", "--config", DEFAULT_CONFIG, "status"])
+        );
+        assert_eq!(with_default_config(plain.clone(), false, false), plain);
+        assert_eq!(with_default_config(plain.clone(), true, true), plain);
+        let named = args(&["tendrilctl", "status", "--config=/x.toml"]);
+        assert_eq!(with_default_config(named.clone(), false, true), named);
+    }
 }

@@ -328,3 +328,40 @@ fn operations_on_a_running_cluster() {
     assert!(stderr(&sw).contains("no standby"), "{}", stderr(&sw));
     assert!(json(&ctl.run(&["clusterdata", "read"]))["switchover"].is_null());
 }
+
+#[test]
+fn settings_come_from_a_config_file_and_flags_win() {
+    let etcd = EtcdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tendrilctl.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "cluster_name = \"fromfile\"\nstore_endpoints = [\"{}\"]\n",
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let ctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tendrilctl"))
+            .env_remove("TENDRIL_CLUSTER_NAME")
+            .env_remove("TENDRIL_STORE_ENDPOINTS")
+            .env_remove("TENDRIL_CONFIG")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let config = file.to_str().unwrap();
+    assert_exit(&ctl(&["--config", config, "init"]), 0);
+    let spec = ctl(&["spec", "--config", config]);
+    assert_exit(&spec, 0);
+    // The file named the cluster: a flag names another, which has no data.
+    let other = ctl(&["--config", config, "--cluster-name", "other", "spec"]);
+    assert_exit(&other, 1);
+    assert!(stderr(&other).contains("other"), "{}", stderr(&other));
+
+    std::fs::write(&file, "cluster_name = \"x\"\nno_such_key = 1\n").unwrap();
+    let bad = ctl(&["--config", config, "spec"]);
+    assert_exit(&bad, 2);
+    assert!(stderr(&bad).contains("no_such_key"), "{}", stderr(&bad));
+}
