@@ -14,6 +14,7 @@
 
 pub mod checker;
 pub mod faults;
+pub mod guide;
 pub mod history;
 pub mod soak;
 pub mod writer;
@@ -902,10 +903,39 @@ pub async fn connect(
     host: &str,
     port: u16,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let conninfo = format!(
-        "host={host} port={port} user=postgres password={SU_PASSWORD} dbname=postgres connect_timeout=5"
-    );
-    let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+    connect_as(host, port, None).await
+}
+
+/// A role and database to log in to, other than the harness's superuser.
+#[derive(Debug, Clone)]
+pub struct Login {
+    /// The role.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+    /// The database.
+    pub dbname: String,
+}
+
+/// Connects without TLS as `login`, or as the harness's superuser to `postgres`.
+pub async fn connect_as(
+    host: &str,
+    port: u16,
+    login: Option<&Login>,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(host)
+        .port(port)
+        .connect_timeout(Duration::from_secs(5));
+    match login {
+        Some(l) => config.user(&l.user).password(&l.password).dbname(&l.dbname),
+        None => config
+            .user("postgres")
+            .password(SU_PASSWORD)
+            .dbname("postgres"),
+    };
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });

@@ -25,6 +25,8 @@ pub struct Style {
     pub in_transaction: Option<Duration>,
     /// Pause after each transaction, as an application between two requests.
     pub think: Duration,
+    /// Log in as this role instead of the harness's superuser.
+    pub login: Option<crate::Login>,
 }
 
 /// What the writer saw.
@@ -109,7 +111,11 @@ pub struct Writer {
 
 /// Creates the table the writer fills.
 pub async fn create_table(host: &str, port: u16) {
-    let client = crate::connect(host, port)
+    create_table_as(host, port, None).await
+}
+
+async fn create_table_as(host: &str, port: u16, login: Option<&crate::Login>) {
+    let client = crate::connect_as(host, port, login)
         .await
         .expect("connect to create the writes table");
     client
@@ -145,7 +151,7 @@ impl Writer {
         first_id: i64,
         style: Style,
     ) -> Writer {
-        create_table(host, port).await;
+        create_table_as(host, port, style.login.as_ref()).await;
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(Report::default()));
         let next = Arc::new(AtomicI64::new(first_id));
@@ -216,7 +222,7 @@ async fn work(
             let connect = async {
                 match &style.tls_ca {
                     Some(ca) => crate::connect_tls(&host, port, ca).await,
-                    None => crate::connect(&host, port).await,
+                    None => crate::connect_as(&host, port, style.login.as_ref()).await,
                 }
             };
             client = match tokio::time::timeout(Duration::from_secs(40), connect).await {

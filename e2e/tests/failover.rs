@@ -220,6 +220,7 @@ async fn a_switchover_closes_persistent_tls_sessions_between_transactions() {
         tls_ca: Some(tls.ca_cert.clone()),
         in_transaction: Some(Duration::from_millis(20)),
         think: Duration::from_millis(100),
+        login: None,
     };
     let writer = Writer::start_styled(
         "127.0.0.1",

@@ -303,7 +303,8 @@ fn password(what: &str, file: Option<&Path>, env: Option<String>) -> Result<Stri
     };
     let trimmed = raw.trim_end_matches(['\r', '\n']);
     if trimmed.len() != raw.len() {
-        tracing::warn!("removed the trailing newline of the {what} password");
+        // Files written by echo or `openssl rand` end with one: normal, not worth a warning.
+        tracing::debug!("removed the trailing newline of the {what} password");
     }
     if trimmed.is_empty() {
         return Err(format!("the {what} password is empty"));

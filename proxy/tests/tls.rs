@@ -140,6 +140,7 @@ async fn a_switchover_under_tls_requiring_load_fails_no_connection_or_transactio
                 tls_ca: Some(bundle.clone()),
                 in_transaction: Some(Duration::from_millis(20)),
                 think: Duration::from_millis(100),
+                login: None,
             },
         )
         .await;

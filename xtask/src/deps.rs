@@ -42,6 +42,8 @@ pub const PACKAGES: &[&str] = &[
     "libelf-dev",
     "zlib1g-dev",
     "etcd-server",
+    "etcd-client",
+    "curl",
     "postgresql-15",
     "postgresql-client-15",
     "openssl",
@@ -118,6 +120,16 @@ pub const PROBES: &[Probe] = &[
         used_by: "the store, proxy and end-to-end tests and the local cluster run a real etcd",
     },
     Probe {
+        path: "/usr/bin/etcdctl",
+        package: "etcd-client",
+        used_by: "the deployment guide's test runs its etcdctl commands (docs/deploy.md)",
+    },
+    Probe {
+        path: "/usr/bin/curl",
+        package: "curl",
+        used_by: "the deployment guide's test runs its health checks (docs/deploy.md)",
+    },
+    Probe {
         path: "/usr/lib/postgresql/15/bin/initdb",
         package: "postgresql-15",
         used_by: "the keeper initialises PostgreSQL 15",
@@ -176,6 +188,11 @@ pub const PROBES: &[Probe] = &[
         path: "/usr/bin/md5sum",
         package: "coreutils",
         used_by: "forwarding tests checksum streams",
+    },
+    Probe {
+        path: "/usr/bin/timeout",
+        package: "coreutils",
+        used_by: "the deployment guide's test bounds each command block it runs",
     },
     Probe {
         path: "/usr/bin/sleep",
