@@ -84,6 +84,9 @@ pub struct Options {
     /// through the root namespace; etcd, sentinels, proxies and clients stay in the root
     /// namespace): [`Node::host`].
     pub isolated: bool,
+    /// Wait until every keeper is healthy and converged before returning (`false`: for
+    /// tests of a cluster that cannot initialise).
+    pub wait_healthy: bool,
 }
 
 impl Default for Options {
@@ -95,6 +98,7 @@ impl Default for Options {
             spec: default_spec(false),
             partitionable: false,
             isolated: false,
+            wait_healthy: true,
         }
     }
 }
@@ -414,9 +418,11 @@ impl Cluster {
         for i in 0..opts.proxies {
             cluster.add_proxy(i);
         }
-        cluster
-            .wait_healthy(opts.keepers, Duration::from_secs(120))
-            .await;
+        if opts.wait_healthy {
+            cluster
+                .wait_healthy(opts.keepers, Duration::from_secs(120))
+                .await;
+        }
         cluster
     }
 

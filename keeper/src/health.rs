@@ -296,6 +296,27 @@ pub fn metrics(s: &Snapshot, cluster: &str, now: SystemTime) -> String {
         "a changed parameter waits for a restart",
         flag(pg.is_some_and(|p| p.pending_restart)),
     );
+    let archiver = pg.and_then(|p| p.archiver.as_ref());
+    gauge(
+        "tendril_keeper_archiving",
+        "this instance archives WAL (archive_mode on a master, or always)",
+        flag(archiver.is_some()),
+    );
+    gauge(
+        "tendril_keeper_archived_wal_files",
+        "WAL files archived (pg_stat_archiver.archived_count)",
+        archiver.map_or(0, |a| a.archived_count).to_string(),
+    );
+    gauge(
+        "tendril_keeper_archive_failures",
+        "failed archive attempts (pg_stat_archiver.failed_count)",
+        archiver.map_or(0, |a| a.failed_count).to_string(),
+    );
+    gauge(
+        "tendril_keeper_archive_failing",
+        "the last archive attempt failed",
+        flag(archiver.is_some_and(|a| a.failing())),
+    );
     gauge(
         "tendril_keeper_fenced",
         "PostgreSQL is stopped by the self-fence",

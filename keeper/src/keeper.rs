@@ -33,6 +33,8 @@ use crate::switchover::IdleSessionCloser;
 
 /// TTL of the lease the keeper's report lives under. The sentinel judges liveness by the
 /// report's freshness over `fail_interval`; the lease only removes reports of keepers gone.
+mod init;
+
 const REPORT_LEASE_TTL: Duration = Duration::from_secs(10);
 
 /// What a pass achieved.
@@ -540,155 +542,6 @@ impl<S: Store> Keeper<S> {
         }
     }
 
-    /// Creates the local data for `db` according to its init mode.
-    async fn initialize(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
-        match db.spec.init_mode {
-            DbInitMode::None => {
-                // The data this database needs is not here (deleted, or another disk): never
-                // invent it. The sentinel will fail over.
-                return Err(KeeperError::DataDisappeared {
-                    db: db.uid.clone(),
-                    local: self.db_state.uid.clone(),
-                });
-            }
-            DbInitMode::Pitr => {
-                return Err(KeeperError::NotImplemented(
-                    "init mode pitr (point-in-time recovery)",
-                ));
-            }
-            DbInitMode::Existing => {
-                if !self.data.pgdata_initialised() {
-                    return Err(KeeperError::DataVanished(self.data.pgdata()));
-                }
-                tracing::info!(db = %db.uid, "adopting the existing data directory");
-                self.pg.stop().await?;
-                let init = read_postgresql_conf(&self.data.pgdata().join("postgresql.conf"));
-                self.db_state = DbState {
-                    uid: db.uid.clone(),
-                    generation: tendril_control_model::Generation::NONE,
-                    initializing: false,
-                    init_pg_parameters: Some(init),
-                };
-                self.write_config(cd, db)?;
-                self.pg.start(cd.spec.db_wait_ready_timeout).await?;
-                let client = self.pg.connect(cd.spec.request_timeout).await?;
-                sql::setup_roles(
-                    &client,
-                    &self.config.su.user,
-                    &self.config.repl.user,
-                    &self.config.repl.password,
-                )
-                .await?;
-                self.data.save_db_state(&self.db_state)?;
-                return Ok(());
-            }
-            DbInitMode::New | DbInitMode::Resync => {}
-        }
-        self.set_initializing(db)?;
-        match db.spec.init_mode {
-            DbInitMode::New => self.init_new(cd, db).await?,
-            _ => self.resync(cd, db).await?,
-        }
-        self.db_state.initializing = false;
-        self.data.save_db_state(&self.db_state)?;
-        tracing::info!(db = %db.uid, mode = ?db.spec.init_mode, "database initialised");
-        Ok(())
-    }
-
-    fn set_initializing(&mut self, db: &Db) -> Result<(), KeeperError> {
-        self.db_state = DbState {
-            uid: db.uid.clone(),
-            generation: tendril_control_model::Generation::NONE,
-            initializing: true,
-            init_pg_parameters: None,
-        };
-        self.data.save_db_state(&self.db_state)?;
-        self.report_initializing();
-        Ok(())
-    }
-
-    async fn init_new(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
-        tracing::info!(db = %db.uid, "initdb");
-        self.pg.stop().await?;
-        self.wipe_pgdata()?;
-        self.pg.prepare_dirs(true)?;
-        let pwfile = self.data.root().join(".su-password");
-        self.pg
-            .write_file(&pwfile, self.config.su.password.as_bytes())?;
-        let new_config = db.spec.new_config.clone().unwrap_or_default();
-        let result = self
-            .pg
-            .initdb(
-                &pwfile,
-                new_config.locale.as_deref(),
-                new_config.encoding.as_deref(),
-                new_config.data_checksums,
-            )
-            .await;
-        let _ = std::fs::remove_file(&pwfile);
-        result?;
-        self.db_state.init_pg_parameters = Some(read_postgresql_conf(
-            &self.data.pgdata().join("postgresql.conf"),
-        ));
-        self.write_config(cd, db)?;
-        self.pg.start(cd.spec.db_wait_ready_timeout).await?;
-        let client = self.pg.connect(cd.spec.request_timeout).await?;
-        sql::setup_roles(
-            &client,
-            &self.config.su.user,
-            &self.config.repl.user,
-            &self.config.repl.password,
-        )
-        .await
-    }
-
-    async fn resync(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
-        let (source, source_system_id) = followed_endpoint(cd, db)?;
-        self.pg.stop().await?;
-        let mut rewound = false;
-        if db.spec.use_pg_rewind && self.data.pgdata_initialised() {
-            let local = self.pg.system_id_offline().await.ok();
-            if local.is_some() && local == source_system_id {
-                tracing::info!(db = %db.uid, source = ?source, "resync by pg_rewind");
-                // pg_rewind copies the source's postgresql.auto.conf; it must be a file.
-                let _ = std::fs::remove_file(self.data.pgdata().join("postgresql.auto.conf"));
-                match self.pg.rewind(&source).await {
-                    Ok(()) => rewound = true,
-                    Err(e) => {
-                        tracing::warn!(db = %db.uid, error = %e, "pg_rewind failed, falling back to a base backup")
-                    }
-                }
-            } else {
-                tracing::info!(db = %db.uid, "system identifiers differ, pg_rewind cannot work");
-            }
-        }
-        if rewound {
-            self.make_standby(cd, db)?;
-            match self.pg.start(cd.spec.db_wait_ready_timeout).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(db = %db.uid, error = %e, "rewound data does not start, falling back to a base backup");
-                    self.pg.stop().await?;
-                }
-            }
-        }
-        tracing::info!(db = %db.uid, source = ?source, "resync by pg_basebackup");
-        self.wipe_pgdata()?;
-        self.pg.prepare_dirs(true)?;
-        self.pg.base_backup(&source, &self.config.repl).await?;
-        self.make_standby(cd, db)?;
-        self.pg.start(cd.spec.db_wait_ready_timeout).await
-    }
-
-    fn make_standby(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
-        let signal = self.data.pgdata().join("standby.signal");
-        self.pg.write_file(&signal, b"")?;
-        // Drop recovery leftovers a rewind or a backup may carry.
-        let _ = std::fs::remove_file(self.data.pgdata().join("recovery.signal"));
-        let _ = std::fs::remove_file(self.data.pgdata().join("backup_label.old"));
-        self.write_config(cd, db).map(|_| ())
-    }
-
     /// Writes `postgresql.conf` and `pg_hba.conf`; true if either changed.
     fn write_config(&mut self, cd: &ClusterData, db: &Db) -> Result<bool, KeeperError> {
         let pgdata = self.data.pgdata();
@@ -718,15 +571,19 @@ impl<S: Store> Keeper<S> {
             DbRole::Master => None,
         };
         let socket_dir = self.data.socket_dir().to_string_lossy().into_owned();
-        let params = pgconf::parameters(&ConfInput {
-            spec: &db.spec,
-            init_parameters: self.db_state.init_pg_parameters.as_ref(),
-            listen_address: &self.config.listen_address,
-            port: self.config.port,
-            socket_dir: &socket_dir,
-            upstream: upstream.as_ref(),
-            synchronous_standby_names: &sync_names,
-        });
+        let params =
+            pgconf::parameters(&ConfInput {
+                spec: &db.spec,
+                init_parameters: self.db_state.init_pg_parameters.as_ref(),
+                listen_address: &self.config.listen_address,
+                port: self.config.port,
+                socket_dir: &socket_dir,
+                upstream: upstream.as_ref(),
+                synchronous_standby_names: &sync_names,
+                recovery: db.spec.pitr_config.as_ref().filter(|_| {
+                    db.spec.init_mode == DbInitMode::Pitr && self.db_state.initializing
+                }),
+            });
         let conf = pgconf::render_conf(&params);
         let hba = pgconf::render_hba(&HbaInput {
             su_user: &self.config.su.user,
@@ -871,6 +728,7 @@ impl<S: Store> Keeper<S> {
                     .collect(),
                 older_wal_file: sql::oldest_wal_file(&pgdata),
                 pending_restart: p.pending_restart,
+                archiver: p.archiver.clone(),
             }
         });
         let last_error = last_error.or(probe_error);

@@ -18,6 +18,7 @@ pub mod guard;
 pub mod health;
 pub mod keeper;
 pub mod pgconf;
+pub mod pitr;
 pub mod postgres;
 pub mod sql;
 pub mod switchover;
@@ -108,9 +109,6 @@ pub enum KeeperError {
         "database {0} was a master and is now asked to be a standby: a database never demotes in place; it needs a new database uid (resync)"
     )]
     NeverDemotes(String),
-    /// Not built yet.
-    #[error("{0} is not implemented yet")]
-    NotImplemented(&'static str),
 }
 
 impl KeeperError {

@@ -63,6 +63,8 @@ pub struct ConfInput<'a> {
     pub upstream: Option<&'a Upstream>,
     /// `synchronous_standby_names`, already computed.
     pub synchronous_standby_names: &'a str,
+    /// While a point-in-time recovery runs: its settings ([`crate::pitr`]).
+    pub recovery: Option<&'a tendril_control_model::PitrConfig>,
 }
 
 /// The parameters to write, later sources overriding earlier ones: the initial parameters,
@@ -130,6 +132,11 @@ pub fn parameters(input: &ConfInput<'_>) -> BTreeMap<String, String> {
         set("primary_conninfo", up.conninfo.clone());
         if let Some(slot) = &up.slot {
             set("primary_slot_name", slot.clone());
+        }
+    }
+    if let Some(pitr) = input.recovery {
+        for (name, value) in crate::pitr::recovery_parameters(pitr) {
+            set(name, value);
         }
     }
     p
@@ -365,6 +372,7 @@ mod tests {
             socket_dir: "/run/t",
             upstream: None,
             synchronous_standby_names: "",
+            recovery: None,
         });
         assert_eq!(p["work_mem"], "8MB");
         assert_eq!(p["wal_level"], "replica");
@@ -398,6 +406,7 @@ mod tests {
             socket_dir: "/tmp",
             upstream: Some(&up),
             synchronous_standby_names: "",
+            recovery: None,
         });
         assert_eq!(p["wal_level"], "logical");
         assert_eq!(p["max_connections"], "100");

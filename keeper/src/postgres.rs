@@ -103,7 +103,39 @@ impl Postgres {
     }
 
     fn tool(&self, name: &str) -> Command {
-        let mut cmd = Command::new(self.bin.join(name));
+        self.command(&self.bin.join(name))
+    }
+
+    /// Runs a shell command line as postgres' OS user (a user's restore command), with
+    /// `PGDATA` set, to completion; an error carries its exit status and the end of its
+    /// output.
+    pub async fn run_shell(&self, what: &str, line: &str) -> Result<(), KeeperError> {
+        let out = self
+            .command(Path::new("/bin/sh"))
+            .arg("-c")
+            .arg(line)
+            .env("PGDATA", &self.pgdata)
+            .current_dir("/")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .map_err(|e| KeeperError::io("run", Path::new("/bin/sh"), e))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(KeeperError::Command {
+            command: what.to_owned(),
+            detail: format!(
+                "{}: {}",
+                out.status,
+                crate::pitr::output_tail(&out.stdout, &out.stderr, 8)
+            ),
+        })
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
         if let Some(run_as) = &self.run_as {
             cmd.uid(run_as.uid)
                 .gid(run_as.gid)

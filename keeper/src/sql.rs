@@ -46,6 +46,8 @@ pub struct Probe {
     pub streaming: bool,
     /// Replication slots on this instance.
     pub replication_slots: u64,
+    /// WAL archiving, where this instance archives.
+    pub archiver: Option<tendril_control_model::ArchiverState>,
 }
 
 impl Probe {
@@ -134,6 +136,7 @@ pub async fn probe(client: &Client) -> Result<Probe, KeeperError> {
             .map_err(sql)?;
         p.sync_standbys = rows.iter().map(|r| r.get::<_, String>(0)).collect();
     }
+    p.archiver = archiver(client, in_recovery).await?;
     let rows = client
         .query(
             "SELECT name, setting FROM pg_file_settings WHERE error IS NULL AND setting IS NOT NULL",
@@ -148,6 +151,36 @@ pub async fn probe(client: &Client) -> Result<Probe, KeeperError> {
         }
     }
     Ok(p)
+}
+
+/// `pg_stat_archiver`, when this instance archives: `archive_mode` `on` on a master (a
+/// standby's archiver does not run then), or `always`.
+async fn archiver(
+    client: &Client,
+    in_recovery: bool,
+) -> Result<Option<tendril_control_model::ArchiverState>, KeeperError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('archive_mode'), archived_count, last_archived_wal, \
+                    last_archived_time::text, failed_count, last_failed_wal, \
+                    last_failed_time::text FROM pg_stat_archiver",
+            &[],
+        )
+        .await
+        .map_err(sql)?;
+    let mode: String = row.get(0);
+    if mode == "off" || (mode == "on" && in_recovery) {
+        return Ok(None);
+    }
+    let count = |i| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+    Ok(Some(tendril_control_model::ArchiverState {
+        archived_count: count(1),
+        last_archived_wal: row.get(2),
+        last_archived_time: row.get(3),
+        failed_count: count(4),
+        last_failed_wal: row.get(5),
+        last_failed_time: row.get(6),
+    }))
 }
 
 /// Whether the instance accepts writes.
@@ -210,6 +243,24 @@ pub async fn setup_roles(
     // yet: the master is being set up.
     let batch = format!(
         "BEGIN; SET LOCAL log_statement = 'none'; SET LOCAL synchronous_commit = 'local'; {statement}; COMMIT;"
+    );
+    client.batch_execute(&batch).await.map_err(sql)
+}
+
+/// Gives the superuser this cluster's password, creating the role if the data lacks it: data
+/// restored from another cluster's backup carries that cluster's roles and passwords.
+pub async fn setup_superuser(client: &Client, su: &str, password: &str) -> Result<(), KeeperError> {
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&su])
+        .await
+        .map_err(sql)?
+        .is_some();
+    let verb = if exists { "ALTER" } else { "CREATE" };
+    let batch = format!(
+        "BEGIN; SET LOCAL log_statement = 'none'; SET LOCAL synchronous_commit = 'local'; \
+         {verb} ROLE {} WITH SUPERUSER LOGIN PASSWORD {}; COMMIT;",
+        ident(su),
+        literal(password)
     );
     client.batch_execute(&batch).await.map_err(sql)
 }

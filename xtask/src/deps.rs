@@ -44,6 +44,7 @@ pub const PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "curl",
+    "pgbackrest",
     "postgresql-15",
     "postgresql-client-15",
     "openssl",
@@ -123,6 +124,11 @@ pub const PROBES: &[Probe] = &[
         path: "/usr/bin/etcdctl",
         package: "etcd-client",
         used_by: "the deployment guide's test runs its etcdctl commands (docs/deploy.md)",
+    },
+    Probe {
+        path: "/usr/bin/pgbackrest",
+        package: "pgbackrest",
+        used_by: "the point-in-time recovery tests archive, back up and restore with pgBackRest",
     },
     Probe {
         path: "/usr/bin/curl",

@@ -79,6 +79,8 @@ pub struct KeeperRow {
     pub last_error: Option<String>,
     /// Its master's last self-fence (when, how long, why).
     pub last_fence: Option<String>,
+    /// WAL archiving, where its instance archives (`pg_stat_archiver`).
+    pub archiving: Option<tendril_control_model::ArchiverState>,
 }
 
 /// One proxy in `status`.
@@ -188,6 +190,7 @@ impl<S: Store> Ctl<S> {
                 address: state.map(|s| format!("{}:{}", s.listen_address, s.port)),
                 last_error: info.and_then(|i| i.last_error.clone()),
                 last_fence: info.and_then(|i| i.last_fence.clone()),
+                archiving: state.and_then(|s| s.archiver.clone()),
             });
         }
         for row in &mut keepers {
@@ -480,7 +483,11 @@ pub fn render_table(s: &Status) -> String {
         .collect();
     out.push_str(&table(&headers, &rows));
     for k in &s.keepers {
-        for line in [&k.last_error, &k.last_fence].into_iter().flatten() {
+        let archiving = k.archiving.as_ref().map(|a| a.summary());
+        for line in [&k.last_error, &k.last_fence, &archiving]
+            .into_iter()
+            .flatten()
+        {
             out.push_str(&format!("  {}: {line}\n", k.keeper));
         }
     }

@@ -115,6 +115,59 @@ pub struct PostgresState {
     pub older_wal_file: Option<String>,
     /// A changed parameter waits for a restart the spec does not allow automatically.
     pub pending_restart: bool,
+    /// WAL archiving, where this instance archives (`archive_mode` on a master, or
+    /// `always`).
+    pub archiver: Option<ArchiverState>,
+}
+
+/// WAL archiving as PostgreSQL's `pg_stat_archiver` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ArchiverState {
+    /// WAL files archived since the statistics were reset.
+    pub archived_count: u64,
+    /// The last one archived.
+    pub last_archived_wal: Option<String>,
+    /// When (PostgreSQL's text form).
+    pub last_archived_time: Option<String>,
+    /// Failed attempts since the statistics were reset.
+    pub failed_count: u64,
+    /// The WAL file of the last failure.
+    pub last_failed_wal: Option<String>,
+    /// When it failed.
+    pub last_failed_time: Option<String>,
+}
+
+impl ArchiverState {
+    /// Whether the last attempt failed: a failure after the last success.
+    pub fn failing(&self) -> bool {
+        match (&self.last_failed_time, &self.last_archived_time) {
+            (Some(failed), Some(archived)) => failed > archived,
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+
+    /// One line for `tendrilctl status`.
+    pub fn summary(&self) -> String {
+        let last = match (&self.last_archived_wal, &self.last_archived_time) {
+            (Some(wal), Some(at)) => format!("last {wal} at {at}"),
+            _ => "nothing archived yet".into(),
+        };
+        let failures = match (&self.last_failed_wal, &self.last_failed_time) {
+            (Some(wal), Some(at)) if self.failing() => {
+                format!(
+                    "FAILING since {at} on {wal}, {} failures",
+                    self.failed_count
+                )
+            }
+            _ => format!("{} failures", self.failed_count),
+        };
+        format!(
+            "archiving: {} WAL files archived, {last}; {failures}",
+            self.archived_count
+        )
+    }
 }
 
 /// A proxy's report, at `/tendril/<cluster>/proxies/<uid>` under the proxy's lease.

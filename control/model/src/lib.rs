@@ -30,7 +30,7 @@ pub use cluster::{
 };
 pub use codec::{DecodeError, Document, FORMAT_VERSION, decode, encode, encode_pretty};
 pub use generation::Generation;
-pub use info::{KeeperInfo, PgVersion, PostgresState, ProxyInfo, SentinelInfo};
+pub use info::{ArchiverState, KeeperInfo, PgVersion, PostgresState, ProxyInfo, SentinelInfo};
 pub use keys::{InvalidClusterName, Keys};
 pub use lsn::{Lsn, ParseLsnError};
 pub use patch::merge_patch;

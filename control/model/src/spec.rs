@@ -231,6 +231,26 @@ pub struct RecoveryTargetSettings {
     pub recovery_target_xid: Option<String>,
     /// `recovery_target_timeline`.
     pub recovery_target_timeline: Option<String>,
+    /// `recovery_target_inclusive`: stop just after the target (`true`, PostgreSQL's default)
+    /// or just before it (`false`).
+    pub recovery_target_inclusive: Option<String>,
+}
+
+impl RecoveryTargetSettings {
+    /// The targets set (PostgreSQL allows at most one).
+    fn targets(&self) -> Vec<&'static str> {
+        [
+            ("recovery_target", &self.recovery_target),
+            ("recovery_target_lsn", &self.recovery_target_lsn),
+            ("recovery_target_name", &self.recovery_target_name),
+            ("recovery_target_time", &self.recovery_target_time),
+            ("recovery_target_xid", &self.recovery_target_xid),
+        ]
+        .into_iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(name, _)| name)
+        .collect()
+    }
 }
 
 /// How a standby cluster follows its external primary.
@@ -521,6 +541,32 @@ impl ClusterSpec {
                             "pitr_config.data_restore_command",
                             "is required when init_mode is pitr",
                         );
+                    }
+                    if let Some(t) = &c.recovery_target_settings {
+                        let targets = t.targets();
+                        if targets.len() > 1 {
+                            e.push(
+                                "pitr_config.recovery_target_settings",
+                                format!("sets {}: PostgreSQL takes one target", targets.join(", ")),
+                            );
+                        }
+                        if t.recovery_target
+                            .as_deref()
+                            .is_some_and(|v| v != "immediate")
+                        {
+                            e.push(
+                                "pitr_config.recovery_target_settings.recovery_target",
+                                "can only be immediate",
+                            );
+                        }
+                        if let Some(v) = &t.recovery_target_inclusive
+                            && !["true", "false", "on", "off"].contains(&v.as_str())
+                        {
+                            e.push(
+                                "pitr_config.recovery_target_settings.recovery_target_inclusive",
+                                "must be true or false",
+                            );
+                        }
                     }
                     if self.role == ClusterRole::Standby && c.recovery_target_settings.is_some() {
                         e.push(
@@ -839,6 +885,18 @@ mod tests {
             (
                 json!({"role": "standby", "init_mode": "pitr", "standby_config": {"standby_settings": {"primary_conninfo": "host=x"}}, "pitr_config": {"data_restore_command": "cp", "recovery_target_settings": {"recovery_target": "immediate"}}}),
                 "pitr_config.recovery_target_settings",
+            ),
+            (
+                json!({"init_mode": "pitr", "pitr_config": {"data_restore_command": "cp", "recovery_target_settings": {"recovery_target_name": "a", "recovery_target_lsn": "0/1"}}}),
+                "pitr_config.recovery_target_settings",
+            ),
+            (
+                json!({"init_mode": "pitr", "pitr_config": {"data_restore_command": "cp", "recovery_target_settings": {"recovery_target": "latest"}}}),
+                "pitr_config.recovery_target_settings.recovery_target",
+            ),
+            (
+                json!({"init_mode": "pitr", "pitr_config": {"data_restore_command": "cp", "recovery_target_settings": {"recovery_target_inclusive": "yes"}}}),
+                "pitr_config.recovery_target_settings.recovery_target_inclusive",
             ),
             (json!({"role": "leader"}), "role"),
             (

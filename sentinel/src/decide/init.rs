@@ -10,6 +10,7 @@ pub(super) fn initialize(ctx: &mut Ctx<'_>) {
     match ctx.cd.master.clone().filter(|m| ctx.cd.dbs.contains_key(m)) {
         None => create_master(ctx, mode),
         Some(master) => {
+            record_init_error(ctx, &master);
             if ctx.good(&master) && ctx.db_state(&master).is_some_and(|s| !s.in_recovery) {
                 finish(ctx, &master);
             } else if ctx.convergence_failed(&master) {
@@ -26,9 +27,34 @@ pub(super) fn initialize(ctx: &mut Ctx<'_>) {
     }
 }
 
+/// Makes an error of the initialising master's keeper (a failing restore command, a recovery
+/// that stopped) a cluster event, once per distinct error: the keeper retries, and the
+/// operator reads why in the events rather than in one keeper's log.
+fn record_init_error(ctx: &mut Ctx<'_>, master: &str) {
+    let keeper = ctx.cd.dbs[master].spec.keeper_uid.clone();
+    let error = ctx
+        .obs
+        .keepers
+        .get(&keeper)
+        .and_then(|i| i.last_error.clone())
+        // What a keeper says while it initialises normally.
+        .filter(|e| e != "initialising the database");
+    if let Some(e) = &error
+        && ctx.mem.init_error.as_ref() != Some(e)
+    {
+        ctx.event(
+            "init error",
+            format!("database {master} on keeper {keeper}: {e}"),
+        );
+    }
+    if error.is_some() {
+        ctx.mem.init_error = error;
+    }
+}
+
 fn create_master(ctx: &mut Ctx<'_>, mode: InitMode) {
     let keeper = match mode {
-        InitMode::New => {
+        InitMode::New | InitMode::Pitr => {
             // The first healthy keeper allowed to be master, in uid order (deterministic, so
             // two decisions on the same data agree), preferring those that have not failed.
             let eligible: Vec<String> = ctx
@@ -66,13 +92,6 @@ fn create_master(ctx: &mut Ctx<'_>, mode: InitMode) {
             }
             wanted
         }
-        InitMode::Pitr => {
-            ctx.event(
-                "waiting",
-                "init mode pitr is not implemented yet; nothing is initialised",
-            );
-            return;
-        }
     };
     let uid = ctx.new_db_uid(&keeper);
     let spec = &ctx.cd.spec;
@@ -85,10 +104,14 @@ fn create_master(ctx: &mut Ctx<'_>, mode: InitMode) {
             role: DbRole::Master,
             init_mode: match mode {
                 InitMode::Existing => DbInitMode::Existing,
-                _ => DbInitMode::New,
+                InitMode::Pitr => DbInitMode::Pitr,
+                InitMode::New => DbInitMode::New,
             },
             new_config: spec.new_config.clone(),
-            include_previous_config: spec.merge_pg_parameters,
+            pitr_config: spec.pitr_config.clone().filter(|_| mode == InitMode::Pitr),
+            // Restored data carries the source cluster's settings (its archive_command
+            // among them): they are not this cluster's.
+            include_previous_config: spec.merge_pg_parameters && mode != InitMode::Pitr,
             ..DbSpec::default()
         },
         status: Default::default(),

@@ -61,6 +61,8 @@ pub struct Memory {
     stalled: BTreeMap<String, (Lsn, u32)>,
     /// Keepers whose initialisation failed in this leadership: tried last.
     failed_init: BTreeSet<String>,
+    /// The last error the initialising master's keeper reported, recorded as an event once.
+    init_error: Option<String>,
     /// When the cluster data was last written (set by the loop).
     pub last_write: Option<Duration>,
 }

@@ -1,0 +1,231 @@
+//! Creating the local data of the database assigned to this keeper, by its init mode: a new
+//! database (initdb), an adopted data directory, a point-in-time recovery from a backup
+//! ([`crate::pitr`]), or a standby cloned (pg_basebackup) or rewound (pg_rewind) from the
+//! database it follows.
+
+use std::time::Duration;
+
+use tendril_control_model::{ClusterData, Db, DbInitMode};
+use tendril_control_store::Store;
+
+use super::{Keeper, followed_endpoint, read_postgresql_conf};
+use crate::KeeperError;
+use crate::datadir::DbState;
+use crate::sql;
+
+impl<S: Store> Keeper<S> {
+    /// Creates the local data for `db` according to its init mode.
+    pub(super) async fn initialize(
+        &mut self,
+        cd: &ClusterData,
+        db: &Db,
+    ) -> Result<(), KeeperError> {
+        match db.spec.init_mode {
+            DbInitMode::None => {
+                // The data this database needs is not here (deleted, or another disk): never
+                // invent it. The sentinel will fail over.
+                return Err(KeeperError::DataDisappeared {
+                    db: db.uid.clone(),
+                    local: self.db_state.uid.clone(),
+                });
+            }
+            DbInitMode::Pitr => {
+                self.set_initializing(db)?;
+                self.init_pitr(cd, db).await?;
+                self.db_state.initializing = false;
+                self.data.save_db_state(&self.db_state)?;
+                tracing::info!(db = %db.uid, "point-in-time recovery done: accepting writes");
+                return Ok(());
+            }
+            DbInitMode::Existing => {
+                if !self.data.pgdata_initialised() {
+                    return Err(KeeperError::DataVanished(self.data.pgdata()));
+                }
+                tracing::info!(db = %db.uid, "adopting the existing data directory");
+                self.pg.stop().await?;
+                let init = read_postgresql_conf(&self.data.pgdata().join("postgresql.conf"));
+                self.db_state = DbState {
+                    uid: db.uid.clone(),
+                    generation: tendril_control_model::Generation::NONE,
+                    initializing: false,
+                    init_pg_parameters: Some(init),
+                };
+                self.write_config(cd, db)?;
+                self.pg.start(cd.spec.db_wait_ready_timeout).await?;
+                let client = self.pg.connect(cd.spec.request_timeout).await?;
+                self.setup_roles(&client).await?;
+                self.data.save_db_state(&self.db_state)?;
+                return Ok(());
+            }
+            DbInitMode::New | DbInitMode::Resync => {}
+        }
+        self.set_initializing(db)?;
+        match db.spec.init_mode {
+            DbInitMode::New => self.init_new(cd, db).await?,
+            _ => self.resync(cd, db).await?,
+        }
+        self.db_state.initializing = false;
+        self.data.save_db_state(&self.db_state)?;
+        tracing::info!(db = %db.uid, mode = ?db.spec.init_mode, "database initialised");
+        Ok(())
+    }
+
+    fn set_initializing(&mut self, db: &Db) -> Result<(), KeeperError> {
+        self.db_state = DbState {
+            uid: db.uid.clone(),
+            generation: tendril_control_model::Generation::NONE,
+            initializing: true,
+            init_pg_parameters: None,
+        };
+        self.data.save_db_state(&self.db_state)?;
+        self.report_initializing();
+        Ok(())
+    }
+
+    async fn init_new(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
+        tracing::info!(db = %db.uid, "initdb");
+        self.pg.stop().await?;
+        self.wipe_pgdata()?;
+        self.pg.prepare_dirs(true)?;
+        let pwfile = self.data.root().join(".su-password");
+        self.pg
+            .write_file(&pwfile, self.config.su.password.as_bytes())?;
+        let new_config = db.spec.new_config.clone().unwrap_or_default();
+        let result = self
+            .pg
+            .initdb(
+                &pwfile,
+                new_config.locale.as_deref(),
+                new_config.encoding.as_deref(),
+                new_config.data_checksums,
+            )
+            .await;
+        let _ = std::fs::remove_file(&pwfile);
+        result?;
+        self.db_state.init_pg_parameters = Some(read_postgresql_conf(
+            &self.data.pgdata().join("postgresql.conf"),
+        ));
+        self.write_config(cd, db)?;
+        self.pg.start(cd.spec.db_wait_ready_timeout).await?;
+        let client = self.pg.connect(cd.spec.request_timeout).await?;
+        self.setup_roles(&client).await
+    }
+
+    /// Point-in-time recovery (see [`crate::pitr`]). While it runs, PostgreSQL admits local
+    /// connections only, without a password (the restored roles may have other passwords
+    /// than this cluster's; the socket directory is postgres' own), and no other host.
+    async fn init_pitr(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
+        let Some(pitr) = db.spec.pitr_config.as_ref() else {
+            return Err(KeeperError::Postgres(
+                "init mode pitr without pitr_config in the database spec".into(),
+            ));
+        };
+        self.pg.stop().await?;
+        self.wipe_pgdata()?;
+        self.pg.prepare_dirs(true)?;
+        let pgdata = self.data.pgdata();
+        let line = crate::pitr::restore_command_line(
+            &pitr.data_restore_command,
+            &pgdata.to_string_lossy(),
+        );
+        tracing::info!(db = %db.uid, command = %line, "restoring a base backup");
+        self.pg.run_shell("data_restore_command", &line).await?;
+        for leftover in ["postmaster.pid", "standby.signal", "backup_label.old"] {
+            let _ = std::fs::remove_file(pgdata.join(leftover));
+        }
+        // The restored configuration is the source cluster's (its archive_command among
+        // others): this cluster's spec alone decides.
+        self.db_state.init_pg_parameters = None;
+        self.write_config(cd, db)?;
+        self.pg
+            .write_file(&pgdata.join("pg_hba.conf"), b"local all all trust\n")?;
+        self.pg.write_file(&pgdata.join("recovery.signal"), b"")?;
+        tracing::info!(db = %db.uid, "archive recovery");
+        self.pg.start(cd.spec.init_timeout).await?;
+        loop {
+            if let Some(status) = self.pg.poll_exit() {
+                return Err(KeeperError::Postgres(format!(
+                    "recovery stopped ({status}): {}",
+                    self.pg.log_problems()
+                )));
+            }
+            let promoted = match self.pg.connect(cd.spec.request_timeout).await {
+                Ok(client) => sql::is_writable(&client).await.unwrap_or(false),
+                Err(_) => false,
+            };
+            if promoted {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let client = self.pg.connect(cd.spec.request_timeout).await?;
+        sql::setup_superuser(&client, &self.config.su.user, &self.config.su.password).await?;
+        self.setup_roles(&client).await?;
+        drop(client);
+        // Done: the configuration loses the recovery settings and gets the cluster's hba.
+        // The recovery targets only change at a restart (a reload would leave PostgreSQL
+        // "pending restart"); nothing is connected yet.
+        self.db_state.initializing = false;
+        self.write_config(cd, db)?;
+        self.pg.restart(cd.spec.db_wait_ready_timeout).await
+    }
+
+    async fn resync(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
+        let (source, source_system_id) = followed_endpoint(cd, db)?;
+        self.pg.stop().await?;
+        let mut rewound = false;
+        if db.spec.use_pg_rewind && self.data.pgdata_initialised() {
+            let local = self.pg.system_id_offline().await.ok();
+            if local.is_some() && local == source_system_id {
+                tracing::info!(db = %db.uid, source = ?source, "resync by pg_rewind");
+                // pg_rewind copies the source's postgresql.auto.conf; it must be a file.
+                let _ = std::fs::remove_file(self.data.pgdata().join("postgresql.auto.conf"));
+                match self.pg.rewind(&source).await {
+                    Ok(()) => rewound = true,
+                    Err(e) => {
+                        tracing::warn!(db = %db.uid, error = %e, "pg_rewind failed, falling back to a base backup")
+                    }
+                }
+            } else {
+                tracing::info!(db = %db.uid, "system identifiers differ, pg_rewind cannot work");
+            }
+        }
+        if rewound {
+            self.make_standby(cd, db)?;
+            match self.pg.start(cd.spec.db_wait_ready_timeout).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(db = %db.uid, error = %e, "rewound data does not start, falling back to a base backup");
+                    self.pg.stop().await?;
+                }
+            }
+        }
+        tracing::info!(db = %db.uid, source = ?source, "resync by pg_basebackup");
+        self.wipe_pgdata()?;
+        self.pg.prepare_dirs(true)?;
+        self.pg.base_backup(&source, &self.config.repl).await?;
+        self.make_standby(cd, db)?;
+        self.pg.start(cd.spec.db_wait_ready_timeout).await
+    }
+
+    fn make_standby(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
+        let signal = self.data.pgdata().join("standby.signal");
+        self.pg.write_file(&signal, b"")?;
+        // Drop recovery leftovers a rewind or a backup may carry.
+        let _ = std::fs::remove_file(self.data.pgdata().join("recovery.signal"));
+        let _ = std::fs::remove_file(self.data.pgdata().join("backup_label.old"));
+        self.write_config(cd, db).map(|_| ())
+    }
+
+    /// The replication role with this cluster's password (the superuser's is set by initdb,
+    /// or [`sql::setup_superuser`] for restored data).
+    async fn setup_roles(&self, client: &tokio_postgres::Client) -> Result<(), KeeperError> {
+        sql::setup_roles(
+            client,
+            &self.config.su.user,
+            &self.config.repl.user,
+            &self.config.repl.password,
+        )
+        .await
+    }
+}
