@@ -16,6 +16,7 @@ pub mod checker;
 pub mod faults;
 pub mod guide;
 pub mod history;
+pub mod pgbackrest;
 pub mod soak;
 pub mod writer;
 
@@ -487,6 +488,11 @@ impl Cluster {
             ("TENDRIL_STORE_ENDPOINTS".into(), store),
             ("TENDRIL_LOG".into(), "info".into()),
         ]
+    }
+
+    /// Starts one more keeper, `uid`, on this host (a cluster without network namespaces).
+    pub fn add_keeper(&mut self, uid: &str) {
+        self.add_node(uid, IpAddr::from([127, 0, 0, 1]), None);
     }
 
     fn add_sentinel(&mut self, i: usize) {

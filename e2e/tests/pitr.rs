@@ -9,95 +9,10 @@
 
 #![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tendril_e2e::{Cluster, Options, SU_PASSWORD};
-
-/// A pgBackRest repository and its settings, owned by postgres (which runs the commands).
-struct Repository {
-    dir: tempfile::TempDir,
-}
-
-impl Repository {
-    fn create() -> Repository {
-        assert!(
-            Path::new("/usr/bin/pgbackrest").exists(),
-            "pgbackrest missing: cargo xtask deps installs Debian's pgbackrest"
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("tendril-pgbackrest-")
-            .tempdir()
-            .unwrap();
-        let postgres = nix::unistd::User::from_name("postgres")
-            .unwrap()
-            .expect("the postgres user (Debian's postgresql package)");
-        for sub in ["", "repo", "log", "lock", "spool"] {
-            let path = dir.path().join(sub);
-            std::fs::create_dir_all(&path).unwrap();
-            std::os::unix::fs::chown(
-                &path,
-                Some(postgres.uid.as_raw()),
-                Some(postgres.gid.as_raw()),
-            )
-            .unwrap();
-        }
-        let p = dir.path().display();
-        std::fs::write(
-            dir.path().join("pgbackrest.conf"),
-            format!(
-                "[global]\nrepo1-path={p}/repo\nlog-path={p}/log\nlock-path={p}/lock\n\
-                 spool-path={p}/spool\nstart-fast=y\nlog-level-console=warn\n\
-                 log-level-file=info\narchive-timeout=30\n\n[main]\n"
-            ),
-        )
-        .unwrap();
-        Repository { dir }
-    }
-
-    /// `pgbackrest` with this repository's settings and the stanza, as the archive and
-    /// restore commands in the spec write it. A relative WAL path (`%p`) is resolved
-    /// against `--pg1-path`, which is the data directory the command runs in.
-    fn command(&self) -> String {
-        format!(
-            "pgbackrest --config={} --stanza=main",
-            self.dir.path().join("pgbackrest.conf").display()
-        )
-    }
-
-    /// Runs a pgBackRest command against `cluster`'s master, as postgres.
-    fn run(&self, cluster: &Cluster, master: &str, args: &str) -> String {
-        let node = cluster.node(master);
-        let line = format!(
-            "{} --pg1-path={} --pg1-socket-path={} --pg1-port={} {args}",
-            self.command(),
-            node.data_dir.join("postgres").display(),
-            node.data_dir.join("run").display(),
-            node.port
-        );
-        let out = Command::new("setpriv")
-            .args([
-                "--reuid=postgres",
-                "--regid=postgres",
-                "--init-groups",
-                "sh",
-                "-c",
-                &line,
-            ])
-            .env("PGPASSWORD", SU_PASSWORD)
-            .current_dir("/")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{line}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
+use tendril_e2e::pgbackrest::{Repository, archiving_cluster, archiving_spec};
+use tendril_e2e::{Cluster, Options};
 
 /// A new cluster of two keepers restored from `repo` to the restore point `name`.
 async fn restore_to(repo: &Repository, name: &str) -> Cluster {
@@ -122,28 +37,6 @@ async fn restore_to(repo: &Repository, name: &str) -> Cluster {
     .await
 }
 
-/// A cluster of two keepers archiving to `repo`, its stanza created and a full backup taken;
-/// and its master.
-async fn archiving_cluster(repo: &Repository) -> (Cluster, String) {
-    let archive = format!("{} --pg1-path=\"$PWD\" archive-push %p", repo.command());
-    let spec = serde_json::json!({
-        "use_pg_rewind": true,
-        "pg_parameters": {"archive_mode": "on", "archive_command": archive},
-    });
-    let source = Cluster::start(Options {
-        keepers: 2,
-        sentinels: 1,
-        proxies: 1,
-        spec: spec.to_string(),
-        ..Options::default()
-    })
-    .await;
-    let master = source.master_keeper().await.unwrap();
-    repo.run(&source, &master, "stanza-create");
-    repo.run(&source, &master, "backup --type=full");
-    (source, master)
-}
-
 /// A master's current timeline, from the name of its current WAL file.
 const TIMELINE: &str =
     "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint";
@@ -158,7 +51,8 @@ async fn query_i64(cluster: &Cluster, sql: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_cluster_recovers_to_a_restore_point_from_pgbackrest() {
     let repo = Repository::create();
-    let (source, master) = archiving_cluster(&repo).await;
+    let (source, master) =
+        archiving_cluster(&repo, archiving_spec(&repo, serde_json::json!({}))).await;
 
     let c = tendril_e2e::connect("127.0.0.1", source.proxy_port())
         .await
@@ -254,7 +148,8 @@ async fn a_new_cluster_recovers_to_a_restore_point_from_pgbackrest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_failover_the_new_master_archives_and_recovery_follows_its_timeline() {
     let repo = Repository::create();
-    let (source, old_master) = archiving_cluster(&repo).await;
+    let (source, old_master) =
+        archiving_cluster(&repo, archiving_spec(&repo, serde_json::json!({}))).await;
     let c = tendril_e2e::connect("127.0.0.1", source.proxy_port())
         .await
         .unwrap();

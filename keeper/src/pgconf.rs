@@ -133,6 +133,10 @@ pub fn parameters(input: &ConfInput<'_>) -> BTreeMap<String, String> {
         if let Some(slot) = &up.slot {
             set("primary_slot_name", slot.clone());
         }
+        // PostgreSQL turns to the archive whenever streaming cannot give what it needs.
+        if let Some(archive) = &input.spec.archive_recovery_settings {
+            set("restore_command", archive.restore_command.clone());
+        }
     }
     if let Some(pitr) = input.recovery {
         for (name, value) in crate::pitr::recovery_parameters(pitr) {

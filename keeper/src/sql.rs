@@ -275,17 +275,35 @@ pub async fn reconcile_slots(
 ) -> Result<Vec<String>, KeeperError> {
     let rows = client
         .query(
-            "SELECT slot_name::text, active FROM pg_replication_slots \
-             WHERE slot_type = 'physical' AND NOT temporary",
+            "SELECT slot_name::text, active, coalesce(wal_status = 'lost', false) \
+             FROM pg_replication_slots WHERE slot_type = 'physical' AND NOT temporary",
             &[],
         )
         .await
         .map_err(sql)?;
-    let existing: BTreeMap<String, bool> = rows
+    let mut existing: BTreeMap<String, bool> = rows
         .iter()
         .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
         .collect();
     let mut changes = Vec::new();
+    // A slot that lost WAL it should have kept (max_slot_wal_keep_size) can never be
+    // streamed from again: the standby catches up from the archive (restore_command) and
+    // then streams through a new slot.
+    for row in &rows {
+        let (name, active, lost): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        if lost && !active && wanted_managed.contains(&name) {
+            match client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                .await
+            {
+                Ok(_) => {
+                    changes.push(format!("dropped slot {name}, which lost WAL"));
+                    existing.remove(&name);
+                }
+                Err(e) => tracing::warn!(slot = %name, error = %describe(&e), "cannot drop slot"),
+            }
+        }
+    }
     for (name, active) in &existing {
         if name.starts_with(MANAGED_PREFIX) && !wanted_managed.contains(name) {
             if *active {

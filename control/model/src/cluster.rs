@@ -274,6 +274,10 @@ pub struct DbSpec {
     /// Keep postgres stopped (a master being switched over: stopping it makes sure every byte
     /// of WAL it wrote reaches its standbys).
     pub stop: bool,
+    /// The WAL archive, for a standby that needs WAL its upstream no longer keeps.
+    pub archive_recovery_settings: Option<crate::ArchiveRecoverySettings>,
+    /// How a new standby restores a backup instead of a pg_basebackup.
+    pub standby_bootstrap: Option<crate::StandbyBootstrap>,
 }
 
 impl Default for DbSpec {
@@ -298,6 +302,8 @@ impl Default for DbSpec {
             request_timeout: spec.request_timeout,
             new_config: None,
             pitr_config: None,
+            archive_recovery_settings: None,
+            standby_bootstrap: None,
             include_previous_config: false,
             stop: false,
         }

@@ -100,6 +100,20 @@ pub struct ClusterSpec {
     /// TLS of the standbys' replication connections; absent means `sslmode=prefer` (TLS when
     /// the upstream offers it, unverified).
     pub replication_tls: Option<crate::ReplicationTls>,
+    /// The WAL archive, for the standbys: one that needs WAL its upstream no longer keeps
+    /// fetches it with this `restore_command` instead of being cloned again.
+    pub archive_recovery_settings: Option<ArchiveRecoverySettings>,
+    /// New standbys restore the latest backup with this command, then catch up from the
+    /// archive and stream, instead of a pg_basebackup from the master.
+    pub standby_bootstrap: Option<StandbyBootstrap>,
+}
+
+/// How a new standby gets its data from the backup repository.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StandbyBootstrap {
+    /// Shell command that restores a base backup; `%d` is replaced by the data directory.
+    pub command: String,
 }
 
 impl Default for ClusterSpec {
@@ -139,6 +153,8 @@ impl Default for ClusterSpec {
             pg_hba: None,
             automatic_pg_restart: false,
             replication_tls: None,
+            archive_recovery_settings: None,
+            standby_bootstrap: None,
         }
     }
 }
@@ -581,6 +597,28 @@ impl ClusterSpec {
                 ),
             },
         }
+        if self
+            .archive_recovery_settings
+            .as_ref()
+            .is_some_and(|a| a.restore_command.trim().is_empty())
+        {
+            e.push(
+                "archive_recovery_settings.restore_command",
+                "must not be empty",
+            );
+        }
+        if let Some(b) = &self.standby_bootstrap {
+            if b.command.trim().is_empty() {
+                e.push("standby_bootstrap.command", "must not be empty");
+            }
+            if self.archive_recovery_settings.is_none() {
+                e.push(
+                    "standby_bootstrap",
+                    "needs archive_recovery_settings: a standby restored from a backup \
+                     catches up from the archive",
+                );
+            }
+        }
         if let Some(tls) = &self.replication_tls {
             for (field, message) in tls.problems() {
                 e.push(field, message);
@@ -897,6 +935,14 @@ mod tests {
             (
                 json!({"init_mode": "pitr", "pitr_config": {"data_restore_command": "cp", "recovery_target_settings": {"recovery_target_inclusive": "yes"}}}),
                 "pitr_config.recovery_target_settings.recovery_target_inclusive",
+            ),
+            (
+                json!({"standby_bootstrap": {"command": "restore %d"}}),
+                "standby_bootstrap",
+            ),
+            (
+                json!({"archive_recovery_settings": {"restore_command": ""}}),
+                "archive_recovery_settings.restore_command",
             ),
             (json!({"role": "leader"}), "role"),
             (

@@ -200,12 +200,38 @@ impl<S: Store> Keeper<S> {
                 }
             }
         }
-        tracing::info!(db = %db.uid, source = ?source, "resync by pg_basebackup");
-        self.wipe_pgdata()?;
-        self.pg.prepare_dirs(true)?;
-        self.pg.base_backup(&source, &self.config.repl).await?;
+        if !self.bootstrap_from_backup(db).await? {
+            tracing::info!(db = %db.uid, source = ?source, "resync by pg_basebackup");
+            self.wipe_pgdata()?;
+            self.pg.prepare_dirs(true)?;
+            self.pg.base_backup(&source, &self.config.repl).await?;
+        }
         self.make_standby(cd, db)?;
         self.pg.start(cd.spec.db_wait_ready_timeout).await
+    }
+
+    /// With `standby_bootstrap` in the spec: restores the latest backup into an empty PGDATA
+    /// (the standby then catches up from the archive and streams). False without it, or if
+    /// the command fails: a pg_basebackup from the master still makes the standby.
+    async fn bootstrap_from_backup(&mut self, db: &Db) -> Result<bool, KeeperError> {
+        let Some(bootstrap) = &db.spec.standby_bootstrap else {
+            return Ok(false);
+        };
+        self.wipe_pgdata()?;
+        self.pg.prepare_dirs(true)?;
+        let pgdata = self.data.pgdata();
+        let line = crate::pitr::restore_command_line(&bootstrap.command, &pgdata.to_string_lossy());
+        tracing::info!(db = %db.uid, command = %line, "new standby from the backup repository");
+        match self.pg.run_shell("standby_bootstrap.command", &line).await {
+            Ok(()) => {
+                let _ = std::fs::remove_file(pgdata.join("postmaster.pid"));
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::warn!(db = %db.uid, error = %e, "standby bootstrap failed, falling back to pg_basebackup");
+                Ok(false)
+            }
+        }
     }
 
     fn make_standby(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {

@@ -491,6 +491,9 @@ fn propagate_spec(cd: &mut ClusterData) {
         s.pg_parameters.clone_from(&spec.pg_parameters);
         s.pg_hba.clone_from(&spec.pg_hba);
         s.replication_tls.clone_from(&spec.replication_tls);
+        s.archive_recovery_settings
+            .clone_from(&spec.archive_recovery_settings);
+        s.standby_bootstrap.clone_from(&spec.standby_bootstrap);
         s.additional_wal_senders = spec.additional_wal_senders;
         if s.role == DbRole::Master {
             s.additional_replication_slots
