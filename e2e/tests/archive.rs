@@ -113,8 +113,10 @@ async fn standbys_catch_up_from_the_archive_and_new_ones_start_from_the_backup()
     wait_all_streaming_with(&cluster, 2, 8000, Duration::from_secs(90)).await;
     let db_after = db_of(&cluster, &standby).await;
     assert_eq!(
-        db_before, db_after,
-        "the same database caught up: no re-clone"
+        db_before,
+        db_after,
+        "the same database caught up: no re-clone\n{}",
+        cluster.describe().await
     );
     let log = cluster.node(&standby).keeper.log_text();
     let since = log.get(log_before..).unwrap_or_default();

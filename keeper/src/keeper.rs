@@ -80,6 +80,9 @@ pub struct Keeper<S> {
     last_fence: Option<String>,
     /// While a planned switchover drains this master: ends its sessions as they go idle.
     idle_closer: Option<IdleSessionCloser>,
+    /// After a failed restore from a backup: when to try again, the delay, and the error
+    /// (repeated meanwhile, so the report does not change).
+    restore_backoff: Option<(Instant, Duration, String)>,
     /// What the HTTP endpoints answer from (see [`crate::health`]).
     health: Arc<std::sync::Mutex<health::Snapshot>>,
 }
@@ -144,6 +147,7 @@ impl<S: Store> Keeper<S> {
             fenced: None,
             last_fence: None,
             idle_closer: None,
+            restore_backoff: None,
             guard: None,
             health,
         })
@@ -736,13 +740,18 @@ impl<S: Store> Keeper<S> {
     }
 
     fn report_initializing(&self) {
+        self.report_initializing_because("initialising the database".into());
+    }
+
+    /// The report of a database being initialised, with what holds it up.
+    fn report_initializing_because(&self, why: String) {
         let state = PostgresState {
             uid: self.db_state.uid.clone(),
             listen_address: self.config.advertise_address.clone(),
             port: self.config.advertise_port,
             ..PostgresState::default()
         };
-        self.set_report(Some(state), Some("initialising the database".into()));
+        self.set_report(Some(state), Some(why));
     }
 
     fn set_report(&self, postgres_state: Option<PostgresState>, last_error: Option<String>) {

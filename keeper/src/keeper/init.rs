@@ -3,7 +3,7 @@
 //! ([`crate::pitr`]), or a standby cloned (pg_basebackup) or rewound (pg_rewind) from the
 //! database it follows.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tendril_control_model::{ClusterData, Db, DbInitMode};
 use tendril_control_store::Store;
@@ -12,6 +12,15 @@ use super::{Keeper, followed_endpoint, read_postgresql_conf};
 use crate::KeeperError;
 use crate::datadir::DbState;
 use crate::sql;
+
+/// First delay before a failed restore from a backup is tried again; it doubles each time.
+const RESTORE_RETRY_FIRST: Duration = Duration::from_secs(5);
+/// Longest delay between two attempts.
+const RESTORE_RETRY_MAX: Duration = Duration::from_secs(300);
+/// How long a restored data directory may replay WAL before it accepts connections: as long
+/// as PostgreSQL runs (a large backup's recovery takes hours; a deadline would only start
+/// it over). PostgreSQL exiting ends the wait at once.
+const RECOVERY_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl<S: Store> Keeper<S> {
     /// Creates the local data for `db` according to its init mode.
@@ -30,10 +39,29 @@ impl<S: Store> Keeper<S> {
                 });
             }
             DbInitMode::Pitr => {
+                // A failing restore is not rerun on every pass: it empties the data
+                // directory and reads the repository each time.
+                if let Some((at, _, error)) = &self.restore_backoff
+                    && Instant::now() < *at
+                {
+                    return Err(KeeperError::Postgres(error.clone()));
+                }
                 self.set_initializing(db)?;
-                self.init_pitr(cd, db).await?;
-                self.db_state.initializing = false;
-                self.data.save_db_state(&self.db_state)?;
+                if let Err(e) = self.init_pitr(cd, db).await {
+                    let delay = self
+                        .restore_backoff
+                        .as_ref()
+                        .map_or(RESTORE_RETRY_FIRST, |(_, d, _)| {
+                            (*d * 2).min(RESTORE_RETRY_MAX)
+                        });
+                    let error = format!(
+                        "{e} (trying again in {})",
+                        humantime::format_duration(delay)
+                    );
+                    self.restore_backoff = Some((Instant::now() + delay, delay, error.clone()));
+                    return Err(KeeperError::Postgres(error));
+                }
+                self.restore_backoff = None;
                 tracing::info!(db = %db.uid, "point-in-time recovery done: accepting writes");
                 return Ok(());
             }
@@ -141,7 +169,8 @@ impl<S: Store> Keeper<S> {
             .write_file(&pgdata.join("pg_hba.conf"), b"local all all trust\n")?;
         self.pg.write_file(&pgdata.join("recovery.signal"), b"")?;
         tracing::info!(db = %db.uid, "archive recovery");
-        self.pg.start(cd.spec.init_timeout).await?;
+        self.pg.start(RECOVERY_WAIT).await?;
+        let mut paused_reported = false;
         loop {
             if let Some(status) = self.pg.poll_exit() {
                 return Err(KeeperError::Postgres(format!(
@@ -149,12 +178,23 @@ impl<S: Store> Keeper<S> {
                     self.pg.log_problems()
                 )));
             }
-            let promoted = match self.pg.connect(cd.spec.request_timeout).await {
-                Ok(client) => sql::is_writable(&client).await.unwrap_or(false),
-                Err(_) => false,
+            let (promoted, paused) = match self.pg.connect(cd.spec.request_timeout).await {
+                Ok(client) => (
+                    sql::is_writable(&client).await.unwrap_or(false),
+                    sql::replay_paused(&client).await.unwrap_or(false),
+                ),
+                Err(_) => (false, false),
             };
             if promoted {
                 break;
+            }
+            // PostgreSQL pauses (rather than exits) when the WAL it replays needs a larger
+            // setting than this cluster's (max_connections and the like): say so.
+            if paused && !paused_reported {
+                paused_reported = true;
+                let why = format!("point-in-time recovery paused: {}", self.pg.log_problems());
+                tracing::warn!(db = %db.uid, "{why}");
+                self.report_initializing_because(why);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -162,10 +202,12 @@ impl<S: Store> Keeper<S> {
         sql::setup_superuser(&client, &self.config.su.user, &self.config.su.password).await?;
         self.setup_roles(&client).await?;
         drop(client);
-        // Done: the configuration loses the recovery settings and gets the cluster's hba.
-        // The recovery targets only change at a restart (a reload would leave PostgreSQL
-        // "pending restart"); nothing is connected yet.
+        // Done, and recorded at once: a keeper restarted now must not restore again.
         self.db_state.initializing = false;
+        self.data.save_db_state(&self.db_state)?;
+        // The configuration loses the recovery settings and gets the cluster's hba. The
+        // recovery targets only change at a restart (a reload would leave PostgreSQL
+        // "pending restart"); nothing is connected yet.
         self.write_config(cd, db)?;
         self.pg.restart(cd.spec.db_wait_ready_timeout).await
     }
@@ -200,20 +242,34 @@ impl<S: Store> Keeper<S> {
                 }
             }
         }
-        if !self.bootstrap_from_backup(db).await? {
+        let bootstrapped = self
+            .bootstrap_from_backup(db, source_system_id.as_deref())
+            .await?;
+        if !bootstrapped {
             tracing::info!(db = %db.uid, source = ?source, "resync by pg_basebackup");
             self.wipe_pgdata()?;
             self.pg.prepare_dirs(true)?;
             self.pg.base_backup(&source, &self.config.repl).await?;
         }
         self.make_standby(cd, db)?;
-        self.pg.start(cd.spec.db_wait_ready_timeout).await
+        // A backup restored by the bootstrap command replays archived WAL before it accepts
+        // connections: no deadline but PostgreSQL's own exit.
+        let wait = if bootstrapped {
+            RECOVERY_WAIT
+        } else {
+            cd.spec.db_wait_ready_timeout
+        };
+        self.pg.start(wait).await
     }
 
     /// With `standby_bootstrap` in the spec: restores the latest backup into an empty PGDATA
     /// (the standby then catches up from the archive and streams). False without it, or if
     /// the command fails: a pg_basebackup from the master still makes the standby.
-    async fn bootstrap_from_backup(&mut self, db: &Db) -> Result<bool, KeeperError> {
+    async fn bootstrap_from_backup(
+        &mut self,
+        db: &Db,
+        source_system_id: Option<&str>,
+    ) -> Result<bool, KeeperError> {
         let Some(bootstrap) = &db.spec.standby_bootstrap else {
             return Ok(false);
         };
@@ -225,6 +281,12 @@ impl<S: Store> Keeper<S> {
         match self.pg.run_shell("standby_bootstrap.command", &line).await {
             Ok(()) => {
                 let _ = std::fs::remove_file(pgdata.join("postmaster.pid"));
+                // A backup of another cluster (a stanza mixed up) can never follow this one.
+                let restored = self.pg.system_id_offline().await.ok();
+                if source_system_id.is_some() && restored.as_deref() != source_system_id {
+                    tracing::warn!(db = %db.uid, ?restored, source = ?source_system_id, "the restored backup is of another database system, falling back to pg_basebackup");
+                    return Ok(false);
+                }
                 Ok(true)
             }
             Err(e) => {

@@ -1,6 +1,8 @@
 //! Phase `initializing`: creating the cluster's first master.
 
-use tendril_control_model::{ClusterPhase, Db, DbInitMode, DbRole, DbSpec, Generation, InitMode};
+use tendril_control_model::{
+    ClusterPhase, ClusterRole, Db, DbInitMode, DbRole, DbSpec, Generation, InitMode,
+};
 
 use super::Ctx;
 
@@ -53,6 +55,16 @@ fn record_init_error(ctx: &mut Ctx<'_>, master: &str) {
 }
 
 fn create_master(ctx: &mut Ctx<'_>, mode: InitMode) {
+    // A standby cluster's first database must follow its external primary and never end
+    // recovery; what init builds here is a master. Until standby clusters exist, nothing
+    // is initialised rather than a second writable primary.
+    if ctx.cd.spec.role == ClusterRole::Standby {
+        ctx.event(
+            "waiting",
+            "a standby cluster (role standby) cannot be initialised yet: nothing is initialised",
+        );
+        return;
+    }
     let keeper = match mode {
         InitMode::New | InitMode::Pitr => {
             // The first healthy keeper allowed to be master, in uid order (deterministic, so

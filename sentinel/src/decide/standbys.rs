@@ -135,7 +135,21 @@ fn cannot_sync(ctx: &Ctx<'_>, master: &Db, db: &Db) -> Option<String> {
     {
         return None;
     }
-    let stalled = ctx.mem.stalled.get(&db.uid).is_some_and(|(_, n)| *n > 10);
+    // A standby that can read the archive (archive_recovery_settings) fetches what the
+    // master recycled: it gets convergence_timeout to move before it is cloned again.
+    let patience = match &db.spec.archive_recovery_settings {
+        Some(_) => {
+            let loops = ctx.cd.spec.convergence_timeout.as_millis()
+                / ctx.cd.spec.sleep_interval.as_millis().max(1);
+            u32::try_from(loops).unwrap_or(u32::MAX).max(10)
+        }
+        None => 10,
+    };
+    let stalled = ctx
+        .mem
+        .stalled
+        .get(&db.uid)
+        .is_some_and(|(_, n)| *n > patience);
     let needed = db.status.xlog_pos.wal_file_name(1, 16 * 1024 * 1024);
     // Compare without the timeline: the segment number is what must still exist.
     (stalled && &needed[8..] < oldest.get(8..).unwrap_or("")).then(|| {
