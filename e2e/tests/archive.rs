@@ -73,6 +73,10 @@ async fn standbys_catch_up_from_the_archive_and_new_ones_start_from_the_backup()
     )
     .await
     .unwrap();
+    // An idle cluster first, longer than the sentinel's ten-loop stall bound: a standby
+    // that does not move while it is caught up is not stalled (it was counted so, and then
+    // re-cloned as soon as it came back behind).
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let needed: String = cluster
         .node(&standby)
         .sql()

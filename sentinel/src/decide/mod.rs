@@ -377,6 +377,14 @@ fn update_dbs(ctx: &mut Ctx<'_>) {
     let now = ctx.now.mono;
     let fail = ctx.cd.spec.fail_interval;
     let uids: Vec<String> = ctx.cd.dbs.keys().cloned().collect();
+    // A standby counts as stalled only while it is behind the master: in an idle cluster
+    // nobody moves, and a standby back from an outage would otherwise look stuck at once.
+    let master_pos = ctx
+        .cd
+        .master
+        .as_ref()
+        .and_then(|m| ctx.db_state(m))
+        .map(|s| s.xlog_pos);
     for uid in uids {
         let keeper_healthy = ctx
             .cd
@@ -405,7 +413,8 @@ fn update_dbs(ctx: &mut Ctx<'_>) {
         };
         db.status.healthy = healthy && keeper_healthy;
         if let Some(s) = state {
-            if s.xlog_pos == stall.0 {
+            let behind = master_pos.is_some_and(|m| s.xlog_pos < m);
+            if s.xlog_pos == stall.0 && behind {
                 stall.1 = stall.1.saturating_add(1);
             } else {
                 *stall = (s.xlog_pos, 0);
