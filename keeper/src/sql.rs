@@ -183,18 +183,19 @@ async fn archiver(
     }))
 }
 
-/// Whether recovery is paused (`pg_get_wal_replay_pause_state`); false out of recovery.
-pub async fn replay_paused(client: &Client) -> Result<bool, KeeperError> {
+/// Whether the instance is in recovery, and whether that recovery is paused
+/// (`pg_get_wal_replay_pause_state`).
+pub async fn recovery_state(client: &Client) -> Result<(bool, bool), KeeperError> {
     let row = client
         .query_one(
             // CASE: the function errors out of recovery, and AND does not order evaluation.
-            "SELECT CASE WHEN pg_is_in_recovery() \
+            "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() \
                     THEN pg_get_wal_replay_pause_state() <> 'not paused' ELSE false END",
             &[],
         )
         .await
         .map_err(sql)?;
-    Ok(row.get(0))
+    Ok((row.get(0), row.get(1)))
 }
 
 /// Whether the instance accepts writes.

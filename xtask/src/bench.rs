@@ -269,26 +269,26 @@ fn reads() -> anyhow::Result<()> {
 
 /// `cargo build --release` with `args` (packages, `--bins`).
 fn build_release(args: &[&str]) -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::run(Command::new(cargo).args(["build", "--release"]).args(args))
+    crate::cargo_build(&[&["--release"], args].concat())
+}
+
+/// The shipped binaries and the end-to-end crate's (the failover and fence benchmarks), in
+/// release mode.
+fn build_release_with_e2e() -> anyhow::Result<()> {
+    build_release(
+        &[
+            &["--bins"],
+            &crate::SHIPPED_PACKAGES[..],
+            &["-p", "tendril-e2e"],
+        ]
+        .concat(),
+    )
 }
 
 /// `cargo xtask bench failover [--runs N] [--only WORDS]`: release binaries, then the failover timing runs.
 fn failover(args: &[String]) -> anyhow::Result<()> {
     deps::ensure(deps::Purpose::Test)?;
-    build_release(&[
-        "--bins",
-        "-p",
-        "tendril-keeper",
-        "-p",
-        "tendril-sentinel",
-        "-p",
-        "tendril-proxy",
-        "-p",
-        "tendril-control",
-        "-p",
-        "tendril-e2e",
-    ])?;
+    build_release_with_e2e()?;
     let release = target_dir().join("release");
     crate::run(
         Command::new(release.join("failover-bench"))
@@ -300,19 +300,7 @@ fn failover(args: &[String]) -> anyhow::Result<()> {
 /// `cargo xtask bench fence`: cluster-data write to last old-master connection closed.
 fn fence() -> anyhow::Result<()> {
     deps::ensure(deps::Purpose::Test)?;
-    build_release(&[
-        "--bins",
-        "-p",
-        "tendril-proxy",
-        "-p",
-        "tendril-keeper",
-        "-p",
-        "tendril-sentinel",
-        "-p",
-        "tendril-control",
-        "-p",
-        "tendril-e2e",
-    ])?;
+    build_release_with_e2e()?;
     let release = target_dir().join("release");
     crate::run(Command::new(release.join("fence-bench")).env("TENDRIL_BIN_DIR", &release))
 }

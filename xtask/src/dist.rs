@@ -46,21 +46,13 @@ fn layout(root: &Path, release: &Path) -> Vec<(PathBuf, String)> {
 /// `cargo xtask dist`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     anyhow::ensure!(args.is_empty(), "usage: cargo xtask dist");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::run(Command::new(cargo).args([
-        "build",
-        "--release",
-        "--locked",
-        "--bins",
-        "-p",
-        "tendril-keeper",
-        "-p",
-        "tendril-sentinel",
-        "-p",
-        "tendril-proxy",
-        "-p",
-        "tendril-control",
-    ]))?;
+    crate::cargo_build(
+        &[
+            &["--release", "--locked", "--bins"],
+            &crate::SHIPPED_PACKAGES[..],
+        ]
+        .concat(),
+    )?;
     let target = crate::bench::target_dir();
     let staging = target.join("dist/staging");
     let _ = std::fs::remove_dir_all(&staging);

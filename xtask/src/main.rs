@@ -103,6 +103,25 @@ pub fn project_root() -> PathBuf {
     manifest.parent().map_or(manifest.clone(), PathBuf::from)
 }
 
+/// The packages of the shipped binaries (keeper, sentinel, proxy, tendrilctl), as cargo
+/// arguments.
+pub const SHIPPED_PACKAGES: [&str; 8] = [
+    "-p",
+    "tendril-keeper",
+    "-p",
+    "tendril-sentinel",
+    "-p",
+    "tendril-proxy",
+    "-p",
+    "tendril-control",
+];
+
+/// `cargo build` (the cargo running xtask) with `args`.
+pub fn cargo_build(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).arg("build").args(args))
+}
+
 /// Runs a command from the workspace root, echoing it, and fails if it fails.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     cmd.current_dir(project_root());

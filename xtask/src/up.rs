@@ -104,24 +104,9 @@ pub fn up(args: &[String]) -> anyhow::Result<()> {
             );
         }
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("building the binaries...");
-    crate::run(
-        Command::new(&cargo)
-            .args(["build"])
-            .args(o.release.then_some("--release"))
-            .args([
-                "--bins",
-                "-p",
-                "tendril-keeper",
-                "-p",
-                "tendril-sentinel",
-                "-p",
-                "tendril-proxy",
-                "-p",
-                "tendril-control",
-            ]),
-    )?;
+    let mode: &[&str] = if o.release { &["--release"] } else { &[] };
+    crate::cargo_build(&[mode, &["--bins"], &crate::SHIPPED_PACKAGES[..]].concat())?;
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();

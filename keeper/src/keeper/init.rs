@@ -178,14 +178,11 @@ impl<S: Store> Keeper<S> {
                     self.pg.log_problems()
                 )));
             }
-            let (promoted, paused) = match self.pg.connect(cd.spec.request_timeout).await {
-                Ok(client) => (
-                    sql::is_writable(&client).await.unwrap_or(false),
-                    sql::replay_paused(&client).await.unwrap_or(false),
-                ),
-                Err(_) => (false, false),
+            let (in_recovery, paused) = match self.pg.connect(cd.spec.request_timeout).await {
+                Ok(client) => sql::recovery_state(&client).await.unwrap_or((true, false)),
+                Err(_) => (true, false),
             };
-            if promoted {
+            if !in_recovery {
                 break;
             }
             // PostgreSQL pauses (rather than exits) when the WAL it replays needs a larger
