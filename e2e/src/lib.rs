@@ -36,6 +36,8 @@ use tendril_testkit::{EtcdServer, free_port};
 
 /// The superuser's password in every harness cluster.
 pub const SU_PASSWORD: &str = "e2e-su-secret";
+/// The replication user's password (the keepers' default user, `repl`).
+pub const REPL_PASSWORD: &str = "e2e-repl-secret";
 /// The cluster name.
 pub const CLUSTER: &str = "e2e";
 
@@ -88,6 +90,11 @@ pub struct Options {
     /// Wait until every keeper is healthy and converged before returning (`false`: for
     /// tests of a cluster that cannot initialise).
     pub wait_healthy: bool,
+    /// The cluster's name in the store.
+    pub name: String,
+    /// The etcd of another cluster, shared (two clusters with different names in one
+    /// store); `None` starts one for this cluster. Not with network namespaces.
+    pub etcd: Option<Arc<EtcdServer>>,
 }
 
 impl Default for Options {
@@ -100,6 +107,8 @@ impl Default for Options {
             partitionable: false,
             isolated: false,
             wait_healthy: true,
+            name: CLUSTER.into(),
+            etcd: None,
         }
     }
 }
@@ -313,7 +322,9 @@ pub struct Cluster {
     pub netns: Option<faults::Netns>,
     bin: PathBuf,
     store_endpoint: String,
-    etcd: EtcdServer,
+    etcd: Arc<EtcdServer>,
+    /// The cluster's name in the store.
+    pub name: String,
     _watch: tokio::task::JoinHandle<()>,
 }
 
@@ -331,7 +342,7 @@ impl Cluster {
             .unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::write(dir.path().join("su.pw"), SU_PASSWORD).unwrap();
-        std::fs::write(dir.path().join("repl.pw"), "e2e-repl-secret").unwrap();
+        std::fs::write(dir.path().join("repl.pw"), REPL_PASSWORD).unwrap();
         let netns = opts.partitionable.then(faults::Netns::create);
         let root_ip: IpAddr = netns
             .as_ref()
@@ -348,19 +359,25 @@ impl Cluster {
         // keeper's), on an address of its own, so a test can cut a keeper from the store
         // alone (Netns::cut_store).
         let store_ips: Vec<IpAddr> = netns.iter().chain(&hosts).map(|n| n.store_ip).collect();
-        let etcd = if store_ips.is_empty() {
-            EtcdServer::start()
-        } else {
-            EtcdServer::start_also_on_each(&store_ips)
+        let etcd = match opts.etcd.clone() {
+            Some(shared) => {
+                assert!(
+                    store_ips.is_empty(),
+                    "a shared etcd listens on loopback only"
+                );
+                shared
+            }
+            None if store_ips.is_empty() => Arc::new(EtcdServer::start()),
+            None => Arc::new(EtcdServer::start_also_on_each(&store_ips)),
         };
         let store_endpoint = etcd.endpoint();
         let store = EtcdStore::connect(&StoreConfig::new([etcd.endpoint()]))
             .await
             .unwrap();
-        let keys = Keys::new(CLUSTER).unwrap();
+        let keys = Keys::new(&opts.name).unwrap();
         let ctl = |args: &[&str]| {
             let out = Command::new(bin.join("tendrilctl"))
-                .env("TENDRIL_CLUSTER_NAME", CLUSTER)
+                .env("TENDRIL_CLUSTER_NAME", &opts.name)
                 .env("TENDRIL_STORE_ENDPOINTS", etcd.endpoint())
                 .args(args)
                 .output()
@@ -391,6 +408,7 @@ impl Cluster {
             bin,
             store_endpoint,
             etcd,
+            name: opts.name.clone(),
             _watch: watch,
         };
         let mut hosts = hosts.into_iter();
@@ -484,7 +502,7 @@ impl Cluster {
 
     fn envs(&self, store: String) -> Vec<(String, String)> {
         vec![
-            ("TENDRIL_CLUSTER_NAME".into(), CLUSTER.into()),
+            ("TENDRIL_CLUSTER_NAME".into(), self.name.clone()),
             ("TENDRIL_STORE_ENDPOINTS".into(), store),
             ("TENDRIL_LOG".into(), "info".into()),
         ]
@@ -650,8 +668,9 @@ impl Cluster {
             let Some(s) = info.postgres_state else {
                 return false;
             };
+            // A standby cluster's leader stays in recovery.
             let role_ok = match db.spec.role {
-                DbRole::Master => !s.in_recovery,
+                DbRole::Master => s.in_recovery == db.spec.is_standby_leader(),
                 DbRole::Standby => s.in_recovery,
             };
             if s.uid == db.uid && s.healthy && s.generation == db.generation && role_ok {
@@ -763,6 +782,11 @@ impl Cluster {
         out
     }
 
+    /// The store, to start another cluster beside this one ([`Options::etcd`]).
+    pub fn etcd(&self) -> Arc<EtcdServer> {
+        self.etcd.clone()
+    }
+
     /// Stops etcd (SIGSTOP): the store is down for every component at once.
     pub fn pause_store(&self) {
         self.etcd.pause();
@@ -808,7 +832,7 @@ impl Cluster {
     /// Starts a tendrilctl command.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
         Command::new(self.bin.join("tendrilctl"))
-            .env("TENDRIL_CLUSTER_NAME", CLUSTER)
+            .env("TENDRIL_CLUSTER_NAME", &self.name)
             .env("TENDRIL_STORE_ENDPOINTS", self.etcd.endpoint())
             .args(args)
             .output()

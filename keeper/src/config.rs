@@ -286,7 +286,12 @@ pub fn valid_uid(uid: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
-fn password(what: &str, file: Option<&Path>, env: Option<String>) -> Result<String, String> {
+/// A password from its file (or, without one, the environment), the trailing newline removed.
+pub(crate) fn password(
+    what: &str,
+    file: Option<&Path>,
+    env: Option<String>,
+) -> Result<String, String> {
     let raw = match (file, env) {
         (Some(path), _) => std::fs::read_to_string(path).map_err(|e| {
             format!(

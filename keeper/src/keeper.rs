@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tendril_control_model::{
-    ClusterData, ClusterSpec, Db, DbInitMode, DbRole, FORMAT_VERSION, FollowConfig, KeeperInfo,
-    PgVersion, PostgresState, SwitchoverPhase, decode, encode,
+    ArchiveRecoverySettings, ClusterData, ClusterSpec, Db, DbInitMode, DbRole, FORMAT_VERSION,
+    FollowConfig, KeeperInfo, PgVersion, PostgresState, StandbySettings, SwitchoverPhase, decode,
+    encode,
 };
 use tendril_control_store::{KeptLease, Store, WatchEvent};
 use tokio::sync::watch;
@@ -458,8 +459,14 @@ impl<S: Store> Keeper<S> {
             return Ok(Pass::Converged);
         }
         let standby_signal = self.data.pgdata().join("standby.signal");
-        if db.spec.role == DbRole::Standby && !standby_signal.exists() {
-            return Err(KeeperError::NeverDemotes(db.uid.clone()));
+        let leader = db.spec.is_standby_leader();
+        if !standby_signal.exists() {
+            if db.spec.role == DbRole::Standby {
+                return Err(KeeperError::NeverDemotes(db.uid.clone()));
+            }
+            if leader {
+                return Err(KeeperError::NotAStandby(db.uid.clone()));
+            }
         }
         let changed = self.write_config(&cd, &db)?;
         let was_running = self.pg.is_running();
@@ -474,7 +481,9 @@ impl<S: Store> Keeper<S> {
         }
         if db.spec.role == DbRole::Master {
             self.running_master = true;
-            if !sql::within(limit, "is_writable", sql::is_writable(&client)).await? {
+            // A standby cluster's leader is never promoted here: `tendrilctl promote` ends
+            // its following first (the sentinel clears it), and only then does this run.
+            if !leader && !sql::within(limit, "is_writable", sql::is_writable(&client)).await? {
                 tracing::info!(db = %db.uid, "promoting");
                 // Unbounded: a promotion cut short and tried again could find one under way.
                 sql::promote(&client).await?;
@@ -572,6 +581,7 @@ impl<S: Store> Keeper<S> {
         };
         let upstream = match db.spec.role {
             DbRole::Standby => Some(self.upstream(cd, db)?),
+            DbRole::Master if db.spec.is_standby_leader() => Some(self.upstream(cd, db)?),
             DbRole::Master => None,
         };
         let socket_dir = self.data.socket_dir().to_string_lossy().into_owned();
@@ -620,6 +630,7 @@ impl<S: Store> Keeper<S> {
     }
 
     fn upstream(&self, cd: &ClusterData, db: &Db) -> Result<Upstream, KeeperError> {
+        let archive = |a: Option<&ArchiveRecoverySettings>| a.map(|a| a.restore_command.clone());
         match &db.spec.follow {
             Some(FollowConfig::Internal { .. }) => {
                 let (source, _) = followed_endpoint(cd, db)?;
@@ -629,7 +640,7 @@ impl<S: Store> Keeper<S> {
                     .replication_tls
                     .as_ref()
                     .map_or_else(|| vec![("sslmode", "prefer".to_owned())], |t| t.conninfo());
-                let conninfo = [
+                let pairs: Vec<(&str, String)> = [
                     ("host", source.host.clone()),
                     ("port", source.port.to_string()),
                     ("user", repl.user.clone()),
@@ -639,26 +650,75 @@ impl<S: Store> Keeper<S> {
                 ]
                 .into_iter()
                 .chain(tls)
-                .map(|(k, v)| format!("{k}={}", conninfo_quote(&v)))
-                .collect::<Vec<_>>()
-                .join(" ");
+                .collect();
                 Ok(Upstream {
-                    conninfo,
+                    conninfo: pgconf::conninfo(&pairs, ""),
                     slot: Some(pgconf::standby_name(&db.uid)),
+                    restore_command: archive(db.spec.archive_recovery_settings.as_ref()),
+                    min_apply_delay: None,
                 })
             }
             Some(FollowConfig::External {
                 standby_settings: Some(s),
-                ..
-            }) => Ok(Upstream {
-                conninfo: s.primary_conninfo.clone(),
-                slot: s.primary_slot_name.clone(),
-            }),
+                archive_recovery_settings,
+            }) => {
+                let ExternalPrimary {
+                    mut pairs,
+                    password,
+                } = self.external_primary(db, s)?;
+                pairs.push(("password", password));
+                Ok(Upstream {
+                    conninfo: pgconf::conninfo(&pairs, &s.primary_conninfo),
+                    slot: s.primary_slot_name.clone(),
+                    restore_command: archive(
+                        archive_recovery_settings
+                            .as_ref()
+                            .or(db.spec.archive_recovery_settings.as_ref()),
+                    ),
+                    min_apply_delay: s.recovery_min_apply_delay.clone(),
+                })
+            }
             _ => Err(KeeperError::Spec(format!(
                 "standby database {} follows nothing",
                 db.uid
             ))),
         }
+    }
+
+    /// The connection to a standby cluster's external primary: its keywords (without the
+    /// password) and the password, read from the spec's password file on this host or, by
+    /// default, this keeper's replication password (the standby cluster replicates the
+    /// primary's roles, so the two are the same).
+    fn external_primary(
+        &self,
+        db: &Db,
+        s: &StandbySettings,
+    ) -> Result<ExternalPrimary, KeeperError> {
+        let repl = &self.config.repl;
+        let password = match &s.password_file {
+            Some(file) => crate::config::password(
+                "standby_config.standby_settings.password_file",
+                Some(Path::new(file)),
+                None,
+            )
+            .map_err(KeeperError::Spec)?,
+            None => repl.password.clone(),
+        };
+        let mut pairs = Vec::new();
+        if let Some(host) = &s.primary_host {
+            pairs.push(("host", host.clone()));
+        }
+        pairs.extend([
+            ("port", s.primary_port.unwrap_or(5432).to_string()),
+            ("user", s.user.clone().unwrap_or_else(|| repl.user.clone())),
+            ("application_name", pgconf::standby_name(&db.uid)),
+            ("connect_timeout", "5".to_owned()),
+            (
+                "sslmode",
+                s.sslmode.clone().unwrap_or_else(|| "prefer".into()),
+            ),
+        ]);
+        Ok(ExternalPrimary { pairs, password })
     }
 
     fn wipe_pgdata(&self) -> Result<(), KeeperError> {
@@ -840,6 +900,14 @@ async fn publish<S: Store>(
     }
 }
 
+/// How to reach a standby cluster's external primary.
+pub(crate) struct ExternalPrimary {
+    /// libpq keywords and values, without the password.
+    pub pairs: Vec<(&'static str, String)>,
+    /// The password, kept off command lines (tools get it in `PGPASSWORD`).
+    pub password: String,
+}
+
 /// The endpoint and system identifier of the database `db` follows.
 fn followed_endpoint(cd: &ClusterData, db: &Db) -> Result<(Endpoint, Option<String>), KeeperError> {
     let Some(FollowConfig::Internal { db_uid }) = &db.spec.follow else {
@@ -867,14 +935,6 @@ fn followed_endpoint(cd: &ClusterData, db: &Db) -> Result<(Endpoint, Option<Stri
             db.uid
         ))),
     }
-}
-
-/// Quotes a libpq connection-string value.
-fn conninfo_quote(value: &str) -> String {
-    if !value.is_empty() && !value.contains([' ', '\'', '\\', '=']) {
-        return value.to_owned();
-    }
-    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// The settings of a `postgresql.conf` written by initdb or by a user: `name = value` lines,
@@ -951,14 +1011,5 @@ mod tests {
         assert!(!p.contains_key("port"), "managed parameters are left out");
         assert!(!p.contains_key("include"));
         assert!(!p.contains_key("work_mem"));
-    }
-
-    #[test]
-    fn quotes_conninfo_values() {
-        assert_eq!(conninfo_quote("simple"), "simple");
-        assert_eq!(conninfo_quote("with space"), "'with space'");
-        assert_eq!(conninfo_quote("it's"), "'it\\'s'");
-        assert_eq!(conninfo_quote(""), "''");
-        assert_eq!(conninfo_quote("a=b"), "'a=b'");
     }
 }

@@ -109,6 +109,11 @@ pub enum KeeperError {
         "database {0} was a master and is now asked to be a standby: a database never demotes in place; it needs a new database uid (resync)"
     )]
     NeverDemotes(String),
+    /// A standby cluster's leader whose data is not a standby.
+    #[error(
+        "database {0} leads a standby cluster but its data directory is not a standby (no standby.signal): a standby cluster never promotes its data; re-initialise the cluster, or `tendrilctl promote` it"
+    )]
+    NotAStandby(String),
 }
 
 impl KeeperError {

@@ -44,6 +44,31 @@ pub struct Upstream {
     pub conninfo: String,
     /// `primary_slot_name`.
     pub slot: Option<String>,
+    /// `restore_command`: the WAL archive, for what streaming cannot give.
+    pub restore_command: Option<String>,
+    /// `recovery_min_apply_delay` (a standby cluster's leader).
+    pub min_apply_delay: Option<String>,
+}
+
+/// A libpq connection string: `pairs` quoted, then `extra` (raw keywords the user wrote,
+/// which override earlier ones: libpq keeps the last value of a keyword).
+pub fn conninfo(pairs: &[(&str, String)], extra: &str) -> String {
+    let mut out: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", conninfo_quote(v)))
+        .collect();
+    if !extra.trim().is_empty() {
+        out.push(extra.trim().to_owned());
+    }
+    out.join(" ")
+}
+
+/// Quotes a libpq connection-string value.
+pub fn conninfo_quote(value: &str) -> String {
+    if !value.is_empty() && !value.contains([' ', '\'', '\\', '=']) {
+        return value.to_owned();
+    }
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// Everything `postgresql.conf` is built from.
@@ -134,8 +159,11 @@ pub fn parameters(input: &ConfInput<'_>) -> BTreeMap<String, String> {
             set("primary_slot_name", slot.clone());
         }
         // PostgreSQL turns to the archive whenever streaming cannot give what it needs.
-        if let Some(archive) = &input.spec.archive_recovery_settings {
-            set("restore_command", archive.restore_command.clone());
+        if let Some(command) = &up.restore_command {
+            set("restore_command", command.clone());
+        }
+        if let Some(delay) = &up.min_apply_delay {
+            set("recovery_min_apply_delay", delay.clone());
         }
     }
     if let Some(pitr) = input.recovery {
@@ -401,6 +429,8 @@ mod tests {
         let up = Upstream {
             conninfo: "host=a".into(),
             slot: Some("tendril_x".into()),
+            restore_command: Some("fetch %f %p".into()),
+            min_apply_delay: Some("5min".into()),
         };
         let p = parameters(&ConfInput {
             spec: &spec,
@@ -416,6 +446,24 @@ mod tests {
         assert_eq!(p["max_connections"], "100");
         assert_eq!(p["primary_conninfo"], "host=a");
         assert_eq!(p["primary_slot_name"], "tendril_x");
+        assert_eq!(p["restore_command"], "fetch %f %p");
+        assert_eq!(p["recovery_min_apply_delay"], "5min");
+    }
+
+    #[test]
+    fn conninfo_quotes_values_and_appends_the_extra_keywords() {
+        let pairs = [
+            ("host", "db one".to_owned()),
+            ("user", "it's".to_owned()),
+            ("port", "5432".to_owned()),
+        ];
+        assert_eq!(
+            conninfo(&pairs, " sslrootcert=/x "),
+            "host='db one' user='it\\'s' port=5432 sslrootcert=/x"
+        );
+        assert_eq!(conninfo(&pairs[2..], ""), "port=5432");
+        assert_eq!(conninfo_quote(""), "''");
+        assert_eq!(conninfo_quote("a=b"), "'a=b'");
     }
 
     #[test]

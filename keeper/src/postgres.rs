@@ -470,17 +470,28 @@ impl Postgres {
         source: &Endpoint,
         repl: &Credentials,
     ) -> Result<(), KeeperError> {
+        let conninfo = format!(
+            "host='{}' port={} user='{}'",
+            source.host.replace('\\', "\\\\").replace('\'', "\\'"),
+            source.port,
+            repl.user.replace('\\', "\\\\").replace('\'', "\\'"),
+        );
+        self.base_backup_from(&conninfo, &repl.password).await
+    }
+
+    /// Clones PGDATA from the server `conninfo` names (a libpq connection string without
+    /// the password, which goes in the environment rather than on the command line).
+    pub async fn base_backup_from(
+        &self,
+        conninfo: &str,
+        password: &str,
+    ) -> Result<(), KeeperError> {
         let pgdata = self.pgdata.to_string_lossy().into_owned();
-        let port = source.port.to_string();
         let args = [
             "-D",
             &pgdata,
-            "-h",
-            &source.host,
-            "-p",
-            &port,
-            "-U",
-            &repl.user,
+            "-d",
+            conninfo,
             "-X",
             "stream",
             "--checkpoint=fast",
@@ -489,7 +500,7 @@ impl Postgres {
         // synchronous_commit=off: the backup must not wait for synchronous standbys that may
         // not exist yet.
         let env = [
-            ("PGPASSWORD", repl.password.as_str()),
+            ("PGPASSWORD", password),
             ("PGOPTIONS", "-c synchronous_commit=off"),
         ];
         self.run_tool("pg_basebackup", &args, &env, None)

@@ -10,7 +10,10 @@
 //! - no standby is promoted while the old master may still accept writes: its keeper either
 //!   reported it stopped at its current generation, or has been silent for a whole
 //!   `fail_interval` (its lease ran out; the keeper fences itself before that);
-//! - generations (cluster, proxy, databases) never go backwards.
+//! - generations (cluster, proxy, databases) never go backwards;
+//! - in a standby cluster, every master-role database follows the external primary (its
+//!   keeper never promotes it) until the cluster's role turns to master (`tendrilctl
+//!   promote`, at random here), after which the master follows nothing.
 
 #![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
 
@@ -21,7 +24,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::script::{Report, World};
-use tendril_control_model::{DbRole, Lsn, ProxyInfo};
+use tendril_control_model::{ClusterPhase, ClusterRole, DbRole, Lsn, ProxyInfo};
 
 const KEEPERS: [&str; 4] = ["k0", "k1", "k2", "k3"];
 const PROXIES: [&str; 2] = ["p1", "p2"];
@@ -34,12 +37,29 @@ struct Sim {
     last_report: [Option<Duration>; 4],
     master_xlog: u64,
     sync: bool,
+    /// The external primary's timeline (a standby cluster's leader follows it).
+    external_tl: u32,
+}
+
+/// What kind of cluster a history runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Async,
+    Sync,
+    /// A standby cluster, promoted at random.
+    Standby,
 }
 
 impl Sim {
-    fn new(seed: u64, sync: bool) -> Sim {
+    fn new(seed: u64, mode: Mode) -> Sim {
+        let sync = mode == Mode::Sync;
         let mut world = World::new();
         world.apply("phase initializing").unwrap();
+        if mode == Mode::Standby {
+            world
+                .apply(r#"spec {"role": "standby", "standby_config": {"standby_settings": {"primary_host": "site-a"}}}"#)
+                .unwrap();
+        }
         if sync {
             world
                 .apply(r#"spec {"synchronous_replication": true, "max_synchronous_standbys": 2}"#)
@@ -56,6 +76,7 @@ impl Sim {
             last_report: [None; 4],
             master_xlog: 0x300_0000,
             sync,
+            external_tl: 1,
         }
     }
 
@@ -63,6 +84,11 @@ impl Sim {
     /// its spec with some delay, promoting when told, lagging a little, sometimes failing.
     fn keepers_report(&mut self) {
         self.master_xlog += self.rng.random_range(0..200_000);
+        // The external primary fails over now and then: a standby leader follows it onto
+        // its new timeline.
+        if self.rng.random_bool(0.01) {
+            self.external_tl += 1;
+        }
         for (i, uid) in KEEPERS.iter().enumerate() {
             if self.rng.random_bool(0.03) {
                 self.alive[i] = !self.alive[i];
@@ -102,6 +128,13 @@ impl Sim {
                     DbRole::Master if db.spec.stop && converged => {
                         r.stopped = true;
                         r.checkpoint = Some(r.xlog);
+                    }
+                    DbRole::Master if db.spec.is_standby_leader() => {
+                        r.stopped = false;
+                        r.recovery = true;
+                        r.sync.clear();
+                        r.tl = r.tl.max(self.external_tl);
+                        r.xlog = Lsn(self.master_xlog.max(r.xlog.0));
                     }
                     DbRole::Master => {
                         r.stopped = false;
@@ -182,6 +215,9 @@ impl Sim {
         if self.rng.random_bool(0.02) {
             self.world.mem = tendril_sentinel::Memory::default();
         }
+        if self.world.cd.spec.role == ClusterRole::Standby && self.rng.random_bool(0.003) {
+            self.world.apply(r#"spec {"role": "master"}"#).unwrap();
+        }
         if self.rng.random_bool(0.01) && self.world.cd.switchover.is_none() {
             let target = KEEPERS[self.rng.random_range(0..KEEPERS.len())];
             let _ = self.world.apply(&format!("switchover target={target}"));
@@ -191,6 +227,7 @@ impl Sim {
         self.world.run();
         let after = &self.world.cd;
         check(&before, after, &obs, self.sync);
+        check_standby_cluster(after);
         self.check_old_master_fenced(&before);
     }
 
@@ -308,6 +345,30 @@ fn check(
     }
 }
 
+/// A standby cluster never has a master that follows nothing (its keeper would promote it);
+/// a promoted one (role master) has no master that follows the external primary.
+fn check_standby_cluster(after: &tendril_control_model::ClusterData) {
+    for db in after.dbs.values().filter(|d| d.spec.role == DbRole::Master) {
+        match after.spec.role {
+            ClusterRole::Standby => assert!(
+                db.spec.is_standby_leader(),
+                "{} is a master of a standby cluster that does not follow the external primary",
+                db.uid
+            ),
+            ClusterRole::Master if after.phase == ClusterPhase::Normal => {
+                if after.master.as_ref() == Some(&db.uid) {
+                    assert!(
+                        db.spec.follow.is_none(),
+                        "master {} of a promoted cluster still follows",
+                        db.uid
+                    );
+                }
+            }
+            ClusterRole::Master => {}
+        }
+    }
+}
+
 impl support::script::World {
     /// The observations the next run will see, without consuming report ids.
     fn observations_peek(&self) -> tendril_sentinel::Observations {
@@ -324,11 +385,12 @@ impl support::script::World {
     }
 }
 
-fn run_seeds(sync: bool) {
+fn run_seeds(mode: Mode) {
     let mut failovers = 0;
     let mut publishes = 0;
+    let mut promoted = 0;
     for seed in 0..300 {
-        let mut sim = Sim::new(seed, sync);
+        let mut sim = Sim::new(seed, mode);
         let mut last_master = None;
         for _ in 0..200 {
             sim.step();
@@ -340,6 +402,9 @@ fn run_seeds(sync: bool) {
                 publishes += 1;
             }
         }
+        if mode == Mode::Standby && sim.world.cd.spec.role == ClusterRole::Master {
+            promoted += 1;
+        }
     }
     // The histories must exercise failovers and publication, or the properties hold vacuously.
     assert!(
@@ -350,15 +415,27 @@ fn run_seeds(sync: bool) {
         publishes > 10_000,
         "only {publishes} routed steps in all histories"
     );
-    println!("sync={sync}: {failovers} master changes, {publishes} routed steps");
+    if mode == Mode::Standby {
+        // Both halves: histories that stay standby clusters and histories promoted.
+        assert!(
+            (30..270).contains(&promoted),
+            "{promoted} of 300 standby-cluster histories promoted"
+        );
+    }
+    println!("{mode:?}: {failovers} master changes, {publishes} routed steps, {promoted} promoted");
 }
 
 #[test]
 fn random_histories_async() {
-    run_seeds(false);
+    run_seeds(Mode::Async);
 }
 
 #[test]
 fn random_histories_sync() {
-    run_seeds(true);
+    run_seeds(Mode::Sync);
+}
+
+#[test]
+fn random_histories_standby_cluster() {
+    run_seeds(Mode::Standby);
 }

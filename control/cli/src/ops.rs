@@ -29,6 +29,8 @@ pub struct Status {
     pub sentinels: Vec<String>,
     /// The master database.
     pub master: Option<String>,
+    /// A standby cluster: the external primary it follows.
+    pub standby_of: Option<String>,
     /// What the proxies are told to route to.
     pub proxy_route: Option<String>,
     /// The proxy-section generation.
@@ -166,12 +168,15 @@ impl<S: Store> Ctl<S> {
                 reporting: info.is_some(),
                 db: db.map(|d| d.uid.clone()),
                 role: db.map(|d| match d.spec.role {
+                    DbRole::Master if d.spec.is_standby_leader() => "standby leader".to_owned(),
                     DbRole::Master => "master".to_owned(),
                     DbRole::Standby => "standby".to_owned(),
                 }),
                 follows: db.and_then(|d| match &d.spec.follow {
                     Some(FollowConfig::Internal { db_uid }) => Some(db_uid.clone()),
-                    Some(FollowConfig::External { .. }) => Some("external".into()),
+                    Some(FollowConfig::External {
+                        standby_settings, ..
+                    }) => Some(external_primary(standby_settings.as_ref())),
                     None => None,
                 }),
                 postgres,
@@ -216,6 +221,14 @@ impl<S: Store> Ctl<S> {
             sentinel_leader: leader,
             sentinels,
             master: cd.master.clone(),
+            standby_of: (cd.spec.role == ClusterRole::Standby).then(|| {
+                external_primary(
+                    cd.spec
+                        .standby_config
+                        .as_ref()
+                        .and_then(|c| c.standby_settings.as_ref()),
+                )
+            }),
             proxy_route: cd
                 .proxy
                 .master
@@ -375,14 +388,19 @@ impl<S: Store> Ctl<S> {
         .await
     }
 
-    /// Promotes a standby cluster; says so when it is already a master cluster.
-    pub async fn promote(&self) -> Result<bool, CtlError> {
+    /// Promotes a standby cluster: its leader stops following the external primary and
+    /// becomes writable (the sentinel and its keeper do it). Refused on a master cluster.
+    pub async fn promote(&self) -> Result<(), CtlError> {
         self.change(|cd| {
             if cd.spec.role == ClusterRole::Master {
-                return Ok(false);
+                return Err(CtlError::Input(format!(
+                    "cluster {:?} is not a standby cluster (its role is master): there is \
+                     nothing to promote; nothing was changed",
+                    self.cluster
+                )));
             }
             cd.spec.role = ClusterRole::Master;
-            Ok(true)
+            Ok(())
         })
         .await
     }
@@ -416,6 +434,17 @@ impl<S: Store> Ctl<S> {
 }
 
 /// Renders the status as a table.
+/// The external primary a standby cluster follows, as `host:port` (or its conninfo).
+fn external_primary(settings: Option<&tendril_control_model::StandbySettings>) -> String {
+    match settings {
+        Some(s) => match &s.primary_host {
+            Some(host) => format!("{host}:{}", s.primary_port.unwrap_or(5432)),
+            None => format!("({})", s.primary_conninfo),
+        },
+        None => "(not configured)".into(),
+    }
+}
+
 pub fn render_table(s: &Status) -> String {
     let mut out = String::new();
     out.push_str(&format!(
@@ -428,11 +457,22 @@ pub fn render_table(s: &Status) -> String {
         s.sentinels.len(),
         if s.sentinels.len() == 1 { "" } else { "s" }
     ));
+    if let Some(primary) = &s.standby_of {
+        out.push_str(&format!(
+            "standby cluster: follows the external primary {primary}; read-only until \
+             `tendrilctl promote`\n"
+        ));
+    }
     out.push_str(&format!(
-        "proxies route to: {}  (proxy generation {}{})\n",
+        "proxies route to: {}{}  (proxy generation {}{})\n",
         s.proxy_route
             .as_deref()
             .unwrap_or("nothing: no master routable"),
+        if s.standby_of.is_some() && s.proxy_route.is_some() {
+            " (the standby leader, read-only)"
+        } else {
+            ""
+        },
         s.proxy_generation,
         if s.hold {
             ", holding new connections"

@@ -97,13 +97,11 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             );
         }
         Command::Promote => {
-            if ctl.promote().await? {
-                println!(
-                    "standby cluster promoted: its master will stop following the external primary"
-                );
-            } else {
-                println!("the cluster is already a master cluster; nothing to promote");
-            }
+            ctl.promote().await?;
+            println!(
+                "standby cluster promoted: its leader stops following the external primary and \
+                 accepts writes once its keeper promoted it (see `tendrilctl status`)"
+            );
         }
         Command::Clusterdata(ClusterDataCommand::Write { file, yes }) => {
             if !yes {

@@ -314,12 +314,18 @@ fn operations_on_a_running_cluster() {
         true
     );
 
+    // Promoting a cluster that is not a standby cluster is refused, and changes nothing.
+    let before = json(&ctl.run(&["clusterdata", "read"]))["generation"].clone();
     let promote = ctl.run(&["promote"]);
-    assert_exit(&promote, 0);
+    assert_exit(&promote, 1);
     assert!(
-        stdout(&promote).contains("nothing to promote"),
+        stderr(&promote).contains("not a standby cluster"),
         "{}",
-        stdout(&promote)
+        stderr(&promote)
+    );
+    assert_eq!(
+        json(&ctl.run(&["clusterdata", "read"]))["generation"],
+        before
     );
 
     // A switchover to a keeper without a standby is refused before anything is written.

@@ -236,7 +236,8 @@ pub struct DbSpec {
     pub role: DbRole,
     /// How to create it if the keeper has no data for it yet.
     pub init_mode: DbInitMode,
-    /// Whom it replicates from (standbys only).
+    /// Whom it replicates from: a standby follows a database of the cluster; the master of a
+    /// standby cluster (its standby leader) follows the external primary.
     pub follow: Option<FollowConfig>,
     /// Databases following this one (sorted).
     pub followers: Vec<String>,
@@ -278,6 +279,25 @@ pub struct DbSpec {
     pub archive_recovery_settings: Option<crate::ArchiveRecoverySettings>,
     /// How a new standby restores a backup instead of a pg_basebackup.
     pub standby_bootstrap: Option<crate::StandbyBootstrap>,
+}
+
+impl DbSpec {
+    /// The master of a standby cluster: it replicates from the external primary, never
+    /// promotes, and its standbys stream from it.
+    pub fn is_standby_leader(&self) -> bool {
+        self.role == DbRole::Master && matches!(self.follow, Some(FollowConfig::External { .. }))
+    }
+}
+
+impl FollowConfig {
+    /// What a standby cluster's leader follows, from the cluster spec.
+    pub fn external(spec: &ClusterSpec) -> FollowConfig {
+        let config = spec.standby_config.clone().unwrap_or_default();
+        FollowConfig::External {
+            standby_settings: config.standby_settings,
+            archive_recovery_settings: config.archive_recovery_settings,
+        }
+    }
 }
 
 impl Default for DbSpec {

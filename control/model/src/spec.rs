@@ -279,16 +279,139 @@ pub struct StandbyConfig {
     pub archive_recovery_settings: Option<ArchiveRecoverySettings>,
 }
 
-/// Streaming replication from an external primary.
+/// Streaming replication from an external primary: a plain PostgreSQL, or another tendril
+/// cluster reached through its proxy (which follows that cluster's failovers).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StandbySettings {
-    /// PostgreSQL's `primary_conninfo`.
+    /// The external primary's host (or its proxy's).
+    pub primary_host: Option<String>,
+    /// Its port; 5432 when absent.
+    pub primary_port: Option<u16>,
+    /// The role to replicate as; absent: the keepers' replication user. The standby cluster
+    /// replicates the primary's roles, so its keepers' users and passwords must be the
+    /// primary's.
+    pub user: Option<String>,
+    /// A file on every keeper host holding that role's password (passwords never go in the
+    /// store); absent: the keepers' replication password.
+    pub password_file: Option<String>,
+    /// libpq `sslmode` of the connection; `prefer` when absent.
+    pub sslmode: Option<String>,
+    /// More `primary_conninfo` keywords (`sslrootcert=...`), added after the ones above; a
+    /// password is refused here.
     pub primary_conninfo: String,
     /// PostgreSQL's `primary_slot_name`.
     pub primary_slot_name: Option<String>,
     /// PostgreSQL's `recovery_min_apply_delay`.
     pub recovery_min_apply_delay: Option<String>,
+}
+
+impl StandbySettings {
+    /// libpq's `sslmode` values.
+    const SSLMODES: [&'static str; 6] = [
+        "disable",
+        "allow",
+        "prefer",
+        "require",
+        "verify-ca",
+        "verify-full",
+    ];
+
+    /// What is wrong, as (field, message) pairs.
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let extra = conninfo_keywords(&self.primary_conninfo);
+        let host_in_extra = extra.iter().any(|k| k == "host" || k == "hostaddr");
+        match self.primary_host.as_deref().map(str::trim) {
+            Some("") => out.push(("primary_host", "must not be empty".to_owned())),
+            None if !host_in_extra => out.push((
+                "primary_host",
+                "is required when role is standby (or host= in primary_conninfo)".to_owned(),
+            )),
+            _ => {}
+        }
+        if self.primary_port == Some(0) {
+            out.push(("primary_port", "must be a port number".to_owned()));
+        }
+        if self.user.as_deref().is_some_and(|u| u.trim().is_empty()) {
+            out.push(("user", "must not be empty".to_owned()));
+        }
+        if self
+            .password_file
+            .as_deref()
+            .is_some_and(|p| !p.starts_with('/'))
+        {
+            out.push((
+                "password_file",
+                "must be an absolute path on the keepers' hosts".to_owned(),
+            ));
+        }
+        if let Some(mode) = &self.sslmode
+            && !Self::SSLMODES.contains(&mode.as_str())
+        {
+            out.push((
+                "sslmode",
+                format!("must be one of {}", Self::SSLMODES.join(", ")),
+            ));
+        }
+        if extra.iter().any(|k| k == "password" || k == "passfile") {
+            out.push((
+                "primary_conninfo",
+                "must not hold a password: every component reads the store; use password_file"
+                    .to_owned(),
+            ));
+        }
+        if self.primary_conninfo.contains(['\n', '\r', '\0']) {
+            out.push((
+                "primary_conninfo",
+                "must not contain a line break or NUL".to_owned(),
+            ));
+        }
+        if self
+            .recovery_min_apply_delay
+            .as_deref()
+            .is_some_and(|d| d.trim().is_empty())
+        {
+            out.push(("recovery_min_apply_delay", "must not be empty".to_owned()));
+        }
+        out
+    }
+}
+
+/// The keywords of a libpq `key=value` connection string (quoted values skipped).
+fn conninfo_keywords(conninfo: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut chars = conninfo.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        if key.is_empty() && chars.peek().is_none() {
+            return keys;
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next_if_eq(&'=').is_none() {
+            // Not key=value: libpq says what is wrong with it.
+            continue;
+        }
+        keys.push(key.to_ascii_lowercase());
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next_if_eq(&'\'').is_some() {
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => {
+                        chars.next();
+                    }
+                    '\'' => break,
+                    _ => {}
+                }
+            }
+        } else {
+            while chars.next_if(|c| !c.is_whitespace()).is_some() {}
+        }
+    }
 }
 
 /// One reason a spec is invalid, naming the field.
@@ -538,11 +661,8 @@ impl ClusterSpec {
             }
         }
         match self.init_mode {
-            InitMode::New => {
-                if self.role == ClusterRole::Standby {
-                    e.push("init_mode", "new cannot create a standby cluster; use pitr");
-                }
-            }
+            // A new standby cluster clones its external primary (pg_basebackup).
+            InitMode::New => {}
             InitMode::Existing => match &self.existing_config {
                 Some(c) if !c.keeper_uid.is_empty() => {}
                 _ => e.push(
@@ -624,18 +744,30 @@ impl ClusterSpec {
                 e.push(field, message);
             }
         }
-        if self.role == ClusterRole::Standby {
-            let conninfo = self
-                .standby_config
-                .as_ref()
-                .and_then(|c| c.standby_settings.as_ref())
-                .map(|s| s.primary_conninfo.trim());
-            if conninfo.is_none_or(str::is_empty) {
-                e.push(
-                    "standby_config.standby_settings.primary_conninfo",
-                    "is required when role is standby",
-                );
+        if let Some(settings) = self
+            .standby_config
+            .as_ref()
+            .and_then(|c| c.standby_settings.as_ref())
+        {
+            for (field, message) in settings.problems() {
+                e.push(format!("standby_config.standby_settings.{field}"), message);
             }
+        } else if self.role == ClusterRole::Standby {
+            e.push(
+                "standby_config.standby_settings.primary_host",
+                "is required when role is standby",
+            );
+        }
+        if let Some(a) = self
+            .standby_config
+            .as_ref()
+            .and_then(|c| c.archive_recovery_settings.as_ref())
+            && a.restore_command.trim().is_empty()
+        {
+            e.push(
+                "standby_config.archive_recovery_settings.restore_command",
+                "must not be empty",
+            );
         }
         if e.0.is_empty() {
             Ok(())
@@ -913,12 +1045,28 @@ mod tests {
                 "pitr_config.data_restore_command",
             ),
             (
-                json!({"role": "standby", "init_mode": "new", "standby_config": {"standby_settings": {"primary_conninfo": "host=x"}}}),
-                "init_mode",
+                json!({"role": "standby", "init_mode": "pitr", "pitr_config": {"data_restore_command": "cp"}}),
+                "standby_config.standby_settings.primary_host",
             ),
             (
-                json!({"role": "standby", "init_mode": "pitr", "pitr_config": {"data_restore_command": "cp"}}),
+                json!({"role": "standby", "standby_config": {"standby_settings": {"primary_conninfo": "port=5432 sslmode=require"}}}),
+                "standby_config.standby_settings.primary_host",
+            ),
+            (
+                json!({"role": "standby", "standby_config": {"standby_settings": {"primary_host": "a", "primary_conninfo": "sslrootcert=/x password = 'it''s'"}}}),
                 "standby_config.standby_settings.primary_conninfo",
+            ),
+            (
+                json!({"role": "standby", "standby_config": {"standby_settings": {"primary_host": "a", "password_file": "pw"}}}),
+                "standby_config.standby_settings.password_file",
+            ),
+            (
+                json!({"role": "standby", "standby_config": {"standby_settings": {"primary_host": "a", "sslmode": "on"}}}),
+                "standby_config.standby_settings.sslmode",
+            ),
+            (
+                json!({"role": "standby", "standby_config": {"standby_settings": {"primary_host": "a"}, "archive_recovery_settings": {"restore_command": " "}}}),
+                "standby_config.archive_recovery_settings.restore_command",
             ),
             (
                 json!({"role": "standby", "init_mode": "pitr", "standby_config": {"standby_settings": {"primary_conninfo": "host=x"}}, "pitr_config": {"data_restore_command": "cp", "recovery_target_settings": {"recovery_target": "immediate"}}}),
@@ -965,6 +1113,17 @@ mod tests {
     }
 
     #[test]
+    fn reads_conninfo_keywords() {
+        assert_eq!(
+            conninfo_keywords("host=a  Port = 5 password='x y\\' z' sslmode=require"),
+            ["host", "port", "password", "sslmode"]
+        );
+        assert_eq!(conninfo_keywords(""), Vec::<String>::new());
+        assert_eq!(conninfo_keywords("junk host=b"), ["host"]);
+        assert_eq!(conninfo_keywords("a='unterminated"), ["a"]);
+    }
+
+    #[test]
     fn accepts_valid_non_default_modes() {
         let existing = json!({"init_mode": "existing", "existing_config": {"keeper_uid": "k1"}});
         assert!(ClusterSpec::from_json_value(&existing).is_ok());
@@ -975,6 +1134,16 @@ mod tests {
             "standby_config": {"standby_settings": {"primary_conninfo": "host=remote"}},
         });
         assert!(ClusterSpec::from_json_value(&standby).is_ok());
+        // A new standby cluster clones its external primary.
+        let cloned = json!({
+            "role": "standby",
+            "standby_config": {"standby_settings": {
+                "primary_host": "site-a.example", "primary_port": 5432, "user": "repl",
+                "password_file": "/etc/tendril/site-a.pw", "sslmode": "verify-full",
+                "primary_conninfo": "sslrootcert='/etc/ssl/site a.pem'",
+                "primary_slot_name": "site_b", "recovery_min_apply_delay": "5min"}},
+        });
+        assert!(ClusterSpec::from_json_value(&cloned).is_ok());
         let zero_min = json!({"synchronous_replication": true, "min_synchronous_standbys": 0});
         assert!(ClusterSpec::from_json_value(&zero_min).is_ok());
     }

@@ -148,7 +148,7 @@ pub async fn run(s: &Settings) -> Result<Outcome, String> {
         spec: default_spec(s.sync),
         partitionable: false,
         isolated: true,
-        wait_healthy: true,
+        ..Options::default()
     })
     .await;
     let _ = cluster_dir.set(cluster.dir.path().to_path_buf());

@@ -5,12 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use tendril_control_model::{ClusterData, Db, DbInitMode};
+use tendril_control_model::{ClusterData, Db, DbInitMode, FollowConfig};
 use tendril_control_store::Store;
 
 use super::{Keeper, followed_endpoint, read_postgresql_conf};
 use crate::KeeperError;
 use crate::datadir::DbState;
+use crate::pgconf;
 use crate::sql;
 
 /// First delay before a failed restore from a backup is tried again; it doubles each time.
@@ -62,14 +63,24 @@ impl<S: Store> Keeper<S> {
                     return Err(KeeperError::Postgres(error));
                 }
                 self.restore_backoff = None;
-                tracing::info!(db = %db.uid, "point-in-time recovery done: accepting writes");
+                if db.spec.is_standby_leader() {
+                    tracing::info!(db = %db.uid, "backup restored: following the external primary");
+                } else {
+                    tracing::info!(db = %db.uid, "point-in-time recovery done: accepting writes");
+                }
                 return Ok(());
             }
             DbInitMode::Existing => {
                 if !self.data.pgdata_initialised() {
                     return Err(KeeperError::DataVanished(self.data.pgdata()));
                 }
-                tracing::info!(db = %db.uid, "adopting the existing data directory");
+                let leader = db.spec.is_standby_leader();
+                if leader && !self.data.pgdata().join("standby.signal").exists() {
+                    // Adopting a primary as a standby cluster's leader would need a rewind
+                    // onto the external primary at best, a fork at worst: refused.
+                    return Err(KeeperError::NotAStandby(db.uid.clone()));
+                }
+                tracing::info!(db = %db.uid, leader, "adopting the existing data directory");
                 self.pg.stop().await?;
                 let init = read_postgresql_conf(&self.data.pgdata().join("postgresql.conf"));
                 self.db_state = DbState {
@@ -80,8 +91,11 @@ impl<S: Store> Keeper<S> {
                 };
                 self.write_config(cd, db)?;
                 self.pg.start(cd.spec.db_wait_ready_timeout).await?;
-                let client = self.pg.connect(cd.spec.request_timeout).await?;
-                self.setup_roles(&client).await?;
+                // A standby is read-only: its roles are the external primary's.
+                if !leader {
+                    let client = self.pg.connect(cd.spec.request_timeout).await?;
+                    self.setup_roles(&client).await?;
+                }
                 self.data.save_db_state(&self.db_state)?;
                 return Ok(());
             }
@@ -89,6 +103,7 @@ impl<S: Store> Keeper<S> {
         }
         self.set_initializing(db)?;
         match db.spec.init_mode {
+            DbInitMode::New if db.spec.is_standby_leader() => self.clone_external(cd, db).await?,
             DbInitMode::New => self.init_new(cd, db).await?,
             _ => self.resync(cd, db).await?,
         }
@@ -139,6 +154,34 @@ impl<S: Store> Keeper<S> {
         self.setup_roles(&client).await
     }
 
+    /// A new standby cluster's leader: a base backup of the external primary, then streaming
+    /// from it. The clone's configuration and roles are the primary's: this cluster's spec
+    /// decides the configuration, and the roles stay (a standby cannot change them).
+    async fn clone_external(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
+        let Some(FollowConfig::External {
+            standby_settings: Some(settings),
+            ..
+        }) = &db.spec.follow
+        else {
+            return Err(KeeperError::Spec(format!(
+                "database {} leads a standby cluster without standby_config.standby_settings",
+                db.uid
+            )));
+        };
+        let primary = self.external_primary(db, settings)?;
+        let conninfo = pgconf::conninfo(&primary.pairs, &settings.primary_conninfo);
+        self.pg.stop().await?;
+        self.wipe_pgdata()?;
+        self.pg.prepare_dirs(true)?;
+        tracing::info!(db = %db.uid, %conninfo, "new standby cluster: base backup of the external primary");
+        self.pg
+            .base_backup_from(&conninfo, &primary.password)
+            .await?;
+        self.db_state.init_pg_parameters = None;
+        self.make_standby(cd, db)?;
+        self.pg.start(RECOVERY_WAIT).await
+    }
+
     /// Point-in-time recovery (see [`crate::pitr`]). While it runs, PostgreSQL admits local
     /// connections only, without a password (the restored roles may have other passwords
     /// than this cluster's; the socket directory is postgres' own), and no other host.
@@ -164,6 +207,16 @@ impl<S: Store> Keeper<S> {
         // The restored configuration is the source cluster's (its archive_command among
         // others): this cluster's spec alone decides.
         self.db_state.init_pg_parameters = None;
+        if db.spec.is_standby_leader() {
+            // A standby cluster restored from a backup: it catches up from the archive and
+            // streams from the external primary, in recovery for good. Its roles are the
+            // primary's (read-only here).
+            self.make_standby(cd, db)?;
+            tracing::info!(db = %db.uid, "restored: following the external primary");
+            self.pg.start(RECOVERY_WAIT).await?;
+            self.db_state.initializing = false;
+            return self.data.save_db_state(&self.db_state);
+        }
         self.write_config(cd, db)?;
         self.pg
             .write_file(&pgdata.join("pg_hba.conf"), b"local all all trust\n")?;

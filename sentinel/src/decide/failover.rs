@@ -292,18 +292,11 @@ pub(super) fn promote(ctx: &mut Ctx<'_>, old: &str, new: &str, why: &str) {
         if db.uid == new {
             db.spec.role = DbRole::Master;
             db.spec.init_mode = DbInitMode::None;
+            // A standby cluster's new leader keeps following the external primary: nothing
+            // is promoted (`tendrilctl promote` alone makes it writable).
             db.spec.follow = match cluster_role {
                 ClusterRole::Master => None,
-                ClusterRole::Standby => {
-                    ctx.cd
-                        .spec
-                        .standby_config
-                        .as_ref()
-                        .map(|c| FollowConfig::External {
-                            standby_settings: c.standby_settings.clone(),
-                            archive_recovery_settings: c.archive_recovery_settings.clone(),
-                        })
-                }
+                ClusterRole::Standby => Some(FollowConfig::external(&ctx.cd.spec)),
             };
             // Until one of them follows the new master and catches up, commits wait; with none
             // at all, the placeholder keeps them waiting (minimum permitting).
@@ -326,10 +319,19 @@ pub(super) fn promote(ctx: &mut Ctx<'_>, old: &str, new: &str, why: &str) {
         }
     }
     ctx.cd.master = Some(new.to_owned());
-    ctx.event(
-        "promote",
-        format!("{why}: promoting {new} on keeper {keeper} (at {xlog})"),
-    );
+    match cluster_role {
+        ClusterRole::Master => ctx.event(
+            "promote",
+            format!("{why}: promoting {new} on keeper {keeper} (at {xlog})"),
+        ),
+        ClusterRole::Standby => ctx.event(
+            "new leader",
+            format!(
+                "{why}: {new} on keeper {keeper} (at {xlog}) becomes the standby leader, \
+                 following the external primary"
+            ),
+        ),
+    }
 }
 
 /// Publishes the master to the proxies once it is writable and every live proxy has seen the
@@ -344,13 +346,15 @@ pub(super) fn publish(ctx: &mut Ctx<'_>, master: &str) {
     }
     let same_db = current.as_ref().is_some_and(|r| r.db_uid == route.db_uid);
     if !same_db {
-        // A new route: only to a converged, writable master, and only after every live proxy
+        // A new route: only to a converged, writable master (a standby cluster's leader: in
+        // recovery, following the external primary), and only after every live proxy
         // acknowledged the fence.
-        let writable = ctx.converged(master)
+        let leader = ctx.cd.dbs[master].spec.is_standby_leader();
+        let ready = ctx.converged(master)
             && ctx
                 .db_state(master)
-                .is_some_and(|s| s.healthy && !s.in_recovery);
-        if !writable || !unacknowledged(ctx).is_empty() {
+                .is_some_and(|s| s.healthy && s.in_recovery == leader);
+        if !ready || !unacknowledged(ctx).is_empty() {
             return;
         }
     }

@@ -1,7 +1,7 @@
 //! Phase `initializing`: creating the cluster's first master.
 
 use tendril_control_model::{
-    ClusterPhase, ClusterRole, Db, DbInitMode, DbRole, DbSpec, Generation, InitMode,
+    ClusterPhase, ClusterRole, Db, DbInitMode, DbRole, DbSpec, FollowConfig, Generation, InitMode,
 };
 
 use super::Ctx;
@@ -13,7 +13,14 @@ pub(super) fn initialize(ctx: &mut Ctx<'_>) {
         None => create_master(ctx, mode),
         Some(master) => {
             record_init_error(ctx, &master);
-            if ctx.good(&master) && ctx.db_state(&master).is_some_and(|s| !s.in_recovery) {
+            // Initialised: a master accepts writes; a standby cluster's leader replicates
+            // from the external primary (in recovery, for good).
+            let leader = ctx.cd.dbs[&master].spec.is_standby_leader();
+            if ctx.good(&master)
+                && ctx
+                    .db_state(&master)
+                    .is_some_and(|s| s.in_recovery == leader)
+            {
                 finish(ctx, &master);
             } else if ctx.convergence_failed(&master) {
                 let keeper = ctx.cd.dbs[&master].spec.keeper_uid.clone();
@@ -55,16 +62,6 @@ fn record_init_error(ctx: &mut Ctx<'_>, master: &str) {
 }
 
 fn create_master(ctx: &mut Ctx<'_>, mode: InitMode) {
-    // A standby cluster's first database must follow its external primary and never end
-    // recovery; what init builds here is a master. Until standby clusters exist, nothing
-    // is initialised rather than a second writable primary.
-    if ctx.cd.spec.role == ClusterRole::Standby {
-        ctx.event(
-            "waiting",
-            "a standby cluster (role standby) cannot be initialised yet: nothing is initialised",
-        );
-        return;
-    }
     let keeper = match mode {
         InitMode::New | InitMode::Pitr => {
             // The first healthy keeper allowed to be master, in uid order (deterministic, so
@@ -114,6 +111,10 @@ fn create_master(ctx: &mut Ctx<'_>, mode: InitMode) {
         spec: DbSpec {
             keeper_uid: keeper.clone(),
             role: DbRole::Master,
+            // A standby cluster's leader follows the external primary from the start: cloned
+            // from it (init mode new), restored from a backup and then following it (pitr), or
+            // an adopted standby of it (existing), it never ends recovery.
+            follow: (spec.role == ClusterRole::Standby).then(|| FollowConfig::external(spec)),
             init_mode: match mode {
                 InitMode::Existing => DbInitMode::Existing,
                 InitMode::Pitr => DbInitMode::Pitr,
@@ -130,10 +131,14 @@ fn create_master(ctx: &mut Ctx<'_>, mode: InitMode) {
     };
     ctx.cd.dbs.insert(uid.clone(), db);
     ctx.cd.master = Some(uid.clone());
+    let what = match spec.role {
+        ClusterRole::Master => "master",
+        ClusterRole::Standby => "standby leader (following the external primary)",
+    };
     ctx.event(
         "init",
         format!(
-            "initialising the first master {uid} on keeper {keeper} (init mode {})",
+            "initialising the first {what} {uid} on keeper {keeper} (init mode {})",
             mode.as_str()
         ),
     );
@@ -159,8 +164,13 @@ fn finish(ctx: &mut Ctx<'_>, master: &str) {
         }
     }
     ctx.cd.phase = ClusterPhase::Normal;
+    let what = if ctx.cd.dbs[master].spec.is_standby_leader() {
+        "standby leader"
+    } else {
+        "master"
+    };
     ctx.event(
         "initialised",
-        format!("master {master} is initialised; the cluster is in phase normal"),
+        format!("{what} {master} is initialised; the cluster is in phase normal"),
     );
 }

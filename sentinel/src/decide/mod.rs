@@ -246,6 +246,11 @@ pub fn decide(cd: &ClusterData, obs: &Observations, mem: &mut Memory, now: Now) 
         ClusterPhase::Initializing => init::initialize(&mut ctx),
         ClusterPhase::Normal => normal(&mut ctx),
     }
+    if ctx.cd.phase == ClusterPhase::Normal
+        && let Some(master) = ctx.cd.master.clone()
+    {
+        follow_cluster_role(&mut ctx, &master);
+    }
     clear_force_fail(&mut ctx);
     propagate_spec(&mut ctx.cd);
     bump_generations(cd, &mut ctx.cd, now.wall);
@@ -291,7 +296,7 @@ fn normal(ctx: &mut Ctx<'_>) {
         failover::failover(ctx, &master, forced);
         return;
     }
-    if ctx.cd.spec.role == ClusterRole::Master && ctx.cd.dbs[&master].spec.stop {
+    if ctx.cd.dbs[&master].spec.stop {
         // A master left stopped by an abandoned switchover runs again.
         if let Some(d) = ctx.cd.dbs.get_mut(&master) {
             d.spec.stop = false;
@@ -300,6 +305,35 @@ fn normal(ctx: &mut Ctx<'_>) {
     failover::publish(ctx, &master);
     if ctx.good(&master) {
         standbys::manage(ctx, &master, None);
+    }
+}
+
+/// The master follows the external primary exactly while the cluster is a standby cluster,
+/// with the spec's current settings. The cluster's role turning to master (`tendrilctl
+/// promote`) is the one path that makes a standby leader writable: its keeper promotes it
+/// once it no longer follows anything.
+fn follow_cluster_role(ctx: &mut Ctx<'_>, master: &str) {
+    let wanted = match ctx.cd.spec.role {
+        ClusterRole::Master => None,
+        ClusterRole::Standby => Some(FollowConfig::external(&ctx.cd.spec)),
+    };
+    let Some(db) = ctx.cd.dbs.get_mut(master) else {
+        return;
+    };
+    if db.spec.follow == wanted {
+        return;
+    }
+    let was_leader = db.spec.is_standby_leader();
+    db.spec.follow = wanted;
+    if was_leader && db.spec.follow.is_none() {
+        let keeper = db.spec.keeper_uid.clone();
+        ctx.event(
+            "promote cluster",
+            format!(
+                "the cluster is now a master cluster: its standby leader {master} on keeper \
+                 {keeper} stops following the external primary and is promoted"
+            ),
+        );
     }
 }
 

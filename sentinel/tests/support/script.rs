@@ -219,8 +219,12 @@ impl World {
                     DbRole::Standby => "standby",
                 }
             );
-            if let Some(FollowConfig::Internal { db_uid }) = &s.follow {
-                let _ = write!(line, " follow={db_uid}");
+            match &s.follow {
+                Some(FollowConfig::Internal { db_uid }) => {
+                    let _ = write!(line, " follow={db_uid}");
+                }
+                Some(FollowConfig::External { .. }) => line.push_str(" follow=external"),
+                None => {}
             }
             let _ = write!(line, " gen={}", d.generation);
             if s.init_mode != DbInitMode::None {
@@ -340,8 +344,11 @@ impl World {
                         keeper_uid: kv("keeper").ok_or("db needs keeper=")?.to_owned(),
                         role,
                         init_mode: parse_init(kv("init").unwrap_or("none"))?,
-                        follow: kv("follow").map(|f| FollowConfig::Internal {
-                            db_uid: f.to_owned(),
+                        follow: kv("follow").map(|f| match f {
+                            "external" => FollowConfig::external(&self.cd.spec),
+                            _ => FollowConfig::Internal {
+                                db_uid: f.to_owned(),
+                            },
                         }),
                         followers: list(kv("followers")),
                         synchronous_replication: kv("sync").is_some(),

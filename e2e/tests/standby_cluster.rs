@@ -1,0 +1,367 @@
+//! Standby clusters: cluster B follows cluster A (an external primary, reached through A's
+//! proxy), both in one etcd under different names. Rows written on A reach B's standby
+//! leader and B's standby; B refuses writes. B's leader killed: B elects a new leader that
+//! keeps following A, on A's timeline, and the old one rejoins as its standby. A failed over:
+//! B follows A's new master across the timeline switch without re-initialising. `tendrilctl
+//! promote` on B: B accepts writes and holds every row A acknowledged before; A is untouched.
+//! And a standby adopted with `init_mode: existing` stays a standby.
+
+#![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tendril_control_model::FollowConfig;
+use tendril_e2e::{Cluster, Options, REPL_PASSWORD, connect, tuned_spec};
+use tokio_postgres::error::SqlState;
+
+/// A master's current timeline, from the name of its current WAL file.
+const TIMELINE: &str =
+    "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint";
+/// The timeline a standby receives.
+const RECEIVED_TIMELINE: &str =
+    "SELECT coalesce((SELECT received_tli FROM pg_stat_wal_receiver), 0)::bigint";
+
+/// A tuned spec for a standby cluster of the PostgreSQL at 127.0.0.1:`port`.
+fn standby_spec(port: u16, extra: serde_json::Value) -> String {
+    let mut spec: serde_json::Value = serde_json::from_str(&tuned_spec(false)).unwrap();
+    spec["role"] = "standby".into();
+    spec["standby_config"] = serde_json::json!({"standby_settings": {"primary_host": "127.0.0.1", "primary_port": port}});
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    spec.to_string()
+}
+
+/// Runs `sql` through the cluster's first proxy, connecting again while it refuses.
+async fn through_proxy(cluster: &Cluster, sql: &str) -> Result<i64, tokio_postgres::Error> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match connect("127.0.0.1", cluster.proxy_port()).await {
+            Ok(c) => {
+                let rows = c.simple_query(sql).await?;
+                return Ok(rows
+                    .iter()
+                    .find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => {
+                            r.get(0).and_then(|v| v.parse().ok())
+                        }
+                        _ => None,
+                    })
+                    .unwrap_or(0));
+            }
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Waits until every keeper of `cluster` sees `query` answer `expected`.
+async fn wait_everywhere(cluster: &Cluster, query: &str, expected: i64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = cluster.count_on_each(query).await;
+        if seen.values().all(|v| *v == Some(expected)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {query} is not {expected} on every keeper of {}: {seen:?}\n{}\n{}",
+            cluster.name,
+            cluster.describe().await,
+            cluster.logs_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The keeper running the cluster's master (its standby leader in a standby cluster).
+async fn leader(cluster: &Cluster) -> (String, String) {
+    let cd = cluster.cluster_data().await;
+    let m = cd.master_db().unwrap();
+    (m.spec.keeper_uid.clone(), m.uid.clone())
+}
+
+async fn query_on(cluster: &Cluster, keeper: &str, sql: &str) -> i64 {
+    let c = cluster.node(keeper).sql().await.unwrap();
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Waits until the standby leader on `keeper` receives timeline `tl`.
+async fn wait_received_timeline(cluster: &Cluster, keeper: &str, tl: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = query_on(cluster, keeper, RECEIVED_TIMELINE).await;
+        if seen == tl {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader on {keeper} receives timeline {seen}, not {tl}\n{}",
+            cluster.logs_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn assert_read_only(result: Result<i64, tokio_postgres::Error>, what: &str) {
+    let e = result.expect_err(what);
+    assert_eq!(
+        e.code(),
+        Some(&SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{what}: {e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() {
+    let mut a = Cluster::start(Options {
+        keepers: 2,
+        sentinels: 1,
+        proxies: 1,
+        spec: tuned_spec(true),
+        ..Options::default()
+    })
+    .await;
+    through_proxy(&a, "CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    through_proxy(&a, "INSERT INTO t SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
+
+    // B clones A through A's proxy (init mode new), and its standby clones B's leader.
+    let mut b = Cluster::start(Options {
+        keepers: 2,
+        sentinels: 1,
+        proxies: 1,
+        name: "e2e-b".into(),
+        etcd: Some(a.etcd()),
+        spec: standby_spec(a.proxy_port(), serde_json::json!({})),
+        ..Options::default()
+    })
+    .await;
+    through_proxy(&a, "INSERT INTO t SELECT generate_series(101, 200)")
+        .await
+        .unwrap();
+    wait_everywhere(&b, "SELECT count(*) FROM t", 200, "rows written on A").await;
+    assert_read_only(
+        through_proxy(&b, "INSERT INTO t VALUES (-1)").await,
+        "a write through B's proxy",
+    );
+    let status = String::from_utf8(b.ctl(&["status"]).stdout).unwrap();
+    let following = format!(
+        "standby cluster: follows the external primary 127.0.0.1:{}",
+        a.proxy_port()
+    );
+    assert!(status.contains(&following), "{status}");
+    assert!(status.contains("standby leader"), "{status}");
+    let a_timeline = through_proxy(&a, TIMELINE).await.unwrap();
+
+    // B's leader dies: B elects a new one, which keeps following A (no promotion: the
+    // same timeline as A's), and the old one rejoins as its standby.
+    let (old_leader, _) = leader(&b).await;
+    b.node_mut(&old_leader).crash();
+    let new_leader = b
+        .wait_new_master(&old_leader, Duration::from_secs(60))
+        .await;
+    through_proxy(&a, "INSERT INTO t SELECT generate_series(201, 300)")
+        .await
+        .unwrap();
+    b.node_mut(&old_leader).keeper.start();
+    b.wait_healthy(2, Duration::from_secs(90)).await;
+    wait_everywhere(
+        &b,
+        "SELECT count(*) FROM t",
+        300,
+        "rows written on A after B's failover",
+    )
+    .await;
+    wait_received_timeline(&b, &new_leader, a_timeline).await;
+    let cd = b.cluster_data().await;
+    assert!(
+        cd.master_db()
+            .is_some_and(|m| matches!(m.spec.follow, Some(FollowConfig::External { .. }))),
+        "{cd:?}"
+    );
+    assert_read_only(
+        through_proxy(&b, "INSERT INTO t VALUES (-1)").await,
+        "a write through B's proxy after B's failover",
+    );
+
+    // A fails over (its master's host dies): B follows A's new master across the timeline
+    // switch, without re-initialising its leader.
+    let (_, b_leader_db) = leader(&b).await;
+    let a_master = a.master_keeper().await.unwrap();
+    a.node_mut(&a_master).crash();
+    a.wait_new_master(&a_master, Duration::from_secs(60)).await;
+    // The old master rejoins: A's synchronous commits need a standby.
+    a.node_mut(&a_master).keeper.start();
+    through_proxy(&a, "INSERT INTO t SELECT generate_series(301, 400)")
+        .await
+        .unwrap();
+    let a_new_timeline = through_proxy(&a, TIMELINE).await.unwrap();
+    assert!(
+        a_new_timeline > a_timeline,
+        "A's failover did not switch timelines"
+    );
+    wait_everywhere(
+        &b,
+        "SELECT count(*) FROM t",
+        400,
+        "rows written on A after A's failover",
+    )
+    .await;
+    let (b_leader, b_leader_db_now) = leader(&b).await;
+    assert_eq!(
+        b_leader_db_now, b_leader_db,
+        "B's leader was re-initialised"
+    );
+    wait_received_timeline(&b, &b_leader, a_new_timeline).await;
+
+    // Promote B: it accepts writes, holds all of A's rows, and A is untouched.
+    let out = b.ctl(&["promote"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.wait_cd(
+        "B's leader no longer follows A",
+        Duration::from_secs(30),
+        |cd| cd.master_db().is_some_and(|m| m.spec.follow.is_none()),
+    )
+    .await;
+    b.wait_healthy(2, Duration::from_secs(60)).await;
+    through_proxy(&b, "INSERT INTO t VALUES (1000000)")
+        .await
+        .unwrap();
+    wait_everywhere(&b, "SELECT count(*) FROM t", 401, "B after its promotion").await;
+    assert_eq!(
+        through_proxy(&b, "SELECT count(*) FROM t WHERE id <= 400")
+            .await
+            .unwrap(),
+        400
+    );
+    through_proxy(&a, "INSERT INTO t VALUES (401)")
+        .await
+        .unwrap();
+    assert_eq!(
+        through_proxy(&a, "SELECT count(*) FROM t WHERE id = 1000000")
+            .await
+            .unwrap(),
+        0,
+        "B's write reached A"
+    );
+    let cd = b.cluster_data().await;
+    assert!(
+        cd.events.iter().any(|e| e.kind == "promote cluster"),
+        "{:?}",
+        cd.events
+    );
+    let status = String::from_utf8(b.ctl(&["status"]).stdout).unwrap();
+    assert!(!status.contains("standby cluster"), "{status}");
+    // A is not a standby cluster: promoting it is refused.
+    let out = a.ctl(&["promote"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a standby cluster"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Gives `path` and everything under it to the postgres OS user.
+fn chown_postgres(path: &Path) {
+    let user = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+    std::os::unix::fs::chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw())).unwrap();
+    if path.is_dir() && !path.is_symlink() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            chown_postgres(&entry.unwrap().path());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_standby_of_a_standby_cluster_is_never_promoted() {
+    let a = Cluster::start(Options {
+        keepers: 1,
+        sentinels: 1,
+        proxies: 1,
+        spec: tuned_spec(false),
+        ..Options::default()
+    })
+    .await;
+    through_proxy(&a, "CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    through_proxy(&a, "INSERT INTO t SELECT generate_series(1, 10)")
+        .await
+        .unwrap();
+    let spec = standby_spec(
+        a.proxy_port(),
+        serde_json::json!({"init_mode": "existing", "existing_config": {"keeper_uid": "k0"}}),
+    );
+    let mut c = Cluster::start(Options {
+        keepers: 0,
+        sentinels: 1,
+        proxies: 1,
+        name: "e2e-c".into(),
+        etcd: Some(a.etcd()),
+        spec,
+        wait_healthy: false,
+        ..Options::default()
+    })
+    .await;
+    // A standby of A made by hand, as an operator would have one already.
+    let root = c.dir.path().join("k0");
+    let pgdata = root.join("postgres");
+    std::fs::create_dir_all(&root).unwrap();
+    let master = a.node("k0");
+    let out = std::process::Command::new(format!("{}/pg_basebackup", tendril_testkit::PG_BIN))
+        .args(["-D", pgdata.to_str().unwrap(), "-R", "-X", "stream", "-h"])
+        .arg(master.address.to_string())
+        .args([
+            "-p",
+            &master.port.to_string(),
+            "-U",
+            "repl",
+            "--no-password",
+        ])
+        .env("PGPASSWORD", REPL_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(pgdata.join("standby.signal").exists());
+    chown_postgres(&pgdata);
+    std::fs::set_permissions(&pgdata, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    c.add_keeper("k0");
+    c.wait_healthy(1, Duration::from_secs(90)).await;
+    through_proxy(&a, "INSERT INTO t SELECT generate_series(11, 20)")
+        .await
+        .unwrap();
+    wait_everywhere(&c, "SELECT count(*) FROM t", 20, "rows written on A").await;
+    // Several sentinel and keeper loops later it is still a standby.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        query_on(&c, "k0", "SELECT pg_is_in_recovery()::int::bigint").await,
+        1,
+        "the adopted standby was promoted"
+    );
+    assert_read_only(
+        through_proxy(&c, "INSERT INTO t VALUES (-1)").await,
+        "a write through C's proxy",
+    );
+    let cd = c.cluster_data().await;
+    assert!(
+        !cd.events.iter().any(|e| e.kind.starts_with("promote")),
+        "{:?}",
+        cd.events
+    );
+}
