@@ -190,17 +190,53 @@ async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() 
         "a write through B's proxy after B's failover",
     );
 
-    // A fails over (its master's host dies): B follows A's new master across the timeline
-    // switch, without re-initialising its leader.
+    // A fails over to a standby that has less WAL than B's leader. A's standby is paused;
+    // A's master commits rows locally (synchronous_commit = local: never acknowledged by a
+    // synchronous standby, so A may lose them), which B's leader receives; A's master host
+    // dies; the standby's WAL receiver dies with what it had not read, and the standby
+    // resumes and is promoted. A's new timeline forks before B's leader's position: B's
+    // leader is rewound onto it (the same database, not re-initialised) and follows A again,
+    // and the rows A lost are gone from B as well.
     let (_, b_leader_db) = leader(&b).await;
     let a_master = a.master_keeper().await.unwrap();
+    let a_standby = a
+        .keeper_uids()
+        .into_iter()
+        .find(|k| *k != a_master)
+        .unwrap();
+    a.node(&a_standby).pause_postgres();
+    a.node(&a_master)
+        .sql()
+        .await
+        .unwrap()
+        .batch_execute(
+            "SET synchronous_commit = local; INSERT INTO t SELECT generate_series(10001, 10010)",
+        )
+        .await
+        .unwrap();
+    let (b_leader, _) = leader(&b).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while query_on(&b, &b_leader, "SELECT count(*) FROM t WHERE id > 10000").await != 10 {
+        assert!(
+            Instant::now() < deadline,
+            "B's leader did not receive the local commits"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     a.node_mut(&a_master).crash();
+    kill_wal_receiver(a.node(&a_standby).postmaster_pid().unwrap());
+    a.node(&a_standby).thaw();
     a.wait_new_master(&a_master, Duration::from_secs(60)).await;
     // The old master rejoins: A's synchronous commits need a standby.
     a.node_mut(&a_master).keeper.start();
     through_proxy(&a, "INSERT INTO t SELECT generate_series(301, 400)")
         .await
         .unwrap();
+    assert_eq!(
+        through_proxy(&a, "SELECT count(*) FROM t").await.unwrap(),
+        400,
+        "A's new master holds the local commits: the test made no fork"
+    );
     let a_new_timeline = through_proxy(&a, TIMELINE).await.unwrap();
     assert!(
         a_new_timeline > a_timeline,
@@ -219,6 +255,13 @@ async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() 
         "B's leader was re-initialised"
     );
     wait_received_timeline(&b, &b_leader, a_new_timeline).await;
+    assert!(
+        b.node(&b_leader)
+            .keeper
+            .log_text()
+            .contains("rewinding onto timeline"),
+        "B's leader followed without a rewind: the test made no fork"
+    );
 
     // Promote B: it accepts writes, holds all of A's rows, and A is untouched.
     let out = b.ctl(&["promote"]);
@@ -270,6 +313,25 @@ async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() 
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// SIGKILL to the WAL receiver among the children of `postmaster` (stopped or not): what
+/// it had not read from its socket is lost, as in a crash of its host.
+fn kill_wal_receiver(postmaster: i32) {
+    let receiver = tendril_testkit::processes()
+        .into_iter()
+        .filter(|(_, ppid)| *ppid == postmaster)
+        .map(|(pid, _)| pid)
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("walreceiver"))
+        })
+        .expect("a WAL receiver");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(receiver),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
 }
 
 /// Gives `path` and everything under it to the postgres OS user.

@@ -35,6 +35,7 @@ use crate::switchover::IdleSessionCloser;
 /// TTL of the lease the keeper's report lives under. The sentinel judges liveness by the
 /// report's freshness over `fail_interval`; the lease only removes reports of keepers gone.
 mod init;
+mod leader;
 
 const REPORT_LEASE_TTL: Duration = Duration::from_secs(10);
 
@@ -84,6 +85,9 @@ pub struct Keeper<S> {
     /// After a failed restore from a backup: when to try again, the delay, and the error
     /// (repeated meanwhile, so the report does not change).
     restore_backoff: Option<(Instant, Duration, String)>,
+    /// A standby cluster's leader not streaming from its external primary: since when, or
+    /// since the last check of whether it can follow at all (see [`leader`]).
+    leader_stalled: Option<Instant>,
     /// What the HTTP endpoints answer from (see [`crate::health`]).
     health: Arc<std::sync::Mutex<health::Snapshot>>,
 }
@@ -149,6 +153,7 @@ impl<S: Store> Keeper<S> {
             last_fence: None,
             idle_closer: None,
             restore_backoff: None,
+            leader_stalled: None,
             guard: None,
             health,
         })
@@ -510,6 +515,11 @@ impl<S: Store> Keeper<S> {
             self.idle_closer = None;
         }
         let probe = sql::within(limit, "probe", sql::probe(&client)).await?;
+        if leader {
+            self.follow_external_primary(&cd, &db, &probe).await?;
+        } else {
+            self.leader_stalled = None;
+        }
         if probe.pending_restart {
             if cd.spec.automatic_pg_restart {
                 tracing::info!(db = %db.uid, "a changed parameter needs a restart; restarting");

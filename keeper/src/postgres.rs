@@ -508,6 +508,48 @@ impl Postgres {
             .map(|_| ())
     }
 
+    /// Runs `sql` with psql on the server `conninfo` names (libpq does its TLS, whatever
+    /// the `sslmode`); the password goes in the environment. Returns psql's unaligned,
+    /// tuples-only output.
+    pub async fn query_conninfo(
+        &self,
+        conninfo: &str,
+        password: &str,
+        sql: &str,
+    ) -> Result<String, KeeperError> {
+        let args = [
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            conninfo,
+            "-c",
+            sql,
+        ];
+        let env = [("PGPASSWORD", password), ("PGCONNECT_TIMEOUT", "5")];
+        self.run_tool("psql", &args, &env, Some(Duration::from_secs(30)))
+            .await
+    }
+
+    /// Rewinds PGDATA onto the timeline of the server `conninfo` names (as a superuser;
+    /// the password goes in the environment).
+    pub async fn rewind_from(&self, conninfo: &str, password: &str) -> Result<(), KeeperError> {
+        // A just-promoted source still says the old timeline in its control file until its
+        // first checkpoint, and pg_rewind would then see nothing to rewind.
+        self.query_conninfo(conninfo, password, "CHECKPOINT")
+            .await?;
+        let pgdata = self.pgdata.to_string_lossy().into_owned();
+        let source_server = format!("--source-server={conninfo}");
+        let args = ["-D", &pgdata, &source_server];
+        let env = [("PGPASSWORD", password)];
+        self.run_tool("pg_rewind", &args, &env, Some(Duration::from_secs(600)))
+            .await
+            .map(|_| ())
+    }
+
     /// Rewinds PGDATA onto `source`'s timeline.
     pub async fn rewind(&self, source: &Endpoint) -> Result<(), KeeperError> {
         let pgdata = self.pgdata.to_string_lossy().into_owned();

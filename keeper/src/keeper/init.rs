@@ -113,7 +113,7 @@ impl<S: Store> Keeper<S> {
         Ok(())
     }
 
-    fn set_initializing(&mut self, db: &Db) -> Result<(), KeeperError> {
+    pub(super) fn set_initializing(&mut self, db: &Db) -> Result<(), KeeperError> {
         self.db_state = DbState {
             uid: db.uid.clone(),
             generation: tendril_control_model::Generation::NONE,
@@ -157,7 +157,11 @@ impl<S: Store> Keeper<S> {
     /// A new standby cluster's leader: a base backup of the external primary, then streaming
     /// from it. The clone's configuration and roles are the primary's: this cluster's spec
     /// decides the configuration, and the roles stay (a standby cannot change them).
-    async fn clone_external(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
+    pub(super) async fn clone_external(
+        &mut self,
+        cd: &ClusterData,
+        db: &Db,
+    ) -> Result<(), KeeperError> {
         let Some(FollowConfig::External {
             standby_settings: Some(settings),
             ..
@@ -346,7 +350,7 @@ impl<S: Store> Keeper<S> {
         }
     }
 
-    fn make_standby(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
+    pub(super) fn make_standby(&mut self, cd: &ClusterData, db: &Db) -> Result<(), KeeperError> {
         let signal = self.data.pgdata().join("standby.signal");
         self.pg.write_file(&signal, b"")?;
         // Drop recovery leftovers a rewind or a backup may carry.
