@@ -263,7 +263,9 @@ async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() 
         "B's leader followed without a rewind: the test made no fork"
     );
 
-    // Promote B: it accepts writes, holds all of A's rows, and A is untouched.
+    // Promote B: it accepts writes, holds all of A's rows, and A is untouched. A session
+    // opened through B's proxy before stays open and can write after.
+    let session = connect("127.0.0.1", b.proxy_port()).await.unwrap();
     let out = b.ctl(&["promote"]);
     assert!(
         out.status.success(),
@@ -280,7 +282,11 @@ async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() 
     through_proxy(&b, "INSERT INTO t VALUES (1000000)")
         .await
         .unwrap();
-    wait_everywhere(&b, "SELECT count(*) FROM t", 401, "B after its promotion").await;
+    session
+        .batch_execute("INSERT INTO t VALUES (1000001)")
+        .await
+        .unwrap();
+    wait_everywhere(&b, "SELECT count(*) FROM t", 402, "B after its promotion").await;
     assert_eq!(
         through_proxy(&b, "SELECT count(*) FROM t WHERE id <= 400")
             .await
@@ -291,7 +297,7 @@ async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() 
         .await
         .unwrap();
     assert_eq!(
-        through_proxy(&a, "SELECT count(*) FROM t WHERE id = 1000000")
+        through_proxy(&a, "SELECT count(*) FROM t WHERE id >= 1000000")
             .await
             .unwrap(),
         0,
@@ -426,4 +432,85 @@ async fn an_adopted_standby_of_a_standby_cluster_is_never_promoted() {
         "{:?}",
         cd.events
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_cluster_restored_from_a_backup_then_streams() {
+    use tendril_e2e::pgbackrest::{Repository, archiving_cluster, archiving_spec};
+    let repo = Repository::create();
+    let (a, master) = archiving_cluster(&repo, archiving_spec(&repo, serde_json::json!({}))).await;
+    through_proxy(&a, "CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    through_proxy(&a, "INSERT INTO t SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
+    // The rows are in the archive (a backup taken before them, their WAL archived after).
+    repo.run(&a, &master, "check");
+    let archive = serde_json::json!({
+        "restore_command": format!("{} --pg1-path=\"$PWD\" archive-get %f \"%p\"", repo.command()),
+    });
+    let spec = standby_spec(
+        a.proxy_port(),
+        serde_json::json!({
+            "init_mode": "pitr",
+            "pitr_config": {
+                "data_restore_command": format!("{} --pg1-path=%d restore", repo.command()),
+                "archive_recovery_settings": archive,
+            },
+        }),
+    );
+    let mut spec: serde_json::Value = serde_json::from_str(&spec).unwrap();
+    spec["standby_config"]["archive_recovery_settings"] = archive.clone();
+    let b = Cluster::start(Options {
+        keepers: 1,
+        sentinels: 1,
+        proxies: 1,
+        name: "e2e-b".into(),
+        etcd: Some(a.etcd()),
+        spec: spec.to_string(),
+        ..Options::default()
+    })
+    .await;
+    wait_everywhere(
+        &b,
+        "SELECT count(*) FROM t",
+        100,
+        "rows restored from the backup",
+    )
+    .await;
+    // Then it streams from A.
+    through_proxy(&a, "INSERT INTO t SELECT generate_series(101, 200)")
+        .await
+        .unwrap();
+    wait_everywhere(
+        &b,
+        "SELECT count(*) FROM t",
+        200,
+        "rows written on A after the restore",
+    )
+    .await;
+    assert_eq!(
+        query_on(&b, "k0", "SELECT pg_is_in_recovery()::int::bigint").await,
+        1
+    );
+    assert_read_only(
+        through_proxy(&b, "INSERT INTO t VALUES (-1)").await,
+        "a write through B's proxy",
+    );
+    let cd = b.cluster_data().await;
+    assert!(
+        cd.events
+            .iter()
+            .any(|e| e.reason.contains("standby leader") && e.reason.contains("init mode pitr")),
+        "{:?}",
+        cd.events
+    );
+    let streaming = query_on(
+        &b,
+        "k0",
+        "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+    )
+    .await;
+    assert_eq!(streaming, 1, "B's leader does not stream from A");
 }

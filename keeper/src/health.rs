@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub cluster_master: Option<String>,
     /// The database the proxies route to.
     pub routed_master: Option<String>,
+    /// This keeper's database leads a standby cluster (follows the external primary).
+    pub standby_leader: bool,
     /// The master's WAL position as last reported to the cluster data.
     pub master_xlog_pos: Option<Lsn>,
     /// Standbys further behind than this (bytes) fail `/replica`.
@@ -64,6 +66,10 @@ impl Snapshot {
             .values()
             .find(|d| d.spec.keeper_uid == self.keeper_uid)
             .map(|d| (d.uid.clone(), d.spec.role));
+        self.standby_leader = cd
+            .dbs
+            .values()
+            .any(|d| d.spec.keeper_uid == self.keeper_uid && d.spec.is_standby_leader());
         self.cluster_master.clone_from(&cd.master);
         self.routed_master = cd.proxy.master.as_ref().map(|r| r.db_uid.clone());
         self.master_xlog_pos = cd
@@ -135,6 +141,12 @@ pub fn master(s: &Snapshot, now: SystemTime) -> Result<String, String> {
     }
     if s.routed_master.as_deref() != Some(mine) {
         return Err("the proxies are fenced from this master (a switchover or failover)".into());
+    }
+    if s.standby_leader {
+        return Err(format!(
+            "the standby leader of a standby cluster (database {mine}): read-only, following \
+             the external primary until `tendrilctl promote`"
+        ));
     }
     if pg.in_recovery {
         return Err("PostgreSQL is still in recovery".into());
@@ -396,6 +408,13 @@ mod tests {
         let mut promoting = s.clone();
         promoting.postgres = Some(pg(true));
         assert!(master(&promoting, NOW).unwrap_err().contains("recovery"));
+        let mut leader = promoting.clone();
+        leader.standby_leader = true;
+        assert!(
+            master(&leader, NOW)
+                .unwrap_err()
+                .contains("standby leader of a standby cluster")
+        );
         let later = NOW + Duration::from_secs(4);
         assert!(master(&s, later).unwrap_err().contains("last read 4s ago"));
         let mut self_fenced = s.clone();
