@@ -114,22 +114,31 @@ fn assert_read_only(result: Result<i64, tokio_postgres::Error>, what: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() {
-    let mut a = Cluster::start(Options {
-        keepers: 2,
+/// Cluster A, the primary: `keepers` keepers and a table `t` holding ids 1 to `rows`.
+async fn primary(keepers: usize, sync: bool, rows: i64) -> Cluster {
+    let a = Cluster::start(Options {
+        keepers,
         sentinels: 1,
         proxies: 1,
-        spec: tuned_spec(true),
+        spec: tuned_spec(sync),
         ..Options::default()
     })
     .await;
     through_proxy(&a, "CREATE TABLE t (id int PRIMARY KEY)")
         .await
         .unwrap();
-    through_proxy(&a, "INSERT INTO t SELECT generate_series(1, 100)")
-        .await
-        .unwrap();
+    through_proxy(
+        &a,
+        &format!("INSERT INTO t SELECT generate_series(1, {rows})"),
+    )
+    .await
+    .unwrap();
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() {
+    let mut a = primary(2, true, 100).await;
 
     // B clones A through A's proxy (init mode new), and its standby clones B's leader.
     let mut b = Cluster::start(Options {
@@ -353,20 +362,7 @@ fn chown_postgres(path: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adopted_standby_of_a_standby_cluster_is_never_promoted() {
-    let a = Cluster::start(Options {
-        keepers: 1,
-        sentinels: 1,
-        proxies: 1,
-        spec: tuned_spec(false),
-        ..Options::default()
-    })
-    .await;
-    through_proxy(&a, "CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
-    through_proxy(&a, "INSERT INTO t SELECT generate_series(1, 10)")
-        .await
-        .unwrap();
+    let a = primary(1, false, 10).await;
     let spec = standby_spec(
         a.proxy_port(),
         serde_json::json!({"init_mode": "existing", "existing_config": {"keeper_uid": "k0"}}),
