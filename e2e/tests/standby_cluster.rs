@@ -4,16 +4,21 @@
 //! keeps following A, on A's timeline, and the old one rejoins as its standby. A failed over:
 //! B follows A's new master across the timeline switch without re-initialising. `tendrilctl
 //! promote` on B: B accepts writes and holds every row A acknowledged before; A is untouched.
-//! And a standby adopted with `init_mode: existing` stays a standby.
+//! A running standby of a plain PostgreSQL adopted with `init_mode: existing` stays a
+//! standby. A standby cluster restored from a pgBackRest backup (`init_mode: pitr`) then
+//! streams from its primary.
 
 #![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
 
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tendril_control_model::FollowConfig;
-use tendril_e2e::{Cluster, Options, REPL_PASSWORD, connect, tuned_spec};
+use tendril_e2e::{Cluster, Options, REPL_PASSWORD, SU_PASSWORD, connect, tuned_spec};
+use tendril_testkit::{PG_BIN, PgServer};
 use tokio_postgres::error::SqlState;
 
 /// A master's current timeline, from the name of its current WAL file.
@@ -360,40 +365,65 @@ fn chown_postgres(path: &Path) {
     }
 }
 
+/// Runs `sql` on a plain PostgreSQL (trust authentication on loopback).
+async fn on_plain(pg: &PgServer, sql: &str) {
+    connect("127.0.0.1", pg.port())
+        .await
+        .unwrap()
+        .batch_execute(sql)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_adopted_standby_of_a_standby_cluster_is_never_promoted() {
-    let a = primary(1, false, 10).await;
+async fn a_running_standby_of_a_plain_postgresql_adopted_is_never_promoted() {
+    // The external primary is a plain PostgreSQL, with the roles the standby cluster's
+    // keepers log in with (its standbys replicate them).
+    let primary = PgServer::start();
+    on_plain(
+        &primary,
+        &format!(
+            "ALTER ROLE postgres PASSWORD '{SU_PASSWORD}'; \
+             CREATE ROLE repl LOGIN REPLICATION PASSWORD '{REPL_PASSWORD}'; \
+             CREATE TABLE t (id int PRIMARY KEY); \
+             INSERT INTO t SELECT generate_series(1, 10)"
+        ),
+    )
+    .await;
+    // A standby replays nothing that needs more than its own settings: the primary runs
+    // with max_connections 200, so the standby cluster does too.
     let spec = standby_spec(
-        a.proxy_port(),
-        serde_json::json!({"init_mode": "existing", "existing_config": {"keeper_uid": "k0"}}),
+        primary.port(),
+        serde_json::json!({
+            "init_mode": "existing",
+            "existing_config": {"keeper_uid": "k0"},
+            "pg_parameters": {"max_connections": "200"},
+        }),
     );
     let mut c = Cluster::start(Options {
         keepers: 0,
         sentinels: 1,
         proxies: 1,
         name: "e2e-c".into(),
-        etcd: Some(a.etcd()),
         spec,
         wait_healthy: false,
         ..Options::default()
     })
     .await;
-    // A standby of A made by hand, as an operator would have one already.
+    // A running standby of the primary, made by hand, as an operator would have one.
     let root = c.dir.path().join("k0");
     let pgdata = root.join("postgres");
     std::fs::create_dir_all(&root).unwrap();
-    let master = a.node("k0");
-    let out = std::process::Command::new(format!("{}/pg_basebackup", tendril_testkit::PG_BIN))
-        .args(["-D", pgdata.to_str().unwrap(), "-R", "-X", "stream", "-h"])
-        .arg(master.address.to_string())
+    let out = Command::new(format!("{PG_BIN}/pg_basebackup"))
+        .args(["-D", pgdata.to_str().unwrap(), "-R", "-X", "stream"])
         .args([
+            "-h",
+            "127.0.0.1",
             "-p",
-            &master.port.to_string(),
+            &primary.port().to_string(),
             "-U",
             "repl",
-            "--no-password",
         ])
-        .env("PGPASSWORD", REPL_PASSWORD)
         .output()
         .unwrap();
     assert!(
@@ -404,13 +434,38 @@ async fn an_adopted_standby_of_a_standby_cluster_is_never_promoted() {
     assert!(pgdata.join("standby.signal").exists());
     chown_postgres(&pgdata);
     std::fs::set_permissions(&pgdata, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let postgres = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+    let options = format!(
+        "-c listen_addresses='' -c max_connections=200 -k {}",
+        pgdata.display()
+    );
+    let out = Command::new(format!("{PG_BIN}/pg_ctl"))
+        .uid(postgres.uid.as_raw())
+        .gid(postgres.gid.as_raw())
+        .arg("-D")
+        .arg(&pgdata)
+        .args(["-o", &options, "-l"])
+        .arg(pgdata.join("startup.log"))
+        .args(["-w", "start"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
+    // The keeper stops it, writes the cluster's configuration and runs it as the leader.
     c.add_keeper("k0");
     c.wait_healthy(1, Duration::from_secs(90)).await;
-    through_proxy(&a, "INSERT INTO t SELECT generate_series(11, 20)")
-        .await
-        .unwrap();
-    wait_everywhere(&c, "SELECT count(*) FROM t", 20, "rows written on A").await;
+    on_plain(&primary, "INSERT INTO t SELECT generate_series(11, 20)").await;
+    wait_everywhere(
+        &c,
+        "SELECT count(*) FROM t",
+        20,
+        "rows written on the primary",
+    )
+    .await;
     // Several sentinel and keeper loops later it is still a standby.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -428,6 +483,12 @@ async fn an_adopted_standby_of_a_standby_cluster_is_never_promoted() {
         "{:?}",
         cd.events
     );
+    let status = String::from_utf8(c.ctl(&["status"]).stdout).unwrap();
+    let following = format!(
+        "standby cluster: follows the external primary 127.0.0.1:{}",
+        primary.port()
+    );
+    assert!(status.contains(&following), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

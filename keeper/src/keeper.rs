@@ -435,6 +435,9 @@ impl<S: Store> Keeper<S> {
         if self.db_state.uid != db.uid {
             self.initialize(&cd, &db).await?;
         }
+        if db.spec.is_standby_leader() && self.data.root().join(leader::REPAIR_MARKER).exists() {
+            self.repair_leader(&cd, &db).await?;
+        }
         if !self.data.pgdata_initialised() {
             self.pg.stop().await?;
             return Err(KeeperError::DataVanished(self.data.pgdata()));

@@ -30,6 +30,15 @@ pub const MANAGED_PARAMETERS: &[&str] = &[
     "recovery_min_apply_delay",
     "wal_keep_size",
     "wal_level",
+    // What could end a standby's recovery is never carried over from an adopted directory.
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+    "recovery_target_inclusive",
+    "recovery_target_action",
+    "promote_trigger_file",
 ];
 
 /// The replication slot and application name of a standby database.

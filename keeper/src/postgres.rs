@@ -516,6 +516,7 @@ impl Postgres {
         conninfo: &str,
         password: &str,
         sql: &str,
+        limit: Duration,
     ) -> Result<String, KeeperError> {
         let args = [
             "-X",
@@ -530,20 +531,32 @@ impl Postgres {
             sql,
         ];
         let env = [("PGPASSWORD", password), ("PGCONNECT_TIMEOUT", "5")];
-        self.run_tool("psql", &args, &env, Some(Duration::from_secs(30)))
-            .await
+        self.run_tool("psql", &args, &env, Some(limit)).await
     }
 
     /// Rewinds PGDATA onto the timeline of the server `conninfo` names (as a superuser;
-    /// the password goes in the environment).
-    pub async fn rewind_from(&self, conninfo: &str, password: &str) -> Result<(), KeeperError> {
+    /// the password goes in the environment). `dry_run`: pg_rewind checks everything it
+    /// needs (access, `wal_log_hints`, a clean shutdown) and changes nothing.
+    pub async fn rewind_from(
+        &self,
+        conninfo: &str,
+        password: &str,
+        dry_run: bool,
+    ) -> Result<(), KeeperError> {
         // A just-promoted source still says the old timeline in its control file until its
-        // first checkpoint, and pg_rewind would then see nothing to rewind.
-        self.query_conninfo(conninfo, password, "CHECKPOINT")
-            .await?;
+        // first checkpoint, and pg_rewind would then see nothing to rewind. An immediate
+        // checkpoint of a busy primary can take minutes.
+        if dry_run {
+            let limit = Duration::from_secs(600);
+            self.query_conninfo(conninfo, password, "CHECKPOINT", limit)
+                .await?;
+        }
         let pgdata = self.pgdata.to_string_lossy().into_owned();
         let source_server = format!("--source-server={conninfo}");
-        let args = ["-D", &pgdata, &source_server];
+        let mut args = vec!["-D", &pgdata, &source_server];
+        if dry_run {
+            args.push("--dry-run");
+        }
         let env = [("PGPASSWORD", password)];
         self.run_tool("pg_rewind", &args, &env, Some(Duration::from_secs(600)))
             .await

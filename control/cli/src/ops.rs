@@ -433,7 +433,6 @@ impl<S: Store> Ctl<S> {
     }
 }
 
-/// Renders the status as a table.
 /// The external primary a standby cluster follows, as `host:port` (or its conninfo).
 fn external_primary(settings: Option<&tendril_control_model::StandbySettings>) -> String {
     match settings {
@@ -445,6 +444,7 @@ fn external_primary(settings: Option<&tendril_control_model::StandbySettings>) -
     }
 }
 
+/// Renders the status as a table.
 pub fn render_table(s: &Status) -> String {
     let mut out = String::new();
     out.push_str(&format!(

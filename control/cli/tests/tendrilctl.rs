@@ -190,6 +190,37 @@ fn update_from_file_replaces_the_spec_and_force_reinitialises() {
 }
 
 #[test]
+fn only_promote_makes_a_standby_cluster_a_master_cluster() {
+    let etcd = EtcdServer::start();
+    let ctl = Ctl { etcd: &etcd };
+    let spec = r#"{"role": "standby", "standby_config": {"standby_settings": {"primary_host": "site-a"}}}"#;
+    assert_exit(&ctl.run(&["init", spec]), 0);
+    // A whole spec without `role` (copied from the primary site), or a patch resetting it,
+    // is refused, and the cluster stays a standby cluster.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("spec.json");
+    std::fs::write(&file, r#"{"max_standbys": 7}"#).unwrap();
+    for args in [
+        &["update", "--file", file.to_str().unwrap()][..],
+        &["update", "--patch", r#"{"role": null}"#][..],
+        &["update", "--patch", r#"{"role": "master"}"#][..],
+    ] {
+        let out = ctl.run(args);
+        assert_exit(&out, 1);
+        assert!(
+            stderr(&out).contains("tendrilctl promote"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(json(&ctl.run(&["spec"]))["role"], "standby");
+    let out = ctl.run(&["promote"]);
+    assert_exit(&out, 0);
+    assert!(stdout(&out).contains("promoted"), "{}", stdout(&out));
+    assert_eq!(json(&ctl.run(&["spec"]))["role"], "master");
+}
+
+#[test]
 fn clusterdata_write_validates_and_round_trips() {
     let etcd = EtcdServer::start();
     let ctl = Ctl { etcd: &etcd };

@@ -361,10 +361,44 @@ impl StandbySettings {
                     .to_owned(),
             ));
         }
-        if self.primary_conninfo.contains(['\n', '\r', '\0']) {
+        // The keeper sets these itself (the user and database change for the timeline
+        // checks and rewinds, which log in as the superuser).
+        for reserved in ["user", "dbname", "replication", "application_name"] {
+            if extra.iter().any(|k| k == reserved) {
+                out.push((
+                    "primary_conninfo",
+                    format!("must not set {reserved}: the keeper sets it (use the user field)"),
+                ));
+            }
+        }
+        let texts = [
+            ("primary_conninfo", Some(&self.primary_conninfo)),
+            ("primary_host", self.primary_host.as_ref()),
+            ("user", self.user.as_ref()),
+            ("password_file", self.password_file.as_ref()),
+            ("primary_slot_name", self.primary_slot_name.as_ref()),
+            (
+                "recovery_min_apply_delay",
+                self.recovery_min_apply_delay.as_ref(),
+            ),
+        ];
+        for (field, text) in texts {
+            if text.is_some_and(|t| t.contains(|c: char| c.is_control())) {
+                out.push((
+                    field,
+                    "must not contain a line break or control character".into(),
+                ));
+            }
+        }
+        if let Some(slot) = &self.primary_slot_name
+            && (slot.is_empty()
+                || !slot
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
+        {
             out.push((
-                "primary_conninfo",
-                "must not contain a line break or NUL".to_owned(),
+                "primary_slot_name",
+                "must be lower-case letters, digits and underscores".into(),
             ));
         }
         if self
@@ -473,6 +507,17 @@ pub(crate) const MANAGED_PG_PARAMETERS: &[&str] = &[
     "hba_file",
     "ident_file",
     "data_directory",
+    // Any of these could end a standby's recovery (a standby cluster's leader among them):
+    // only the keeper's own point-in-time recovery sets them.
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+    "recovery_target_timeline",
+    "recovery_target_inclusive",
+    "recovery_target_action",
+    "promote_trigger_file",
 ];
 
 /// Prefix of the replication slots and application names tendril manages.
@@ -799,6 +844,16 @@ impl ClusterSpec {
                 message: "a master cluster cannot become a standby cluster".into(),
             });
         }
+        // A spec written without `role` (a file copied from the primary site, a patch
+        // resetting it) must not make a standby cluster writable behind the operator's back.
+        if self.role == ClusterRole::Standby && new.role == ClusterRole::Master {
+            errors.push(SpecError {
+                field: "role".into(),
+                message: "a standby cluster becomes a master cluster only with \
+                          `tendrilctl promote`"
+                    .into(),
+            });
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -1065,6 +1120,22 @@ mod tests {
                 "standby_config.standby_settings.sslmode",
             ),
             (
+                json!({"role": "standby", "standby_config": {"standby_settings": {"primary_host": "a", "primary_conninfo": "user=repl"}}}),
+                "standby_config.standby_settings.primary_conninfo",
+            ),
+            (
+                json!({"role": "standby", "standby_config": {"standby_settings": {"primary_host": "a\nb"}}}),
+                "standby_config.standby_settings.primary_host",
+            ),
+            (
+                json!({"role": "standby", "standby_config": {"standby_settings": {"primary_host": "a", "primary_slot_name": "Site-B"}}}),
+                "standby_config.standby_settings.primary_slot_name",
+            ),
+            (
+                json!({"pg_parameters": {"recovery_target_action": "promote"}}),
+                "pg_parameters.recovery_target_action",
+            ),
+            (
                 json!({"role": "standby", "standby_config": {"standby_settings": {"primary_host": "a"}, "archive_recovery_settings": {"restore_command": " "}}}),
                 "standby_config.archive_recovery_settings.restore_command",
             ),
@@ -1166,5 +1237,19 @@ mod tests {
         let mut fine = old.clone();
         fine.synchronous_replication = true;
         assert!(old.validate_update(&fine).is_ok());
+
+        // A standby cluster's spec replaced without its role does not promote it.
+        let standby = ClusterSpec::from_json_value(&json!({
+            "role": "standby",
+            "standby_config": {"standby_settings": {"primary_host": "a"}},
+        }))
+        .unwrap();
+        let mut dropped_role = standby.clone();
+        dropped_role.role = ClusterRole::Master;
+        let errors = standby.validate_update(&dropped_role).unwrap_err();
+        assert!(
+            errors.to_string().contains("tendrilctl promote"),
+            "{errors}"
+        );
     }
 }

@@ -2,9 +2,15 @@
 //! over to a standby that had received less WAL than this leader (an asynchronous follower
 //! can be ahead of the primary's synchronous standby), so the primary's new timeline forked
 //! off before this leader's position and PostgreSQL refuses to follow it. The leader is
-//! rewound onto the primary's new timeline (pg_rewind), or cloned again when that fails:
-//! the cluster keeps its databases, the WAL the primary lost is lost here too, and the
-//! leader's standbys are rewound after it by the sentinel (their timeline forked too).
+//! rewound onto the primary's new timeline (pg_rewind): the cluster keeps its databases, the
+//! WAL the primary lost is lost here too, and the sentinel resyncs the leader's standbys
+//! after it (their timeline forked too).
+//!
+//! Nothing is wiped on a guess. A rewind that cannot start (the primary unreachable, no
+//! superuser access, no `wal_log_hints`: pg_rewind's dry run fails) leaves the data as it
+//! was, PostgreSQL running, and is tried again later. Only a rewind that failed while it
+//! rewrote files (the data is then unusable) is followed by a fresh base backup, and a
+//! marker file makes a keeper killed meanwhile finish that copy when it starts again.
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +25,13 @@ use crate::{KeeperError, pgconf};
 /// it can be followed at all (a primary restarting or failing over is not a fork), and how
 /// often it asks again.
 const CHECK_AFTER: Duration = Duration::from_secs(5);
+/// The longest a question to the primary may take.
+const QUERY_LIMIT: Duration = Duration::from_secs(30);
+/// How long after a rewind that could not start (or did not help) the next one is tried.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+/// In the keeper's data directory while a rewind or the copy after it rewrites the leader's
+/// data: found at start, the copy is made (again).
+pub(super) const REPAIR_MARKER: &str = "standby-leader-repair";
 
 /// The primary's current timeline (a primary; a standby's answer is an error).
 const PRIMARY_TIMELINE: &str =
@@ -80,7 +93,7 @@ impl<S: Store> Keeper<S> {
         let password = su.password.clone();
         let primary_timeline = match self
             .pg
-            .query_conninfo(&conninfo, &password, PRIMARY_TIMELINE)
+            .query_conninfo(&conninfo, &password, PRIMARY_TIMELINE, QUERY_LIMIT)
             .await
         {
             Ok(out) => out.trim().parse::<u32>().unwrap_or(0),
@@ -96,6 +109,7 @@ impl<S: Store> Keeper<S> {
                 &conninfo,
                 &password,
                 &format!("SELECT pg_read_file('{history_file}', 0, 1048576, true)"),
+                QUERY_LIMIT,
             )
             .await
         {
@@ -122,21 +136,39 @@ impl<S: Store> Keeper<S> {
             "the standby leader went past the end of its timeline on the external primary (it \
              failed over to a standby that had less WAL): rewinding onto timeline {primary_timeline}"
         );
+        // Whatever happens next, not again before RETRY_AFTER.
+        self.leader_stalled = Some(Instant::now() + RETRY_AFTER - CHECK_AFTER);
         self.pg.stop().await?;
         // pg_rewind copies the source's postgresql.auto.conf; it must be a file.
         let _ = std::fs::remove_file(self.data.pgdata().join("postgresql.auto.conf"));
-        if let Err(e) = self.pg.rewind_from(&conninfo, &password).await {
-            tracing::warn!(db = %db.uid, error = %e, "pg_rewind failed: cloning the external primary again");
-            self.set_initializing(db)?;
-            self.clone_external(cd, db).await?;
-            self.db_state.initializing = false;
-            self.data.save_db_state(&self.db_state)?;
-            return Ok(());
+        if let Err(e) = self.pg.rewind_from(&conninfo, &password, true).await {
+            tracing::warn!(db = %db.uid, error = %e, "the rewind cannot start; the leader keeps its data and stays behind (trying again in {RETRY_AFTER:?})");
+            self.make_standby(cd, db)?;
+            return self.pg.start(cd.spec.db_wait_ready_timeout).await;
+        }
+        let marker = self.data.root().join(REPAIR_MARKER);
+        self.pg.write_file(&marker, db.uid.as_bytes())?;
+        if let Err(e) = self.pg.rewind_from(&conninfo, &password, false).await {
+            tracing::warn!(db = %db.uid, error = %e, "pg_rewind failed while rewriting the data: cloning the external primary again");
+            return self.repair_leader(cd, db).await;
         }
         self.make_standby(cd, db)?;
+        let _ = std::fs::remove_file(&marker);
         self.pg.start(cd.spec.db_wait_ready_timeout).await?;
         tracing::info!(db = %db.uid, "rewound: following the external primary again");
-        self.leader_stalled = None;
+        Ok(())
+    }
+
+    /// A leader whose data a rewind left unusable (the marker says so): a fresh base backup
+    /// of the external primary, the marker removed only once it is done.
+    pub(super) async fn repair_leader(
+        &mut self,
+        cd: &ClusterData,
+        db: &Db,
+    ) -> Result<(), KeeperError> {
+        tracing::warn!(db = %db.uid, "the standby leader's data was being rewritten from the external primary: copying it again");
+        self.clone_external(cd, db).await?;
+        let _ = std::fs::remove_file(self.data.root().join(REPAIR_MARKER));
         Ok(())
     }
 }
