@@ -119,31 +119,31 @@ fn assert_read_only(result: Result<i64, tokio_postgres::Error>, what: &str) {
     );
 }
 
-/// Cluster A, the primary: `keepers` keepers and a table `t` holding ids 1 to `rows`.
-async fn primary(keepers: usize, sync: bool, rows: i64) -> Cluster {
+/// Cluster A, the primary: two keepers with synchronous replication, `wal_log_hints` as
+/// `rewind` says, and a table `t` holding ids 1 to 100.
+async fn primary(rewind: bool) -> Cluster {
+    let mut spec: serde_json::Value = serde_json::from_str(&tuned_spec(true)).unwrap();
+    spec["use_pg_rewind"] = rewind.into();
     let a = Cluster::start(Options {
-        keepers,
+        keepers: 2,
         sentinels: 1,
         proxies: 1,
-        spec: tuned_spec(sync),
+        spec: spec.to_string(),
         ..Options::default()
     })
     .await;
     through_proxy(&a, "CREATE TABLE t (id int PRIMARY KEY)")
         .await
         .unwrap();
-    through_proxy(
-        &a,
-        &format!("INSERT INTO t SELECT generate_series(1, {rows})"),
-    )
-    .await
-    .unwrap();
+    through_proxy(&a, "INSERT INTO t SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
     a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() {
-    let mut a = primary(2, true, 100).await;
+    let mut a = primary(true).await;
 
     // B clones A through A's proxy (init mode new), and its standby clones B's leader.
     let mut b = Cluster::start(Options {
@@ -204,45 +204,11 @@ async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() 
         "a write through B's proxy after B's failover",
     );
 
-    // A fails over to a standby that has less WAL than B's leader. A's standby is paused;
-    // A's master commits rows locally (synchronous_commit = local: never acknowledged by a
-    // synchronous standby, so A may lose them), which B's leader receives; A's master host
-    // dies; the standby's WAL receiver dies with what it had not read, and the standby
-    // resumes and is promoted. A's new timeline forks before B's leader's position: B's
-    // leader is rewound onto it (the same database, not re-initialised) and follows A again,
-    // and the rows A lost are gone from B as well.
+    // A fails over to a standby that has less WAL than B's leader (see [`fork`]): B's
+    // leader is rewound onto A's new timeline (the same database, not re-initialised) and
+    // follows A again, and the rows A lost are gone from B as well.
     let (_, b_leader_db) = leader(&b).await;
-    let a_master = a.master_keeper().await.unwrap();
-    let a_standby = a
-        .keeper_uids()
-        .into_iter()
-        .find(|k| *k != a_master)
-        .unwrap();
-    a.node(&a_standby).pause_postgres();
-    a.node(&a_master)
-        .sql()
-        .await
-        .unwrap()
-        .batch_execute(
-            "SET synchronous_commit = local; INSERT INTO t SELECT generate_series(10001, 10010)",
-        )
-        .await
-        .unwrap();
-    let (b_leader, _) = leader(&b).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while query_on(&b, &b_leader, "SELECT count(*) FROM t WHERE id > 10000").await != 10 {
-        assert!(
-            Instant::now() < deadline,
-            "B's leader did not receive the local commits"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    a.node_mut(&a_master).crash();
-    kill_wal_receiver(a.node(&a_standby).postmaster_pid().unwrap());
-    a.node(&a_standby).thaw();
-    a.wait_new_master(&a_master, Duration::from_secs(60)).await;
-    // The old master rejoins: A's synchronous commits need a standby.
-    a.node_mut(&a_master).keeper.start();
+    fork(&mut a, &b).await;
     through_proxy(&a, "INSERT INTO t SELECT generate_series(301, 400)")
         .await
         .unwrap();
@@ -335,6 +301,45 @@ async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() 
     );
 }
 
+/// Makes A fail over to a standby that has less WAL than B's leader: A's standby is
+/// paused; A's master commits ids 10001 to 10010 locally (synchronous_commit = local: never
+/// acknowledged by a synchronous standby, so A may lose them), which B's leader receives;
+/// A's master host dies; the standby's WAL receiver dies with what it had not read, and the
+/// standby resumes and is promoted. A's new timeline forks before B's leader's position.
+/// The old master's keeper starts again (A's synchronous commits need a standby).
+async fn fork(a: &mut Cluster, b: &Cluster) {
+    let a_master = a.master_keeper().await.unwrap();
+    let a_standby = a
+        .keeper_uids()
+        .into_iter()
+        .find(|k| *k != a_master)
+        .unwrap();
+    a.node(&a_standby).pause_postgres();
+    a.node(&a_master)
+        .sql()
+        .await
+        .unwrap()
+        .batch_execute(
+            "SET synchronous_commit = local; INSERT INTO t SELECT generate_series(10001, 10010)",
+        )
+        .await
+        .unwrap();
+    let (b_leader, _) = leader(b).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while query_on(b, &b_leader, "SELECT count(*) FROM t WHERE id > 10000").await != 10 {
+        assert!(
+            Instant::now() < deadline,
+            "B's leader did not receive the local commits"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    a.node_mut(&a_master).crash();
+    kill_wal_receiver(a.node(&a_standby).postmaster_pid().unwrap());
+    a.node(&a_standby).thaw();
+    a.wait_new_master(&a_master, Duration::from_secs(60)).await;
+    a.node_mut(&a_master).keeper.start();
+}
+
 /// SIGKILL to the WAL receiver among the children of `postmaster` (stopped or not): what
 /// it had not read from its socket is lost, as in a crash of its host.
 fn kill_wal_receiver(postmaster: i32) {
@@ -363,6 +368,59 @@ fn chown_postgres(path: &Path) {
             chown_postgres(&entry.unwrap().path());
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_be_rewound_keeps_its_data() {
+    // A without wal_log_hints (use_pg_rewind off) and without data checksums: pg_rewind
+    // cannot rewind anything that follows it.
+    let mut a = primary(false).await;
+    let b = Cluster::start(Options {
+        keepers: 1,
+        sentinels: 1,
+        proxies: 1,
+        name: "e2e-b".into(),
+        etcd: Some(a.etcd()),
+        spec: standby_spec(a.proxy_port(), serde_json::json!({})),
+        ..Options::default()
+    })
+    .await;
+    wait_everywhere(&b, "SELECT count(*) FROM t", 100, "rows written on A").await;
+    let (_, leader_db) = leader(&b).await;
+    fork(&mut a, &b).await;
+    // The leader's keeper finds the fork, pg_rewind's dry run refuses, and nothing is
+    // wiped: the leader keeps its data (the rows A lost included) and serves it, read-only.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !b
+        .node("k0")
+        .keeper
+        .log_text()
+        .contains("the rewind cannot start")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "B's keeper did not find the fork\n{}",
+            b.logs_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wait_everywhere(
+        &b,
+        "SELECT count(*) FROM t",
+        110,
+        "B's leader after the dry run",
+    )
+    .await;
+    assert_eq!(
+        query_on(&b, "k0", "SELECT pg_is_in_recovery()::int::bigint").await,
+        1
+    );
+    assert_eq!(
+        leader(&b).await.1,
+        leader_db,
+        "B's leader was re-initialised"
+    );
+    assert!(!b.node("k0").data_dir.join("standby-leader-repair").exists());
 }
 
 /// Runs `sql` on a plain PostgreSQL (trust authentication on loopback).

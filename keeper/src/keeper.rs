@@ -479,7 +479,12 @@ impl<S: Store> Keeper<S> {
         let changed = self.write_config(&cd, &db)?;
         let was_running = self.pg.is_running();
         if !was_running {
-            self.pg.start(cd.spec.db_wait_ready_timeout).await?;
+            if leader {
+                self.start_leader(&db, cd.spec.db_wait_ready_timeout)
+                    .await?;
+            } else {
+                self.pg.start(cd.spec.db_wait_ready_timeout).await?;
+            }
         }
         let client = self.pg.connect(cd.spec.request_timeout).await?;
         let limit = cd.spec.request_timeout;

@@ -394,6 +394,27 @@ pub fn newest_segment_timeline(pgdata: &Path) -> Option<u32> {
         .max()
 }
 
+/// Removes from `pg_wal` the history files of timelines newer than the newest one this
+/// data directory has WAL segments of (a standby fetched them trying to follow a primary it
+/// forked from); returns their names.
+pub fn remove_unfollowed_histories(pgdata: &Path) -> Vec<String> {
+    let newest = newest_segment_timeline(pgdata).unwrap_or(0);
+    let Ok(entries) = std::fs::read_dir(pgdata.join("pg_wal")) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let tli = name
+            .strip_suffix(".history")
+            .and_then(|t| u32::from_str_radix(t, 16).ok());
+        if newest > 0 && tli.is_some_and(|t| t > newest) && std::fs::remove_file(e.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed
+}
+
 /// Parses a timeline history file: `<tli>\t<switch lsn>\t<reason>` per line.
 pub fn parse_history(text: &str) -> Vec<TimelineHistoryEntry> {
     text.lines()
@@ -449,6 +470,28 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn histories_of_timelines_without_segments_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("pg_wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        for f in [
+            "000000020000000000000005",
+            "00000002.history",
+            "00000003.history",
+            "0000000A.history",
+        ] {
+            std::fs::write(wal.join(f), b"").unwrap();
+        }
+        let mut removed = remove_unfollowed_histories(dir.path());
+        removed.sort();
+        assert_eq!(removed, ["00000003.history", "0000000A.history"]);
+        assert!(wal.join("00000002.history").exists());
+        // Without segments nothing is known: nothing is removed.
+        std::fs::remove_file(wal.join("000000020000000000000005")).unwrap();
+        assert!(remove_unfollowed_histories(dir.path()).is_empty());
+    }
 
     #[test]
     fn parses_history_files() {

@@ -144,7 +144,7 @@ impl<S: Store> Keeper<S> {
         if let Err(e) = self.pg.rewind_from(&conninfo, &password, true).await {
             tracing::warn!(db = %db.uid, error = %e, "the rewind cannot start; the leader keeps its data and stays behind (trying again in {RETRY_AFTER:?})");
             self.make_standby(cd, db)?;
-            return self.pg.start(cd.spec.db_wait_ready_timeout).await;
+            return self.start_leader(db, cd.spec.db_wait_ready_timeout).await;
         }
         let marker = self.data.root().join(REPAIR_MARKER);
         self.pg.write_file(&marker, db.uid.as_bytes())?;
@@ -157,6 +157,30 @@ impl<S: Store> Keeper<S> {
         self.pg.start(cd.spec.db_wait_ready_timeout).await?;
         tracing::info!(db = %db.uid, "rewound: following the external primary again");
         Ok(())
+    }
+
+    /// Starts a standby leader's PostgreSQL. A leader that forked from its primary holds the
+    /// primary's new timeline history (fetched when it tried to follow), and PostgreSQL then
+    /// refuses to start ("requested timeline N does not contain minimum recovery point"):
+    /// those histories of timelines it has no WAL of are set aside, and it starts on its own
+    /// timeline, serving reads until the fork is mended (it fetches them again).
+    pub(super) async fn start_leader(
+        &mut self,
+        db: &Db,
+        wait: Duration,
+    ) -> Result<(), KeeperError> {
+        match self.pg.start(wait).await {
+            Err(e)
+                if e.to_string()
+                    .contains("does not contain minimum recovery point") =>
+            {
+                let pgdata = self.data.pgdata();
+                let removed = sql::remove_unfollowed_histories(&pgdata);
+                tracing::warn!(db = %db.uid, ?removed, "the standby leader forked from its primary's timeline: starting it on its own");
+                self.pg.start(wait).await
+            }
+            other => other,
+        }
     }
 
     /// A leader whose data a rewind left unusable (the marker says so): a fresh base backup
