@@ -443,21 +443,42 @@ async fn a_running_standby_of_a_plain_postgresql_adopted_is_never_promoted() {
         &format!(
             "ALTER ROLE postgres PASSWORD '{SU_PASSWORD}'; \
              CREATE ROLE repl LOGIN REPLICATION PASSWORD '{REPL_PASSWORD}'; \
+             CREATE ROLE site_c LOGIN REPLICATION PASSWORD 'site-c-secret'; \
+             SELECT pg_create_physical_replication_slot('site_c'); \
              CREATE TABLE t (id int PRIMARY KEY); \
              INSERT INTO t SELECT generate_series(1, 10)"
         ),
     )
     .await;
     // A standby replays nothing that needs more than its own settings: the primary runs
-    // with max_connections 200, so the standby cluster does too.
-    let spec = standby_spec(
+    // with max_connections 200, so the standby cluster does too. The leader replicates as
+    // its own role, whose password is in a file on the keeper's host, through a slot.
+    // The role must give its password (the rest of the primary trusts loopback).
+    let hba = primary.data_dir().join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host replication site_c 127.0.0.1/32 scram-sha-256\n{rules}"),
+    )
+    .unwrap();
+    on_plain(&primary, "SELECT pg_reload_conf()").await;
+    let password_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(password_file.path(), "site-c-secret\n").unwrap();
+    let mut spec: serde_json::Value = serde_json::from_str(&standby_spec(
         primary.port(),
         serde_json::json!({
             "init_mode": "existing",
             "existing_config": {"keeper_uid": "k0"},
             "pg_parameters": {"max_connections": "200"},
         }),
-    );
+    ))
+    .unwrap();
+    let settings = &mut spec["standby_config"]["standby_settings"];
+    settings["user"] = "site_c".into();
+    settings["password_file"] = password_file.path().to_str().unwrap().into();
+    settings["primary_slot_name"] = "site_c".into();
+    settings["sslmode"] = "disable".into();
+    let spec = spec.to_string();
     let mut c = Cluster::start(Options {
         keepers: 0,
         sentinels: 1,
@@ -547,6 +568,18 @@ async fn a_running_standby_of_a_plain_postgresql_adopted_is_never_promoted() {
         primary.port()
     );
     assert!(status.contains(&following), "{status}");
+    // The primary serves the leader as its role, through its slot.
+    let primary_client = connect("127.0.0.1", primary.port()).await.unwrap();
+    let row = primary_client
+        .query_one(
+            "SELECT usename::text, (SELECT active FROM pg_replication_slots \
+             WHERE slot_name = 'site_c') FROM pg_stat_replication",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "site_c");
+    assert_eq!(row.get::<_, Option<bool>>(1), Some(true));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
