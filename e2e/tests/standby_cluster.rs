@@ -421,6 +421,16 @@ async fn a_leader_that_cannot_be_rewound_keeps_its_data() {
         "B's leader was re-initialised"
     );
     assert!(!b.node("k0").data_dir.join("standby-leader-repair").exists());
+    // Status says it does not follow.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = String::from_utf8(b.ctl(&["status"]).stdout).unwrap();
+        if status.contains("in recovery, not streaming") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Runs `sql` on a plain PostgreSQL (trust authentication on loopback).

@@ -599,7 +599,19 @@ impl<S: Store> Keeper<S> {
         };
         let upstream = match db.spec.role {
             DbRole::Standby => Some(self.upstream(cd, db)?),
-            DbRole::Master if db.spec.is_standby_leader() => Some(self.upstream(cd, db)?),
+            DbRole::Master if db.spec.is_standby_leader() => match self.upstream(cd, db) {
+                Ok(up) => Some(up),
+                // The password file unreadable on this host: the leader keeps following
+                // with the settings in effect (failing the pass would fail it over to a
+                // standby whose host most likely lacks the file too).
+                Err(e) => match pgconf::upstream_in_effect(&current) {
+                    Some(up) => {
+                        tracing::error!(db = %db.uid, error = %e, "keeping the standby leader's connection settings in effect");
+                        Some(up)
+                    }
+                    None => return Err(e),
+                },
+            },
             DbRole::Master => None,
         };
         let socket_dir = self.data.socket_dir().to_string_lossy().into_owned();

@@ -59,6 +59,16 @@ pub struct Upstream {
     pub min_apply_delay: Option<String>,
 }
 
+/// The upstream a written `postgresql.conf` holds, if any.
+pub fn upstream_in_effect(conf: &str) -> Option<Upstream> {
+    Some(Upstream {
+        conninfo: read_conf_value(conf, "primary_conninfo").filter(|c| !c.is_empty())?,
+        slot: read_conf_value(conf, "primary_slot_name"),
+        restore_command: read_conf_value(conf, "restore_command"),
+        min_apply_delay: read_conf_value(conf, "recovery_min_apply_delay"),
+    })
+}
+
 /// A libpq connection string: `pairs` quoted, then `extra` (raw keywords the user wrote,
 /// which override earlier ones: libpq keeps the last value of a keyword).
 pub fn conninfo(pairs: &[(&str, String)], extra: &str) -> String {
@@ -457,6 +467,28 @@ mod tests {
         assert_eq!(p["primary_slot_name"], "tendril_x");
         assert_eq!(p["restore_command"], "fetch %f %p");
         assert_eq!(p["recovery_min_apply_delay"], "5min");
+    }
+
+    #[test]
+    fn the_upstream_in_effect_is_read_back_from_the_written_file() {
+        let up = Upstream {
+            conninfo: "host=a password='it''s'".into(),
+            slot: Some("site_b".into()),
+            restore_command: None,
+            min_apply_delay: Some("5min".into()),
+        };
+        let p = parameters(&ConfInput {
+            spec: &master_spec(),
+            init_parameters: None,
+            listen_address: "*",
+            port: 5432,
+            socket_dir: "/tmp",
+            upstream: Some(&up),
+            synchronous_standby_names: "",
+            recovery: None,
+        });
+        assert_eq!(upstream_in_effect(&render_conf(&p)), Some(up));
+        assert_eq!(upstream_in_effect("port = 5432\n"), None);
     }
 
     #[test]

@@ -153,7 +153,10 @@ impl<S: Store> Ctl<S> {
                 None => "no data".to_owned(),
                 Some(s) if !s.running => "stopped".to_owned(),
                 Some(s) if !s.healthy => "unhealthy".to_owned(),
-                Some(s) if s.in_recovery => "streaming".to_owned(),
+                Some(s) if s.in_recovery && s.streaming => "streaming".to_owned(),
+                // A standby whose upstream is gone, or a standby leader that cannot follow
+                // its external primary.
+                Some(s) if s.in_recovery => "in recovery, not streaming".to_owned(),
                 Some(_) => "accepting writes".to_owned(),
             };
             let synchronous = db.is_some_and(|d| {
