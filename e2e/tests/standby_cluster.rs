@@ -203,6 +203,26 @@ async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() 
         through_proxy(&b, "INSERT INTO t VALUES (-1)").await,
         "a write through B's proxy after B's failover",
     );
+    // A planned switchover inside B moves the leadership back, still following A.
+    b.make_master(&old_leader).await;
+    through_proxy(&a, "INSERT INTO t SELECT generate_series(10101, 10110)")
+        .await
+        .unwrap();
+    wait_everywhere(
+        &b,
+        "SELECT count(*) FROM t",
+        310,
+        "rows written on A after B's switchover",
+    )
+    .await;
+    wait_received_timeline(&b, &old_leader, a_timeline).await;
+    assert_read_only(
+        through_proxy(&b, "INSERT INTO t VALUES (-1)").await,
+        "a write through B's proxy after B's switchover",
+    );
+    through_proxy(&a, "DELETE FROM t WHERE id BETWEEN 10101 AND 10110")
+        .await
+        .unwrap();
 
     // A fails over to a standby that has less WAL than B's leader (see [`fork`]): B's
     // leader is rewound onto A's new timeline (the same database, not re-initialised) and
