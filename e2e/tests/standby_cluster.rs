@@ -172,6 +172,34 @@ async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() 
     assert!(status.contains(&following), "{status}");
     assert!(status.contains("standby leader"), "{status}");
     let a_timeline = through_proxy(&a, TIMELINE).await.unwrap();
+    // A read-only listener sends reads to B's standby, not to its leader.
+    let (_, _, read_only) = b.add_read_only_proxy(&["--read-only-fallback", "reject"]);
+    let (b_leader_now, _) = leader(&b).await;
+    let standby_port = b
+        .nodes
+        .iter()
+        .find(|n| n.uid != b_leader_now)
+        .map(|n| i64::from(n.port))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let port = match connect("127.0.0.1", read_only).await {
+            Ok(c) => c
+                .query_one("SELECT inet_server_port()::bigint", &[])
+                .await
+                .ok()
+                .map(|r| r.get::<_, i64>(0)),
+            Err(_) => None,
+        };
+        if port == Some(standby_port) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reads through B's read-only listener went to {port:?}, not B's standby"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     // B's leader dies: B elects a new one, which keeps following A (no promotion: the
     // same timeline as A's), and the old one rejoins as its standby.
