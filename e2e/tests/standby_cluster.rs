@@ -493,6 +493,8 @@ async fn on_plain(pg: &PgServer, sql: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_standby_of_a_plain_postgresql_adopted_is_never_promoted() {
+    // Named as a StatefulSet names its pods.
+    const KEEPER: &str = "tendril-keeper-0";
     // The external primary is a plain PostgreSQL, with the roles the standby cluster's
     // keepers log in with (its standbys replicate them).
     let primary = PgServer::start();
@@ -526,7 +528,7 @@ async fn a_running_standby_of_a_plain_postgresql_adopted_is_never_promoted() {
         primary.port(),
         serde_json::json!({
             "init_mode": "existing",
-            "existing_config": {"keeper_uid": "k0"},
+            "existing_config": {"keeper_uid": KEEPER},
             "pg_parameters": {"max_connections": "200"},
         }),
     ))
@@ -548,7 +550,7 @@ async fn a_running_standby_of_a_plain_postgresql_adopted_is_never_promoted() {
     })
     .await;
     // A running standby of the primary, made by hand, as an operator would have one.
-    let root = c.dir.path().join("k0");
+    let root = c.dir.path().join(KEEPER);
     let pgdata = root.join("postgres");
     std::fs::create_dir_all(&root).unwrap();
     let out = Command::new(format!("{PG_BIN}/pg_basebackup"))
@@ -593,7 +595,7 @@ async fn a_running_standby_of_a_plain_postgresql_adopted_is_never_promoted() {
     );
 
     // The keeper stops it, writes the cluster's configuration and runs it as the leader.
-    c.add_keeper("k0");
+    c.add_keeper(KEEPER);
     c.wait_healthy(1, Duration::from_secs(90)).await;
     on_plain(&primary, "INSERT INTO t SELECT generate_series(11, 20)").await;
     wait_everywhere(
@@ -606,7 +608,7 @@ async fn a_running_standby_of_a_plain_postgresql_adopted_is_never_promoted() {
     // Several sentinel and keeper loops later it is still a standby.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        query_on(&c, "k0", "SELECT pg_is_in_recovery()::int::bigint").await,
+        query_on(&c, KEEPER, "SELECT pg_is_in_recovery()::int::bigint").await,
         1,
         "the adopted standby was promoted"
     );

@@ -21,7 +21,8 @@ pub struct KeeperArgs {
     pub config: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
-    /// This keeper's uid (a-z, 0-9, _). Default: generated once and kept in the data dir.
+    /// This keeper's uid (a-z, 0-9, _ and -, as a Kubernetes pod name). Default: generated
+    /// once and kept in the data dir.
     #[arg(long, env = "TENDRIL_KEEPER_UID")]
     pub uid: Option<String>,
     /// The keeper's data directory (PostgreSQL's data lives in its `postgres/`).
@@ -182,7 +183,8 @@ impl KeeperConfig {
             && !valid_uid(uid)
         {
             errors.push(format!(
-                "--uid {uid:?}: use 1-63 characters of a-z, 0-9 and _"
+                "--uid {uid:?}: use 1-63 characters of a-z, 0-9, _ and -, not starting or \
+                 ending with -"
             ));
         }
         let advertise_address = args
@@ -277,13 +279,17 @@ impl KeeperConfig {
     }
 }
 
-/// Whether a keeper uid is acceptable (it becomes part of store keys and names).
+/// Whether a keeper uid is acceptable (it becomes part of store keys and names). A
+/// Kubernetes pod name (a DNS label, as a StatefulSet names its pods: `tendril-keeper-0`)
+/// is one, so a pod's name can be its keeper's uid.
 pub fn valid_uid(uid: &str) -> bool {
-    !uid.is_empty()
-        && uid.len() <= 63
+    let edge = |b: Option<u8>| b.is_some_and(|b| b != b'-');
+    uid.len() <= 63
+        && edge(uid.bytes().next())
+        && edge(uid.bytes().last())
         && uid
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 /// A password from its file (or, without one, the environment), the trailing newline removed.
@@ -336,6 +342,16 @@ fn run_as(os_user: &str) -> Result<Option<RunAs>, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn keeper_uids_include_kubernetes_pod_names() {
+        for good in ["k0", "db_1", "tendril-keeper-0", "_legacy", &"a".repeat(63)] {
+            assert!(valid_uid(good), "{good}");
+        }
+        for bad in ["", "-k", "k-", "K0", "k.0", "k 0", &"a".repeat(64)] {
+            assert!(!valid_uid(bad), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]
