@@ -47,6 +47,67 @@ pub enum Command {
     Removekeeper(KeeperArg),
     /// Promote a standby cluster to an ordinary (master) cluster.
     Promote,
+    /// Kubernetes: the manifests of this cluster.
+    #[command(subcommand)]
+    K8s(K8sCommand),
+}
+
+/// `tendrilctl k8s` commands.
+#[derive(Debug, Subcommand)]
+pub enum K8sCommand {
+    /// Print the cluster's objects (keepers, sentinels, proxies, passwords, initial spec) as
+    /// one List for `kubectl apply -f -`. Reads nothing from the store.
+    Manifests(Box<ManifestsArgs>),
+}
+
+/// `tendrilctl k8s manifests` arguments. The cluster name and the store endpoints are the
+/// global flags; the endpoints must be reachable from the pods.
+#[derive(Debug, Args)]
+pub struct ManifestsArgs {
+    /// The namespace of every object.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// The image with the tendril binaries and PostgreSQL 15.
+    #[arg(long)]
+    pub image: String,
+    /// Keeper pods.
+    #[arg(long, default_value_t = 3)]
+    pub keepers: u32,
+    /// Sentinel pods (two or more).
+    #[arg(long, default_value_t = 2)]
+    pub sentinels: u32,
+    /// The storage class of the keepers' volumes (default: the cluster's default class).
+    #[arg(long)]
+    pub storage_class: Option<String>,
+    /// The size of each keeper's volume.
+    #[arg(long, default_value = "20Gi")]
+    pub storage_size: String,
+    /// Synchronous replication in the initial cluster spec.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub synchronous_replication: bool,
+    /// An existing Secret holding the keys su-password and repl-password. Without it, a
+    /// Secret with random passwords is part of the output (apply it once: applying newly
+    /// generated passwords to a running cluster would lock the keepers out).
+    #[arg(long)]
+    pub secret: Option<String>,
+    /// Keeper (and PostgreSQL) CPU request.
+    #[arg(long, default_value = "1")]
+    pub keeper_cpu: String,
+    /// Keeper (and PostgreSQL) memory.
+    #[arg(long, default_value = "2Gi")]
+    pub keeper_memory: String,
+    /// Sentinel CPU request.
+    #[arg(long, default_value = "100m")]
+    pub sentinel_cpu: String,
+    /// Sentinel memory.
+    #[arg(long, default_value = "64Mi")]
+    pub sentinel_memory: String,
+    /// Proxy CPU request.
+    #[arg(long, default_value = "250m")]
+    pub proxy_cpu: String,
+    /// Proxy memory.
+    #[arg(long, default_value = "128Mi")]
+    pub proxy_memory: String,
 }
 
 /// Output format.

@@ -59,6 +59,9 @@ pub enum CtlError {
     /// The command line is wrong (exit code 2).
     #[error("{0}")]
     Usage(String),
+    /// The Kubernetes manifests cannot be made from these options.
+    #[error(transparent)]
+    K8s(#[from] tendril_k8s::K8sError),
     /// Other writers kept changing the cluster data.
     #[error("cluster data kept changing under us ({0} attempts); try again")]
     Contended(u32),
@@ -69,7 +72,9 @@ impl CtlError {
     /// 1 for every other failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CtlError::Usage(_) | CtlError::Store(StoreError::Config(_)) => 2,
+            CtlError::Usage(_)
+            | CtlError::Store(StoreError::Config(_))
+            | CtlError::K8s(tendril_k8s::K8sError::Options(_)) => 2,
             _ => 1,
         }
     }

@@ -7,7 +7,7 @@ use serde_json::Value;
 use tendril_control_model::{ClusterSpec, Keys, encode_pretty};
 use tendril_control_store::EtcdStore;
 
-use crate::args::{Cli, ClusterDataCommand, Command, Output};
+use crate::args::{Cli, ClusterDataCommand, Command, K8sCommand, ManifestsArgs, Output};
 use crate::{Ctl, CtlError, SpecChange, parse_json};
 
 /// Runs `cli`, printing results on standard output.
@@ -21,6 +21,12 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     let cluster = cli.cluster_name.as_deref().ok_or_else(|| {
         CtlError::Usage("--cluster-name (or TENDRIL_CLUSTER_NAME) is required".into())
     })?;
+    if let Command::K8s(K8sCommand::Manifests(args)) = &cli.command {
+        let options = k8s_options(cluster, &cli.store.store_endpoints, args);
+        let manifests = tendril_k8s::manifests(&options)?;
+        print!("{}", tendril_k8s::to_json_list(&manifests)?);
+        return Ok(());
+    }
     let keys = Keys::new(cluster).map_err(|e| CtlError::Usage(e.to_string()))?;
     let config = cli.store.to_config()?;
     let store = EtcdStore::connect(&config).await?;
@@ -96,6 +102,8 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 k.keeper
             );
         }
+        // Printed above, before connecting to the store (it reads nothing from it).
+        Command::K8s(_) => {}
         Command::Promote => {
             ctl.promote().await?;
             println!(
@@ -128,4 +136,40 @@ fn read_input(path: &Path) -> Result<String, CtlError> {
     }
     std::fs::read_to_string(path)
         .map_err(|e| CtlError::Input(format!("cannot read {}: {e}", path.display())))
+}
+
+/// The manifests' options from the command line; passwords are generated here (the
+/// library stays deterministic) unless an existing Secret is named.
+fn k8s_options(cluster: &str, endpoints: &[String], a: &ManifestsArgs) -> tendril_k8s::Options {
+    use rand::Rng;
+    let password = || -> String {
+        rand::rng()
+            .sample_iter(&rand::distr::Alphanumeric)
+            .take(32)
+            .map(char::from)
+            .collect()
+    };
+    let mut o = tendril_k8s::Options::new(cluster, &a.image, endpoints.to_vec());
+    o.namespace.clone_from(&a.namespace);
+    o.keepers = a.keepers;
+    o.sentinels = a.sentinels;
+    o.storage_class.clone_from(&a.storage_class);
+    o.storage_size.clone_from(&a.storage_size);
+    o.synchronous_replication = a.synchronous_replication;
+    o.secret = match &a.secret {
+        Some(name) => tendril_k8s::SecretSource::Existing(name.clone()),
+        None => tendril_k8s::SecretSource::Generate {
+            su: password(),
+            repl: password(),
+        },
+    };
+    o.resources = tendril_k8s::Resources {
+        keeper_cpu: a.keeper_cpu.clone(),
+        keeper_memory: a.keeper_memory.clone(),
+        sentinel_cpu: a.sentinel_cpu.clone(),
+        sentinel_memory: a.sentinel_memory.clone(),
+        proxy_cpu: a.proxy_cpu.clone(),
+        proxy_memory: a.proxy_memory.clone(),
+    };
+    o
 }

@@ -402,3 +402,50 @@ fn settings_come_from_a_config_file_and_flags_win() {
     assert_exit(&bad, 2);
     assert!(stderr(&bad).contains("no_such_key"), "{}", stderr(&bad));
 }
+
+#[test]
+fn k8s_manifests_are_printed_without_a_store() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tendrilctl"))
+            .env("TENDRIL_CLUSTER_NAME", "main")
+            // Nothing listens there: the command must not need the store.
+            .env("TENDRIL_STORE_ENDPOINTS", "http://etcd.db.svc:2379")
+            .args([
+                "k8s",
+                "manifests",
+                "--image",
+                "registry.example/tendril:0.1.0",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let kinds = |o: &Output| -> Vec<String> {
+        json(o)["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["kind"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let first = run(&[]);
+    assert_exit(&first, 0);
+    assert_eq!(kinds(&first)[0], "Secret");
+    // Each run generates new passwords.
+    let second = run(&[]);
+    assert_ne!(
+        json(&first)["items"][0]["stringData"],
+        json(&second)["items"][0]["stringData"]
+    );
+    let existing = run(&["--secret", "db-passwords", "--keepers", "5"]);
+    assert_exit(&existing, 0);
+    assert!(!kinds(&existing).contains(&"Secret".to_owned()));
+    assert_eq!(json(&existing)["items"][2]["spec"]["replicas"], 5);
+    let bad = run(&["--sentinels", "1", "--storage-size", "big"]);
+    assert_exit(&bad, 2);
+    assert!(
+        stderr(&bad).contains("--sentinels") && stderr(&bad).contains("--storage-size"),
+        "{}",
+        stderr(&bad)
+    );
+}

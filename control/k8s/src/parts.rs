@@ -153,7 +153,7 @@ pub(crate) fn secret_volume(o: &Options) -> Volume {
         name: "passwords".into(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret_name(o)),
-            default_mode: Some(0o400),
+            default_mode: Some(0o440),
             ..SecretVolumeSource::default()
         }),
         ..Volume::default()
