@@ -95,6 +95,8 @@ pub struct Options {
     /// The etcd of another cluster, shared (two clusters with different names in one
     /// store); `None` starts one for this cluster. Not with network namespaces.
     pub etcd: Option<Arc<EtcdServer>>,
+    /// More environment for every keeper (`TENDRIL_*` settings).
+    pub keeper_env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -109,6 +111,7 @@ impl Default for Options {
             wait_healthy: true,
             name: CLUSTER.into(),
             etcd: None,
+            keeper_env: Vec::new(),
         }
     }
 }
@@ -325,6 +328,8 @@ pub struct Cluster {
     etcd: Arc<EtcdServer>,
     /// The cluster's name in the store.
     pub name: String,
+    /// More environment for every keeper.
+    keeper_env: Vec<(String, String)>,
     _watch: tokio::task::JoinHandle<()>,
 }
 
@@ -409,6 +414,7 @@ impl Cluster {
             store_endpoint,
             etcd,
             name: opts.name.clone(),
+            keeper_env: opts.keeper_env.clone(),
             _watch: watch,
         };
         let mut hosts = hosts.into_iter();
@@ -482,12 +488,9 @@ impl Cluster {
                 .into_owned(),
         ]);
         let store = place.map_or_else(|| self.store_endpoint.clone(), |(_, store)| store);
-        let keeper = Proc::spawn(
-            &format!("keeper-{uid}"),
-            self.dir.path(),
-            command,
-            self.envs(store),
-        );
+        let mut env = self.envs(store);
+        env.extend(self.keeper_env.iter().cloned());
+        let keeper = Proc::spawn(&format!("keeper-{uid}"), self.dir.path(), command, env);
         self.nodes.push(Node {
             uid: uid.into(),
             port,

@@ -351,3 +351,59 @@ async fn planned_switchover_under_load_holds_instead_of_failing() {
     cluster.assert_no_acked_write_lost(&report.ids()).await;
     cluster.assert_never_two_masters_routable();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_keeper_stopped_switches_over_first() {
+    // As a Kubernetes pod deletion or a host shutdown stops a keeper: SIGTERM, with
+    // --switchover-on-stop (the manifests set it).
+    // Three keepers: with synchronous replication, the new master needs a standby besides
+    // the one that is stopping.
+    let mut cluster = Cluster::start(Options {
+        sentinels: 1,
+        spec: default_spec(true),
+        keeper_env: vec![("TENDRIL_SWITCHOVER_ON_STOP".into(), "30s".into())],
+        ..Options::default()
+    })
+    .await;
+    let writer = Writer::start(cluster.proxy_port(), 4, Mode::PerTransaction).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let old = cluster.master_keeper().await.unwrap();
+    let before = writer.snapshot().failures.len();
+    let started = Instant::now();
+    cluster.node_mut(&old).keeper.stop();
+    let new = cluster.wait_new_master(&old, Duration::from_secs(30)).await;
+    assert_ne!(new, old);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = writer.stop().await;
+    let failed: Vec<_> = report.failures[before..]
+        .iter()
+        .filter(|(at, _)| *at >= started)
+        .collect();
+    // A switchover, not a failover: the proxies held new transactions and nothing failed.
+    assert!(
+        failed.is_empty(),
+        "{} failed transactions while the master's keeper stopped: {failed:?}",
+        failed.len()
+    );
+    let events = cluster.cluster_data().await.events;
+    assert!(
+        events.iter().any(|e| e.kind == "switchover done"),
+        "{events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.reason.contains("unhealthy for longer")),
+        "a failover: {events:?}"
+    );
+    assert!(
+        cluster
+            .node(&old)
+            .keeper
+            .log_text()
+            .contains("asked for a switchover away from this master"),
+        "{}",
+        cluster.node(&old).keeper.log_text()
+    );
+    cluster.assert_no_acked_write_lost(&report.ids()).await;
+}

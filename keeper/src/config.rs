@@ -85,6 +85,11 @@ pub struct KeeperArgs {
     /// and `/status` (JSON) on this address.
     #[arg(long, env = "TENDRIL_METRICS_ADDRESS")]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// On SIGTERM while running the master: ask for a planned switchover to a healthy
+    /// standby and keep running until it is done (at most this long), so clients see a
+    /// switchover rather than a failover. Off when absent (PostgreSQL stops at once).
+    #[arg(long, env = "TENDRIL_SWITCHOVER_ON_STOP", value_parser = humantime::parse_duration)]
+    pub switchover_on_stop: Option<std::time::Duration>,
 }
 
 /// A user name and password. The password never appears in `Debug` output or logs.
@@ -155,6 +160,8 @@ pub struct KeeperConfig {
     pub fence_guard: bool,
     /// Where to serve metrics and the role checks.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// On SIGTERM while running the master, switch over first, within this long.
+    pub switchover_on_stop: Option<std::time::Duration>,
     /// PostgreSQL's OS identity when the keeper runs as root.
     pub run_as: Option<RunAs>,
 }
@@ -271,6 +278,7 @@ impl KeeperConfig {
                     priority: args.priority,
                     fence_guard: args.fence_guard,
                     metrics_address: args.metrics_address,
+                    switchover_on_stop: args.switchover_on_stop,
                     run_as,
                 })
             }

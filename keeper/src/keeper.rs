@@ -36,6 +36,7 @@ use crate::switchover::IdleSessionCloser;
 /// report's freshness over `fail_interval`; the lease only removes reports of keepers gone.
 mod init;
 mod leader;
+mod step_down;
 
 const REPORT_LEASE_TTL: Duration = Duration::from_secs(10);
 
@@ -294,6 +295,11 @@ impl<S: Store> Keeper<S> {
             if stop {
                 break;
             }
+        }
+        if let Some(limit) = self.config.switchover_on_stop
+            && self.running_master
+        {
+            self.step_down(limit).await;
         }
         tracing::info!(keeper = %self.uid, "keeper stopping");
         let stopped = self.pg.stop().await;

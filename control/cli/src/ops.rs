@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use tendril_control_model::{
     ClusterData, ClusterPhase, ClusterRole, DbRole, Event, FollowConfig, KeeperInfo, ProxyInfo,
-    Switchover, SwitchoverPhase, decode, encode,
+    decode, encode,
 };
 use tendril_control_store::{CasOutcome, Expect, Store};
 
@@ -274,47 +274,8 @@ impl<S: Store> Ctl<S> {
         let started = Instant::now();
         let old_master = self
             .change(|cd| {
-                if cd.phase != ClusterPhase::Normal {
-                    return Err(CtlError::Input("the cluster is still initialising".into()));
-                }
-                if let Some(s) = &cd.switchover {
-                    return Err(CtlError::Input(format!(
-                        "a switchover is already in progress ({:?})",
-                        s.phase
-                    )));
-                }
-                let Some(master) = cd.master_db() else {
-                    return Err(CtlError::Input(
-                        "the cluster has no master to switch from".into(),
-                    ));
-                };
-                if let Some(k) = to {
-                    let standby = cd
-                        .dbs
-                        .values()
-                        .any(|d| d.spec.keeper_uid == k && d.spec.role == DbRole::Standby);
-                    if master.spec.keeper_uid == k {
-                        return Err(CtlError::Input(format!(
-                            "keeper {k} already runs the master"
-                        )));
-                    }
-                    if !standby {
-                        return Err(CtlError::Input(format!(
-                            "keeper {k} runs no standby of this cluster"
-                        )));
-                    }
-                }
-                let old = master.uid.clone();
-                cd.switchover = Some(Switchover {
-                    target_keeper: to.map(str::to_owned),
-                    requested_at: SystemTime::now(),
-                    phase: SwitchoverPhase::Requested,
-                    target_db: None,
-                    old_master: None,
-                    fence_generation: None,
-                    outcome: None,
-                });
-                Ok(old)
+                cd.request_switchover(to, SystemTime::now())
+                    .map_err(CtlError::Input)
             })
             .await?;
         let events_before = self.read().await?.0.events.len();

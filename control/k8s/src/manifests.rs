@@ -225,6 +225,9 @@ fn keepers(o: &Options) -> StatefulSet {
             "TENDRIL_METRICS_ADDRESS",
             format!("0.0.0.0:{KEEPER_METRICS_PORT}"),
         ),
+        // A master's pod deleted (a rollout, a drain) switches over first: clients see held
+        // connections, not a failover. Within the grace period below.
+        env_value("TENDRIL_SWITCHOVER_ON_STOP", "30s"),
     ]);
     let container = Container {
         name: "keeper".into(),
@@ -258,7 +261,7 @@ fn keepers(o: &Options) -> StatefulSet {
         volumes: Some(vec![secret_volume(o)]),
         security_context: Some(security_context()),
         automount_service_account_token: Some(false),
-        // A fast shutdown of PostgreSQL and the keeper's exit fit well within this.
+        // The switchover (at most 30 s), then a fast shutdown of PostgreSQL.
         termination_grace_period_seconds: Some(60),
         affinity: Some(Affinity {
             pod_anti_affinity: Some(PodAntiAffinity {

@@ -50,6 +50,50 @@ pub struct ClusterData {
 }
 
 impl ClusterData {
+    /// Records a planned switchover request (to keeper `to`'s standby, or the best one);
+    /// returns the master database being switched from. The sentinel carries it out.
+    pub fn request_switchover(
+        &mut self,
+        to: Option<&str>,
+        now: SystemTime,
+    ) -> Result<String, String> {
+        if self.phase != ClusterPhase::Normal {
+            return Err("the cluster is still initialising".into());
+        }
+        if let Some(s) = &self.switchover {
+            return Err(format!(
+                "a switchover is already in progress ({:?})",
+                s.phase
+            ));
+        }
+        let Some(master) = self.master_db() else {
+            return Err("the cluster has no master to switch from".into());
+        };
+        if let Some(k) = to {
+            let standby = self
+                .dbs
+                .values()
+                .any(|d| d.spec.keeper_uid == k && d.spec.role == DbRole::Standby);
+            if master.spec.keeper_uid == k {
+                return Err(format!("keeper {k} already runs the master"));
+            }
+            if !standby {
+                return Err(format!("keeper {k} runs no standby of this cluster"));
+            }
+        }
+        let old = master.uid.clone();
+        self.switchover = Some(Switchover {
+            target_keeper: to.map(str::to_owned),
+            requested_at: now,
+            phase: SwitchoverPhase::Requested,
+            target_db: None,
+            old_master: None,
+            fence_generation: None,
+            outcome: None,
+        });
+        Ok(old)
+    }
+
     /// A brand-new cluster in the `initializing` phase, with nothing routable yet.
     pub fn new(uid: impl Into<String>, spec: ClusterSpec, now: SystemTime) -> ClusterData {
         ClusterData {
