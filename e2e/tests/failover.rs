@@ -303,10 +303,7 @@ async fn planned_switchover_under_load_holds_instead_of_failing() {
     assert_ne!(new, old);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let report = writer.stop().await;
-    let failed: Vec<_> = report.failures[before..]
-        .iter()
-        .filter(|(at, _)| *at >= started)
-        .collect();
+    let failed = failed_since(&report, before, started);
     // The proxies drain: transactions in flight when they fenced finish on the old master
     // (which hands everything to the new one before it is promoted), new ones are held.
     assert!(
@@ -375,10 +372,7 @@ async fn a_master_keeper_stopped_switches_over_first() {
     assert_ne!(new, old);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let report = writer.stop().await;
-    let failed: Vec<_> = report.failures[before..]
-        .iter()
-        .filter(|(at, _)| *at >= started)
-        .collect();
+    let failed = failed_since(&report, before, started);
     // A switchover, not a failover: the proxies held new transactions and nothing failed.
     assert!(
         failed.is_empty(),
@@ -406,4 +400,16 @@ async fn a_master_keeper_stopped_switches_over_first() {
         cluster.node(&old).keeper.log_text()
     );
     cluster.assert_no_acked_write_lost(&report.ids()).await;
+}
+
+/// The writer's failures from the `before`-th on that happened at `started` or later.
+fn failed_since(
+    report: &tendril_e2e::writer::Report,
+    before: usize,
+    started: Instant,
+) -> Vec<&(Instant, String)> {
+    report.failures[before..]
+        .iter()
+        .filter(|(at, _)| *at >= started)
+        .collect()
 }

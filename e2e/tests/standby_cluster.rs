@@ -141,13 +141,10 @@ async fn primary(rewind: bool) -> Cluster {
     a
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() {
-    let mut a = primary(true).await;
-
-    // B clones A through A's proxy (init mode new), and its standby clones B's leader.
-    let mut b = Cluster::start(Options {
-        keepers: 2,
+/// Cluster B, `keepers` keepers following A through A's proxy (init mode new).
+async fn standby_of(a: &Cluster, keepers: usize) -> Cluster {
+    Cluster::start(Options {
+        keepers,
         sentinels: 1,
         proxies: 1,
         name: "e2e-b".into(),
@@ -155,7 +152,15 @@ async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() 
         spec: standby_spec(a.proxy_port(), serde_json::json!({})),
         ..Options::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_cluster_follows_fails_over_follows_a_failover_and_promotes() {
+    let mut a = primary(true).await;
+
+    // B clones A through A's proxy (init mode new), and its standby clones B's leader.
+    let mut b = standby_of(&a, 2).await;
     through_proxy(&a, "INSERT INTO t SELECT generate_series(101, 200)")
         .await
         .unwrap();
@@ -423,16 +428,7 @@ async fn a_leader_that_cannot_be_rewound_keeps_its_data() {
     // A without wal_log_hints (use_pg_rewind off) and without data checksums: pg_rewind
     // cannot rewind anything that follows it.
     let mut a = primary(false).await;
-    let b = Cluster::start(Options {
-        keepers: 1,
-        sentinels: 1,
-        proxies: 1,
-        name: "e2e-b".into(),
-        etcd: Some(a.etcd()),
-        spec: standby_spec(a.proxy_port(), serde_json::json!({})),
-        ..Options::default()
-    })
-    .await;
+    let b = standby_of(&a, 1).await;
     wait_everywhere(&b, "SELECT count(*) FROM t", 100, "rows written on A").await;
     let (_, leader_db) = leader(&b).await;
     fork(&mut a, &b).await;
