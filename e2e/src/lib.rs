@@ -143,7 +143,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, dir: &Path, command: Vec<String>, envs: Vec<(String, String)>) -> Proc {
+    /// Starts `command` with `envs`, its output in `dir/<name>.log`.
+    pub fn spawn(
+        name: &str,
+        dir: &Path,
+        command: Vec<String>,
+        envs: Vec<(String, String)>,
+    ) -> Proc {
         let mut p = Proc {
             name: name.into(),
             child: None,

@@ -50,6 +50,7 @@ pub const PACKAGES: &[&str] = &[
     "openssl",
     "iproute2",
     "util-linux",
+    "passwd",
     "coreutils",
     "procps",
     "bash",
@@ -189,6 +190,11 @@ pub const PROBES: &[Probe] = &[
         path: "/usr/bin/setpriv",
         package: "util-linux",
         used_by: "the killer test drops capabilities",
+    },
+    Probe {
+        path: "/usr/sbin/useradd",
+        package: "passwd",
+        used_by: "the Kubernetes test creates the pods' user",
     },
     Probe {
         path: "/usr/bin/md5sum",

@@ -9,8 +9,8 @@ mod parts;
 
 pub use manifests::{
     Component, DATA_DIR, KEEPER_METRICS_PORT, Manifest, POSTGRES_PORT, PROXY_METRICS_PORT,
-    PROXY_PORT, SECRET_DIR, SENTINEL_METRICS_PORT, SERVICE_PORT, SPEC_FILE, manifests, object_name,
-    selector_labels,
+    PROXY_PORT, RUN_AS, SECRET_DIR, SENTINEL_METRICS_PORT, SERVICE_PORT, SPEC_FILE, manifests,
+    object_name, selector_labels,
 };
 pub use options::{Options, Resources, SecretSource};
 
