@@ -61,15 +61,12 @@ impl Snapshot {
         stale_after: Duration,
         now: SystemTime,
     ) {
-        self.db = cd
+        let mine = cd
             .dbs
             .values()
-            .find(|d| d.spec.keeper_uid == self.keeper_uid)
-            .map(|d| (d.uid.clone(), d.spec.role));
-        self.standby_leader = cd
-            .dbs
-            .values()
-            .any(|d| d.spec.keeper_uid == self.keeper_uid && d.spec.is_standby_leader());
+            .find(|d| d.spec.keeper_uid == self.keeper_uid);
+        self.db = mine.map(|d| (d.uid.clone(), d.spec.role));
+        self.standby_leader = mine.is_some_and(|d| d.spec.is_standby_leader());
         self.cluster_master.clone_from(&cd.master);
         self.routed_master = cd.proxy.master.as_ref().map(|r| r.db_uid.clone());
         self.master_xlog_pos = cd

@@ -1016,7 +1016,7 @@ pub fn read_postgresql_conf(path: &Path) -> BTreeMap<String, String> {
         if name == "include" || name == "include_dir" || name == "include_if_exists" {
             continue;
         }
-        if !pgconf::MANAGED_PARAMETERS.contains(&name.as_str()) {
+        if !pgconf::is_managed(&name) {
             out.insert(name, value);
         }
     }

@@ -30,16 +30,14 @@ pub const MANAGED_PARAMETERS: &[&str] = &[
     "recovery_min_apply_delay",
     "wal_keep_size",
     "wal_level",
-    // What could end a standby's recovery is never carried over from an adopted directory.
-    "recovery_target",
-    "recovery_target_lsn",
-    "recovery_target_name",
-    "recovery_target_time",
-    "recovery_target_xid",
-    "recovery_target_inclusive",
-    "recovery_target_action",
-    "promote_trigger_file",
 ];
+
+/// Whether the keeper leaves parameter `name` out of what it reports and merges: those it
+/// sets itself, and those that could end a standby's recovery.
+pub fn is_managed(name: &str) -> bool {
+    MANAGED_PARAMETERS.contains(&name)
+        || tendril_control_model::RECOVERY_ENDING_PARAMETERS.contains(&name)
+}
 
 /// The replication slot and application name of a standby database.
 pub fn standby_name(db_uid: &str) -> String {

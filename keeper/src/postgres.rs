@@ -470,11 +470,13 @@ impl Postgres {
         source: &Endpoint,
         repl: &Credentials,
     ) -> Result<(), KeeperError> {
-        let conninfo = format!(
-            "host='{}' port={} user='{}'",
-            source.host.replace('\\', "\\\\").replace('\'', "\\'"),
-            source.port,
-            repl.user.replace('\\', "\\\\").replace('\'', "\\'"),
+        let conninfo = crate::pgconf::conninfo(
+            &[
+                ("host", source.host.clone()),
+                ("port", source.port.to_string()),
+                ("user", repl.user.clone()),
+            ],
+            "",
         );
         self.base_backup_from(&conninfo, &repl.password).await
     }

@@ -7,7 +7,7 @@ use tendril_control_model::{Lsn, TimelineHistoryEntry};
 use tokio_postgres::Client;
 
 use crate::KeeperError;
-use crate::pgconf::{MANAGED_PARAMETERS, MANAGED_PREFIX};
+use crate::pgconf::{MANAGED_PREFIX, is_managed};
 
 /// A server error's message and detail, or the client error.
 pub fn describe(e: &tokio_postgres::Error) -> String {
@@ -146,7 +146,7 @@ pub async fn probe(client: &Client) -> Result<Probe, KeeperError> {
         .map_err(sql)?;
     for row in rows {
         let name: String = row.get(0);
-        if !MANAGED_PARAMETERS.contains(&name.as_str()) {
+        if !is_managed(&name) {
             p.parameters.insert(name, row.get(1));
         }
     }

@@ -37,6 +37,6 @@ pub use patch::merge_patch;
 pub use replication_tls::{ReplicationTls, SslMode};
 pub use spec::{
     ArchiveRecoverySettings, ClusterRole, ClusterSpec, ExistingConfig, InitMode, NewConfig,
-    PitrConfig, RecoveryTargetSettings, SpecError, SpecErrors, StandbyBootstrap, StandbyConfig,
-    StandbySettings, SuReplAccessMode,
+    PitrConfig, RECOVERY_ENDING_PARAMETERS, RecoveryTargetSettings, SpecError, SpecErrors,
+    StandbyBootstrap, StandbyConfig, StandbySettings, SuReplAccessMode,
 };

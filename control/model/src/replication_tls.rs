@@ -23,6 +23,16 @@ pub enum SslMode {
 }
 
 impl SslMode {
+    /// Every mode, in libpq's order.
+    pub const ALL: [SslMode; 6] = [
+        SslMode::Disable,
+        SslMode::Allow,
+        SslMode::Prefer,
+        SslMode::Require,
+        SslMode::VerifyCa,
+        SslMode::VerifyFull,
+    ];
+
     /// The libpq spelling.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -307,16 +307,6 @@ pub struct StandbySettings {
 }
 
 impl StandbySettings {
-    /// libpq's `sslmode` values.
-    const SSLMODES: [&'static str; 6] = [
-        "disable",
-        "allow",
-        "prefer",
-        "require",
-        "verify-ca",
-        "verify-full",
-    ];
-
     /// What is wrong, as (field, message) pairs.
     fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
@@ -347,12 +337,10 @@ impl StandbySettings {
             ));
         }
         if let Some(mode) = &self.sslmode
-            && !Self::SSLMODES.contains(&mode.as_str())
+            && !crate::SslMode::ALL.iter().any(|m| m.as_str() == mode)
         {
-            out.push((
-                "sslmode",
-                format!("must be one of {}", Self::SSLMODES.join(", ")),
-            ));
+            let modes: Vec<&str> = crate::SslMode::ALL.iter().map(|m| m.as_str()).collect();
+            out.push(("sslmode", format!("must be one of {}", modes.join(", "))));
         }
         if extra.iter().any(|k| k == "password" || k == "passfile") {
             out.push((
@@ -507,8 +495,12 @@ pub(crate) const MANAGED_PG_PARAMETERS: &[&str] = &[
     "hba_file",
     "ident_file",
     "data_directory",
-    // Any of these could end a standby's recovery (a standby cluster's leader among them):
-    // only the keeper's own point-in-time recovery sets them.
+];
+
+/// Parameters that could end a standby's recovery (a standby cluster's leader among them):
+/// only the keeper's own point-in-time recovery sets them. Neither the spec nor an adopted
+/// data directory's configuration may carry them.
+pub const RECOVERY_ENDING_PARAMETERS: &[&str] = &[
     "recovery_target",
     "recovery_target_lsn",
     "recovery_target_name",
@@ -689,7 +681,10 @@ impl ClusterSpec {
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
             if !valid_name {
                 e.push(field, "is not a valid PostgreSQL parameter name");
-            } else if MANAGED_PG_PARAMETERS.contains(&name.to_ascii_lowercase().as_str()) {
+            } else if [MANAGED_PG_PARAMETERS, RECOVERY_ENDING_PARAMETERS]
+                .concat()
+                .contains(&name.to_ascii_lowercase().as_str())
+            {
                 e.push(
                     field,
                     "is managed by the keeper and cannot be set in the spec",
