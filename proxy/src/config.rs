@@ -111,10 +111,50 @@ pub struct ProxyArgs {
     /// Take over from the proxy running on the same listen address (a restart or an
     /// upgrade): receive its listening sockets, serve once the routing table is read, then
     /// the old process stops accepting, finishes its connections (up to its
-    /// `--drain-timeout`) and exits. No connect is refused meanwhile. Fails when no proxy
-    /// runs there.
-    #[arg(long, env = "TENDRIL_TAKEOVER")]
-    pub takeover: bool,
+    /// `--drain-timeout`) and exits. No connect is refused meanwhile. `--takeover` alone
+    /// (or `always`) fails when no proxy runs there; `auto` then starts on its own (a
+    /// supervisor that starts the same command every time: a pod, a container).
+    #[arg(
+        long,
+        env = "TENDRIL_TAKEOVER",
+        value_enum,
+        num_args = 0..=1,
+        default_value = "never",
+        default_missing_value = "always"
+    )]
+    pub takeover: Takeover,
+    /// What the process whose listening sockets were taken does once it has drained:
+    /// `exit`, or `wait` for SIGTERM. Use `wait` under a supervisor that restarts a
+    /// process that exits (a Kubernetes pod): a restarted proxy would take the sockets back.
+    #[arg(
+        long,
+        env = "TENDRIL_AFTER_HANDOVER",
+        value_enum,
+        default_value = "exit"
+    )]
+    pub after_handover: AfterHandover,
+}
+
+/// Whether a starting proxy takes the listening sockets of the one running on its address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Takeover {
+    /// Bind its own (beside a running proxy, it takes clients once it routes).
+    #[value(alias = "false")]
+    Never,
+    /// Take them; fail when no proxy runs there.
+    #[value(alias = "true")]
+    Always,
+    /// Take them when a proxy runs there, else bind its own.
+    Auto,
+}
+
+/// What a proxy whose listening sockets were taken over does once drained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AfterHandover {
+    /// Exit (status 0).
+    Exit,
+    /// Wait for SIGTERM or SIGINT, holding nothing (no listener, no metrics port).
+    Wait,
 }
 
 /// Where the read-only listener sends a connection no standby can take.
@@ -257,8 +297,10 @@ pub struct ProxyConfig {
     pub kernel_client_socket: bool,
     /// The refusal certificate, loaded.
     pub refusal_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
-    /// Take the listening sockets of the proxy running on `listen`.
-    pub takeover: bool,
+    /// Whether to take the listening sockets of the proxy running on `listen`.
+    pub takeover: Takeover,
+    /// What to do once drained after a handover.
+    pub after_handover: AfterHandover,
 }
 
 impl ProxyArgs {
@@ -295,7 +337,8 @@ impl ProxyArgs {
             errors.push(format!("--uid {uid:?}: use letters, digits, '-' and '_'"));
         }
         let force_epoll = self.io_driver == IoDriver::Epoll;
-        if self.takeover && self.listen_address.port() == 0 {
+        let takeover = self.takeover != Takeover::Never;
+        if takeover && self.listen_address.port() == 0 {
             errors.push("--takeover needs a --listen-address with a fixed port".into());
         }
         if let Some(ro) = self.read_only_listen_address {
@@ -304,7 +347,7 @@ impl ProxyArgs {
                     "--read-only-listen-address {ro} is the --listen-address: give it its own port"
                 ));
             }
-            if self.takeover && ro.port() == 0 {
+            if takeover && ro.port() == 0 {
                 errors
                     .push("--takeover needs a --read-only-listen-address with a fixed port".into());
             }
@@ -350,6 +393,7 @@ impl ProxyArgs {
                 kernel_client_socket: self.kernel_client_socket == Switch::On,
                 refusal_tls,
                 takeover: self.takeover,
+                after_handover: self.after_handover,
             }),
             _ => Err(errors.join("\n  - ")),
         }
@@ -416,6 +460,31 @@ mod tests {
         assert!(err.contains("give it its own port"), "{err}");
         let err = args(&["--read-only-fallback", "standby"]).unwrap_err();
         assert!(err.to_string().contains("master, reject"), "{err}");
+    }
+
+    #[test]
+    fn takeover_is_a_switch_or_a_mode() {
+        let mode = |extra: &[&str]| args(extra).map(|a| a.takeover);
+        assert_eq!(mode(&[]).unwrap(), Takeover::Never);
+        assert_eq!(mode(&["--takeover"]).unwrap(), Takeover::Always);
+        assert_eq!(
+            mode(&["--takeover", "--uid", "p1"]).unwrap(),
+            Takeover::Always
+        );
+        assert_eq!(mode(&["--takeover=auto"]).unwrap(), Takeover::Auto);
+        assert_eq!(mode(&["--takeover", "auto"]).unwrap(), Takeover::Auto);
+        // What the settings file makes of `takeover = true`.
+        assert_eq!(mode(&["--takeover", "true"]).unwrap(), Takeover::Always);
+        assert!(mode(&["--takeover=sometimes"]).is_err());
+        let config = args(&["--takeover=auto", "--listen-address", "127.0.0.1:0"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(config.contains("--takeover needs a --listen-address with a fixed port"));
+        assert_eq!(
+            args(&["--after-handover", "wait"]).unwrap().after_handover,
+            AfterHandover::Wait
+        );
     }
 
     #[test]

@@ -85,7 +85,7 @@ pub fn reexec() -> std::io::Result<u32> {
     } else {
         program
     };
-    let args: Vec<_> = args.filter(|a| a != "--takeover").collect();
+    let args = without_takeover(args);
     let mut child = std::process::Command::new(&program)
         .args(&args)
         .arg("--takeover")
@@ -102,6 +102,26 @@ pub fn reexec() -> std::io::Result<u32> {
             }
         })?;
     Ok(pid)
+}
+
+/// `args` without their `--takeover` flag (`--takeover`, `--takeover=MODE` or
+/// `--takeover MODE`): the new process gets a plain `--takeover`.
+fn without_takeover(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        if arg == "--takeover" {
+            let mode = args.peek().and_then(|v| v.to_str()).is_some_and(|v| {
+                <crate::config::Takeover as clap::ValueEnum>::from_str(v, false).is_ok()
+            });
+            if mode {
+                args.next();
+            }
+        } else if !arg.to_string_lossy().starts_with("--takeover=") {
+            out.push(arg);
+        }
+    }
+    out
 }
 
 /// The abstract socket name a proxy listening on `listen` answers takeovers on.
@@ -437,7 +457,52 @@ fn answer(stream: &UnixStream, about: &str, listeners: &[RawFd]) -> std::io::Res
 
 #[cfg(test)]
 mod tests {
-    use super::successor_uid;
+    use super::{successor_uid, without_takeover};
+
+    #[test]
+    fn a_reexecuted_proxy_gets_one_plain_takeover_flag() {
+        let args = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let kept = args(&["--uid", "p1", "--listen-address", "127.0.0.1:5"]);
+        for with in [
+            &[
+                "--uid",
+                "p1",
+                "--takeover",
+                "--listen-address",
+                "127.0.0.1:5",
+            ][..],
+            &[
+                "--uid",
+                "p1",
+                "--takeover",
+                "auto",
+                "--listen-address",
+                "127.0.0.1:5",
+            ],
+            &[
+                "--takeover=auto",
+                "--uid",
+                "p1",
+                "--listen-address",
+                "127.0.0.1:5",
+            ],
+            &[
+                "--uid",
+                "p1",
+                "--listen-address",
+                "127.0.0.1:5",
+                "--takeover",
+                "never",
+            ],
+        ] {
+            assert_eq!(without_takeover(args(with).into_iter()), kept, "{with:?}");
+        }
+        // A value that is not a mode is the next flag's business.
+        assert_eq!(
+            without_takeover(args(&["--takeover", "--uid", "p1"]).into_iter()),
+            args(&["--uid", "p1"])
+        );
+    }
 
     #[test]
     fn a_taker_with_the_old_process_uid_alternates() {

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use config::ProxyConfig;
+use config::{AfterHandover, ProxyConfig, Takeover};
 use shared::{Settings, Shared};
 use tendril_control_model::{ClusterData, decode};
 use tendril_control_store::{EtcdStore, Store};
@@ -105,11 +105,22 @@ impl App {
     ) -> Result<App, ProxyError> {
         let mut config = config;
         let nofile = sys::raise_nofile_limit();
-        let (listeners, read_only, beside, taken) = if config.takeover {
+        let take = || handover::take(config.listen, config.read_only_listen, &config.cluster);
+        let taken = match config.takeover {
+            Takeover::Never => None,
+            Takeover::Always => Some(take()?),
+            Takeover::Auto => match take() {
+                Ok(taken) => Some(taken),
+                Err(handover::HandoverError::NoneRunning { .. }) => {
+                    tracing::info!(listen = %config.listen, "--takeover=auto: no proxy answers on this address: starting on its own");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let (listeners, read_only, beside, taken) = if let Some((taken_sockets, taken)) = taken {
             // The running process's own sockets: they never close, so no connect is
             // refused. It accepts on them until this one has read its routing table.
-            let (taken_sockets, taken) =
-                handover::take(config.listen, config.read_only_listen, &config.cluster)?;
             let (mut listeners, mut read_only) = (taken_sockets.primary, taken_sockets.read_only);
             let uid = handover::successor_uid(&config.uid, &taken.uid);
             if uid != config.uid {
@@ -342,7 +353,7 @@ impl App {
         } else if beside {
             tracing::info!(%listen, "another process listens on this address: this one takes clients once it has read its routing table");
         }
-        let (handed_over_tx, handed_over) = tokio::sync::oneshot::channel::<()>();
+        let (handed_over_tx, handed_over) = tokio::sync::watch::channel(false);
         match taken {
             Some(taken) => tell_when_routing(taken, shared.clone())?,
             None => {
@@ -366,23 +377,20 @@ impl App {
                     cs.stop_capturing();
                 }
                 s.hand_over();
-                let _ = handed_over_tx.send(());
+                handed_over_tx.send_replace(true);
             },
         )
         .map_err(|e| ProxyError::Other(format!("handover socket: {e}")))?;
-        let shutdown = async move {
-            tokio::select! {
-                () = shutdown => {}
-                Ok(()) = handed_over => {}
-            }
-        };
         let control = spawn_control(
             config,
             shared.clone(),
             wakers,
             listener_fds.into_iter().chain(read_only_fds).collect(),
             kernel_stats,
-            shutdown,
+            Stop {
+                signal: Box::pin(shutdown),
+                handed_over,
+            },
         )?;
         Ok(App {
             listen,
@@ -482,6 +490,61 @@ fn bind(
     Ok(out)
 }
 
+/// What ends the proxy: a signal, or a handover to a new process (then, with
+/// `--after-handover wait`, the process outlives its drain until the signal).
+struct Stop {
+    signal: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    handed_over: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Stop {
+    /// Resolves when the proxy should drain: on the signal, or once handed over. The
+    /// signal is watched from the start, so one that arrives during the drain still counts
+    /// for [`Stop::outlive_drain`].
+    fn drain(self) -> (impl std::future::Future<Output = ()>, Drained) {
+        let (signalled_tx, signalled) = tokio::sync::watch::channel(false);
+        let signal = self.signal;
+        tokio::spawn(async move {
+            signal.await;
+            signalled_tx.send_replace(true);
+        });
+        let (mut s, mut h) = (signalled.clone(), self.handed_over.clone());
+        let drain = async move {
+            tokio::select! {
+                Ok(_) = s.wait_for(|v| *v) => {}
+                Ok(_) = h.wait_for(|v| *v) => {}
+            }
+        };
+        let drained = Drained {
+            signalled,
+            handed_over: self.handed_over,
+        };
+        (drain, drained)
+    }
+}
+
+/// See [`Stop::drain`].
+struct Drained {
+    signalled: tokio::sync::watch::Receiver<bool>,
+    handed_over: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Drained {
+    /// With `--after-handover wait`, a process that was handed over waits for the signal
+    /// after its drain: a supervisor that restarts exited processes (kubelet) would start
+    /// one that takes the sockets back.
+    async fn outlive_drain(mut self, after: AfterHandover) {
+        if after == AfterHandover::Wait && *self.handed_over.borrow() {
+            if !*self.signalled.borrow() {
+                tracing::info!(
+                    "handed over and drained: waiting for SIGTERM (--after-handover wait)"
+                );
+            }
+            let _ = self.signalled.wait_for(|v| *v).await;
+        }
+    }
+}
+
 fn spawn_control(
     config: ProxyConfig,
     shared: Arc<Shared>,
@@ -492,7 +555,7 @@ fn spawn_control(
         Option<Arc<tendril_ebpf::client_socket::ClientSocket>>,
         bool,
     )>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    stop: Stop,
 ) -> Result<JoinHandle<()>, ProxyError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -541,6 +604,7 @@ fn spawn_control(
                     // accepts them (after a takeover), not this one's.
                     control.on_drain(move || cs.stop_capturing());
                 }
+                let (drain, drained) = stop.drain();
                 if let Some(listener) = metrics_listener {
                     let mechanism = control.kill_mechanism();
                     let cluster = config.cluster.clone();
@@ -550,7 +614,7 @@ fn spawn_control(
                     let health: tendril_metrics::Health = Arc::new(move || {
                         routing::health(&s_health.table.load(), s_health.draining())
                     });
-                    tokio::spawn(tendril_metrics::serve_with_health(
+                    let server = tokio::spawn(tendril_metrics::serve_with_health(
                         listener,
                         Arc::new(move || {
                             let table = s.table.load();
@@ -586,9 +650,20 @@ fn spawn_control(
                         }),
                         health,
                     ));
+                    // The process that took over serves the metrics port from now on
+                    // (probes reach it alone).
+                    let mut handed_over = drained.handed_over.clone();
+                    tokio::spawn(async move {
+                        if handed_over.wait_for(|h| *h).await.is_ok() {
+                            server.abort();
+                            tracing::info!("handed over: metrics port released");
+                        }
+                    });
                 }
                 tokio::spawn(reexec_on_sigusr2(shared.clone()));
-                control.run(shutdown).await;
+                let after = config.after_handover;
+                control.run(drain).await;
+                drained.outlive_drain(after).await;
             });
         })
         .map_err(|e| ProxyError::Other(format!("spawn control thread: {e}")))

@@ -289,6 +289,12 @@ pub fn run(
         }
         drain(&ctx).await;
         ctx.metrics().stopped();
+        drop(ctx);
+        // monoio closes a dropped socket with an io_uring op that the next park submits; a
+        // runtime dropped before then leaks the descriptor. Park once more, so that the
+        // listening sockets and the last clients' close now: a process that outlives its
+        // drain (`--after-handover wait`) would hold them open.
+        monoio::time::sleep(Duration::from_millis(1)).await;
         Ok(())
     });
     if let Err(e) = result {
