@@ -55,8 +55,8 @@ pub enum Command {
 /// `tendrilctl k8s` commands.
 #[derive(Debug, Subcommand)]
 pub enum K8sCommand {
-    /// Print the cluster's objects (keepers, sentinels, proxies, passwords, initial spec) as
-    /// one List for `kubectl apply -f -`. Reads nothing from the store.
+    /// Print the cluster's objects (keepers, sentinels, proxies, passwords, initial spec) for
+    /// `kubectl apply -f -`. Reads nothing from the store.
     Manifests(Box<ManifestsArgs>),
 }
 
@@ -108,6 +108,22 @@ pub struct ManifestsArgs {
     /// Proxy memory.
     #[arg(long, default_value = "128Mi")]
     pub proxy_memory: String,
+    /// The proxies' read-only listener (port 25433 on each node; reads on the standbys) and
+    /// its node-local Service (`tendril-CLUSTER-ro`, port 5433).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value = "yaml")]
+    pub output: ManifestFormat,
+}
+
+/// How `tendrilctl k8s manifests` prints the objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ManifestFormat {
+    /// YAML documents separated by `---`, every string quoted.
+    Yaml,
+    /// One `v1` `List`.
+    Json,
 }
 
 /// Output format.

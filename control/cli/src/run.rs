@@ -7,7 +7,9 @@ use serde_json::Value;
 use tendril_control_model::{ClusterSpec, Keys, encode_pretty};
 use tendril_control_store::EtcdStore;
 
-use crate::args::{Cli, ClusterDataCommand, Command, K8sCommand, ManifestsArgs, Output};
+use crate::args::{
+    Cli, ClusterDataCommand, Command, K8sCommand, ManifestFormat, ManifestsArgs, Output,
+};
 use crate::{Ctl, CtlError, SpecChange, parse_json};
 
 /// Runs `cli`, printing results on standard output.
@@ -24,7 +26,11 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     if let Command::K8s(K8sCommand::Manifests(args)) = &cli.command {
         let options = k8s_options(cluster, &cli.store.store_endpoints, args);
         let manifests = tendril_k8s::manifests(&options)?;
-        print!("{}", tendril_k8s::to_json_list(&manifests)?);
+        let text = match args.output {
+            ManifestFormat::Yaml => tendril_k8s::to_yaml(&manifests)?,
+            ManifestFormat::Json => tendril_k8s::to_json_list(&manifests)?,
+        };
+        print!("{text}");
         return Ok(());
     }
     let keys = Keys::new(cluster).map_err(|e| CtlError::Usage(e.to_string()))?;
@@ -156,6 +162,7 @@ fn k8s_options(cluster: &str, endpoints: &[String], a: &ManifestsArgs) -> tendri
     o.storage_class.clone_from(&a.storage_class);
     o.storage_size.clone_from(&a.storage_size);
     o.synchronous_replication = a.synchronous_replication;
+    o.read_only = a.read_only;
     o.secret = match &a.secret {
         Some(name) => tendril_k8s::SecretSource::Existing(name.clone()),
         None => tendril_k8s::SecretSource::Generate {

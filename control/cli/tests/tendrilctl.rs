@@ -415,6 +415,8 @@ fn k8s_manifests_are_printed_without_a_store() {
                 "manifests",
                 "--image",
                 "registry.example/tendril:0.1.0",
+                "--output",
+                "json",
             ])
             .args(args)
             .output()
@@ -441,6 +443,24 @@ fn k8s_manifests_are_printed_without_a_store() {
     assert_exit(&existing, 0);
     assert!(!kinds(&existing).contains(&"Secret".to_owned()));
     assert_eq!(json(&existing)["items"][2]["spec"]["replicas"], 5);
+    // YAML by default: the same objects.
+    let yaml = Command::new(env!("CARGO_BIN_EXE_tendrilctl"))
+        .env("TENDRIL_CLUSTER_NAME", "main")
+        .env("TENDRIL_STORE_ENDPOINTS", "http://etcd.db.svc:2379")
+        .args([
+            "k8s",
+            "manifests",
+            "--image",
+            "registry.example/tendril:0.1.0",
+        ])
+        .args(["--secret", "db-passwords", "--keepers", "5", "--read-only"])
+        .output()
+        .unwrap();
+    assert_exit(&yaml, 0);
+    let docs = tendril_k8s::parse_yaml(&String::from_utf8_lossy(&yaml.stdout)).unwrap();
+    let existing_ro = run(&["--secret", "db-passwords", "--keepers", "5", "--read-only"]);
+    assert_eq!(&docs, json(&existing_ro)["items"].as_array().unwrap());
+    assert_eq!(docs.last().unwrap()["metadata"]["name"], "tendril-main-ro");
     let bad = run(&["--sentinels", "1", "--storage-size", "big"]);
     assert_exit(&bad, 2);
     assert!(

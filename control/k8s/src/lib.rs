@@ -1,6 +1,6 @@
 //! Kubernetes manifests for a tendril cluster, built from typed Kubernetes API objects
 //! (`k8s-openapi`) rather than text templates: [`manifests`] turns validated [`Options`] into
-//! the objects, [`to_json_list`] renders them for `kubectl apply -f`. Pure: no I/O, no
+//! the objects, [`to_yaml`] and [`to_json_list`] render them for `kubectl apply -f`. Pure: no I/O, no
 //! randomness (the caller generates passwords).
 
 mod manifests;
@@ -9,8 +9,8 @@ mod parts;
 
 pub use manifests::{
     Component, DATA_DIR, KEEPER_METRICS_PORT, Manifest, POSTGRES_PORT, PROXY_METRICS_PORT,
-    PROXY_PORT, RUN_AS, SECRET_DIR, SENTINEL_METRICS_PORT, SERVICE_PORT, SPEC_FILE, manifests,
-    object_name, selector_labels,
+    PROXY_PORT, PROXY_READ_ONLY_PORT, READ_ONLY_SERVICE_PORT, RUN_AS, SECRET_DIR,
+    SENTINEL_METRICS_PORT, SERVICE_PORT, SPEC_FILE, manifests, object_name, selector_labels,
 };
 pub use options::{Options, Resources, SecretSource};
 
@@ -28,6 +28,28 @@ pub enum K8sError {
     /// An object could not be rendered.
     #[error("rendering the manifests: {0}")]
     Render(#[from] serde_json::Error),
+    /// The objects could not be rendered as YAML, or YAML read back made no sense.
+    #[error("YAML: {0}")]
+    Yaml(String),
+}
+
+/// The objects as YAML documents separated by `---`, in apply order. Every string is
+/// quoted, so that no YAML 1.1 reader (kubectl's) takes `on`, `off`, `yes` or `"true"` for
+/// a boolean, or `0755` for a number.
+pub fn to_yaml(manifests: &[Manifest]) -> Result<String, K8sError> {
+    let docs = manifests
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<Vec<_>, _>>()?;
+    let options = serde_saphyr::ser_options! { quote_all: true };
+    serde_saphyr::to_string_multiple_with_options(&docs, options)
+        .map(|text| format!("---\n{text}"))
+        .map_err(|e| K8sError::Yaml(e.to_string()))
+}
+
+/// YAML documents (as [`to_yaml`] writes them) read back as JSON values.
+pub fn parse_yaml(text: &str) -> Result<Vec<serde_json::Value>, K8sError> {
+    serde_saphyr::from_multiple(text).map_err(|e| K8sError::Yaml(e.to_string()))
 }
 
 /// The objects as one `v1` `List`, which `kubectl apply -f` takes whole.

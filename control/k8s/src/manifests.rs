@@ -8,7 +8,9 @@
 //!   its own, never two on one node.
 //! - Sentinels: two or more, spread over nodes.
 //! - Proxies: one per node on the host network, reached through a Service that keeps traffic
-//!   on the client's node (`internalTrafficPolicy: Local`).
+//!   on the client's node (`internalTrafficPolicy: Local`); with the read-only listener, a
+//!   second such Service for reads on the standbys. A rolling update starts the new pod
+//!   beside the old one, which hands its listening sockets over (`--takeover=auto`).
 //! - Passwords only as files from the Secret, never in the environment or the store.
 
 use std::collections::BTreeMap;
@@ -46,8 +48,12 @@ pub const SENTINEL_METRICS_PORT: u16 = 8009;
 pub const PROXY_PORT: u16 = 25432;
 /// The proxy's HTTP endpoints (`/health`, `/metrics`).
 pub const PROXY_METRICS_PORT: u16 = 25490;
+/// The proxy's read-only listener on each node's address (with [`Options::read_only`]).
+pub const PROXY_READ_ONLY_PORT: u16 = 25433;
 /// The port applications connect to through the node-local Service.
 pub const SERVICE_PORT: u16 = 5432;
+/// The port of the node-local read-only Service.
+pub const READ_ONLY_SERVICE_PORT: u16 = 5433;
 /// Where the Secret's files are in each pod.
 pub const SECRET_DIR: &str = "/etc/tendril/secret";
 /// The keeper's data directory (its volume).
@@ -152,7 +158,20 @@ pub fn manifests(o: &Options) -> Result<Vec<Manifest>, K8sError> {
         Budget::OneAvailable,
     ))));
     out.push(Manifest::DaemonSet(Box::new(proxies(o))));
-    out.push(Manifest::Service(Box::new(proxy_service(o))));
+    out.push(Manifest::Service(Box::new(proxy_service(
+        o,
+        &format!("tendril-{}", o.cluster),
+        SERVICE_PORT,
+        PROXY_PORT,
+    ))));
+    if o.read_only {
+        out.push(Manifest::Service(Box::new(proxy_service(
+            o,
+            &format!("tendril-{}-ro", o.cluster),
+            READ_ONLY_SERVICE_PORT,
+            PROXY_READ_ONLY_PORT,
+        ))));
+    }
     Ok(out)
 }
 
@@ -397,16 +416,30 @@ fn proxies(o: &Options) -> DaemonSet {
         // The kernel paths need BPF privileges a pod does not have by default.
         env_value("TENDRIL_FORWARDING", "userspace"),
         env_value("TENDRIL_DRAIN_TIMEOUT", "30s"),
+        // A rolling update's new pod takes the running pod's listening sockets (the same
+        // kernel sockets: no connect refused); the first pod on a node starts on its own.
+        env_value("TENDRIL_TAKEOVER", "auto"),
+        // The old pod's process, drained, waits for its deletion: exiting would have the
+        // kubelet restart it, and the restarted process take the sockets back.
+        env_value("TENDRIL_AFTER_HANDOVER", "wait"),
     ]);
+    let mut ports = vec![
+        port("postgres", PROXY_PORT),
+        port("metrics", PROXY_METRICS_PORT),
+    ];
+    if o.read_only {
+        vars.push(env_value(
+            "TENDRIL_READ_ONLY_LISTEN_ADDRESS",
+            format!("$(NODE_IP):{PROXY_READ_ONLY_PORT}"),
+        ));
+        ports.push(port("postgres-ro", PROXY_READ_ONLY_PORT));
+    }
     let container = Container {
         name: "proxy".into(),
         image: Some(o.image.clone()),
         command: Some(vec!["tendril-proxy".into()]),
         env: Some(vars),
-        ports: Some(vec![
-            port("postgres", PROXY_PORT),
-            port("metrics", PROXY_METRICS_PORT),
-        ]),
+        ports: Some(ports),
         // Ready while it routes to a master; alive while it accepts connections (it holds
         // them during a switchover, and refuses them with a reason when no master exists).
         readiness_probe: Some(http_probe("/health", PROXY_METRICS_PORT, 2, 2)),
@@ -441,8 +474,8 @@ fn proxies(o: &Options) -> DaemonSet {
         spec: Some(DaemonSetSpec {
             selector: selector(o, Component::Proxy),
             template: template(o, Component::Proxy, PROXY_METRICS_PORT, spec),
-            // The new pod starts beside the old one (the listening port is shared) before
-            // the old one drains: a node never goes without a proxy.
+            // The new pod starts beside the old one and takes its listening sockets; the
+            // old one drains, then is deleted: a node never goes without a proxy.
             update_strategy: Some(DaemonSetUpdateStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDaemonSet {
@@ -456,17 +489,17 @@ fn proxies(o: &Options) -> DaemonSet {
     }
 }
 
-fn proxy_service(o: &Options) -> Service {
+fn proxy_service(o: &Options, name: &str, port: u16, target: u16) -> Service {
     Service {
-        metadata: meta(o, &format!("tendril-{}", o.cluster), Some(Component::Proxy)),
+        metadata: meta(o, name, Some(Component::Proxy)),
         spec: Some(ServiceSpec {
             selector: Some(selector_labels(&o.cluster, Component::Proxy)),
             // Each application pod talks to the proxy on its own node.
             internal_traffic_policy: Some("Local".into()),
             ports: Some(vec![ServicePort {
                 name: Some("postgres".into()),
-                port: i32::from(SERVICE_PORT),
-                target_port: Some(IntOrString::Int(i32::from(PROXY_PORT))),
+                port: i32::from(port),
+                target_port: Some(IntOrString::Int(i32::from(target))),
                 ..ServicePort::default()
             }]),
             ..ServiceSpec::default()

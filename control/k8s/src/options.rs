@@ -29,6 +29,8 @@ pub struct Options {
     pub secret: SecretSource,
     /// Resource requests and limits per component.
     pub resources: Resources,
+    /// The proxies' read-only listener (reads on the standbys) and its node-local Service.
+    pub read_only: bool,
 }
 
 /// Where the passwords come from.
@@ -100,6 +102,7 @@ impl Options {
             synchronous_replication: true,
             secret: SecretSource::Existing(format!("tendril-{cluster}-passwords")),
             resources: Resources::default(),
+            read_only: false,
         }
     }
 

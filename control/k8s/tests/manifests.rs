@@ -9,8 +9,9 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Container, PodTemplateSpec};
 use serde_json::Value;
 use tendril_k8s::{
-    Component, KEEPER_METRICS_PORT, Manifest, Options, PROXY_METRICS_PORT, SENTINEL_METRICS_PORT,
-    SecretSource, manifests, object_name, to_json_list,
+    Component, KEEPER_METRICS_PORT, Manifest, Options, PROXY_METRICS_PORT, PROXY_READ_ONLY_PORT,
+    READ_ONLY_SERVICE_PORT, SENTINEL_METRICS_PORT, SecretSource, manifests, object_name,
+    parse_yaml, to_json_list, to_yaml,
 };
 
 fn options() -> Options {
@@ -38,16 +39,28 @@ fn generated() -> Options {
     o
 }
 
+fn read_only() -> Options {
+    let mut o = options();
+    o.read_only = true;
+    o
+}
+
 #[test]
 fn golden_files() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata");
     let update = std::env::var_os("UPDATE_EXPECT").is_some();
-    for (name, o) in [
-        ("existing-secret", options()),
-        ("generated-secret", generated()),
+    for (name, o, yaml) in [
+        ("existing-secret", options(), false),
+        ("generated-secret", generated(), false),
+        ("read-only", read_only(), true),
     ] {
-        let text = to_json_list(&manifests(&o).unwrap()).unwrap();
-        let path = dir.join(format!("{name}.json"));
+        let objects = manifests(&o).unwrap();
+        let (text, ext) = if yaml {
+            (to_yaml(&objects).unwrap(), "yaml")
+        } else {
+            (to_json_list(&objects).unwrap(), "json")
+        };
+        let path = dir.join(format!("{name}.{ext}"));
         if update {
             std::fs::write(&path, &text).unwrap();
         }
@@ -274,6 +287,121 @@ fn keepers_never_share_a_node_and_budgets_select_their_pods() {
             }
         }
     }
+}
+
+#[test]
+fn yaml_reads_back_as_the_same_objects_with_strings_kept_strings() {
+    for o in [generated(), read_only()] {
+        let yaml = to_yaml(&manifests(&o).unwrap()).unwrap();
+        assert_eq!(parse_yaml(&yaml).unwrap(), items(&o));
+    }
+    // "on" and "0755" would be a boolean and a number to a YAML 1.1 reader.
+    let mut o = generated();
+    o.secret = SecretSource::Generate {
+        su: "on".into(),
+        repl: "0755".into(),
+    };
+    let yaml = to_yaml(&manifests(&o).unwrap()).unwrap();
+    assert!(
+        yaml.contains("su-password: 'on'") && yaml.contains("repl-password: '0755'"),
+        "{yaml}"
+    );
+}
+
+fn env_of(c: &Container, name: &str) -> Option<String> {
+    c.env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value)
+}
+
+#[test]
+fn a_proxy_rolling_update_hands_the_listening_sockets_over() {
+    let daemon_set = manifests(&options())
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            Manifest::DaemonSet(d) => Some(d),
+            _ => None,
+        })
+        .unwrap();
+    let spec = daemon_set.spec.unwrap();
+    let rolling = spec.update_strategy.unwrap().rolling_update.unwrap();
+    // The new pod runs beside the old one (host network: the same address) ...
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    // ... takes its sockets, and the old one waits for its deletion once drained ...
+    let c = &pod.containers[0];
+    assert_eq!(env_of(c, "TENDRIL_TAKEOVER").as_deref(), Some("auto"));
+    assert_eq!(env_of(c, "TENDRIL_AFTER_HANDOVER").as_deref(), Some("wait"));
+    // ... and its drain ends within the grace period.
+    let drain = humantime::parse_duration(&env_of(c, "TENDRIL_DRAIN_TIMEOUT").unwrap()).unwrap();
+    let grace = pod.termination_grace_period_seconds.unwrap();
+    assert!(
+        drain.as_secs() + 5 < u64::try_from(grace).unwrap(),
+        "{drain:?} {grace}"
+    );
+}
+
+#[test]
+fn the_read_only_service_reaches_the_proxies_read_only_listener() {
+    let services: Vec<_> = manifests(&read_only())
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            Manifest::Service(s) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    let ro = services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("tendril-main-ro"))
+        .unwrap()
+        .spec
+        .clone()
+        .unwrap();
+    assert_eq!(ro.internal_traffic_policy.as_deref(), Some("Local"));
+    assert_eq!(
+        ro.selector.unwrap(),
+        tendril_k8s::selector_labels("main", Component::Proxy)
+    );
+    let port = &ro.ports.unwrap()[0];
+    assert_eq!(port.port, i32::from(READ_ONLY_SERVICE_PORT));
+    let (_, proxy) = workloads(&read_only()).pop().unwrap();
+    let c = container(&proxy);
+    assert_eq!(
+        env_of(&c, "TENDRIL_READ_ONLY_LISTEN_ADDRESS").unwrap(),
+        format!("$(NODE_IP):{PROXY_READ_ONLY_PORT}")
+    );
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(
+        port.target_port,
+        Some(IntOrString::Int(i32::from(PROXY_READ_ONLY_PORT)))
+    );
+    assert!(
+        c.ports
+            .unwrap()
+            .iter()
+            .any(|p| p.container_port == i32::from(PROXY_READ_ONLY_PORT))
+    );
+    // Without the option: neither the listener nor the Service.
+    assert!(
+        env_of(
+            &container(&workloads(&options()).pop().unwrap().1),
+            "TENDRIL_READ_ONLY_LISTEN_ADDRESS"
+        )
+        .is_none()
+    );
+    assert!(
+        !items(&options())
+            .iter()
+            .any(|v| v["metadata"]["name"] == "tendril-main-ro")
+    );
 }
 
 #[test]
