@@ -4,8 +4,10 @@
 //! in, `$(VAR)` expanded), its volumes bind-mounted where the container mounts them (the
 //! keeper's claim, the Secret's files, the ConfigMap's spec), and the user the pod runs as.
 //! Then: the cluster forms, every readiness probe answers 200 where it points, a client
-//! works through the node's proxy, and a keeper pod deleted (SIGTERM) and created again in
-//! a new namespace (a new IP) on the same volume rejoins, as a StatefulSet does.
+//! works through the node's proxy, a keeper pod deleted (SIGTERM) and created again in a new
+//! namespace (a new IP) on the same volume rejoins, as a StatefulSet does, and the proxy
+//! DaemonSet rolled as `maxSurge` does it (the new pod on the node beside the old one, then
+//! the old one deleted) fails no transaction of a writer.
 
 #![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
 
@@ -13,22 +15,25 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tendril_control_model::{ClusterData, Keys, decode};
 use tendril_control_store::{EtcdStore, Store, StoreConfig};
+use tendril_e2e::writer::{Mode, Writer};
 use tendril_e2e::{Proc, REPL_PASSWORD, SU_PASSWORD, bin_dir, connect, http_get};
 use tendril_k8s::{Manifest, Options, RUN_AS, SecretSource};
 use tendril_testkit::{EtcdServer, Netns};
 
 const CLUSTER: &str = "k8s";
 
-/// One running pod: its namespace (network), its own directories, its process.
+/// One running pod: its namespace (network; a node's, shared, for a host-network pod), its
+/// process.
 struct Pod {
     name: String,
-    ns: Netns,
+    ns: Arc<Netns>,
     proc: Proc,
 }
 
@@ -93,7 +98,7 @@ fn environment(c: &Container, fields: &BTreeMap<&str, String>) -> Vec<(String, S
 fn start_pod(
     work: &Path,
     name: &str,
-    ns: Netns,
+    ns: Arc<Netns>,
     spec: &PodSpec,
     fields: &BTreeMap<&str, String>,
     volumes: &BTreeMap<String, PathBuf>,
@@ -306,7 +311,14 @@ async fn the_manifests_run_as_processes() {
             ("metadata.name", name.clone()),
             ("status.podIP", ns.ns_ip.to_string()),
         ]);
-        start_pod(work.path(), &name, ns, &objects.keeper, &fields, &v)
+        start_pod(
+            work.path(),
+            &name,
+            Arc::new(ns),
+            &objects.keeper,
+            &fields,
+            &v,
+        )
     };
     let mut keepers: Vec<Pod> = (0..2).map(|i| start_keeper(i, &volumes)).collect();
     let sentinels: Vec<Pod> = (0..2)
@@ -315,7 +327,14 @@ async fn the_manifests_run_as_processes() {
             ns.route_through_root();
             let name = format!("tendril-{CLUSTER}-sentinel-{i}");
             let fields = BTreeMap::from([("status.podIP", ns.ns_ip.to_string())]);
-            start_pod(work.path(), &name, ns, &objects.sentinel, &fields, &volumes)
+            start_pod(
+                work.path(),
+                &name,
+                Arc::new(ns),
+                &objects.sentinel,
+                &fields,
+                &volumes,
+            )
         })
         .collect();
     let proxy_fields = BTreeMap::from([
@@ -323,10 +342,11 @@ async fn the_manifests_run_as_processes() {
         ("status.podIP", node.ns_ip.to_string()),
     ]);
     let proxy_ip = node.ns_ip;
-    let proxy = start_pod(
+    let node = Arc::new(node);
+    let mut proxy = start_pod(
         work.path(),
         &format!("tendril-{CLUSTER}-proxy-node0"),
-        node,
+        node.clone(),
         &objects.proxy,
         &proxy_fields,
         &volumes,
@@ -400,4 +420,58 @@ async fn the_manifests_run_as_processes() {
         events.iter().any(|e| e.kind == "switchover done"),
         "deleting the master's pod switched over: {events:?}"
     );
+    drop(client);
+
+    // The proxy DaemonSet rolled (maxSurge) under a writer with a new connection per
+    // transaction: the new pod starts on the node beside the old one and takes its
+    // listening sockets; the old one drains, waits, and exits when its pod is deleted.
+    let writer = Writer::start_to(&proxy_ip.to_string(), port, 4, Mode::PerTransaction, 1000).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rolled = start_pod(
+        work.path(),
+        &format!("tendril-{CLUSTER}-proxy-node0-b"),
+        node.clone(),
+        &objects.proxy,
+        &proxy_fields,
+        &volumes,
+    );
+    let logged = |pod: &Pod, what: &str| pod.proc.log_text().contains(what);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(logged(&rolled, "took over: the old proxy stopped accepting")
+        && logged(&proxy, "handed over and drained: waiting for SIGTERM"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no handover:\n{}\n{}",
+            tendril_e2e::log_tail("old proxy", &proxy.proc.log_text(), 20),
+            tendril_e2e::log_tail("new proxy", &rolled.proc.log_text(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Drained, it stays until its pod is deleted (exiting would have it restarted).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut old_proxy = proxy.proc.child.take().unwrap();
+    assert!(old_proxy.try_wait().unwrap().is_none());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(old_proxy.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = old_proxy.wait().unwrap();
+    assert!(status.success(), "the old proxy pod's process: {status}");
+    wait_ready(
+        &store,
+        &pods(&objects, &keepers, &sentinels, &rolled),
+        2,
+        work.path(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = writer.stop().await;
+    assert!(
+        report.failures.is_empty(),
+        "the proxy rollout failed transactions: {:?}",
+        report.failures
+    );
+    assert!(report.acked.len() > 20, "{} writes", report.acked.len());
 }
