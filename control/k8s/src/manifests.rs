@@ -280,6 +280,9 @@ fn keepers(o: &Options) -> StatefulSet {
         volumes: Some(vec![secret_volume(o)]),
         security_context: Some(security_context()),
         automount_service_account_token: Some(false),
+        // The pod's pause process is PID 1 and reaps what PostgreSQL leaves orphaned (the
+        // backends of a postmaster killed with -9); the keeper reaps only its children.
+        share_process_namespace: Some(true),
         // The switchover (at most 30 s), then a fast shutdown of PostgreSQL.
         termination_grace_period_seconds: Some(60),
         affinity: Some(Affinity {

@@ -242,6 +242,11 @@ fn keeper_pod_names_are_keeper_uids() {
 #[test]
 fn keepers_never_share_a_node_and_budgets_select_their_pods() {
     let (_, keeper) = &workloads(&options())[0];
+    // Not the keeper as PID 1: orphaned PostgreSQL processes are reaped.
+    assert_eq!(
+        keeper.spec.clone().unwrap().share_process_namespace,
+        Some(true)
+    );
     let terms = keeper
         .spec
         .clone()
