@@ -421,6 +421,8 @@ async fn the_manifests_run_as_processes() {
         "deleting the master's pod switched over: {events:?}"
     );
     drop(client);
+    // A session open across the roll: the old pod serves it until it ends.
+    let session = connect(&proxy_ip.to_string(), port).await.unwrap();
 
     // The proxy DaemonSet rolled (maxSurge) under a writer with a new connection per
     // transaction: the new pod starts on the node beside the old one and takes its
@@ -437,14 +439,27 @@ async fn the_manifests_run_as_processes() {
     );
     let logged = |pod: &Pod, what: &str| pod.proc.log_text().contains(what);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !(logged(&rolled, "took over: the old proxy stopped accepting")
-        && logged(&proxy, "handed over and drained: waiting for SIGTERM"))
-    {
+    while !logged(&rolled, "took over: the old proxy stopped accepting") {
         assert!(
             Instant::now() < deadline,
             "no handover:\n{}\n{}",
             tendril_e2e::log_tail("old proxy", &proxy.proc.log_text(), 20),
             tendril_e2e::log_tail("new proxy", &rolled.proc.log_text(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n: i64 = session
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "the session opened before the handover goes on");
+    drop(session);
+    while !logged(&proxy, "handed over and drained: waiting for SIGTERM") {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            tendril_e2e::log_tail("old proxy", &proxy.proc.log_text(), 20)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
