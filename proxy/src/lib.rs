@@ -513,6 +513,8 @@ impl Stop {
             tokio::select! {
                 Ok(_) = s.wait_for(|v| *v) => {}
                 Ok(_) = h.wait_for(|v| *v) => {}
+                // Both senders gone: the runtime is ending.
+                else => {}
             }
         };
         let drained = Drained {

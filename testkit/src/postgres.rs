@@ -51,6 +51,12 @@ impl PgServer {
         PgServer::start_at(Some(netns), settings)
     }
 
+    /// As [`PgServer::start_with`], on `port` of 127.0.0.1 (for a client that cannot be told
+    /// another one); panics with the log if it does not come up there.
+    pub fn start_on(port: u16, settings: &[(&str, &str)]) -> PgServer {
+        PgServer::start_at_port(None, Some(port), settings)
+    }
+
     /// As [`PgServer::start_with`], with TLS on (`ssl=on`): a test CA signed its certificate
     /// for 127.0.0.1 and localhost, so clients can verify it with `sslmode=verify-full` and
     /// `sslrootcert` = [`TlsMaterial::ca_cert`] of [`PgServer::tls`].
@@ -80,6 +86,14 @@ impl PgServer {
     }
 
     fn start_at(netns: Option<&Netns>, settings: &[(&str, &str)]) -> PgServer {
+        PgServer::start_at_port(netns, None, settings)
+    }
+
+    fn start_at_port(
+        netns: Option<&Netns>,
+        port: Option<u16>,
+        settings: &[(&str, &str)],
+    ) -> PgServer {
         let dir = tempfile::Builder::new()
             .prefix("tendril-pg-")
             .tempdir()
@@ -125,7 +139,7 @@ impl PgServer {
             tls_dir: None,
         };
         for _ in 0..3 {
-            server.port = free_port();
+            server.port = port.unwrap_or_else(free_port);
             if server.spawn(settings) {
                 return server;
             }
