@@ -397,8 +397,9 @@ fn version_is_printed() {
 
 /// `pgbench` with a new connection per transaction (`-C -c 8`) and with persistent
 /// connections (`-c 8`) at once, while the proxy is replaced three times in a row by
-/// `--takeover`, with the default forwarding and in userspace: no transaction fails, no
-/// client aborts, and every replaced process exits once its connections ended.
+/// `--takeover`, with the default forwarding, in userspace and on the kernel pair path: no
+/// transaction fails, no client aborts, and every replaced process exits once its
+/// connections ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_takeovers_under_pgbench_fail_no_transaction() {
     let mut env = Env::new().await;
@@ -421,6 +422,10 @@ async fn three_takeovers_under_pgbench_fail_no_transaction() {
     for (name, flags) in [
         ("default", &[][..]),
         ("userspace", &["--forwarding", "userspace"][..]),
+        (
+            "kernel-pair",
+            &["--forwarding", "kernel", "--kernel-client-socket", "off"][..],
+        ),
     ] {
         let mut old = ProxyProc::start(&env, &format!("{name}0"), flags, &[]);
         wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
@@ -432,6 +437,10 @@ async fn three_takeovers_under_pgbench_fail_no_transaction() {
         let mut replaced = Vec::new();
         for i in 1..=3 {
             tokio::time::sleep(Duration::from_millis(1500)).await;
+            if name == "kernel-pair" {
+                // Its clients took the pair path (its metrics port closes at the handover).
+                assert!(old.path_total("pair") > 0.0, "{}", old.metrics());
+            }
             let mut args = vec!["--listen-address", listen.as_str(), "--takeover"];
             args.extend_from_slice(flags);
             let new = ProxyProc::start(&env, &format!("{name}{i}"), &args, &[]);
@@ -452,6 +461,9 @@ async fn three_takeovers_under_pgbench_fail_no_transaction() {
             );
             let served = support::pgbench_processed(&text);
             assert!(served > 100, "{name}: only {served} transactions:\n{text}");
+        }
+        if name == "kernel-pair" {
+            assert!(old.path_total("pair") > 0.0, "{}", old.metrics());
         }
         for mut p in replaced {
             let status = wait_exit(&mut p, Duration::from_secs(10)).await;
