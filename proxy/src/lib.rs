@@ -180,68 +180,41 @@ impl App {
                 addr: config.listen,
                 source,
             })?;
-        let (sockmap, pair) = match config.forwarding.path(config.kernel_client_socket) {
+        let (pair_map, client_socket) = match config.forwarding.path(config.kernel_client_socket) {
             config::ForwardPath::Userspace(why) => {
                 tracing::info!(reason = why, "forwarding in userspace");
-                (None, false)
+                (None, None)
             }
             config::ForwardPath::Kernel { required, pair } => {
-                match tendril_ebpf::sockmap::Sockmap::load(config.kernel_max_connections) {
-                    Ok(map) => (Some(map), pair),
-                    Err(e) if required => {
-                        return Err(ProxyError::Other(format!(
-                            "--forwarding kernel: {e}; use --forwarding auto or userspace"
-                        )));
+                // Under `auto` the pair path is not selectable: its programs stay unloaded.
+                let pair_map = if pair {
+                    match tendril_ebpf::sockmap::Sockmap::load(config.kernel_max_connections) {
+                        Ok(map) => Some(map),
+                        Err(e) if required => {
+                            return Err(ProxyError::Other(format!(
+                                "--forwarding kernel: {e}; use --forwarding auto or userspace"
+                            )));
+                        }
+                        Err(e) => {
+                            tracing::info!(reason = %e, "forwarding in userspace: the kernel programs cannot load");
+                            None
+                        }
                     }
-                    Err(e) => {
-                        tracing::info!(reason = %e, "forwarding in userspace: the kernel programs cannot load");
-                        (None, false)
-                    }
-                }
+                } else {
+                    None
+                };
+                let client_socket = if config.kernel_client_socket {
+                    load_client_socket(&config, listen, read_only_listen, pair_map.is_some())
+                } else {
+                    None
+                };
+                (pair_map, client_socket)
             }
         };
-        let client_socket = match &sockmap {
-            Some(_) if config.kernel_client_socket => {
-                // The read-only listener's clients on this host take the path too when it
-                // shares the listen address's IP (the program matches one address).
-                let read_only_port = read_only_listen
-                    .filter(|ro| ro.ip() == listen.ip())
-                    .map(|ro| ro.port());
-                if read_only_listen.is_some() && read_only_port.is_none() {
-                    tracing::info!(
-                        "the read-only listener has another IP than the listen address: its clients on this host are forwarded on the pair path or in userspace"
-                    );
-                }
-                match tendril_ebpf::client_socket::ClientSocket::load(
-                    listen,
-                    read_only_port,
-                    config.kernel_max_connections,
-                    config.kernel_buffer_limit,
-                    config.kernel_buffer_limit,
-                ) {
-                    Ok(cs) => {
-                        tracing::info!(
-                            "kernel forwarding on the client's own socket for clients on this host"
-                        );
-                        Some(cs)
-                    }
-                    Err(e) if pair => {
-                        tracing::warn!(error = %e, "client-socket forwarding unavailable: every connection on the proxy's two sockets");
-                        None
-                    }
-                    Err(e) => {
-                        tracing::info!(reason = %e, "forwarding in userspace: the client-socket programs cannot load");
-                        None
-                    }
-                }
-            }
-            _ => None,
-        };
-        // Without the pair path (`auto`) the kernel path is the client-socket path alone.
-        let sockmap = sockmap.filter(|_| pair || client_socket.is_some());
+        let pair = pair_map.is_some();
         let shared = Shared::new(
             config.workers,
-            usize::from(sockmap.is_some()),
+            usize::from(pair_map.is_some() || client_socket.is_some()),
             Settings {
                 cluster: config.cluster.clone(),
                 max_connections: config.max_connections,
@@ -260,9 +233,9 @@ impl App {
         let mut workers = Vec::new();
         let mut kernel_thread = None;
         let mut kernel_stats = None;
-        let kernel = match sockmap {
-            None => None,
-            Some(map) => {
+        let kernel = match (pair_map, client_socket) {
+            (None, None) => None,
+            (pair_map, client_socket) => {
                 let (control_end, thread_end) = std::os::unix::net::UnixStream::pair()
                     .map_err(|e| ProxyError::Other(format!("socketpair: {e}")))?;
                 control_end
@@ -270,9 +243,8 @@ impl App {
                     .map_err(|e| ProxyError::Other(e.to_string()))?;
                 wakers.push(control_end);
                 let (path, handle) = kernel::KernelPath::start(
-                    map,
+                    pair_map,
                     client_socket,
-                    pair,
                     config.kernel_buffer_limit,
                     shared.clone(),
                     config.workers,
@@ -280,7 +252,7 @@ impl App {
                 )
                 .map_err(|e| ProxyError::Other(format!("start the kernel path: {e}")))?;
                 kernel_thread = Some(handle);
-                kernel_stats = Some((path.map().clone(), path.client_socket().cloned(), pair));
+                kernel_stats = Some((path.pair_map().cloned(), path.client_socket().cloned()));
                 Some(path)
             }
         };
@@ -363,7 +335,7 @@ impl App {
             }
         }
         let s = shared.clone();
-        let capturing = kernel_stats.as_ref().and_then(|(_, cs, _)| cs.clone());
+        let capturing = kernel_stats.as_ref().and_then(|(_, cs)| cs.clone());
         handover::serve(
             listen,
             config.uid.clone(),
@@ -490,6 +462,47 @@ fn bind(
     Ok(out)
 }
 
+/// Loads the client-socket programs for clients of `listen` (and of the read-only listener
+/// when it shares the IP) on this host; `None`, logged, when they cannot load (then such
+/// clients take the pair path when `pair`, else userspace).
+fn load_client_socket(
+    config: &ProxyConfig,
+    listen: SocketAddr,
+    read_only_listen: Option<SocketAddr>,
+    pair: bool,
+) -> Option<tendril_ebpf::client_socket::ClientSocket> {
+    // The read-only listener's clients on this host take the path too when it shares the
+    // listen address's IP (the program matches one address).
+    let read_only_port = read_only_listen
+        .filter(|ro| ro.ip() == listen.ip())
+        .map(|ro| ro.port());
+    if read_only_listen.is_some() && read_only_port.is_none() {
+        tracing::info!(
+            "the read-only listener has another IP than the listen address: its clients on this host are forwarded on the pair path or in userspace"
+        );
+    }
+    match tendril_ebpf::client_socket::ClientSocket::load(
+        listen,
+        read_only_port,
+        config.kernel_max_connections,
+        config.kernel_buffer_limit,
+        config.kernel_buffer_limit,
+    ) {
+        Ok(cs) => {
+            tracing::info!("kernel forwarding on the client's own socket for clients on this host");
+            Some(cs)
+        }
+        Err(e) if pair => {
+            tracing::warn!(error = %e, "client-socket forwarding unavailable: every connection on the proxy's two sockets");
+            None
+        }
+        Err(e) => {
+            tracing::info!(reason = %e, "forwarding in userspace: the client-socket programs cannot load");
+            None
+        }
+    }
+}
+
 /// What ends the proxy: a signal, or a handover to a new process (then, with
 /// `--after-handover wait`, the process outlives its drain until the signal).
 struct Stop {
@@ -547,16 +560,19 @@ impl Drained {
     }
 }
 
+/// The kernel path's loaded programs, for the metrics: the pair path's when it is selectable,
+/// the client-socket path's when it loaded.
+type KernelPrograms = (
+    Option<Arc<tendril_ebpf::sockmap::Sockmap>>,
+    Option<Arc<tendril_ebpf::client_socket::ClientSocket>>,
+);
+
 fn spawn_control(
     config: ProxyConfig,
     shared: Arc<Shared>,
     wakers: Vec<std::os::unix::net::UnixStream>,
     listener_fds: Vec<std::os::fd::RawFd>,
-    kernel: Option<(
-        Arc<tendril_ebpf::sockmap::Sockmap>,
-        Option<Arc<tendril_ebpf::client_socket::ClientSocket>>,
-        bool,
-    )>,
+    kernel: Option<KernelPrograms>,
     stop: Stop,
 ) -> Result<JoinHandle<()>, ProxyError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -601,7 +617,7 @@ fn spawn_control(
                     listener_fds,
                     killer,
                 );
-                if let Some(cs) = kernel.as_ref().and_then(|(_, cs, _)| cs.clone()) {
+                if let Some(cs) = kernel.as_ref().and_then(|(_, cs)| cs.clone()) {
                     // New local clients then reach the programs of the process that
                     // accepts them (after a takeover), not this one's.
                     control.on_drain(move || cs.stop_capturing());
@@ -620,8 +636,8 @@ fn spawn_control(
                         listener,
                         Arc::new(move || {
                             let table = s.table.load();
-                            let kernel = kernel.as_ref().map(|(k, cs, pair)| metrics::KernelMetrics {
-                                pair: *pair,
+                            let kernel = kernel.as_ref().map(|(k, cs)| metrics::KernelMetrics {
+                                pair: k.is_some(),
                                 client_socket: cs.as_ref().map(|l| {
                                     let open = s.workers.iter().map(|w| w.kernel_client_socket.load(std::sync::atomic::Ordering::Relaxed)).sum();
                                     metrics::ClientSocketMetrics {
@@ -630,10 +646,10 @@ fn spawn_control(
                                         entries: l.entries(),
                                     }
                                 }),
-                                stats: k.stats(),
+                                stats: k.as_ref().map(|k| k.stats()).unwrap_or_default(),
                                 paths: std::array::from_fn(|i| s.kernel_paths[i].load(std::sync::atomic::Ordering::Relaxed)),
                                 active: s.workers.last().map_or(0, |w| w.active.load(std::sync::atomic::Ordering::Relaxed)),
-                                entries: k.entries(),
+                                entries: k.as_ref().map_or((0, 0, 0), |k| k.entries()),
                             });
                             let mut text = metrics::render(
                                 &cluster,

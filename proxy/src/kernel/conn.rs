@@ -246,15 +246,23 @@ pub(super) enum Advance {
 
 /// Steps both directions, then settles the connection's fate, its retry timer and what
 /// epoll watches for it.
-pub(super) fn advance(map: &Sockmap, cs: Option<&ClientSocket>, conn: &mut Conn) -> Advance {
+pub(super) fn advance(
+    map: Option<&Sockmap>,
+    cs: Option<&ClientSocket>,
+    conn: &mut Conn,
+) -> Advance {
     for side in 0..2 {
-        let stepped = match (conn.kind, cs) {
-            (Kind::Pair(joined), _) => pair::step(map, conn, &joined, side),
-            (Kind::ClientSocket(route), Some(cs)) if side == 0 => {
+        let stepped = match (conn.kind, map, cs) {
+            (Kind::Pair(joined), Some(map), _) => pair::step(map, conn, &joined, side),
+            // A pair is joined only where the pair programs are loaded.
+            (Kind::Pair(_), None, _) => Err(CloseReason::Error),
+            (Kind::ClientSocket(route), _, Some(cs)) if side == 0 => {
                 client_socket::step_sends(cs, conn, &route)
             }
-            (Kind::ClientSocket(route), Some(cs)) => client_socket::step_replies(cs, conn, &route),
-            (Kind::ClientSocket(_), None) => Err(CloseReason::Error),
+            (Kind::ClientSocket(route), _, Some(cs)) => {
+                client_socket::step_replies(cs, conn, &route)
+            }
+            (Kind::ClientSocket(_), _, None) => Err(CloseReason::Error),
         };
         if let Err(reason) = stepped {
             return Advance::Abort(reason);

@@ -94,11 +94,11 @@ struct Handoff {
 /// The workers' handle on the kernel path.
 #[derive(Debug)]
 pub struct KernelPath {
-    map: Arc<Sockmap>,
+    /// The pair path's program and maps, when the pair path is selectable (`--forwarding
+    /// kernel`); else what the client-socket path cannot take stays in userspace, and the
+    /// pair programs are not loaded at all.
+    pair: Option<Arc<Sockmap>>,
     client_socket: Option<Arc<ClientSocket>>,
-    /// The pair path is selectable (`--forwarding kernel`); else what the client-socket
-    /// path cannot take stays in userspace.
-    pair: bool,
     limit: u64,
     tx: mpsc::Sender<Handoff>,
     wake: OwnedFd,
@@ -108,18 +108,17 @@ pub struct KernelPath {
 
 impl KernelPath {
     /// Starts the thread. `index` is its counter block in `shared.workers`; `fence` the
-    /// socket the control thread writes to after publishing a table; `pair` whether the
-    /// pair path is selectable.
+    /// socket the control thread writes to after publishing a table; `pair` the pair path's
+    /// programs, when it is selectable. At least one of `pair` and `client_socket` is given.
     pub fn start(
-        map: Sockmap,
+        pair: Option<Sockmap>,
         client_socket: Option<ClientSocket>,
-        pair: bool,
         limit: u64,
         shared: Arc<Shared>,
         index: usize,
         fence: std::os::unix::net::UnixStream,
     ) -> io::Result<(Arc<KernelPath>, std::thread::JoinHandle<()>)> {
-        let map = Arc::new(map);
+        let pair = pair.map(Arc::new);
         let cs = client_socket.map(Arc::new);
         // SAFETY: eventfd returns a new descriptor or -1.
         let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -130,7 +129,7 @@ impl KernelPath {
         let wake = unsafe { OwnedFd::from_raw_fd(wake) };
         let (tx, rx) = mpsc::channel();
         let thread = Thread::new(
-            map.clone(),
+            pair.clone(),
             cs.clone(),
             rx,
             dup(wake.as_raw_fd())?,
@@ -143,9 +142,8 @@ impl KernelPath {
             .spawn(move || thread.run())?;
         Ok((
             Arc::new(KernelPath {
-                map,
-                client_socket: cs,
                 pair,
+                client_socket: cs,
                 limit,
                 tx,
                 wake,
@@ -158,12 +156,12 @@ impl KernelPath {
 
     /// Whether the pair path is selectable.
     pub fn pair(&self) -> bool {
-        self.pair
+        self.pair.is_some()
     }
 
-    /// The program and its maps (stats, tests).
-    pub fn map(&self) -> &Arc<Sockmap> {
-        &self.map
+    /// The pair path's program and its maps, when it is selectable (stats, tests).
+    pub fn pair_map(&self) -> Option<&Arc<Sockmap>> {
+        self.pair.as_ref()
     }
 
     /// The client-socket programs, when they loaded.
@@ -250,7 +248,7 @@ impl KernelPath {
         // Everything that can fail without consequence comes before the join: once joined,
         // the kernel may already be forwarding.
         let mut error = None;
-        let fds = if path::choose(&facts).path(self.pair) == path::Path::Userspace {
+        let fds = if path::choose(&facts).path(self.pair()) == path::Path::Userspace {
             None // nothing to hand over
         } else {
             match dup(client).and_then(|c| Ok([c, dup(server)?])) {
@@ -265,7 +263,7 @@ impl KernelPath {
         let (reason, kind) = loop {
             let reason = path::choose(&facts);
             match (
-                reason.path(self.pair),
+                reason.path(self.pair()),
                 &self.client_socket,
                 candidate,
                 backend_key,
@@ -308,7 +306,7 @@ impl KernelPath {
             tracing::debug!(client = %peer, backend = %backend.addr, reason = reason.label(), "kept in userspace");
             return Err(error.unwrap_or(AdoptError::Declined(reason.label())));
         };
-        tracing::debug!(client = %peer, backend = %backend.addr, path = reason.path(self.pair).label(), reason = reason.label(), "connection forwarded in the kernel");
+        tracing::debug!(client = %peer, backend = %backend.addr, path = reason.path(self.pair()).label(), reason = reason.label(), "connection forwarded in the kernel");
         let metrics = &self.shared.workers[self.index];
         metrics.active.fetch_add(1, Ordering::Relaxed);
         metrics.linked.fetch_add(1, Ordering::Relaxed);
@@ -324,7 +322,11 @@ impl KernelPath {
         };
         if let Err(mpsc::SendError(h)) = self.tx.send(handoff) {
             match h.kind {
-                Kind::Pair(joined) => self.map.forget(&joined),
+                Kind::Pair(joined) => {
+                    if let Some(map) = &self.pair {
+                        map.forget(&joined);
+                    }
+                }
                 Kind::ClientSocket(r) => {
                     if let Some(cs) = &self.client_socket {
                         cs.forget(&r.key, &r.backend, r.server);
@@ -348,19 +350,21 @@ impl KernelPath {
 
     /// Joins both sockets to the sockmap: the verdict redirects between them from here on.
     fn join(&self, client: RawFd, server: RawFd) -> Result<Joined, AdoptError> {
+        let Some(map) = &self.pair else {
+            return Err(AdoptError::Declined("the pair path is not selectable"));
+        };
         let written_to_client = tcp_written(client).map_err(AdoptError::Refused)?;
         let written_to_server = tcp_written(server).map_err(AdoptError::Refused)?;
-        self.map
-            .join(&JoinRequest {
-                client,
-                server,
-                written_to_client,
-                written_to_server,
-                limit: self.limit,
-            })
-            .map_err(|e| match e {
-                JoinError::MapFull => AdoptError::MapFull,
-                JoinError::Refused(e) => AdoptError::Refused(e),
-            })
+        map.join(&JoinRequest {
+            client,
+            server,
+            written_to_client,
+            written_to_server,
+            limit: self.limit,
+        })
+        .map_err(|e| match e {
+            JoinError::MapFull => AdoptError::MapFull,
+            JoinError::Refused(e) => AdoptError::Refused(e),
+        })
     }
 }

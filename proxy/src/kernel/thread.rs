@@ -31,9 +31,10 @@ const TOKEN_CLIENT_SOCKET_EVENTS: u64 = u64::MAX - 3;
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
 
 pub(super) struct Thread {
-    map: Arc<Sockmap>,
+    /// The pair path's program, when the pair path is selectable.
+    map: Option<Arc<Sockmap>>,
     client_socket: Option<Arc<ClientSocket>>,
-    events: Events,
+    events: Option<Events>,
     client_socket_events: Option<ClientSocketEvents>,
     epfd: OwnedFd,
     commands: mpsc::Receiver<Handoff>,
@@ -54,7 +55,7 @@ pub(super) struct Thread {
 impl Thread {
     /// The thread's state and its epoll set; `wake` is the workers' hand-over eventfd.
     pub(super) fn new(
-        map: Arc<Sockmap>,
+        map: Option<Arc<Sockmap>>,
         cs: Option<Arc<ClientSocket>>,
         commands: mpsc::Receiver<Handoff>,
         wake: OwnedFd,
@@ -62,7 +63,7 @@ impl Thread {
         shared: Arc<Shared>,
         index: usize,
     ) -> io::Result<Thread> {
-        let events = map.events()?;
+        let events = map.as_ref().map(|m| m.events()).transpose()?;
         let client_socket_events = cs.as_ref().map(|l| l.events()).transpose()?;
         // SAFETY: epoll_create1 returns a new descriptor or -1.
         let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -95,7 +96,9 @@ impl Thread {
         let input = libc::EPOLLIN as u32;
         thread.watch(thread.wake.as_raw_fd(), TOKEN_COMMANDS, input)?;
         thread.watch(thread.fence.as_raw_fd(), TOKEN_FENCE, input)?;
-        thread.watch(thread.events.fd(), TOKEN_EVENTS, input)?;
+        if let Some(events) = &thread.events {
+            thread.watch(events.fd(), TOKEN_EVENTS, input)?;
+        }
         if let Some(events) = &thread.client_socket_events {
             thread.watch(events.fd(), TOKEN_CLIENT_SOCKET_EVENTS, input)?;
         }
@@ -123,7 +126,9 @@ impl Thread {
 
     pub(super) fn run(mut self) {
         tracing::info!(
-            limit_pairs = self.map.max_pairs(),
+            pair_path = self.map.is_some(),
+            client_socket_path = self.client_socket.is_some(),
+            limit_pairs = self.map.as_ref().map_or(0, |m| m.max_pairs()),
             "kernel forwarding thread started"
         );
         let mut ready = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
@@ -287,7 +292,10 @@ impl Thread {
     }
 
     fn take_events(&mut self) {
-        for event in self.events.drain() {
+        let Some(events) = self.events.as_mut() else {
+            return;
+        };
+        for event in events.drain() {
             let Some(&slot) = self.by_cookie.get(&event.cookie) else {
                 // Not handed over yet: the adopt reads the direction's state itself.
                 continue;
@@ -379,7 +387,7 @@ impl Thread {
             return false;
         }
         self.last_housekeeping = Instant::now();
-        let lost = self.map.stats().lost_events
+        let lost = self.map.as_ref().map_or(0, |m| m.stats().lost_events)
             + self
                 .client_socket
                 .as_ref()
@@ -457,7 +465,7 @@ impl Thread {
             return;
         };
         let conn_gen = conn.generation;
-        match advance(&self.map, self.client_socket.as_deref(), conn) {
+        match advance(self.map.as_deref(), self.client_socket.as_deref(), conn) {
             Advance::Close(reason) => self.close(slot, reason),
             Advance::Abort(reason) => self.abort(slot, reason),
             Advance::Watch(changes) => {
@@ -484,7 +492,9 @@ impl Thread {
             match conn.kind {
                 Kind::Pair(joined) => {
                     client_bytes_dropped = pair_drops_client_bytes(conn);
-                    self.map.leave(&joined);
+                    if let Some(map) = &self.map {
+                        map.leave(&joined);
+                    }
                 }
                 Kind::ClientSocket(r) => {
                     if let Some(cs) = &self.client_socket {
@@ -526,18 +536,16 @@ impl Thread {
         }
         let (up, down, pauses) = match conn.kind {
             Kind::Pair(joined) => {
+                let map = self.map.as_deref();
+                let direction = |side: usize| map.and_then(|m| m.direction(cookie(&joined, side)));
                 let moved = |side: usize| {
-                    self.map
-                        .direction(cookie(&joined, side))
-                        .map_or(0, |d| d.redirected)
-                        + conn.dirs[side].forwarded
+                    direction(side).map_or(0, |d| d.redirected) + conn.dirs[side].forwarded
                 };
-                let pauses: u32 = (0..2)
-                    .filter_map(|s| self.map.direction(cookie(&joined, s)))
-                    .map(|d| d.pauses)
-                    .sum();
+                let pauses: u32 = (0..2).filter_map(direction).map(|d| d.pauses).sum();
                 let moved = (moved(0), moved(1));
-                self.map.forget(&joined);
+                if let Some(map) = map {
+                    map.forget(&joined);
+                }
                 (moved.0, moved.1, pauses)
             }
             Kind::ClientSocket(r) => {
