@@ -136,6 +136,25 @@ pub struct KernelMetrics {
     pub client_socket: Option<ClientSocketMetrics>,
 }
 
+/// Appends one metric family: its HELP and TYPE lines, then one sample per row, labelled
+/// with the cluster and the row's labels (`name="value",...`, or empty).
+fn family(
+    out: &mut String,
+    cluster: &str,
+    name: &str,
+    kind: &str,
+    help: &str,
+    rows: Vec<(String, u64)>,
+) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+    for (labels, value) in rows {
+        let sep = if labels.is_empty() { "" } else { "," };
+        out.push_str(&format!(
+            "{name}{{cluster=\"{cluster}\"{sep}{labels}}} {value}\n"
+        ));
+    }
+}
+
 /// The listeners' and the read-only routing's part of the Prometheus text: connections
 /// accepted per listener, where read-only connections went, and each standby's
 /// eligibility (`read_only`: whether the read-only listener runs).
@@ -149,12 +168,7 @@ pub fn render_listeners(
     let read_only_accepted = sum(&|w| w.accepted_read_only.load(Ordering::Relaxed));
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, value) in rows {
-            out.push_str(&format!(
-                "{name}{{cluster=\"{cluster}\",{labels}}} {value}\n"
-            ));
-        }
+        family(&mut out, cluster, name, kind, help, rows);
     };
     let mut accepted = vec![(
         "listener=\"primary\"".to_owned(),
@@ -229,13 +243,7 @@ pub fn render(
     let sum = |f: &dyn Fn(&WorkerMetrics) -> u64| workers.iter().map(f).sum::<u64>();
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, value) in rows {
-            let sep = if labels.is_empty() { "" } else { "," };
-            out.push_str(&format!(
-                "{name}{{cluster=\"{cluster}\"{sep}{labels}}} {value}\n"
-            ));
-        }
+        family(&mut out, cluster, name, kind, help, rows);
     };
     metric(
         "tendril_proxy_connections_active",
