@@ -86,8 +86,18 @@ impl Env {
     /// 127.0.0.1) its standbys, each eligible for reads (healthy, converged, streaming, not
     /// behind), in the cluster data the next [`Env::route`] writes.
     pub fn set_standbys(&mut self, master: &str, standbys: &[(&str, u16)]) {
+        let at: Vec<(&str, std::net::IpAddr, u16)> = standbys
+            .iter()
+            .map(|(uid, port)| (*uid, std::net::IpAddr::from([127, 0, 0, 1]), *port))
+            .collect();
+        self.set_standbys_at(master, &at);
+    }
+
+    /// As [`Env::set_standbys`], with each standby at any address (one in a network
+    /// namespace).
+    pub fn set_standbys_at(&mut self, master: &str, standbys: &[(&str, std::net::IpAddr, u16)]) {
         use tendril_control_model::{Db, DbRole, DbSpec, DbStatus, FollowConfig};
-        let db = |uid: &str, role: DbRole, port: Option<u16>| Db {
+        let db = |uid: &str, role: DbRole, at: Option<(std::net::IpAddr, u16)>| Db {
             uid: uid.into(),
             generation: Generation(1),
             change_time: SystemTime::now(),
@@ -102,8 +112,8 @@ impl Env {
             status: DbStatus {
                 healthy: true,
                 current_generation: Generation(1),
-                listen_address: port.map(|_| "127.0.0.1".into()),
-                port,
+                listen_address: at.map(|(ip, _)| ip.to_string()),
+                port: at.map(|(_, port)| port),
                 streaming: role == DbRole::Standby,
                 ..DbStatus::default()
             },
@@ -112,10 +122,10 @@ impl Env {
         self.cd
             .dbs
             .insert(master.into(), db(master, DbRole::Master, None));
-        for (uid, port) in standbys {
+        for (uid, ip, port) in standbys {
             self.cd
                 .dbs
-                .insert((*uid).into(), db(uid, DbRole::Standby, Some(*port)));
+                .insert((*uid).into(), db(uid, DbRole::Standby, Some((*ip, *port))));
         }
         self.cd.master = Some(master.into());
     }
