@@ -12,7 +12,7 @@ mod support;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use support::loops::{ConnectLoops, wait_exit, wait_log};
+use support::loops::{ConnectLoops, wait_exit, wait_handover, wait_log};
 use support::{Env, ProxyProc, backend_port, connect, wait_routed};
 
 /// The pids of the processes listening on `port` on 127.0.0.1 (`ss -ltnp`).
@@ -75,18 +75,7 @@ async fn pods_roll_with_takeover_auto_and_the_old_one_waits_for_its_sigterm() {
         let loops = ConnectLoops::start(port, 4);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let new = pod(&env, &format!("node{round}"), &listen, &metrics, "10s");
-        wait_log(
-            &new,
-            "took over: the old proxy stopped accepting",
-            Duration::from_secs(10),
-        )
-        .await;
-        wait_log(
-            &old,
-            "handed over and drained: waiting for SIGTERM",
-            Duration::from_secs(10),
-        )
-        .await;
+        wait_handover(&new, &old, "handed over and drained: waiting for SIGTERM").await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         loops.finish(10).await;
 

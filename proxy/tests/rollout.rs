@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::loops::{ConnectLoops, clients, wait_exit, wait_log};
+use support::loops::{ConnectLoops, clients, wait_exit, wait_handover, wait_log};
 use support::{Env, ProxyProc, backend_port, connect, wait_routed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,18 +112,7 @@ async fn takeover_moves_the_listening_sockets_without_failing_a_client() {
         let mut args = vec!["--listen-address", listen.as_str(), "--takeover"];
         args.extend_from_slice(flags);
         let new = ProxyProc::start(&env, &format!("r{}", i + 1), &args, &[]);
-        wait_log(
-            &new,
-            "took over: the old proxy stopped accepting",
-            Duration::from_secs(10),
-        )
-        .await;
-        wait_log(
-            &old,
-            "a new proxy took over the listening sockets",
-            Duration::from_secs(5),
-        )
-        .await;
+        wait_handover(&new, &old, "a new proxy took over the listening sockets").await;
         // The old process serves what it has until it ends.
         for _ in 0..20 {
             session.simple_query("select 1").await.unwrap();

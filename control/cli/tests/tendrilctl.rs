@@ -405,7 +405,7 @@ fn settings_come_from_a_config_file_and_flags_win() {
 
 #[test]
 fn k8s_manifests_are_printed_without_a_store() {
-    let run = |args: &[&str]| {
+    let manifests = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_tendrilctl"))
             .env("TENDRIL_CLUSTER_NAME", "main")
             // Nothing listens there: the command must not need the store.
@@ -415,13 +415,12 @@ fn k8s_manifests_are_printed_without_a_store() {
                 "manifests",
                 "--image",
                 "registry.example/tendril:0.1.0",
-                "--output",
-                "json",
             ])
             .args(args)
             .output()
             .unwrap()
     };
+    let run = |args: &[&str]| manifests(&[&["--output", "json"], args].concat());
     let kinds = |o: &Output| -> Vec<String> {
         json(o)["items"]
             .as_array()
@@ -444,18 +443,7 @@ fn k8s_manifests_are_printed_without_a_store() {
     assert!(!kinds(&existing).contains(&"Secret".to_owned()));
     assert_eq!(json(&existing)["items"][2]["spec"]["replicas"], 5);
     // YAML by default: the same objects.
-    let yaml = Command::new(env!("CARGO_BIN_EXE_tendrilctl"))
-        .env("TENDRIL_CLUSTER_NAME", "main")
-        .env("TENDRIL_STORE_ENDPOINTS", "http://etcd.db.svc:2379")
-        .args([
-            "k8s",
-            "manifests",
-            "--image",
-            "registry.example/tendril:0.1.0",
-        ])
-        .args(["--secret", "db-passwords", "--keepers", "5", "--read-only"])
-        .output()
-        .unwrap();
+    let yaml = manifests(&["--secret", "db-passwords", "--keepers", "5", "--read-only"]);
     assert_exit(&yaml, 0);
     let docs = tendril_k8s::parse_yaml(&String::from_utf8_lossy(&yaml.stdout)).unwrap();
     let existing_ro = run(&["--secret", "db-passwords", "--keepers", "5", "--read-only"]);

@@ -84,6 +84,17 @@ pub async fn wait_log(p: &ProxyProc, what: &str, limit: Duration) {
     }
 }
 
+/// Waits until `new` took over from `old`: it logged so, and `old` logged `old_says`.
+pub async fn wait_handover(new: &ProxyProc, old: &ProxyProc, old_says: &str) {
+    wait_log(
+        new,
+        "took over: the old proxy stopped accepting",
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_log(old, old_says, Duration::from_secs(10)).await;
+}
+
 pub async fn wait_exit(p: &mut ProxyProc, limit: Duration) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + limit;
     loop {
