@@ -303,17 +303,11 @@ async fn planned_switchover_under_load_holds_instead_of_failing() {
     assert_ne!(new, old);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let report = writer.stop().await;
-    let failed = failed_since(&report, before, started);
     // The proxies drain: transactions in flight when they fenced finish on the old master
     // (which hands everything to the new one before it is promoted), new ones are held.
-    assert!(
-        failed.is_empty(),
-        "{} failed transactions during the switchover: {failed:?}",
-        failed.len()
-    );
+    assert_none_failed(&report, before, started, "during the switchover");
     println!(
-        "switchover: {} failed transactions, longest write gap {:?}",
-        failed.len(),
+        "switchover: 0 failed transactions, longest write gap {:?}",
         report.max_gap_after(started)
     );
     cluster.assert_no_acked_write_lost(&report.ids()).await;
@@ -372,12 +366,12 @@ async fn a_master_keeper_stopped_switches_over_first() {
     assert_ne!(new, old);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let report = writer.stop().await;
-    let failed = failed_since(&report, before, started);
     // A switchover, not a failover: the proxies held new transactions and nothing failed.
-    assert!(
-        failed.is_empty(),
-        "{} failed transactions while the master's keeper stopped: {failed:?}",
-        failed.len()
+    assert_none_failed(
+        &report,
+        before,
+        started,
+        "while the master's keeper stopped",
     );
     let events = cluster.cluster_data().await.events;
     assert!(
@@ -402,14 +396,21 @@ async fn a_master_keeper_stopped_switches_over_first() {
     cluster.assert_no_acked_write_lost(&report.ids()).await;
 }
 
-/// The writer's failures from the `before`-th on that happened at `started` or later.
-fn failed_since(
+/// Fails the test if the writer has failures from the `before`-th on that happened at
+/// `started` or later.
+fn assert_none_failed(
     report: &tendril_e2e::writer::Report,
     before: usize,
     started: Instant,
-) -> Vec<&(Instant, String)> {
-    report.failures[before..]
+    during: &str,
+) {
+    let failed: Vec<_> = report.failures[before..]
         .iter()
         .filter(|(at, _)| *at >= started)
-        .collect()
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed transactions {during}: {failed:?}",
+        failed.len()
+    );
 }

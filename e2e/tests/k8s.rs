@@ -161,21 +161,15 @@ fn ensure_pod_user() {
         .unwrap()
         .is_none()
     {
-        let out = std::process::Command::new("useradd")
-            .args([
-                "--uid",
-                &RUN_AS.to_string(),
-                "--user-group",
-                "--no-create-home",
-            ])
-            .args(["--shell", "/usr/sbin/nologin", "tendril-pod"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        tendril_testkit::run_ok(std::process::Command::new("useradd").args([
+            "--uid",
+            &RUN_AS.to_string(),
+            "--user-group",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            "tendril-pod",
+        ]));
     }
 }
 

@@ -549,22 +549,17 @@ async fn a_running_standby_of_a_plain_postgresql_adopted_is_never_promoted() {
     let root = c.dir.path().join(KEEPER);
     let pgdata = root.join("postgres");
     std::fs::create_dir_all(&root).unwrap();
-    let out = Command::new(format!("{PG_BIN}/pg_basebackup"))
-        .args(["-D", pgdata.to_str().unwrap(), "-R", "-X", "stream"])
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &primary.port().to_string(),
-            "-U",
-            "repl",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    tendril_testkit::run_ok(
+        Command::new(format!("{PG_BIN}/pg_basebackup"))
+            .args(["-D", pgdata.to_str().unwrap(), "-R", "-X", "stream"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port().to_string(),
+                "-U",
+                "repl",
+            ]),
     );
     assert!(pgdata.join("standby.signal").exists());
     chown_postgres(&pgdata);
@@ -574,20 +569,15 @@ async fn a_running_standby_of_a_plain_postgresql_adopted_is_never_promoted() {
         "-c listen_addresses='' -c max_connections=200 -k {}",
         pgdata.display()
     );
-    let out = Command::new(format!("{PG_BIN}/pg_ctl"))
-        .uid(postgres.uid.as_raw())
-        .gid(postgres.gid.as_raw())
-        .arg("-D")
-        .arg(&pgdata)
-        .args(["-o", &options, "-l"])
-        .arg(pgdata.join("startup.log"))
-        .args(["-w", "start"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    tendril_testkit::run_ok(
+        Command::new(format!("{PG_BIN}/pg_ctl"))
+            .uid(postgres.uid.as_raw())
+            .gid(postgres.gid.as_raw())
+            .arg("-D")
+            .arg(&pgdata)
+            .args(["-o", &options, "-l"])
+            .arg(pgdata.join("startup.log"))
+            .args(["-w", "start"]),
     );
 
     // The keeper stops it, writes the cluster's configuration and runs it as the leader.

@@ -29,6 +29,22 @@ pub use watchdog::{Watchdog, kill_tree, processes};
 
 use std::path::PathBuf;
 
+/// Runs `cmd` to its end; panics, with its standard error, unless it succeeded (a setup
+/// step of a test: a failure there is the test's failure).
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", cmd.get_program()));
+    assert!(
+        out.status.success(),
+        "{:?} failed ({}): {}",
+        cmd.get_program(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Finds an executable on `PATH` or in the given directories.
 pub fn find_binary(name: &str, extra_dirs: &[&str]) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
