@@ -5,7 +5,9 @@
 //! with the rest of its result already on this host. Every path, both topologies, results
 //! large enough for the kernel paths to pause and resume a direction many times, and one read
 //! slowly (tokio-postgres stops reading its socket while rows wait to be taken): each must
-//! give the rows a direct connection gives.
+//! give the rows a direct connection gives. A client that sleeps before reading a result that
+//! its receive buffer can hold whole reproduces, on every run, the resume race fixed in
+//! 2b0a346 (see [`paused_reader`]).
 //!
 //! Needs root (network namespaces; the kernel paths need CAP_BPF): on these machines it is
 //! there, so a missing piece fails loudly.
@@ -95,12 +97,30 @@ async fn results(client: &tokio_postgres::Client) -> Vec<String> {
     out
 }
 
+/// The receive buffer of the client that reproduces the resume race: room for the whole
+/// result (about 8 MB), so that while the client does not read, the kernel's backlog is
+/// delivered into its socket and a pause can end.
+const ROOMY_RECEIVE_BUFFER: usize = 16 << 20;
+
 /// A client on a tokio socket that stops reading for a while in the middle of a result, then
 /// reads the rest as tokio does (a short read clears the socket's readiness): the DataRows it
 /// got and whether ReadyForQuery came, or where it hung.
-async fn paused_reader(addr: std::net::SocketAddr) -> String {
+///
+/// With `receive_buffer` (set with SO_RCVBUFFORCE, past `net.core.rmem_max`), this is the
+/// deterministic reproduction of the race fixed in 2b0a346. While the client sleeps, the
+/// client-socket path pauses its replies past the buffer limit and the backlog is delivered
+/// (the buffer has room). A path that then resumed through the accepted socket before the
+/// client had read every redirected byte would put the rest of the result in the TCP queue
+/// behind them: the client's first read after its sleep takes only the redirected bytes,
+/// ends short, and waits for a wake-up that came while it slept. It never reads the rest.
+async fn paused_reader(addr: std::net::SocketAddr, receive_buffer: Option<usize>) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(size) = receive_buffer {
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &size)
+            .unwrap();
+    }
+    let mut s = socket.connect(addr).await.unwrap();
     s.write_all(&support::startup_packet(&[
         ("user", "postgres"),
         ("database", "postgres"),
@@ -146,8 +166,17 @@ async fn paused_reader(addr: std::net::SocketAddr) -> String {
     query.extend_from_slice(sql);
     s.write_all(&query).await.unwrap();
     rows = 0;
+    // With a roomy buffer the client sleeps before its first read, so that the direction is
+    // forwarding in the kernel when it stops reading and pauses while it sleeps; otherwise
+    // after its first thousand rows.
+    let sleep_at = if receive_buffer.is_some() { 0 } else { 1001 };
     let mut paused = false;
     loop {
+        if !paused && rows >= sleep_at {
+            // The client stops reading: what the server sends meanwhile piles up.
+            paused = true;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         match tokio::time::timeout(HUNG, s.read(&mut chunk)).await {
             Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
             Ok(other) => {
@@ -158,12 +187,17 @@ async fn paused_reader(addr: std::net::SocketAddr) -> String {
         if scan(&mut buf, &mut rows) {
             return format!("paused: {rows} rows, then ReadyForQuery");
         }
-        if !paused && rows > 1000 {
-            // The client stops reading: what the server sends meanwhile piles up.
-            paused = true;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
     }
+}
+
+/// How many times the proxy's kernel paths paused a direction, from its metrics.
+fn pauses(proxy: &ProxyProc) -> f64 {
+    proxy
+        .metrics()
+        .lines()
+        .filter(|l| l.contains("paused") && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
 }
 
 async fn every_path(remote: bool) {
@@ -173,7 +207,9 @@ async fn every_path(remote: bool) {
         None => PgServer::start(),
     };
     let mut direct = results(&connect(pg.host(), pg.port()).await).await;
-    direct.push(paused_reader((pg.host(), pg.port()).into()).await);
+    for receive_buffer in [None, Some(ROOMY_RECEIVE_BUFFER)] {
+        direct.push(paused_reader((pg.host(), pg.port()).into(), receive_buffer).await);
+    }
     let mut env = Env::new().await;
     env.route_to(Some(("db1", pg.host(), pg.port())), false)
         .await;
@@ -197,13 +233,10 @@ async fn every_path(remote: bool) {
         let proxy = ProxyProc::start(&env, "readers", flags, &envs);
         support::wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
         let mut got = results(&connect("127.0.0.1".parse().unwrap(), proxy.port).await).await;
-        got.push(paused_reader(([127, 0, 0, 1], proxy.port).into()).await);
-        let pauses: f64 = proxy
-            .metrics()
-            .lines()
-            .filter(|l| l.contains("paused") && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .fold(0.0, |a, b| a + b);
+        for receive_buffer in [None, Some(ROOMY_RECEIVE_BUFFER)] {
+            got.push(paused_reader(([127, 0, 0, 1], proxy.port).into(), receive_buffer).await);
+        }
+        let pauses = pauses(&proxy);
         let name = format!("{name} (buffer limit {})", limit.unwrap_or("default"));
         println!("{name}: {pauses} pauses; {got:?}");
         if got != direct {
@@ -230,4 +263,62 @@ async fn async_clients_get_large_results_whole_on_every_path_postgres_here() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_clients_get_large_results_whole_on_every_path_postgres_remote() {
     every_path(true).await;
+}
+
+/// The resume race on its own, repeated: the client-socket path (and the default, which
+/// takes it here) with a small buffer limit and a client whose receive buffer holds the
+/// whole result (see [`paused_reader`]). Each run must end as a direct connection's does,
+/// and must have paused the replies (else it tested nothing). Against the BPF object before
+/// 2b0a346, every run on `kernel-client-socket` hung, in both topologies (10 of 10).
+async fn resume_race(remote: bool) {
+    const RUNS: usize = 5;
+    let netns = remote.then(Netns::create);
+    let pg = match &netns {
+        Some(ns) => PgServer::start_in(ns, &[]),
+        None => PgServer::start(),
+    };
+    let direct = paused_reader((pg.host(), pg.port()).into(), Some(ROOMY_RECEIVE_BUFFER)).await;
+    let mut env = Env::new().await;
+    env.route_to(Some(("db1", pg.host(), pg.port())), false)
+        .await;
+    let mut failures = Vec::new();
+    for (name, flags) in PATHS
+        .iter()
+        .filter(|(name, _)| *name == "kernel-client-socket" || *name == "default")
+    {
+        let proxy = ProxyProc::start(
+            &env,
+            "resume-race",
+            flags,
+            &[("TENDRIL_KERNEL_BUFFER_LIMIT", "128KiB")],
+        );
+        support::wait_routed(proxy.port, pg.port(), Duration::from_secs(10)).await;
+        for run in 0..RUNS {
+            let addr = ([127, 0, 0, 1], proxy.port).into();
+            let got = paused_reader(addr, Some(ROOMY_RECEIVE_BUFFER)).await;
+            println!("{name} run {run}: {got}");
+            if got != direct {
+                failures.push(format!(
+                    "{name} run {run}: direct gave {direct:?}, the proxy {got:?}"
+                ));
+            }
+        }
+        let pauses = pauses(&proxy);
+        if pauses < RUNS as f64 {
+            failures.push(format!(
+                "{name}: {pauses} pauses in {RUNS} runs: the replies did not pause"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sleeps_with_a_roomy_buffer_gets_its_result_postgres_here() {
+    resume_race(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sleeps_with_a_roomy_buffer_gets_its_result_postgres_remote() {
+    resume_race(true).await;
 }
