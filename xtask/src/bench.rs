@@ -9,6 +9,8 @@
 //! tendril's `--takeover` against HAProxy's seamless reload (bench/proxy/rollout.sh).
 //! `cargo xtask bench reads`: pgbench -S through a proxy's listen address and through its
 //! read-only listener on a local three-keeper cluster (bench/proxy/reads.sh).
+//! `cargo xtask bench switches [--topology remote|local]`: context switches per transaction,
+//! machine-wide, directly and through tendril (bench/proxy/switches.sh; remote by default).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -23,11 +25,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         Some("fence") => fence(),
         Some("rollout") => rollout(&args[1..]),
         Some("reads") if args.len() == 1 => reads(),
+        Some("switches") => switches(&args[1..]),
         _ => {
             anyhow::bail!(
                 "usage: cargo xtask bench proxy [--quick] [--only TARGETS] [--tests TESTS] \
                  [--topology local|remote] | failover [--runs N] | fence | rollout \
-                 [--topology local|remote] | reads"
+                 [--topology local|remote] | reads | switches [--topology remote|local]"
             )
         }
     }
@@ -161,19 +164,7 @@ impl ProxyArgs {
 }
 
 fn proxy(args: &ProxyArgs) -> anyhow::Result<()> {
-    deps::ensure(deps::Purpose::Test)?;
-    let bench = project_root().join("bench/proxy");
-    let installed = [
-        "/usr/sbin/haproxy",
-        "/usr/sbin/pgbouncer",
-        "/usr/bin/pidstat",
-    ]
-    .iter()
-    .all(|p| std::path::Path::new(p).exists());
-    if !installed {
-        crate::run(Command::new("bash").arg(bench.join("install.sh")))?;
-    }
-    build_release(&["-p", "tendril-proxy", "-p", "tendril-control"])?;
+    let bench = harness_with_release()?;
     // The probe's minimal sockmap proxy, the reference for the kernel path
     // (bench/proxy/replica/); it connects to PostgreSQL on 127.0.0.1, so local topology only.
     let replica = target_dir().join("sockmap-replica");
@@ -224,18 +215,10 @@ fn proxy(args: &ProxyArgs) -> anyhow::Result<()> {
 /// `cargo xtask bench rollout [--topology local|remote]`: release binaries, the harness's
 /// set-up, then bench/proxy/rollout.sh.
 fn rollout(args: &[String]) -> anyhow::Result<()> {
-    let topology = match args {
-        [] => Topology::Local,
-        [flag, value] if flag == "--topology" && value == "local" => Topology::Local,
-        [flag, value] if flag == "--topology" && value == "remote" => Topology::Remote,
-        _ => anyhow::bail!("usage: cargo xtask bench rollout [--topology local|remote]"),
-    };
-    deps::ensure(deps::Purpose::Test)?;
-    let bench = project_root().join("bench/proxy");
-    if !std::path::Path::new("/usr/sbin/haproxy").exists() {
-        crate::run(Command::new("bash").arg(bench.join("install.sh")))?;
-    }
-    build_release(&["-p", "tendril-proxy", "-p", "tendril-control"])?;
+    let topology = topology_only(args, Topology::Local).ok_or_else(|| {
+        anyhow::anyhow!("usage: cargo xtask bench rollout [--topology local|remote]")
+    })?;
+    let bench = harness_with_release()?;
     crate::run(
         Command::new("bash")
             .arg(bench.join("run_all.sh"))
@@ -248,6 +231,53 @@ fn rollout(args: &[String]) -> anyhow::Result<()> {
             )
             .env("TOPOLOGY", topology.as_str()),
     )
+}
+
+/// `cargo xtask bench switches [--topology remote|local]`: release binaries, then
+/// bench/proxy/switches.sh (which sets up and tears down the harness itself).
+fn switches(args: &[String]) -> anyhow::Result<()> {
+    let topology = topology_only(args, Topology::Remote).ok_or_else(|| {
+        anyhow::anyhow!("usage: cargo xtask bench switches [--topology remote|local]")
+    })?;
+    let bench = harness_with_release()?;
+    crate::run(
+        Command::new("bash")
+            .arg(bench.join("switches.sh"))
+            .current_dir(&bench)
+            .env("TENDRIL_BIN", target_dir().join("release"))
+            .env("TOPOLOGY", topology.as_str()),
+    )
+}
+
+/// The topology of a benchmark whose only option is `--topology` (`default` without it);
+/// None for anything else.
+fn topology_only(args: &[String], default: Topology) -> Option<Topology> {
+    match args {
+        [] => Some(default),
+        [flag, value] if flag == "--topology" && value == "local" => Some(Topology::Local),
+        [flag, value] if flag == "--topology" && value == "remote" => Some(Topology::Remote),
+        _ => None,
+    }
+}
+
+/// What the harness scripts need: the test dependencies, the reference proxies, pidstat and
+/// perf (bench/proxy/install.sh) and the release binaries. Returns bench/proxy.
+fn harness_with_release() -> anyhow::Result<PathBuf> {
+    deps::ensure(deps::Purpose::Test)?;
+    let bench = project_root().join("bench/proxy");
+    let installed = [
+        "/usr/sbin/haproxy",
+        "/usr/sbin/pgbouncer",
+        "/usr/bin/pidstat",
+        "/usr/bin/perf",
+    ]
+    .iter()
+    .all(|p| std::path::Path::new(p).exists());
+    if !installed {
+        crate::run(Command::new("bash").arg(bench.join("install.sh")))?;
+    }
+    build_release(&["-p", "tendril-proxy", "-p", "tendril-control"])?;
+    Ok(bench)
 }
 
 /// `cargo xtask bench reads`: a local cluster of release binaries (`cargo xtask up
