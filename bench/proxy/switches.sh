@@ -42,6 +42,10 @@ measure() {
     END { if (n) printf "%.0f", s / n; else print 0 }' "$OUT/pgbench-$run.txt")
   all=$(awk -F, '/sched_switch/ { print $1; exit }' "$OUT/stat-$run.csv")
   kw=$(awk -F, '/sched_switch/ { n++; if (n == 2) { print $1; exit } }' "$OUT/stat-$run.csv")
+  [ "${tps:-0}" -gt 0 ] && [ -n "$all" ] && [ -n "$kw" ] || {
+    echo "$target c$clients: no progress lines or no counts (see $OUT/*-$run.*)" >&2
+    return 1
+  }
   python3 -c "
 tps, all_, kw, secs = $tps, $all, $kw, $SECONDS_PER_RUN
 txns = tps * secs

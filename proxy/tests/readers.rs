@@ -200,19 +200,27 @@ fn pauses(proxy: &ProxyProc) -> f64 {
         .fold(0.0, |a, b| a + b)
 }
 
-async fn every_path(remote: bool) {
+/// PostgreSQL on this host, or in a network namespace behind a veth pair (`remote`), and a
+/// store whose cluster data routes proxies to it. Bind the namespace to a name declared
+/// first, so that it outlives the server.
+async fn routed_postgres(remote: bool) -> (Option<Netns>, PgServer, Env) {
     let netns = remote.then(Netns::create);
     let pg = match &netns {
         Some(ns) => PgServer::start_in(ns, &[]),
         None => PgServer::start(),
     };
+    let mut env = Env::new().await;
+    env.route_to(Some(("db1", pg.host(), pg.port())), false)
+        .await;
+    (netns, pg, env)
+}
+
+async fn every_path(remote: bool) {
+    let (_netns, pg, env) = routed_postgres(remote).await;
     let mut direct = results(&connect(pg.host(), pg.port()).await).await;
     for receive_buffer in [None, Some(ROOMY_RECEIVE_BUFFER)] {
         direct.push(paused_reader((pg.host(), pg.port()).into(), receive_buffer).await);
     }
-    let mut env = Env::new().await;
-    env.route_to(Some(("db1", pg.host(), pg.port())), false)
-        .await;
     let mut failures = Vec::new();
     // The kernel paths again with a small bound, so that each result pauses and resumes
     // its direction many times.
@@ -272,15 +280,8 @@ async fn async_clients_get_large_results_whole_on_every_path_postgres_remote() {
 /// 2b0a346, every run on `kernel-client-socket` hung, in both topologies (10 of 10).
 async fn resume_race(remote: bool) {
     const RUNS: usize = 5;
-    let netns = remote.then(Netns::create);
-    let pg = match &netns {
-        Some(ns) => PgServer::start_in(ns, &[]),
-        None => PgServer::start(),
-    };
+    let (_netns, pg, env) = routed_postgres(remote).await;
     let direct = paused_reader((pg.host(), pg.port()).into(), Some(ROOMY_RECEIVE_BUFFER)).await;
-    let mut env = Env::new().await;
-    env.route_to(Some(("db1", pg.host(), pg.port())), false)
-        .await;
     let mut failures = Vec::new();
     for (name, flags) in PATHS
         .iter()
