@@ -17,10 +17,10 @@ use std::sync::Arc;
 use libbpf_rs::libbpf_sys;
 use libbpf_rs::{Link, MapCore, Object};
 
-use crate::Unavailable;
 use crate::ring::{Ring, cookie_and_kind};
 use crate::sockmap::{count_keys, errno, push_queued};
 use crate::sockopt::{cookie, netns_cookie, tcp_byte_counts};
+use crate::{Inherited, Unavailable};
 
 /// The object file, empty when the build could not make it.
 pub(crate) static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/client_socket.bpf.o"));
@@ -248,7 +248,7 @@ pub enum EventKind {
 /// Sets up the program's backlog-check timer (its `init_checker`, run here). The set-up
 /// allocates without sleeping and can fail for a while (seen for hundreds of milliseconds
 /// at a time here); at load there is time to retry.
-fn init_checker(object: &Object) -> Result<(), Unavailable> {
+fn init_checker(object: &Object, inherited: bool) -> Result<(), Unavailable> {
     let prog = object
         .progs()
         .find(|p| p.name() == "init_checker")
@@ -270,6 +270,7 @@ fn init_checker(object: &Object) -> Result<(), Unavailable> {
         } else {
             match i64::from_ne_bytes(args) {
                 0 => return Ok(()),
+                e if inherited && e == -i64::from(libc::EBUSY) => return Ok(()),
                 e => io::Error::from_raw_os_error((-e) as i32),
             }
         };
@@ -387,6 +388,9 @@ pub struct ClientSocket {
     stalled: std::sync::atomic::AtomicU64,
     max_clients: u32,
     recv_limit: u64,
+    fingerprint: String,
+    /// The threads [`ClientSocket::add_connecting_thread`] put into `connectors`.
+    threads: std::sync::Mutex<Vec<u32>>,
 }
 
 impl std::fmt::Debug for ClientSocket {
@@ -443,6 +447,21 @@ impl ClientSocket {
         send_limit: u64,
         recv_limit: u64,
     ) -> Result<ClientSocket, Unavailable> {
+        Self::load_with(listen, read_only, max_clients, send_limit, recv_limit, None)
+    }
+
+    /// [`ClientSocket::load`], with the maps of the running proxy this one takes over from
+    /// when `inherited` is given: only for the same object and settings (the two processes'
+    /// [`ClientSocket::fingerprint`]s are equal), since both processes' programs then work
+    /// on the maps at once. Every map of the object must be among them.
+    pub fn load_with(
+        listen: SocketAddr,
+        read_only: Option<u16>,
+        max_clients: u32,
+        send_limit: u64,
+        recv_limit: u64,
+        inherited: Option<&Inherited>,
+    ) -> Result<ClientSocket, Unavailable> {
         if max_clients == 0 {
             return Err(unavailable("room for 0 connections"));
         }
@@ -457,6 +476,9 @@ impl ClientSocket {
         );
         for mut map in open.maps_mut() {
             let name = map.name().to_string_lossy().into_owned();
+            if inherited.is_some() && crate::object::shared(&name) {
+                continue; // sized as the old process sized it
+            }
             if name.ends_with(".rodata") {
                 let data = map
                     .initial_value_mut()
@@ -488,6 +510,9 @@ impl ClientSocket {
                 map.set_max_entries(max_clients.saturating_mul(2))
                     .map_err(|e| unavailable(format!("size map {name}: {e}")))?;
             }
+        }
+        if let Some(inherited) = inherited {
+            crate::object::reuse(&mut open, inherited, MECHANISM)?;
         }
         let object = crate::object::load(open, MECHANISM)?;
         let map = |name: &str, size: Option<usize>| -> Result<RawFd, Unavailable> {
@@ -541,7 +566,8 @@ impl ClientSocket {
         }
         let link =
             link.ok_or_else(|| unavailable("program watch_sockets missing from the object"))?;
-        init_checker(&object)?;
+        // Inherited, the checker's timer is set up already (and runs on).
+        init_checker(&object, inherited.is_some())?;
         Ok(ClientSocket {
             _object: object,
             link: std::sync::Mutex::new(Some(link)),
@@ -562,7 +588,20 @@ impl ClientSocket {
             stalled: std::sync::atomic::AtomicU64::new(0),
             max_clients,
             recv_limit,
+            fingerprint: fingerprint(listen, read_only, max_clients, send_limit, recv_limit),
+            threads: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// What a proxy taking over from this one must load identically to share its maps: the
+    /// object's bytes and the settings in its read-only data and map sizes (the pid aside).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Each map of the object that a taker loads with ([`Inherited`]).
+    pub fn maps(&self) -> Vec<(String, RawFd)> {
+        crate::object::shared_maps(&self._object)
     }
 
     /// Marks the calling thread as one that connects to backends (a worker): a backend on
@@ -579,7 +618,27 @@ impl ClientSocket {
         .map_err(|e| match e {
             RouteError::MapFull => io::Error::other("thread map full"),
             RouteError::Refused(e) => e,
-        })
+        })?;
+        self.threads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(tid);
+        Ok(())
+    }
+
+    /// Takes this process's threads out of `connectors`: a process that shared its maps
+    /// with the one that took over leaves no thread ids behind there for another thread to
+    /// be taken for (ids are reused).
+    pub fn forget_connecting_threads(&self) {
+        let threads = std::mem::take(
+            &mut *self
+                .threads
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for tid in threads {
+            self.delete(self.connectors, &tid.to_ne_bytes());
+        }
     }
 
     /// Most reply bytes held for a client that does not read.
@@ -884,6 +943,19 @@ impl ClientSocket {
     pub fn events(self: &Arc<Self>) -> io::Result<Events> {
         Ring::open(self.events, decode_event, self.clone())
     }
+}
+
+/// [`ClientSocket::fingerprint`] of a load with these settings: the object's bytes, the
+/// read-only data without the pid, and the map size.
+pub fn fingerprint(
+    listen: SocketAddr,
+    read_only: Option<u16>,
+    max_clients: u32,
+    send_limit: u64,
+    recv_limit: u64,
+) -> String {
+    let config = config_bytes(listen, read_only.unwrap_or(0), 0, send_limit, recv_limit);
+    crate::object::fingerprint(&[OBJECT, &config, &max_clients.to_ne_bytes()])
 }
 
 /// `struct config`, as [`ClientSocket::load`] writes it into the read-only data.

@@ -126,6 +126,17 @@ pub struct Unavailable {
     pub reason: String,
 }
 
+/// The maps of a running proxy's kernel programs, received by the proxy that takes over
+/// from it (by name): loaded with them, the new process's programs and the old one's work on
+/// the same connections, which the new process can then adopt. Only for the same object with
+/// the same settings (equal fingerprints, see `client_socket::fingerprint`), since both
+/// processes' programs then work on the maps at once.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    /// Each map's name and descriptor.
+    pub maps: Vec<(String, std::os::fd::OwnedFd)>,
+}
+
 /// A kill failed.
 #[derive(Debug, thiserror::Error)]
 pub enum KillError {

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use libbpf_rs::libbpf_sys;
 use libbpf_rs::{MapCore, Object};
 
-use crate::Unavailable;
 use crate::ring::{Ring, cookie_and_kind};
 use crate::sockopt::cookie;
+use crate::{Inherited, Unavailable};
 
 /// The object file, empty when the build could not make it.
 pub(crate) static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap.bpf.o"));
@@ -268,6 +268,12 @@ impl std::fmt::Debug for Sockmap {
 /// The name the proxy logs when this path is unavailable.
 const MECHANISM: &str = "kernel forwarding (BPF sockmap)";
 
+/// [`Sockmap::fingerprint`] of a load with room for `max_pairs`: the object's bytes and the
+/// map size.
+pub fn fingerprint(max_pairs: u32) -> String {
+    crate::object::fingerprint(&[OBJECT, &max_pairs.to_ne_bytes()])
+}
+
 fn unavailable(reason: impl Into<String>) -> Unavailable {
     Unavailable {
         mechanism: MECHANISM,
@@ -288,16 +294,29 @@ impl Sockmap {
     /// sockhash. Fails (with why) when the object was not built, the kernel lacks sockmap,
     /// or the process lacks CAP_BPF/CAP_NET_ADMIN/CAP_PERFMON.
     pub fn load(max_pairs: u32) -> Result<Sockmap, Unavailable> {
+        Self::load_with(max_pairs, None)
+    }
+
+    /// [`Sockmap::load`], with the maps of the running proxy this one takes over from when
+    /// `inherited` is given (same [`fingerprint`] only).
+    pub fn load_with(
+        max_pairs: u32,
+        inherited: Option<&Inherited>,
+    ) -> Result<Sockmap, Unavailable> {
         if max_pairs == 0 {
             return Err(unavailable("room for 0 connections"));
         }
         let mut open = crate::object::open(OBJECT, BUILD_ERROR, MECHANISM)?;
         let sockets = max_pairs.saturating_mul(2);
-        for mut map in open.maps_mut() {
-            let name = map.name().to_string_lossy().into_owned();
-            if matches!(name.as_str(), "peers" | "directions" | "forwarded") {
-                map.set_max_entries(sockets)
-                    .map_err(|e| unavailable(format!("size map {name}: {e}")))?;
+        if let Some(inherited) = inherited {
+            crate::object::reuse(&mut open, inherited, MECHANISM)?;
+        } else {
+            for mut map in open.maps_mut() {
+                let name = map.name().to_string_lossy().into_owned();
+                if matches!(name.as_str(), "peers" | "directions" | "forwarded") {
+                    map.set_max_entries(sockets)
+                        .map_err(|e| unavailable(format!("size map {name}: {e}")))?;
+                }
             }
         }
         let object = crate::object::load(open, MECHANISM)?;
@@ -351,6 +370,16 @@ impl Sockmap {
     /// Connections the maps have room for.
     pub fn max_pairs(&self) -> u32 {
         self.max_pairs
+    }
+
+    /// What a proxy taking over from this one must load identically to share its maps.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(self.max_pairs)
+    }
+
+    /// Each map of the object that a taker loads with ([`Inherited`]).
+    pub fn maps(&self) -> Vec<(String, RawFd)> {
+        crate::object::shared_maps(&self._object)
     }
 
     /// Joins a connected pair: from now on the kernel forwards between them. On error

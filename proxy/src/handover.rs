@@ -20,9 +20,19 @@
 //! 3. new → old: `ready`, once its routing table is read. The old process stops capturing
 //!    new local clients in its kernel programs and starts its drain (it stops accepting).
 //! 4. old → new: `stopped`. Only then does the new process accept: a local client it
-//!    accepts was captured by its own programs, never by the old process's, whose maps it
-//!    cannot use. (Clients the old process still accepts meanwhile are its own, served to
-//!    their end.)
+//!    accepts was captured by its own programs, or by the old process's on maps it shares.
+//!    (Clients the old process still accepts meanwhile are its own.)
+//!
+//! Kernel-forwarded connections move too, when both processes load the same client-socket
+//! object with the same settings: the old process then adds `kernel FINGERPRINT` to its
+//! `listeners` line (older takers read no further than R). A taker with the same
+//! fingerprint asks `maps` before it loads its programs; the old process stops reading the
+//! programs' event ring (it has one reader) and answers `maps K NAME,...` with the K map
+//! descriptors, which the taker loads with. It says `ready adopt` instead of `ready`, and
+//! after `stopped` the old process sends each connection at rest as a `conn` line
+//! (`crate::kernel::moved`) with its two sockets; the taker answers each with `adopted`
+//! once its kernel thread holds it (or `refused`). A taker whose fingerprint differs says
+//! `ready`: the old process drains its connections, as an older one does.
 //!
 //! A new process that dies before `ready` (EOF) changes nothing: the old one keeps serving
 //! and answers the next taker.
@@ -36,9 +46,18 @@ use std::time::Duration;
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
+mod kernel;
+pub use kernel::{Incoming, KernelShare};
+
 const REQUEST: &str = "takeover v1";
 const READY: &str = "ready";
+const READY_ADOPT: &str = "ready adopt";
 const STOPPED: &str = "stopped";
+const MAPS: &str = "maps";
+/// The taker's answer to a `conn` line: its kernel thread holds the connection.
+pub const ADOPTED: &str = "adopted";
+/// The taker's answer to a `conn` line it could not take: the old process keeps it.
+pub const REFUSED: &str = "refused";
 /// Most listening sockets one exchange carries (one per worker).
 const MAX_LISTENERS: usize = 256;
 /// How long either side waits for the other's line during the exchange (not for `ready`).
@@ -135,6 +154,9 @@ pub fn name(listen: SocketAddr) -> String {
 pub struct Taken {
     /// The old process's proxy uid.
     pub uid: String,
+    /// The fingerprint of the old process's client-socket programs, when it can hand its
+    /// kernel-forwarded connections over (`tendril_ebpf::client_socket::fingerprint`).
+    pub kernel: Option<String>,
     stream: UnixStream,
 }
 
@@ -150,21 +172,31 @@ impl Taken {
         )
     }
 
+    /// Asks for the old process's client-socket maps (only when [`Taken::kernel`] is this
+    /// process's fingerprint): it stops reading their event ring before it sends them.
+    pub fn inherit(&mut self) -> std::io::Result<tendril_ebpf::Inherited> {
+        self.stream.write_all(format!("{MAPS}\n").as_bytes())?;
+        self.stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
+        let (line, fds) = receive(&self.stream)?;
+        self.stream.set_read_timeout(None)?;
+        kernel::inherited(&line, fds)
+    }
+
     /// Tells the old process that this one serves; returns once it has stopped capturing
     /// and accepting (`stopped`), or after [`EXCHANGE_TIMEOUT`] without an answer (it hangs
-    /// or died: this process accepts anyway).
-    pub fn ready(mut self) -> std::io::Result<()> {
-        self.stream.write_all(format!("{READY}\n").as_bytes())?;
+    /// or died: this process accepts anyway). With `adopt` (this process loaded with the
+    /// old one's maps), the old process's connections then arrive on the returned stream.
+    pub fn ready(mut self, adopt: bool) -> std::io::Result<Option<Incoming>> {
+        let word = if adopt { READY_ADOPT } else { READY };
+        self.stream.write_all(format!("{word}\n").as_bytes())?;
         self.stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
-        let mut line = String::new();
-        BufReader::new(&self.stream).read_line(&mut line)?;
-        if line.trim_end() == STOPPED {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(format!(
+        let mut incoming = Incoming::new(self.stream);
+        match incoming.next_line()? {
+            Some((line, _)) if line == STOPPED => Ok(adopt.then_some(incoming)),
+            other => Err(std::io::Error::other(format!(
                 "the old proxy answered {:?} instead of {STOPPED:?}",
-                line.trim_end()
-            )))
+                other.map(|(l, _)| l)
+            ))),
         }
     }
 }
@@ -217,6 +249,10 @@ pub fn take(
     let mut words = line.split(' ');
     let head = (words.next(), words.next(), words.next(), words.next());
     let read_only_count = words.next().map_or(Some(0), |r| r.parse::<usize>().ok());
+    let kernel = match (words.next(), words.next()) {
+        (Some("kernel"), Some(fingerprint)) => Some(fingerprint.to_owned()),
+        _ => None,
+    };
     let expected = match (head, read_only_count) {
         ((Some("listeners"), Some(n), Some(uid), Some(theirs)), Some(r)) => n
             .parse::<usize>()
@@ -283,7 +319,14 @@ pub fn take(
     stream
         .set_read_timeout(None)
         .map_err(|e| exchange(e.to_string()))?;
-    Ok((listeners, Taken { uid, stream }))
+    Ok((
+        listeners,
+        Taken {
+            uid,
+            kernel,
+            stream,
+        },
+    ))
 }
 
 /// Whether a process listens on `addr` already: a socket that does not share the port
@@ -323,7 +366,7 @@ fn same_address(bound: SocketAddr, listen: SocketAddr) -> bool {
 
 /// One line and the descriptors attached to it.
 fn receive(stream: &UnixStream) -> std::io::Result<(String, Vec<OwnedFd>)> {
-    let mut buf = [0u8; 128];
+    let mut buf = [0u8; 1024];
     let mut space = nix::cmsg_space!([RawFd; MAX_LISTENERS]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg = recvmsg::<()>(
@@ -352,19 +395,24 @@ fn receive(stream: &UnixStream) -> std::io::Result<(String, Vec<OwnedFd>)> {
 }
 
 /// Answers takeovers for the proxy listening on `listen` with `listeners` (the read-only
-/// listener's, `read_only`, after them), on a thread of its own. `handed_over` runs once, when a taker said `ready`: the caller stops capturing
-/// new clients and starts its drain before it returns; the taker is then told `stopped`. While
-/// another process holds the name (the proxy this one replaced, until it hands over), the
-/// thread tries again every [`RETRY`].
+/// listener's, `read_only`, after them), on a thread of its own. `handed_over` runs once,
+/// when a taker said `ready`: the caller stops capturing new clients and starts its drain
+/// before it returns; the taker is then told `stopped` (and, when it adopts, the kernel
+/// thread sends it the connections). While another process holds the name (the proxy this
+/// one replaced, until it hands over), the thread tries again every [`RETRY`].
 pub fn serve(
     listen: SocketAddr,
     uid: String,
     cluster: String,
     listeners: Vec<RawFd>,
     read_only: Vec<RawFd>,
+    kernel: Option<KernelShare>,
     handed_over: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<()> {
-    let about = format!("{uid} {cluster} {}", read_only.len());
+    let mut about = format!("{uid} {cluster} {}", read_only.len());
+    if let Some(k) = &kernel {
+        about.push_str(&format!(" kernel {}", k.fingerprint));
+    }
     let listeners: Vec<RawFd> = listeners.into_iter().chain(read_only).collect();
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name(listen).as_bytes())?;
     std::thread::Builder::new()
@@ -388,13 +436,23 @@ pub fn serve(
             };
             for stream in socket.incoming() {
                 let Ok(stream) = stream else { continue };
-                match answer(&stream, &about, &listeners) {
-                    Ok(()) => {
-                        tracing::info!(%listen, "a new proxy took over the listening sockets: draining");
+                let mut yielded = false;
+                let answered = answer(&stream, &about, &listeners, kernel.as_ref(), &mut yielded);
+                let adopt = matches!(answered, Ok(true));
+                if yielded && !adopt && let Some(k) = &kernel {
+                    // The taker did not load with the maps (or is gone): this process
+                    // reads the event ring again.
+                    k.control.resume_events();
+                }
+                match answered {
+                    Ok(adopt) => {
+                        tracing::info!(%listen, adopt, "a new proxy took over the listening sockets: draining");
                         handed_over();
-                        let mut stream = &stream;
-                        if let Err(e) = stream.write_all(format!("{STOPPED}\n").as_bytes()) {
+                        let mut writer = &stream;
+                        if let Err(e) = writer.write_all(format!("{STOPPED}\n").as_bytes()) {
                             tracing::warn!(error = %e, "cannot tell the new proxy that this one stopped");
+                        } else if let (true, Some(k)) = (adopt, &kernel) {
+                            k.control.move_connections(stream);
                         }
                         return;
                     }
@@ -405,9 +463,16 @@ pub fn serve(
     Ok(())
 }
 
-/// One taker: check who it is, send the sockets (with `about`: uid and cluster), wait for
-/// `ready` (or its end).
-fn answer(stream: &UnixStream, about: &str, listeners: &[RawFd]) -> std::io::Result<()> {
+/// One taker: check who it is, send the sockets (with `about`: uid and cluster), share the
+/// maps if asked, wait for `ready` (or its end). `Ok(true)`: the taker adopts the
+/// connections. `yielded`: the event ring was given up on the way.
+fn answer(
+    stream: &UnixStream,
+    about: &str,
+    listeners: &[RawFd],
+    kernel: Option<&KernelShare>,
+    yielded: &mut bool,
+) -> std::io::Result<bool> {
     let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
     let me = nix::unistd::geteuid().as_raw();
     if cred.uid() != me && cred.uid() != 0 {
@@ -443,15 +508,29 @@ fn answer(stream: &UnixStream, about: &str, listeners: &[RawFd]) -> std::io::Res
     )?;
     // The taker reads its routing table first: that may take as long as the store does.
     stream.set_read_timeout(None)?;
-    line.clear();
-    reader.read_line(&mut line)?;
-    if line.trim_end() == READY {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "the new proxy (pid {}) ended before it was ready",
-            cred.pid()
-        )))
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        match (line.trim_end(), kernel) {
+            (MAPS, Some(k)) if !*yielded => {
+                *yielded = true;
+                kernel::share_maps(stream, k, cred.pid())?;
+            }
+            (READY, _) => return Ok(false),
+            (READY_ADOPT, Some(_)) if *yielded => return Ok(true),
+            ("", _) => {
+                return Err(std::io::Error::other(format!(
+                    "the new proxy (pid {}) ended before it was ready",
+                    cred.pid()
+                )));
+            }
+            (other, _) => {
+                return Err(std::io::Error::other(format!(
+                    "unexpected line {other:?} from the new proxy (pid {})",
+                    cred.pid()
+                )));
+            }
+        }
     }
 }
 

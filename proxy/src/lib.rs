@@ -24,6 +24,7 @@ pub use tendril_control_model::reads;
 pub mod routing;
 pub mod shared;
 mod sys;
+mod taking;
 pub mod tls_refusal;
 pub mod worker;
 
@@ -118,7 +119,8 @@ impl App {
                 Err(e) => return Err(e.into()),
             },
         };
-        let (listeners, read_only, beside, taken) = if let Some((taken_sockets, taken)) = taken {
+        let (listeners, read_only, beside, mut taken) = if let Some((taken_sockets, taken)) = taken
+        {
             // The running process's own sockets: they never close, so no connect is
             // refused. It accepts on them until this one has read its routing table.
             let (mut listeners, mut read_only) = (taken_sockets.primary, taken_sockets.read_only);
@@ -180,37 +182,11 @@ impl App {
                 addr: config.listen,
                 source,
             })?;
-        let (pair_map, client_socket) = match config.forwarding.path(config.kernel_client_socket) {
-            config::ForwardPath::Userspace(why) => {
-                tracing::info!(reason = why, "forwarding in userspace");
-                (None, None)
-            }
-            config::ForwardPath::Kernel { required, pair } => {
-                // Under `auto` the pair path is not selectable: its programs stay unloaded.
-                let pair_map = if pair {
-                    match tendril_ebpf::sockmap::Sockmap::load(config.kernel_max_connections) {
-                        Ok(map) => Some(map),
-                        Err(e) if required => {
-                            return Err(ProxyError::Other(format!(
-                                "--forwarding kernel: {e}; use --forwarding auto or userspace"
-                            )));
-                        }
-                        Err(e) => {
-                            tracing::info!(reason = %e, "forwarding in userspace: the kernel programs cannot load");
-                            None
-                        }
-                    }
-                } else {
-                    None
-                };
-                let client_socket = if config.kernel_client_socket {
-                    load_client_socket(&config, listen, read_only_listen, pair_map.is_some())
-                } else {
-                    None
-                };
-                (pair_map, client_socket)
-            }
-        };
+        let taking::Programs {
+            pair: pair_map,
+            client_socket,
+            adopts,
+        } = taking::load_programs(&config, listen, read_only_listen, taken.as_mut())?;
         let pair = pair_map.is_some();
         let shared = Shared::new(
             config.workers,
@@ -243,8 +219,7 @@ impl App {
                     .map_err(|e| ProxyError::Other(e.to_string()))?;
                 wakers.push(control_end);
                 let (path, handle) = kernel::KernelPath::start(
-                    pair_map,
-                    client_socket,
+                    (pair_map, client_socket, adopts),
                     config.kernel_buffer_limit,
                     shared.clone(),
                     config.workers,
@@ -257,6 +232,13 @@ impl App {
             }
         };
         let forwarding = strategy(kernel.is_some(), pair);
+        // What a proxy that takes over from this one may share (same programs, same
+        // settings): the maps, then the connections.
+        let share = kernel.as_ref().and_then(|k| taking::share(k));
+        let adopting = kernel
+            .as_ref()
+            .filter(|_| adopts.pair || adopts.client_socket)
+            .map(Arc::downgrade);
         let accept = match (&taken, beside) {
             (Some(_), _) => worker::Accept::OnceAlone,
             (None, true) => worker::Accept::OnceRouting,
@@ -327,7 +309,7 @@ impl App {
         }
         let (handed_over_tx, handed_over) = tokio::sync::watch::channel(false);
         match taken {
-            Some(taken) => tell_when_routing(taken, shared.clone())?,
+            Some(taken) => taking::tell_when_routing(taken, adopting, shared.clone())?,
             None => {
                 shared.own_listeners();
                 // Listening: clients are held until the routing table is read.
@@ -342,6 +324,7 @@ impl App {
             config.cluster.clone(),
             listener_fds.clone(),
             read_only_fds.clone(),
+            share,
             move || {
                 // Before the new process accepts: its local clients must reach its own
                 // programs (the drain repeats this for SIGTERM).
@@ -392,47 +375,6 @@ impl App {
     }
 }
 
-/// Once the routing table is read, tells the proxy whose sockets this one took to stop
-/// accepting: from then on the sockets are this process's alone.
-fn tell_when_routing(taken: handover::Taken, shared: Arc<Shared>) -> Result<(), ProxyError> {
-    std::thread::Builder::new()
-        .name("takeover".into())
-        .spawn(move || {
-            while matches!(
-                shared.table.load().backend,
-                Err(routing::NoBackend::Starting)
-            ) {
-                if shared.draining() {
-                    return;
-                }
-                if !shared.alone() && taken.old_gone() {
-                    // Killed mid-handover: clients in the queues would wait for nobody.
-                    // Accept them and hold them, as a proxy that just started does.
-                    tracing::warn!(
-                        "the old proxy ended before this one could route: accepting now"
-                    );
-                    shared.set_alone();
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            match taken.ready() {
-                Ok(()) => {
-                    tracing::info!("took over: the old proxy stopped accepting and drains");
-                }
-                Err(e) => {
-                    // It exited or hangs: the sockets are this process's anyway.
-                    tracing::warn!(error = %e, "the old proxy did not confirm it stopped accepting");
-                }
-            }
-            shared.set_alone();
-            shared.own_listeners();
-            // Under systemd (NotifyAccess=all) this process becomes the service's main one.
-            tendril_daemon::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
-        })
-        .map(drop)
-        .map_err(|e| ProxyError::Other(format!("spawn takeover thread: {e}")))
-}
-
 /// `n` sockets sharing `addr` (`SO_REUSEPORT`), listening unless `listen` is false (the
 /// workers listen once the routing table is read, [`worker::run`]).
 fn bind(
@@ -460,47 +402,6 @@ fn bind(
         out.push(listener);
     }
     Ok(out)
-}
-
-/// Loads the client-socket programs for clients of `listen` (and of the read-only listener
-/// when it shares the IP) on this host; `None`, logged, when they cannot load (then such
-/// clients take the pair path when `pair`, else userspace).
-fn load_client_socket(
-    config: &ProxyConfig,
-    listen: SocketAddr,
-    read_only_listen: Option<SocketAddr>,
-    pair: bool,
-) -> Option<tendril_ebpf::client_socket::ClientSocket> {
-    // The read-only listener's clients on this host take the path too when it shares the
-    // listen address's IP (the program matches one address).
-    let read_only_port = read_only_listen
-        .filter(|ro| ro.ip() == listen.ip())
-        .map(|ro| ro.port());
-    if read_only_listen.is_some() && read_only_port.is_none() {
-        tracing::info!(
-            "the read-only listener has another IP than the listen address: its clients on this host are forwarded on the pair path or in userspace"
-        );
-    }
-    match tendril_ebpf::client_socket::ClientSocket::load(
-        listen,
-        read_only_port,
-        config.kernel_max_connections,
-        config.kernel_buffer_limit,
-        config.kernel_buffer_limit,
-    ) {
-        Ok(cs) => {
-            tracing::info!("kernel forwarding on the client's own socket for clients on this host");
-            Some(cs)
-        }
-        Err(e) if pair => {
-            tracing::warn!(error = %e, "client-socket forwarding unavailable: every connection on the proxy's two sockets");
-            None
-        }
-        Err(e) => {
-            tracing::info!(reason = %e, "forwarding in userspace: the client-socket programs cannot load");
-            None
-        }
-    }
 }
 
 /// What ends the proxy: a signal, or a handover to a new process (then, with

@@ -27,11 +27,14 @@ pub enum CloseReason {
     /// Refused by the read-only listener: no standby eligible and `--read-only-fallback
     /// reject` (SQLSTATE 57P03).
     NoStandby,
+    /// Handed over, open, to the proxy that took over from this one (a node rollout): it
+    /// goes on there.
+    HandedOver,
 }
 
 impl CloseReason {
     /// All reasons, for rendering.
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::Client,
         CloseReason::Backend,
         CloseReason::Fenced,
@@ -42,6 +45,7 @@ impl CloseReason {
         CloseReason::BadStartup,
         CloseReason::Cancel,
         CloseReason::NoStandby,
+        CloseReason::HandedOver,
     ];
 
     /// The label value.
@@ -57,6 +61,7 @@ impl CloseReason {
             CloseReason::BadStartup => "bad_startup",
             CloseReason::Cancel => "cancel",
             CloseReason::NoStandby => "no_standby",
+            CloseReason::HandedOver => "handed_over",
         }
     }
 }

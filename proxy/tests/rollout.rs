@@ -10,6 +10,7 @@ mod support;
 use std::time::Duration;
 
 use support::loops::{ConnectLoops, clients, wait_exit, wait_handover, wait_log};
+use support::wire::{End, WireClient};
 use support::{Env, ProxyProc, backend_port, connect, wait_routed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,15 +114,23 @@ async fn takeover_moves_the_listening_sockets_without_failing_a_client() {
         args.extend_from_slice(flags);
         let new = ProxyProc::start(&env, &format!("r{}", i + 1), &args, &[]);
         wait_handover(&new, &old, "a new proxy took over the listening sockets").await;
-        // The old process serves what it has until it ends.
         for _ in 0..20 {
             session.simple_query("select 1").await.unwrap();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(
-            old.child.try_wait().unwrap().is_none(),
-            "the old process ended early"
-        );
+        if i == 0 {
+            // Default forwarding on both sides: the session's connection moved to the new
+            // process (kernel_handover.rs), and the old one exits while it is open.
+            let status = wait_exit(&mut old, Duration::from_secs(10)).await;
+            assert!(status.success(), "old proxy: {status}\n{}", old.log_text());
+            session.simple_query("select 1").await.unwrap();
+        } else {
+            // Into or out of userspace: the old process serves what it has until it ends.
+            assert!(
+                old.child.try_wait().unwrap().is_none(),
+                "the old process ended early"
+            );
+        }
         drop(session);
         let status = wait_exit(&mut old, Duration::from_secs(10)).await;
         assert!(status.success(), "old proxy: {status}\n{}", old.log_text());
@@ -222,6 +231,7 @@ async fn a_failover_during_a_takeover_is_fenced_in_both_processes() {
     let listen = format!("127.0.0.1:{}", old.port);
     let on_old = connect(old.port).await.unwrap();
     assert_eq!(backend_port(&on_old).await, pg1.port());
+    let mut stays = WireClient::blocking_session(old.port);
     let new = ProxyProc::start(
         &env,
         "same",
@@ -255,17 +265,29 @@ async fn a_failover_during_a_takeover_is_fenced_in_both_processes() {
         elsewhere, 0.0,
         "local clients captured by the draining process's programs"
     );
-    // The old process is draining (it still serves its session) when the master changes.
+    // The old process is draining when the master changes: it still serves a session
+    // that stays with it (a blocking reader, forwarded in userspace). `on_old` was on the
+    // client-socket path: it moved to the new process, which must cut it.
     on_old.simple_query("select 1").await.unwrap();
+    assert_eq!(
+        stays.select_one(),
+        End::Open,
+        "the session on the old process"
+    );
     let g2 = env.route(Some(("db2", pg2.port())), false).await;
     env.wait_acked("same-b", g2, Duration::from_secs(10)).await;
-    for (which, c) in [("old", &on_old), ("new", &on_new)] {
+    for (which, c) in [("moved", &on_old), ("new", &on_new)] {
         let r = tokio::time::timeout(Duration::from_secs(5), c.simple_query("select 1")).await;
         assert!(
             matches!(r, Ok(Err(_))),
-            "the {which} process's connection to the old master survived the fence: {r:?}"
+            "the {which} connection to the old master survived the fence: {r:?}"
         );
     }
+    let end = stays.select_one();
+    assert!(
+        matches!(end, End::Eof | End::Reset),
+        "the old process's connection to the old master survived the fence: {end:?}"
+    );
     // The old process acknowledged for its own uid before it cut its last connection and
     // exited (its registration ends with its lease).
     let mut old = old;

@@ -5,8 +5,9 @@
 //! namespace behind a veth pair (another host, as deployed; no sockmap replica there), `local`
 //! (the default) beside the proxies on 127.0.0.1.
 //! `cargo xtask bench failover [--runs N] [--only default,partition]`: failover timings of whole clusters (e2e harness).
-//! `cargo xtask bench rollout [--topology local|remote]`: connects across proxy replacements,
-//! tendril's `--takeover` against HAProxy's seamless reload (bench/proxy/rollout.sh).
+//! `cargo xtask bench rollout [--topology local|remote]`: new and persistent connections
+//! across proxy replacements, tendril's `--takeover` against HAProxy's seamless reload
+//! (bench/proxy/rollout.sh).
 //! `cargo xtask bench reads`: pgbench -S through a proxy's listen address and through its
 //! read-only listener on a local three-keeper cluster (bench/proxy/reads.sh).
 //! `cargo xtask bench switches [--topology remote|local]`: context switches per transaction,

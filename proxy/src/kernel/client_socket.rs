@@ -32,7 +32,7 @@ pub struct Candidate {
 }
 
 /// A connection routed on the client's socket.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct ClientRoute {
     pub key: ClientKey,
     /// The server socket's cookie.

@@ -20,6 +20,7 @@
 mod client_socket;
 mod conn;
 pub mod direction;
+mod moved;
 mod pair;
 pub mod path;
 mod thread;
@@ -61,7 +62,7 @@ pub enum AdoptError {
 }
 
 /// How the kernel forwards a connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// Both proxy sockets joined `peers`: the verdict redirects between them.
     Pair(Joined),
@@ -89,6 +90,66 @@ struct Handoff {
     base_recv: [u64; 2],
     backend: Backend,
     peer: SocketAddr,
+    /// What the thread of the process this one took over from had written each way (a
+    /// connection it handed over; zero for a new one).
+    forwarded: [u64; 2],
+    /// Told once the thread holds the connection (or cut it): a handed-over connection's
+    /// answer to the old process waits for it.
+    adopted: Option<mpsc::Sender<()>>,
+}
+
+/// What the handover asks of the kernel-path thread (see `crate::handover`).
+enum Command {
+    /// Stop reading the event ring (answered once it stopped): the taker reads it next.
+    YieldEvents(mpsc::Sender<()>),
+    /// Read it again: the taker did not take the maps after all.
+    ResumeEvents,
+    /// Send the connections at rest to the taker on this stream.
+    Move(std::os::unix::net::UnixStream),
+}
+
+/// The handover's handle on the kernel-path thread. Unlike [`KernelPath`], holding one
+/// does not keep the thread from stopping.
+#[derive(Clone, Debug)]
+pub struct Control {
+    tx: mpsc::Sender<Command>,
+    wake: Arc<OwnedFd>,
+}
+
+impl Control {
+    fn send(&self, command: Command) -> bool {
+        if self.tx.send(command).is_err() {
+            return false;
+        }
+        wake(self.wake.as_raw_fd());
+        true
+    }
+
+    /// Stops the thread reading the event ring; false when it did not confirm in time.
+    pub fn yield_events(&self) -> bool {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::YieldEvents(tx))
+            && rx.recv_timeout(std::time::Duration::from_secs(2)).is_ok()
+    }
+
+    /// Has the thread read the event ring again.
+    pub fn resume_events(&self) {
+        self.send(Command::ResumeEvents);
+    }
+
+    /// Has the thread send its connections at rest to the taker on `stream`.
+    pub fn move_connections(&self, stream: std::os::unix::net::UnixStream) {
+        self.send(Command::Move(stream));
+    }
+}
+
+/// Wakes the thread through its eventfd.
+fn wake(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from `one` to the eventfd.
+    unsafe {
+        libc::write(fd, (&one as *const u64).cast(), 8);
+    }
 }
 
 /// The workers' handle on the kernel path.
@@ -104,6 +165,18 @@ pub struct KernelPath {
     wake: OwnedFd,
     shared: Arc<Shared>,
     index: usize,
+    control: Control,
+    adopts: Adopts,
+}
+
+/// Which programs this process loaded with the maps of the process it took over from: the
+/// connections it can adopt from there ([`KernelPath::adopt_moved`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Adopts {
+    /// The pair path's.
+    pub pair: bool,
+    /// The client-socket path's.
+    pub client_socket: bool,
 }
 
 impl KernelPath {
@@ -111,8 +184,7 @@ impl KernelPath {
     /// socket the control thread writes to after publishing a table; `pair` the pair path's
     /// programs, when it is selectable. At least one of `pair` and `client_socket` is given.
     pub fn start(
-        pair: Option<Sockmap>,
-        client_socket: Option<ClientSocket>,
+        (pair, client_socket, adopts): (Option<Sockmap>, Option<ClientSocket>, Adopts),
         limit: u64,
         shared: Arc<Shared>,
         index: usize,
@@ -128,10 +200,15 @@ impl KernelPath {
         // SAFETY: `wake` is a fresh descriptor owned by nobody else.
         let wake = unsafe { OwnedFd::from_raw_fd(wake) };
         let (tx, rx) = mpsc::channel();
+        let (control_tx, control_rx) = mpsc::channel();
+        let control = Control {
+            tx: control_tx,
+            wake: Arc::new(dup(wake.as_raw_fd())?),
+        };
         let thread = Thread::new(
             pair.clone(),
             cs.clone(),
-            rx,
+            (rx, control_rx),
             dup(wake.as_raw_fd())?,
             fence,
             shared.clone(),
@@ -149,9 +226,98 @@ impl KernelPath {
                 wake,
                 shared,
                 index,
+                control,
+                adopts,
             }),
             handle,
         ))
+    }
+
+    /// The handover's handle on the thread.
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    /// Adopts a connection the process this one took over from handed over (a `conn` line
+    /// of the handover, with its accepted and server sockets). It is checked against the
+    /// sockets and the shared maps first; `Ok` once the thread holds it.
+    pub fn adopt_moved(&self, line: &str, fds: Vec<OwnedFd>) -> Result<(), String> {
+        let m = moved::Moved::decode(line).map_err(|e| e.to_string())?;
+        let fds: [OwnedFd; 2] = fds
+            .try_into()
+            .map_err(|_| "a connection comes with two sockets".to_owned())?;
+        let (client, server) = (fds[0].as_raw_fd(), fds[1].as_raw_fd());
+        let cookie = |fd| tendril_ebpf::sockopt::cookie(fd).ok();
+        let (checks, what): (Vec<bool>, &[&str]) = match (m.kind, &self.pair, &self.client_socket) {
+            (Kind::ClientSocket(r), _, Some(cs)) if self.adopts.client_socket => (
+                vec![
+                    ClientKey::of_accepted(client).ok() == Some(r.key),
+                    ClientKey::of_connected(server).ok() == Some(r.backend),
+                    cookie(server) == Some(r.server),
+                    cs.client_cookie(&r.key) == Some(r.client),
+                    cs.reply(r.server).is_some(),
+                ],
+                &[
+                    "the accepted socket's addresses",
+                    "the server socket's addresses",
+                    "the server socket's cookie",
+                    "the client socket in the shared maps",
+                    "the reply direction in the shared maps",
+                ],
+            ),
+            (Kind::Pair(j), Some(map), _) if self.adopts.pair => (
+                vec![
+                    cookie(client) == Some(j.client),
+                    cookie(server) == Some(j.server),
+                    map.direction(j.client).is_some() && map.direction(j.server).is_some(),
+                ],
+                &[
+                    "the client socket's cookie",
+                    "the server socket's cookie",
+                    "the directions in the shared maps",
+                ],
+            ),
+            _ => return Err("not loaded with the old process's maps for its path".into()),
+        };
+        if let Some(i) = checks.iter().position(|ok| !ok) {
+            return Err(format!("{} do not match the record", what[i]));
+        }
+        let on_client_socket = matches!(m.kind, Kind::ClientSocket(_));
+        let metrics = &self.shared.workers[self.index];
+        let count = |up: bool| {
+            let add = |c: &std::sync::atomic::AtomicU64| {
+                if up {
+                    c.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    c.fetch_sub(1, Ordering::Relaxed);
+                }
+            };
+            add(&metrics.active);
+            add(&metrics.linked);
+            if on_client_socket {
+                add(&metrics.kernel_client_socket);
+            }
+        };
+        count(true);
+        let (tx, rx) = mpsc::channel();
+        let handoff = Handoff {
+            fds,
+            kind: m.kind,
+            base_recv: m.base_recv,
+            backend: m.backend,
+            peer: m.peer,
+            forwarded: m.forwarded,
+            adopted: Some(tx),
+        };
+        if self.tx.send(handoff).is_err() {
+            count(false);
+            return Err("the kernel path has stopped".into());
+        }
+        wake(self.wake.as_raw_fd());
+        // The thread answers once it holds the connection; if it stops first, the handoff
+        // is dropped unread and so is the sender: the old process keeps it then.
+        rx.recv()
+            .map_err(|_| "the kernel-path thread stopped before it took it".to_owned())
     }
 
     /// Whether the pair path is selectable.
@@ -319,6 +485,8 @@ impl KernelPath {
             base_recv: [consumed_from_client, 0],
             backend: backend.clone(),
             peer,
+            forwarded: [0, 0],
+            adopted: None,
         };
         if let Err(mpsc::SendError(h)) = self.tx.send(handoff) {
             match h.kind {
@@ -340,11 +508,7 @@ impl KernelPath {
             metrics.linked.fetch_sub(1, Ordering::Relaxed);
             return Err(AdoptError::Stopped);
         }
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from `one` to the eventfd.
-        unsafe {
-            libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8);
-        }
+        wake(self.wake.as_raw_fd());
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use tendril_ebpf::sockmap::{EventKind, Events, Sockmap};
 
 use super::conn::{Advance, Conn, Direction, FIRST_RETRY, advance, cookie};
 use super::direction::Event;
-use super::{Handoff, Kind, client_socket};
+use super::{Command, Handoff, Kind, client_socket};
 use crate::metrics::{CloseReason, WorkerMetrics};
 use crate::shared::Shared;
 use crate::sys::tcp_written;
@@ -27,6 +27,12 @@ const TOKEN_COMMANDS: u64 = u64::MAX;
 const TOKEN_FENCE: u64 = u64::MAX - 1;
 const TOKEN_EVENTS: u64 = u64::MAX - 2;
 const TOKEN_CLIENT_SOCKET_EVENTS: u64 = u64::MAX - 3;
+const TOKEN_MOVER: u64 = u64::MAX - 4;
+/// How often the connections are looked at once the event ring went to the process that
+/// took over (their events reach that process, see `moving`).
+const POLL: Duration = Duration::from_millis(10);
+
+mod moving;
 /// How often the thread looks at draining and lost events when nothing else wakes it.
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
 
@@ -38,6 +44,7 @@ pub(super) struct Thread {
     client_socket_events: Option<ClientSocketEvents>,
     epfd: OwnedFd,
     commands: mpsc::Receiver<Handoff>,
+    control: mpsc::Receiver<Command>,
     wake: OwnedFd,
     fence: std::os::unix::net::UnixStream,
     shared: Arc<Shared>,
@@ -50,19 +57,26 @@ pub(super) struct Thread {
     drain_deadline: Option<Instant>,
     disconnected: bool,
     next_generation: u32,
+    /// The connections on their way to the process that took over, once it adopts them.
+    mover: Option<moving::Mover>,
+    /// The event ring went to the process that took over: poll every [`POLL`].
+    events_yielded: bool,
+    last_poll: Instant,
 }
 
 impl Thread {
-    /// The thread's state and its epoll set; `wake` is the workers' hand-over eventfd.
+    /// The thread's state and its epoll set; `wake` is the eventfd of its `inbox`: the
+    /// workers' connections and the handover's commands.
     pub(super) fn new(
         map: Option<Arc<Sockmap>>,
         cs: Option<Arc<ClientSocket>>,
-        commands: mpsc::Receiver<Handoff>,
+        inbox: (mpsc::Receiver<Handoff>, mpsc::Receiver<Command>),
         wake: OwnedFd,
         fence: std::os::unix::net::UnixStream,
         shared: Arc<Shared>,
         index: usize,
     ) -> io::Result<Thread> {
+        let (commands, control) = inbox;
         let events = map.as_ref().map(|m| m.events()).transpose()?;
         let client_socket_events = cs.as_ref().map(|l| l.events()).transpose()?;
         // SAFETY: epoll_create1 returns a new descriptor or -1.
@@ -80,6 +94,7 @@ impl Thread {
             client_socket_events,
             epfd,
             commands,
+            control,
             wake,
             fence,
             shared,
@@ -92,6 +107,9 @@ impl Thread {
             drain_deadline: None,
             disconnected: false,
             next_generation: 0,
+            mover: None,
+            events_yielded: false,
+            last_poll: Instant::now(),
         };
         let input = libc::EPOLLIN as u32;
         thread.watch(thread.wake.as_raw_fd(), TOKEN_COMMANDS, input)?;
@@ -158,6 +176,7 @@ impl Thread {
                     TOKEN_FENCE => self.fence(),
                     TOKEN_EVENTS => self.take_events(),
                     TOKEN_CLIENT_SOCKET_EVENTS => self.take_client_socket_events(),
+                    TOKEN_MOVER => self.take_answers(),
                     t => self.socket_ready(
                         (t >> 32) as u32,
                         ((t & 0xffff_ffff) >> 1) as usize,
@@ -167,6 +186,8 @@ impl Thread {
                 }
             }
             self.retry_due();
+            self.poll_yielded();
+            self.move_steady();
             if self.housekeeping() {
                 break;
             }
@@ -185,7 +206,12 @@ impl Thread {
             .filter_map(|p| p.retry)
             .min()
             .map_or(HOUSEKEEPING, |t| t.saturating_duration_since(now));
-        next.min(HOUSEKEEPING)
+        let period = if self.events_yielded && self.conns.iter().any(Option::is_some) {
+            POLL
+        } else {
+            HOUSEKEEPING
+        };
+        next.min(period)
             .as_millis()
             .max(u128::from(next > Duration::ZERO)) as i32
     }
@@ -195,6 +221,9 @@ impl Thread {
         // SAFETY: reads the eventfd counter (8 bytes) into `count`.
         unsafe {
             libc::read(self.wake.as_raw_fd(), count.as_mut_ptr().cast(), 8);
+        }
+        while let Ok(command) = self.control.try_recv() {
+            self.command(command);
         }
         loop {
             match self.commands.try_recv() {
@@ -209,8 +238,38 @@ impl Thread {
     }
 
     fn adopt(&mut self, h: Handoff) {
+        let interest = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        let mut dirs = [Direction::default(), Direction::default()];
+        dirs[0].forwarded = h.forwarded[0];
+        dirs[1].forwarded = h.forwarded[1];
+        let conn = Conn {
+            fds: h.fds,
+            kind: h.kind,
+            base_recv: h.base_recv,
+            dirs,
+            backend: h.backend,
+            peer: h.peer,
+            interest: [interest; 2],
+            first_end: None,
+            retry: None,
+            delay: FIRST_RETRY,
+            generation: 0,
+            stall: None,
+            backend_reset: None,
+            server_written: None,
+        };
+        self.insert(conn);
+        if let Some(adopted) = h.adopted {
+            let _ = adopted.send(());
+        }
+    }
+
+    /// Holds a connection from now on: watched, named by its cookies, stepped once (the
+    /// bytes passed up while it was on its way are collected now); cut at once if a fence
+    /// was published since its backend was chosen.
+    fn insert(&mut self, mut conn: Conn) {
         let table = self.shared.table.load();
-        let fenced = table.fences(&h.backend);
+        let fenced = table.fences(&conn.backend);
         drop(table);
         let slot = match self.free.pop() {
             Some(i) => i,
@@ -219,23 +278,8 @@ impl Thread {
                 self.conns.len() - 1
             }
         };
-        let interest = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-        let conn = Conn {
-            fds: h.fds,
-            kind: h.kind,
-            base_recv: h.base_recv,
-            dirs: [Direction::default(), Direction::default()],
-            backend: h.backend,
-            peer: h.peer,
-            interest: [interest; 2],
-            first_end: None,
-            retry: None,
-            delay: FIRST_RETRY,
-            generation: self.next_generation,
-            stall: None,
-            backend_reset: None,
-            server_written: None,
-        };
+        conn.generation = self.next_generation;
+        let interest = conn.interest;
         let pair_gen = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
         let fds = [conn.fds[0].as_raw_fd(), conn.fds[1].as_raw_fd()];
@@ -250,7 +294,7 @@ impl Thread {
         }
         for (side, fd) in fds.into_iter().enumerate() {
             if self
-                .watch(fd, token(pair_gen, slot, side), interest)
+                .watch(fd, token(pair_gen, slot, side), interest[side])
                 .is_err()
             {
                 self.abort(slot, CloseReason::Error);
@@ -262,6 +306,9 @@ impl Thread {
     }
 
     fn fence(&mut self) {
+        // Connections handed to this thread before the table was published are held (and
+        // cut) before the fence is acknowledged.
+        self.take_handoffs();
         let mut buf = [0u8; 64];
         loop {
             match io::Read::read(&mut self.fence, &mut buf) {
@@ -283,6 +330,9 @@ impl Thread {
         for &slot in &doomed {
             self.abort(slot, CloseReason::Fenced);
         }
+        // On their way to the process that took over: cut here too (the sockets are the
+        // same), so neither process acknowledges while one is open.
+        self.fence_in_flight(&table);
         self.metrics()
             .applied_epoch
             .store(table.epoch, Ordering::Release);
@@ -395,12 +445,7 @@ impl Thread {
         if lost != self.lost_seen {
             // The event ring overflowed: look at every connection.
             self.lost_seen = lost;
-            let all: Vec<usize> = (0..self.conns.len())
-                .filter(|&i| self.conns[i].is_some())
-                .collect();
-            for slot in all {
-                self.progress(slot);
-            }
+            self.progress_all();
         }
         self.cut_stalled();
         if !self.disconnected {
@@ -428,10 +473,15 @@ impl Thread {
                 for slot in left {
                     self.abort(slot, CloseReason::Fenced);
                 }
+                if self.mover.as_ref().is_some_and(|m| !m.in_flight.is_empty()) {
+                    self.taker_gone("it did not answer by the drain timeout");
+                }
             }
         }
-        // Stop once no worker can hand anything over and every connection is closed.
-        let idle = self.conns.iter().all(Option::is_none);
+        // Stop once no worker can hand anything over and every connection is closed (or
+        // adopted by the process that took over).
+        let idle = self.conns.iter().all(Option::is_none)
+            && self.mover.as_ref().is_none_or(|m| m.in_flight.is_empty());
         idle && (self.disconnected || (self.shared.draining() && self.shared.all_workers_stopped()))
     }
 

@@ -39,7 +39,11 @@ impl Report {
     }
 
     pub fn count(&self, what: &'static str) {
-        *self.counts.lock().unwrap().entry(what).or_default() += 1;
+        self.add(what, 1);
+    }
+
+    pub fn add(&self, what: &'static str, n: u64) {
+        *self.counts.lock().unwrap().entry(what).or_default() += n;
     }
 
     /// Records how long operation `what` took past `expected`.

@@ -3,12 +3,13 @@
 //! and comparing them byte for byte, pgbench and psql, and tokio-postgres on tokio, whose
 //! edge-triggered reads notice what blocking clients do not) while a seeded driver injects the
 //! faults of the data-plane matrix at random: terminated, cancelled and killed backends, a
-//! crashed postmaster, failover fences and switchover holds, and the clients' own FIN, reset,
-//! Terminate and idle timeouts.
+//! crashed postmaster, failover fences and switchover holds, the proxy replaced by a new
+//! process (`--takeover`), and the clients' own FIN, reset, Terminate and idle timeouts.
 //!
 //! It fails on any client waiting more than 2 s past what the operation takes directly, any
 //! byte lost, duplicated or reordered in a completed operation, and any socket, connection or
-//! kernel map entry the proxy still holds once the clients have gone.
+//! kernel map entry the proxy still holds once the clients have gone, and any replaced
+//! process still running then.
 //!
 //! `cargo xtask test` runs it briefly on every forwarding path with PostgreSQL on another
 //! host (a network namespace behind a veth pair); `cargo xtask soak proxy` runs it as long
@@ -145,6 +146,12 @@ async fn soak(
         .await;
     let proxy = ProxyProc::start(&env, &format!("soak-{name}"), flags, &[]);
     support::wait_routed(proxy.port, pg.port(), Duration::from_secs(15)).await;
+    let mut proxies = nemesis::Proxies {
+        current: proxy,
+        replaced: Vec::new(),
+        flags,
+        name: name.to_owned(),
+    };
     let topology = if remote { "remote" } else { "local" };
     println!(
         "soak {topology} {name}: {} s, seed {}",
@@ -153,7 +160,7 @@ async fn soak(
 
     let stop = Arc::new(AtomicBool::new(false));
     let report = Arc::new(Report::default());
-    let addr = SocketAddr::from(([127, 0, 0, 1], proxy.port));
+    let addr = SocketAddr::from(([127, 0, 0, 1], proxies.current.port));
     let start = Instant::now();
     let until = start + Duration::from_secs(settings.seconds);
     let clients: [(&str, Client); 9] = [
@@ -183,14 +190,61 @@ async fn soak(
                 .unwrap()
         })
         .collect();
-    nemesis::run(&mut env, &mut pg, rng, start, until, &report).await;
+    nemesis::run(
+        &mut env,
+        &mut pg,
+        &mut proxies,
+        rng,
+        (start, until),
+        &report,
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         tokio::task::block_in_place(|| t.join()).unwrap();
     }
 
     let mut failures = report.failures();
-    if let Some(left) = leftovers(&proxy) {
+    // Replaced processes go once their own connections ended (the clients' are).
+    for old in &mut proxies.replaced {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while old.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        match old.child.try_wait().unwrap() {
+            Some(status) if status.success() => {}
+            Some(status) => failures.push(format!("replaced {} exited with {status}", old.uid)),
+            None => failures.push(format!(
+                "replaced {} still runs 15 s after the clients left:\n{}",
+                old.uid,
+                old.log_text()
+            )),
+        }
+    }
+    // What moved with each takeover, as each new process counted it.
+    for p in proxies.replaced.iter().skip(1).chain([&proxies.current]) {
+        if proxies.replaced.is_empty() {
+            break;
+        }
+        let log = p.log_text();
+        let count = |word: &str| -> u64 {
+            log.lines()
+                .filter(|l| l.contains("handover over"))
+                .filter_map(|l| l.split(word).nth(1)?.split(' ').next()?.parse::<u64>().ok())
+                .sum()
+        };
+        report.add("connections handed over", count("adopted="));
+        let refused = count("refused=");
+        if refused > 0 {
+            // A record that does not match its sockets or the shared maps: a bug.
+            failures.push(format!(
+                "{} refused {refused} connections handed over",
+                p.uid
+            ));
+        }
+    }
+    let proxy = &proxies.current;
+    if let Some(left) = leftovers(proxy) {
         failures.push(format!("after the clients left, the proxy kept {left}"));
     }
     let counts = report.counts();

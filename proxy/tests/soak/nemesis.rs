@@ -1,14 +1,16 @@
 //! The soak's fault driver: at random moments, from a seeded generator, it ends backends
 //! (pg_terminate_backend, a query cancel, kill -9 of one backend, which resets them all),
-//! crashes and restarts the postmaster, and fences the proxy as a failover does (no master,
-//! then the master again) or holds it as a switchover does. The seed fixes the sequence of
-//! faults and of every client's choices; the interleaving with the clients is the machine's.
+//! crashes and restarts the postmaster, fences the proxy as a failover does (no master,
+//! then the master again) or holds it as a switchover does, and replaces the proxy with a
+//! new process (`--takeover`, a node rollout: kernel-forwarded connections move, the others
+//! drain in the old process). The seed fixes the sequence of faults and of every client's
+//! choices; the interleaving with the clients is the machine's.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::clients::{APPLICATION, Report};
-use crate::support::Env;
+use crate::support::{Env, ProxyProc};
 use tendril_testkit::{PG_BIN, PgServer};
 
 /// The longest the nemesis holds new connections (a switchover's pause).
@@ -51,13 +53,47 @@ fn pick(rng: &mut Rng, pids: &[u32]) -> Option<u32> {
     (!pids.is_empty()).then(|| pids[rng.below(pids.len() as u64) as usize])
 }
 
+/// The proxy under soak and the processes it replaced (each must exit once its own
+/// connections ended).
+pub struct Proxies<'a> {
+    pub current: ProxyProc,
+    pub replaced: Vec<ProxyProc>,
+    /// The path's flags, which every new process gets too.
+    pub flags: &'a [&'a str],
+    pub name: String,
+}
+
+impl Proxies<'_> {
+    /// Starts a new process with `--takeover` and waits until it serves.
+    fn take_over(&mut self, env: &Env) -> Result<(), String> {
+        let listen = format!("127.0.0.1:{}", self.current.port);
+        let mut args = vec!["--listen-address", listen.as_str(), "--takeover"];
+        args.extend_from_slice(self.flags);
+        let uid = format!("soak-{}-{}", self.name, self.replaced.len() + 1);
+        let new = ProxyProc::start(env, &uid, &args, &[]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !new
+            .log_text()
+            .contains("took over: the old proxy stopped accepting")
+        {
+            if Instant::now() >= deadline {
+                return Err(format!("{uid} did not take over:\n{}", new.log_text()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.replaced
+            .push(std::mem::replace(&mut self.current, new));
+        Ok(())
+    }
+}
+
 /// Injects faults until `until`, logging each with its time since `start`.
 pub async fn run(
     env: &mut Env,
     pg: &mut PgServer,
+    proxies: &mut Proxies<'_>,
     rng: &mut Rng,
-    start: Instant,
-    until: Instant,
+    (start, until): (Instant, Instant),
     report: &Report,
 ) {
     let route = |pg: &PgServer| Some(("db1", pg.host(), pg.port()));
@@ -119,7 +155,17 @@ pub async fn run(
                 report.count("fault: switchover hold");
                 format!("switchover hold for {gap:?}")
             }
-            _ => "nothing".into(),
+            _ => {
+                let took = tokio::task::block_in_place(|| proxies.take_over(env));
+                report.count("fault: takeover");
+                match took {
+                    Ok(()) => format!("takeover by {}", proxies.current.uid),
+                    Err(e) => {
+                        report.fail(format!("takeover failed: {e}"));
+                        "takeover failed".into()
+                    }
+                }
+            }
         };
         println!("soak {:>8.3}s fault: {what}", at.as_secs_f64());
     }

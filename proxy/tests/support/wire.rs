@@ -81,6 +81,36 @@ pub struct WireClient {
 }
 
 impl WireClient {
+    /// A session through `port` that reads in blocking mode: forwarded in userspace under
+    /// `--forwarding auto`, so it stays with a process taken over until it ends (a session
+    /// on the client-socket path moves to the new process).
+    pub fn blocking_session(port: u16) -> WireClient {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut c = WireClient::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        c.stream
+            .set_nonblocking(false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        c.stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (_, end) = c.startup("postgres");
+        assert_eq!(end, End::Open, "the session's startup through {addr}");
+        c
+    }
+
+    /// Runs `select 1`: how the session ended, `Open` when it answered.
+    pub fn select_one(&mut self) -> End {
+        if self.query("select 1").is_err() {
+            return End::Reset;
+        }
+        let (answer, end) = self.read_until(Duration::from_secs(5), |m| {
+            m.last().is_some_and(|m| m.kind == b'Z')
+        });
+        match end {
+            End::Open if answer.is_empty() => End::Open,
+            other => other,
+        }
+    }
     pub fn connect(addr: SocketAddr) -> std::io::Result<WireClient> {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         stream.set_nonblocking(true)?;
