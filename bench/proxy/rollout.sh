@@ -133,6 +133,7 @@ print(json.dumps({
     "old_lived_ms": olds,
 }))
 PY
+  rm -f "$prefix.done"
 }
 
 for load in connect persistent; do

@@ -137,6 +137,12 @@ pub struct Inherited {
     pub maps: Vec<(String, std::os::fd::OwnedFd)>,
 }
 
+/// FNV-1a over `parts` in 16 hex digits: stable across builds and Rust versions (unlike the
+/// standard hasher), for the fingerprints two processes compare.
+pub fn fingerprint(parts: &[&[u8]]) -> String {
+    object::fingerprint(parts)
+}
+
 /// A kill failed.
 #[derive(Debug, thiserror::Error)]
 pub enum KillError {

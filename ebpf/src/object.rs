@@ -45,7 +45,9 @@ pub(crate) fn shared(name: &str) -> bool {
 }
 
 /// Has an opened object load with the maps of the same object in a running proxy: every
-/// shared map must be among them, and libbpf refuses one whose type, sizes or flags differ.
+/// shared map must be among them, of the type and key and value sizes this object declares
+/// (libbpf takes a reused map's definition from its descriptor without comparing; the
+/// fingerprints the two processes compared are what vouch for the rest).
 pub(crate) fn reuse(
     open: &mut OpenObject,
     inherited: &Inherited,
@@ -62,6 +64,15 @@ pub(crate) fn reuse(
             .iter()
             .find(|(n, _)| *n == name)
             .ok_or_else(|| unavailable(format!("map {name} was not handed over")))?;
+        let info = libbpf_rs::MapInfo::new(fd.as_fd())
+            .map_err(|e| unavailable(format!("inspect map {name}: {e}")))?;
+        let theirs = (info.map_type(), info.info.key_size, info.info.value_size);
+        let ours = (map.map_type(), map.key_size(), map.value_size());
+        if theirs != ours {
+            return Err(unavailable(format!(
+                "map {name} handed over is {theirs:?} (type, key and value sizes), this object's is {ours:?}"
+            )));
+        }
         map.reuse_fd(fd.as_fd())
             .map_err(|e| unavailable(format!("reuse map {name}: {e}")))?;
     }

@@ -23,15 +23,16 @@
 //!    accepts was captured by its own programs, or by the old process's on maps it shares.
 //!    (Clients the old process still accepts meanwhile are its own.)
 //!
-//! Kernel-forwarded connections move too, when both processes load the same client-socket
-//! object with the same settings: the old process then adds `kernel FINGERPRINT` to its
-//! `listeners` line (older takers read no further than R). A taker with the same
-//! fingerprint asks `maps` before it loads its programs; the old process stops reading the
-//! programs' event ring (it has one reader) and answers `maps K NAME,...` with the K map
-//! descriptors, which the taker loads with. It says `ready adopt` instead of `ready`, and
-//! after `stopped` the old process sends each connection at rest as a `conn` line
-//! (`crate::kernel::moved`) with its two sockets; the taker answers each with `adopted`
-//! once its kernel thread holds it (or `refused`). A taker whose fingerprint differs says
+//! Kernel-forwarded connections move too, when both processes load the same BPF objects with
+//! the same settings: the old process then adds `kernel FINGERPRINT` to its `listeners` line
+//! (older takers read no further than R). A taker with the same fingerprint asks `maps`
+//! before it loads its programs; the old process stops reading the programs' event rings
+//! (each has one reader) and answers `maps K NAME,...` with the K map descriptors, which the
+//! taker loads with (`maps 0 -` when it cannot share them). It says `ready adopt PATHS`
+//! (`pair`, `client_socket`: the paths it loaded on those maps) instead of `ready`, and after
+//! `stopped` the old process sends each of those paths' connections at rest as a `conn` line
+//! (`crate::kernel::moved`) with its two sockets; the taker answers each with `adopted` once
+//! its kernel thread holds it (or `refused`). A taker whose fingerprint differs says
 //! `ready`: the old process drains its connections, as an older one does.
 //!
 //! A new process that dies before `ready` (EOF) changes nothing: the old one keeps serving
@@ -51,7 +52,7 @@ pub use kernel::{Incoming, KernelShare};
 
 const REQUEST: &str = "takeover v1";
 const READY: &str = "ready";
-const READY_ADOPT: &str = "ready adopt";
+const READY_ADOPT: &str = "ready adopt ";
 const STOPPED: &str = "stopped";
 const MAPS: &str = "maps";
 /// The taker's answer to a `conn` line: its kernel thread holds the connection.
@@ -172,8 +173,8 @@ impl Taken {
         )
     }
 
-    /// Asks for the old process's client-socket maps (only when [`Taken::kernel`] is this
-    /// process's fingerprint): it stops reading their event ring before it sends them.
+    /// Asks for the old process's kernel maps (only when [`Taken::kernel`] is this process's
+    /// fingerprint): it stops reading their event rings before it sends them.
     pub fn inherit(&mut self) -> std::io::Result<tendril_ebpf::Inherited> {
         self.stream.write_all(format!("{MAPS}\n").as_bytes())?;
         self.stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
@@ -184,15 +185,22 @@ impl Taken {
 
     /// Tells the old process that this one serves; returns once it has stopped capturing
     /// and accepting (`stopped`), or after [`EXCHANGE_TIMEOUT`] without an answer (it hangs
-    /// or died: this process accepts anyway). With `adopt` (this process loaded with the
-    /// old one's maps), the old process's connections then arrive on the returned stream.
-    pub fn ready(mut self, adopt: bool) -> std::io::Result<Option<Incoming>> {
-        let word = if adopt { READY_ADOPT } else { READY };
-        self.stream.write_all(format!("{word}\n").as_bytes())?;
+    /// or died: this process accepts anyway). With `adopt` (the paths this process loaded on
+    /// the old one's maps), the old process's connections on them then arrive on the
+    /// returned stream.
+    pub fn ready(
+        mut self,
+        adopt: Option<crate::kernel::Adopts>,
+    ) -> std::io::Result<Option<Incoming>> {
+        let line = match adopt {
+            Some(a) => format!("{READY_ADOPT}{}\n", a.words()),
+            None => format!("{READY}\n"),
+        };
+        self.stream.write_all(line.as_bytes())?;
         self.stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
         let mut incoming = Incoming::new(self.stream);
         match incoming.next_line()? {
-            Some((line, _)) if line == STOPPED => Ok(adopt.then_some(incoming)),
+            Some((line, _)) if line == STOPPED => Ok(adopt.map(|_| incoming)),
             other => Err(std::io::Error::other(format!(
                 "the old proxy answered {:?} instead of {STOPPED:?}",
                 other.map(|(l, _)| l)
@@ -438,21 +446,21 @@ pub fn serve(
                 let Ok(stream) = stream else { continue };
                 let mut yielded = false;
                 let answered = answer(&stream, &about, &listeners, kernel.as_ref(), &mut yielded);
-                let adopt = matches!(answered, Ok(true));
+                let adopt = matches!(answered, Ok(Some(_)));
                 if yielded && !adopt && let Some(k) = &kernel {
                     // The taker did not load with the maps (or is gone): this process
                     // reads the event ring again.
                     k.control.resume_events();
                 }
                 match answered {
-                    Ok(adopt) => {
+                    Ok(adopts) => {
                         tracing::info!(%listen, adopt, "a new proxy took over the listening sockets: draining");
                         handed_over();
                         let mut writer = &stream;
                         if let Err(e) = writer.write_all(format!("{STOPPED}\n").as_bytes()) {
                             tracing::warn!(error = %e, "cannot tell the new proxy that this one stopped");
-                        } else if let (true, Some(k)) = (adopt, &kernel) {
-                            k.control.move_connections(stream);
+                        } else if let (Some(adopts), Some(k)) = (adopts, &kernel) {
+                            k.control.move_connections(stream, adopts);
                         }
                         return;
                     }
@@ -464,15 +472,15 @@ pub fn serve(
 }
 
 /// One taker: check who it is, send the sockets (with `about`: uid and cluster), share the
-/// maps if asked, wait for `ready` (or its end). `Ok(true)`: the taker adopts the
-/// connections. `yielded`: the event ring was given up on the way.
+/// maps if asked, wait for `ready` (or its end). `Ok(Some(paths))`: the taker adopts the
+/// connections on those paths. `yielded`: the event rings were given up on the way.
 fn answer(
     stream: &UnixStream,
     about: &str,
     listeners: &[RawFd],
     kernel: Option<&KernelShare>,
     yielded: &mut bool,
-) -> std::io::Result<bool> {
+) -> std::io::Result<Option<crate::kernel::Adopts>> {
     let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
     let me = nix::unistd::geteuid().as_raw();
     if cred.uid() != me && cred.uid() != 0 {
@@ -516,8 +524,12 @@ fn answer(
                 *yielded = true;
                 kernel::share_maps(stream, k, cred.pid())?;
             }
-            (READY, _) => return Ok(false),
-            (READY_ADOPT, Some(_)) if *yielded => return Ok(true),
+            (READY, _) => return Ok(None),
+            (adopt, Some(_)) if *yielded && adopt.starts_with(READY_ADOPT) => {
+                return Ok(Some(crate::kernel::Adopts::from_words(
+                    &adopt[READY_ADOPT.len()..],
+                )));
+            }
             ("", _) => {
                 return Err(std::io::Error::other(format!(
                     "the new proxy (pid {}) ended before it was ready",

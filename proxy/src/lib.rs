@@ -237,8 +237,8 @@ impl App {
         let share = kernel.as_ref().and_then(|k| taking::share(k));
         let adopting = kernel
             .as_ref()
-            .filter(|_| adopts.pair || adopts.client_socket)
-            .map(Arc::downgrade);
+            .filter(|_| adopts.any())
+            .map(|k| (Arc::downgrade(k), adopts));
         let accept = match (&taken, beside) {
             (Some(_), _) => worker::Accept::OnceAlone,
             (None, true) => worker::Accept::OnceRouting,

@@ -16,11 +16,11 @@ use std::net::SocketAddr;
 
 /// Once the routing table is read, tells the proxy whose sockets this one took to stop
 /// accepting: from then on the sockets are this process's alone. With `adopting` (this
-/// process loaded with the old one's client-socket maps), the old process's connections
+/// process loaded with the old one's kernel maps), the old process's connections
 /// then come over and this thread hands them to the kernel path.
 pub(crate) fn tell_when_routing(
     taken: handover::Taken,
-    adopting: Option<std::sync::Weak<kernel::KernelPath>>,
+    adopting: Option<(std::sync::Weak<kernel::KernelPath>, kernel::Adopts)>,
     shared: Arc<Shared>,
 ) -> Result<(), ProxyError> {
     std::thread::Builder::new()
@@ -43,7 +43,7 @@ pub(crate) fn tell_when_routing(
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            let incoming = match taken.ready(adopting.is_some()) {
+            let incoming = match taken.ready(adopting.as_ref().map(|(_, a)| *a)) {
                 Ok(incoming) => {
                     tracing::info!("took over: the old proxy stopped accepting and drains");
                     incoming
@@ -58,38 +58,30 @@ pub(crate) fn tell_when_routing(
             shared.own_listeners();
             // Under systemd (NotifyAccess=all) this process becomes the service's main one.
             tendril_daemon::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
-            if let (Some(incoming), Some(kernel)) = (incoming, adopting) {
-                adopt_connections(incoming, &kernel, &shared);
+            if let (Some(incoming), Some((kernel, _))) = (incoming, adopting) {
+                adopt_connections(incoming, &kernel);
             }
         })
         .map(drop)
         .map_err(|e| ProxyError::Other(format!("spawn takeover thread: {e}")))
 }
 
-/// Takes the connections the old process sends (see `handover`) until it exits, or this
-/// process drains or its kernel path stopped.
+/// Takes the connections the old process sends (see `handover`) until it closes the stream
+/// (it exits once it has none left). A draining process still takes them: the process that
+/// took over from it, if any, gets them next, and otherwise they drain here as they would
+/// have there.
 fn adopt_connections(
     mut incoming: handover::Incoming,
     kernel: &std::sync::Weak<kernel::KernelPath>,
-    shared: &Shared,
 ) {
-    let _ = incoming.set_timeout(Some(Duration::from_millis(200)));
+    let _ = incoming.set_timeout(None);
     let (mut adopted, mut refused) = (0u64, 0u64);
     loop {
         let (line, fds) = match incoming.next_line() {
             Ok(Some(next)) => next,
             Ok(None) => break,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                if shared.draining() {
-                    break;
-                }
-                continue;
-            }
+            // A signal handled on this thread.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::warn!(error = %e, "the handover of connections broke off");
                 break;
@@ -141,14 +133,16 @@ pub(crate) struct Programs {
 const PAIR: &str = "pair/";
 const CLIENT_SOCKET: &str = "client_socket/";
 
-/// One word for the programs a proxy runs (or would run): each loaded object's fingerprint,
-/// so that a taker shares the maps only when it loads exactly the same objects.
+/// One word for the programs a proxy runs (or would run), from each loaded object's
+/// fingerprint: a taker shares the maps only when it loads exactly the same objects. Hashed
+/// again to 16 hex digits, which keeps the `listeners` line short for takers older than
+/// the kernel handover (they read 128 bytes of it).
 fn fingerprint(pair: Option<String>, client_socket: Option<String>) -> Option<String> {
     let parts: Vec<String> = [(PAIR, pair), (CLIENT_SOCKET, client_socket)]
         .into_iter()
         .filter_map(|(prefix, fp)| Some(format!("{prefix}{}", fp?)))
         .collect();
-    (!parts.is_empty()).then(|| parts.join("+"))
+    (!parts.is_empty()).then(|| tendril_ebpf::fingerprint(&[parts.join("+").as_bytes()]))
 }
 
 /// What this running proxy offers a taker: its programs' fingerprint and maps.

@@ -22,10 +22,9 @@ async fn identity(client: &tokio_postgres::Client) -> (i32, i32) {
     (row.get(0), row.get(1))
 }
 
-/// 20 MB each way on the session: out through a reply pause (nothing read for half a
-/// second while PostgreSQL sends), then in.
-async fn copy_both_ways(client: &tokio_postgres::Client) {
-    let rows: i64 = 20_000;
+/// `rows` kB out through a reply pause (nothing read for half a second while PostgreSQL
+/// sends).
+async fn copy_out_paused(client: &tokio_postgres::Client, rows: i64) {
     let out = client
         .copy_out(&format!(
             "COPY (SELECT repeat('x', 999) FROM generate_series(1, {rows})) TO STDOUT"
@@ -43,6 +42,12 @@ async fn copy_both_ways(client: &tokio_postgres::Client) {
         rows as usize * 1000,
         "COPY out through the moved session"
     );
+}
+
+/// 20 MB each way on the session: out through a reply pause, then in.
+async fn copy_both_ways(client: &tokio_postgres::Client) {
+    let rows: i64 = 20_000;
+    copy_out_paused(client, rows).await;
     client
         .batch_execute("DROP TABLE IF EXISTS sink; CREATE TEMP TABLE sink (line text)")
         .await
@@ -65,11 +70,11 @@ async fn copy_both_ways(client: &tokio_postgres::Client) {
     );
 }
 
-/// Three takeovers in a row under persistent `pgbench -c 8` and an open session: every
-/// replaced process exits while pgbench still runs (its connections moved; with a 60 s
-/// drain it would otherwise wait for them), the new one adopted all 9, pgbench keeps its 8
-/// backends and the session its backend pid and temporary table (then it moves 20 MB each
-/// way), and no transaction fails.
+/// Three takeovers in a row under persistent `pgbench -c 8`, an open session and two idle
+/// ones: every replaced process exits while pgbench still runs (its connections moved; with
+/// a 60 s drain it would otherwise wait for them), the new one adopted all 11, pgbench keeps
+/// its 8 backends and each session its backend pid (and temporary table; then it moves 20 MB
+/// each way), and no transaction fails.
 /// With the default forwarding (the client-socket path) and on the pair path.
 async fn connections_move_on(path: &str, path_flags: &[&str]) {
     let mut env = Env::new().await;
@@ -100,10 +105,30 @@ async fn connections_move_on(path: &str, path_flags: &[&str]) {
         .await
         .unwrap();
     let before = identity(&client).await;
+    // Two idle sessions, which must move too: one that sent nothing since its startup (a
+    // pair direction joins on its first packet), and one whose replies paused once (the
+    // direction stays paused until its next packet).
+    let fresh = named_session(old.port, "fresh").await;
+    let paused = named_session(old.port, "paused").await;
+    copy_out_paused(&paused, 20_000).await;
+    let direct = support::connect(pg.port()).await.unwrap();
+    let pid_of = |name: &'static str| {
+        let direct = &direct;
+        async move {
+            let row = direct
+                .query_one(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                    &[&name],
+                )
+                .await
+                .unwrap();
+            row.get::<_, i32>(0)
+        }
+    };
+    let idle_pids = (pid_of("fresh").await, pid_of("paused").await);
     let mut run = bench(&["-S", "-c", "8", "-j", "2", "-T", "25"], old.port);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // pgbench's backends, seen by PostgreSQL itself: the same 8 after every takeover.
-    let direct = support::connect(pg.port()).await.unwrap();
     let pgbench_backends = || async {
         let row = direct
             .query_one(
@@ -155,12 +180,17 @@ async fn connections_move_on(path: &str, path_flags: &[&str]) {
             backends,
             "takeover {i}: pgbench reconnected"
         );
-        wait_log(&new, "adopted=9 refused=0", Duration::from_secs(5)).await;
+        wait_log(&new, "adopted=11 refused=0", Duration::from_secs(5)).await;
         old = new;
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
     copy_both_ways(&client).await;
     assert_eq!(identity(&client).await, before);
+    assert_eq!(
+        (backend_pid(&fresh).await, backend_pid(&paused).await),
+        idle_pids,
+        "the idle sessions kept their backends"
+    );
     let (status, text) = support::finished(run).await;
     assert!(status.success(), "pgbench failed:\n{text}");
     assert!(
@@ -184,6 +214,27 @@ async fn pair_path_connections_move_to_the_new_process() {
         &["--forwarding", "kernel", "--kernel-client-socket", "off"],
     )
     .await;
+}
+
+async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A session through `port` named `name` (its `application_name`), which sends nothing
+/// after its startup.
+async fn named_session(port: u16, name: &str) -> tokio_postgres::Client {
+    let conninfo =
+        format!("host=127.0.0.1 port={port} user=postgres dbname=postgres application_name={name}");
+    let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
 }
 
 /// A session on the client-socket path, with its identity.
@@ -255,7 +306,7 @@ async fn a_taker_killed_after_taking_the_maps_leaves_the_sessions_working() {
     );
     wait_log(
         &old,
-        "shared the client-socket maps with the new proxy",
+        "shared the kernel maps with the new proxy",
         Duration::from_secs(10),
     )
     .await;

@@ -1,6 +1,6 @@
 //! The kernel-forwarded connections' part of a handover (see the parent module's exchange):
-//! the old process shares its client-socket maps with a taker that loads the same programs,
-//! then sends it its connections at rest, which arrive here as [`Incoming`] lines.
+//! the old process shares its kernel maps with a taker that loads the same programs, then
+//! sends it its connections at rest, which arrive here as [`Incoming`] lines.
 
 use std::io::{IoSlice, IoSliceMut, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -25,16 +25,20 @@ pub struct KernelShare {
 }
 
 /// Sends `share`'s maps to the taker (pid `pid`, for the log), once the kernel-path thread
-/// stopped reading their event ring.
+/// stopped reading their event rings; `maps 0 -` when it did not (the taker then loads its
+/// own maps, and the exchange goes on).
 pub(super) fn share_maps(
     stream: &UnixStream,
     share: &KernelShare,
     pid: i32,
 ) -> std::io::Result<()> {
     if !share.control.yield_events() {
-        return Err(std::io::Error::other(
-            "the kernel-path thread did not give up the event ring",
-        ));
+        tracing::warn!(
+            pid,
+            "the kernel-path thread did not give up the event rings: not sharing the maps"
+        );
+        let mut writer = stream;
+        return writer.write_all(format!("{MAPS} 0 -\n").as_bytes());
     }
     let names: Vec<&str> = share.maps.iter().map(|(n, _)| n.as_str()).collect();
     let fds: Vec<RawFd> = share.maps.iter().map(|(_, fd)| *fd).collect();
@@ -49,7 +53,7 @@ pub(super) fn share_maps(
     tracing::info!(
         pid,
         maps = fds.len(),
-        "shared the client-socket maps with the new proxy"
+        "shared the kernel maps with the new proxy"
     );
     Ok(())
 }

@@ -104,8 +104,8 @@ enum Command {
     YieldEvents(mpsc::Sender<()>),
     /// Read it again: the taker did not take the maps after all.
     ResumeEvents,
-    /// Send the connections at rest to the taker on this stream.
-    Move(std::os::unix::net::UnixStream),
+    /// Send the connections at rest on these paths to the taker on this stream.
+    Move(std::os::unix::net::UnixStream, Adopts),
 }
 
 /// The handover's handle on the kernel-path thread. Unlike [`KernelPath`], holding one
@@ -137,9 +137,10 @@ impl Control {
         self.send(Command::ResumeEvents);
     }
 
-    /// Has the thread send its connections at rest to the taker on `stream`.
-    pub fn move_connections(&self, stream: std::os::unix::net::UnixStream) {
-        self.send(Command::Move(stream));
+    /// Has the thread send its connections at rest on the paths `adopts` names to the taker
+    /// on `stream`.
+    pub fn move_connections(&self, stream: std::os::unix::net::UnixStream, adopts: Adopts) {
+        self.send(Command::Move(stream, adopts));
     }
 }
 
@@ -171,12 +172,40 @@ pub struct KernelPath {
 
 /// Which programs this process loaded with the maps of the process it took over from: the
 /// connections it can adopt from there ([`KernelPath::adopt_moved`]).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Adopts {
     /// The pair path's.
     pub pair: bool,
     /// The client-socket path's.
     pub client_socket: bool,
+}
+
+impl Adopts {
+    /// Whether any path is adopted.
+    pub fn any(self) -> bool {
+        self.pair || self.client_socket
+    }
+
+    /// The paths as the handover's `ready adopt` line names them.
+    pub fn words(self) -> String {
+        let mut w = Vec::new();
+        if self.pair {
+            w.push("pair");
+        }
+        if self.client_socket {
+            w.push("client_socket");
+        }
+        w.join(",")
+    }
+
+    /// Reads [`Adopts::words`]; unknown names are ignored (a newer taker's paths).
+    pub fn from_words(words: &str) -> Adopts {
+        let has = |name: &str| words.split(',').any(|w| w.trim() == name);
+        Adopts {
+            pair: has("pair"),
+            client_socket: has("client_socket"),
+        }
+    }
 }
 
 impl KernelPath {
@@ -248,23 +277,32 @@ impl KernelPath {
             .map_err(|_| "a connection comes with two sockets".to_owned())?;
         let (client, server) = (fds[0].as_raw_fd(), fds[1].as_raw_fd());
         let cookie = |fd| tendril_ebpf::sockopt::cookie(fd).ok();
+        // The sockets' cookies name them for good; their addresses and the client socket's
+        // entry only while they are connected: a connection that ended on its way is still
+        // taken (the thread sees its end and closes it), never one that is someone else's.
         let (checks, what): (Vec<bool>, &[&str]) = match (m.kind, &self.pair, &self.client_socket) {
-            (Kind::ClientSocket(r), _, Some(cs)) if self.adopts.client_socket => (
-                vec![
-                    ClientKey::of_accepted(client).ok() == Some(r.key),
-                    ClientKey::of_connected(server).ok() == Some(r.backend),
-                    cookie(server) == Some(r.server),
-                    cs.client_cookie(&r.key) == Some(r.client),
-                    cs.reply(r.server).is_some(),
-                ],
-                &[
-                    "the accepted socket's addresses",
-                    "the server socket's addresses",
-                    "the server socket's cookie",
-                    "the client socket in the shared maps",
-                    "the reply direction in the shared maps",
-                ],
-            ),
+            (Kind::ClientSocket(r), _, Some(cs)) if self.adopts.client_socket => {
+                let addressed = |got: io::Result<ClientKey>, want: ClientKey| match got {
+                    Ok(k) => k == want,
+                    Err(e) => e.raw_os_error() == Some(libc::ENOTCONN),
+                };
+                (
+                    vec![
+                        cookie(server) == Some(r.server),
+                        addressed(ClientKey::of_accepted(client), r.key),
+                        addressed(ClientKey::of_connected(server), r.backend),
+                        cs.client_cookie(&r.key).is_none_or(|c| c == r.client),
+                        cs.reply(r.server).is_some(),
+                    ],
+                    &[
+                        "the server socket's cookie",
+                        "the accepted socket's addresses",
+                        "the server socket's addresses",
+                        "the client socket in the shared maps",
+                        "the reply direction in the shared maps",
+                    ],
+                )
+            }
             (Kind::Pair(j), Some(map), _) if self.adopts.pair => (
                 vec![
                     cookie(client) == Some(j.client),
@@ -316,8 +354,10 @@ impl KernelPath {
         wake(self.wake.as_raw_fd());
         // The thread answers once it holds the connection; if it stops first, the handoff
         // is dropped unread and so is the sender: the old process keeps it then.
-        rx.recv()
-            .map_err(|_| "the kernel-path thread stopped before it took it".to_owned())
+        rx.recv().map_err(|_| {
+            count(false);
+            "the kernel-path thread stopped before it took it".to_owned()
+        })
     }
 
     /// Whether the pair path is selectable.

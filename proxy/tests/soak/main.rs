@@ -237,9 +237,14 @@ async fn soak(
         let refused = count("refused=");
         if refused > 0 {
             // A record that does not match its sockets or the shared maps: a bug.
+            let why: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("refused a connection"))
+                .collect();
             failures.push(format!(
-                "{} refused {refused} connections handed over",
-                p.uid
+                "{} refused {refused} connections handed over:\n{}",
+                p.uid,
+                why.join("\n")
             ));
         }
     }

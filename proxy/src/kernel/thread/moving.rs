@@ -1,33 +1,34 @@
 //! The old process's side of a handover with kernel-forwarded connections (see
-//! `crate::handover`): the thread gives up the event ring before the taker loads with the
-//! maps, then sends it each client-socket connection once it is at rest, and forgets it
-//! once the taker answers that it holds it.
+//! `crate::handover`): the thread gives up the event rings before the taker loads with the
+//! maps, then sends it each connection on the paths it adopts once it is at rest, and
+//! forgets it once the taker answers that it holds it.
 //!
-//! A connection at rest has nothing in the thread's hands: both directions are forwarded
-//! by the kernel (the sends' accepted socket is only read when the program passes bytes,
-//! the replies are in the kernel's mode with nothing passed and not yet copied), no end was
-//! seen and no retry is due. Nothing the thread knows is then lost by moving it, and what
-//! the kernel does meanwhile is in the shared maps, which the taker reads. A connection that
-//! is not at rest is tried again at every look until the drain's deadline.
+//! A connection at rest has nothing in the thread's hands: no byte held, none passed up by
+//! a program and not yet copied, no end seen, no retry due, each direction either forwarded
+//! by the kernel or read by the thread only for what a program may pass (a direction that
+//! paused once stays so until its next packet; a pair direction joins on its first).
+//! Nothing the thread knows is then lost by moving it, and what the kernel does meanwhile
+//! is in the shared maps, which the taker reads. A connection not at rest is tried again
+//! every look until the drain's deadline; one the taker refused stays here.
 //!
 //! Between the send and the answer the connection is in neither process's table: this
 //! thread keeps its copies of the sockets and cuts it if a fence comes (the sockets are the
 //! same), so no process acknowledges a generation while it is open.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io::{self, IoSlice, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
-use super::super::Command;
 use super::super::Kind;
 use super::super::conn::{Conn, cookie};
 use super::super::direction::{DirState, Flow};
 use super::super::moved::Moved;
+use super::super::{Adopts, Command};
 use super::{POLL, TOKEN_CLIENT_SOCKET_EVENTS, TOKEN_EVENTS, TOKEN_MOVER, Thread};
 use crate::metrics::CloseReason;
 use crate::routing::RoutingTable;
@@ -37,9 +38,14 @@ use tendril_ebpf::sockmap::Mode as PairMode;
 /// The stream to the taker and what it has not answered yet.
 pub(in crate::kernel) struct Mover {
     stream: UnixStream,
+    /// The paths whose connections the taker adopts.
+    adopts: Adopts,
     /// Sent, in order, until answered.
     pub in_flight: VecDeque<Conn>,
     answers: Vec<u8>,
+    /// Connections the taker refused (by their first cookie): never sent again.
+    refused: HashSet<u64>,
+    last_look: Option<Instant>,
 }
 
 impl Thread {
@@ -59,8 +65,11 @@ impl Thread {
                 );
             }
             Command::ResumeEvents => self.resume_events(),
-            Command::Move(stream) => {
+            Command::Move(stream, adopts) => {
                 if stream.set_nonblocking(true).is_err()
+                    || stream
+                        .set_write_timeout(Some(Duration::from_secs(1)))
+                        .is_err()
                     || self
                         .watch(stream.as_raw_fd(), TOKEN_MOVER, libc::EPOLLIN as u32)
                         .is_err()
@@ -71,11 +80,14 @@ impl Thread {
                 if let Some(cs) = &self.client_socket {
                     cs.forget_connecting_threads();
                 }
-                tracing::info!("handing the kernel-forwarded connections over to the new proxy");
+                tracing::info!(paths = %adopts.words(), "handing the kernel-forwarded connections over to the new proxy");
                 self.mover = Some(Mover {
                     stream,
+                    adopts,
                     in_flight: VecDeque::new(),
                     answers: Vec::new(),
+                    refused: HashSet::new(),
+                    last_look: None,
                 });
             }
         }
@@ -144,35 +156,49 @@ impl Thread {
         }
     }
 
-    /// Whether the connection in `slot` is at rest (see the module's documentation), with
-    /// its record when it is.
-    fn at_rest(&self, conn: &Conn) -> Option<Moved> {
-        let live = |s: DirState, flows: &[Flow]| matches!(s, DirState::Live { flow, end: None, eof_read: false } if flows.contains(&flow));
+    /// The record of `conn` when it is at rest (see the module's documentation) on a path
+    /// the taker adopts, and was not refused.
+    fn at_rest(&self, conn: &Conn, mover: &Mover) -> Option<Moved> {
         let quiet = conn.dirs.iter().all(|d| d.held() == 0)
             && conn.retry.is_none()
             && conn.first_end.is_none()
             && conn.backend_reset.is_none()
-            && conn.stall.is_none();
-        let kernel = match conn.kind {
-            Kind::ClientSocket(route) => {
+            && conn.stall.is_none()
+            && !conn
+                .cookies()
+                .first()
+                .is_some_and(|c| mover.refused.contains(c));
+        if !quiet {
+            return None;
+        }
+        let open = |side: usize| {
+            matches!(
+                conn.dirs[side].state,
+                DirState::Live {
+                    flow: Flow::Kernel | Flow::Reading,
+                    end: None,
+                    eof_read: false
+                }
+            )
+        };
+        let rest = match conn.kind {
+            Kind::ClientSocket(route) if mover.adopts.client_socket => {
+                // Paused replies (Draining) wait for the client's backlog: not at rest.
                 let reply = self.client_socket.as_ref()?.reply(route.server)?;
-                live(conn.dirs[0].state, &[Flow::Reading, Flow::Kernel])
-                    && live(conn.dirs[1].state, &[Flow::Kernel])
-                    && reply.mode == ReplyMode::Kernel
+                matches!(reply.mode, ReplyMode::Kernel | ReplyMode::User)
                     && reply.passed == conn.dirs[1].forwarded
             }
-            Kind::Pair(joined) => {
+            Kind::Pair(joined) if mover.adopts.pair => {
                 let map = self.map.as_ref()?;
                 (0..2).all(|side| {
                     map.direction(cookie(&joined, side)).is_some_and(|d| {
-                        live(conn.dirs[side].state, &[Flow::Kernel])
-                            && d.mode == PairMode::Kernel
-                            && d.passed == conn.dirs[side].forwarded
+                        d.mode != PairMode::Failed && d.passed == conn.dirs[side].forwarded
                     })
                 })
             }
+            _ => false,
         };
-        (quiet && kernel).then(|| Moved {
+        (rest && open(0) && open(1)).then(|| Moved {
             peer: conn.peer,
             backend: conn.backend.clone(),
             kind: conn.kind,
@@ -181,22 +207,23 @@ impl Thread {
         })
     }
 
-    /// Sends every connection at rest to the taker.
+    /// Sends every connection at rest to the taker (every [`POLL`] at most).
     pub(super) fn move_steady(&mut self) {
-        if self.mover.is_none() {
+        let Some(mover) = self.mover.as_mut() else {
+            return;
+        };
+        if mover.last_look.is_some_and(|t| t.elapsed() < POLL) {
             return;
         }
+        mover.last_look = Some(Instant::now());
         for slot in 0..self.conns.len() {
-            let Some(conn) = self.conns[slot].as_ref() else {
+            let (Some(conn), Some(mover)) = (self.conns[slot].as_ref(), self.mover.as_ref()) else {
                 continue;
             };
-            let Some(line) = self.at_rest(conn).and_then(|m| m.encode()) else {
+            let Some(line) = self.at_rest(conn, mover).and_then(|m| m.encode()) else {
                 continue;
             };
             let fds = [conn.fds[0].as_raw_fd(), conn.fds[1].as_raw_fd()];
-            let Some(mover) = self.mover.as_mut() else {
-                return;
-            };
             let line = format!("{line}\n");
             match sendmsg::<()>(
                 mover.stream.as_raw_fd(),
@@ -208,7 +235,8 @@ impl Thread {
                 Ok(n) if n == line.len() => {}
                 Err(nix::errno::Errno::EAGAIN) => return, // the taker is behind: later
                 Ok(n) => {
-                    // The rest of the line must follow before anything else on the stream.
+                    // The rest of the line must follow before anything else on the stream
+                    // (within the stream's write timeout).
                     let rest = &line.as_bytes()[n..];
                     let sent = mover.stream.set_nonblocking(false).is_ok()
                         && std::io::Write::write_all(&mut &mover.stream, rest).is_ok()
@@ -229,7 +257,7 @@ impl Thread {
     }
 
     /// Takes the connection out of the table as it is: out of epoll and the cookie index,
-    /// its sockets and the maps untouched, counted as handed over.
+    /// its sockets and the maps untouched (counted closed once the taker holds it).
     fn take_out(&mut self, slot: usize) -> Option<Conn> {
         let conn = self.conns.get_mut(slot).and_then(Option::take)?;
         self.free.push(slot);
@@ -245,7 +273,6 @@ impl Thread {
         }
         metrics.active.fetch_sub(1, Ordering::Relaxed);
         metrics.linked.fetch_sub(1, Ordering::Relaxed);
-        metrics.closed(CloseReason::HandedOver);
         tracing::debug!(client = %conn.peer, backend = %conn.backend.addr, "kernel-forwarded connection sent to the new proxy");
         Some(conn)
     }
@@ -272,9 +299,14 @@ impl Thread {
             let Some(conn) = mover.in_flight.pop_front() else {
                 break;
             };
-            match &line[..at] {
-                b"adopted" => drop(conn),
-                _ => back.push(conn),
+            if &line[..at] == crate::handover::ADOPTED.as_bytes() {
+                self.shared.workers[self.index].closed(CloseReason::HandedOver);
+                drop(conn);
+            } else {
+                if let Some(c) = conn.cookies().first() {
+                    mover.refused.insert(*c);
+                }
+                back.push(conn);
             }
         }
         for conn in back {
@@ -298,7 +330,8 @@ impl Thread {
 
     /// The taker is gone or unreachable: no more moves. A connection it did not answer for
     /// may have been stepped there, so this thread cannot take it back: it is cut, as the
-    /// taker's crash cuts those it held.
+    /// taker's crash cuts those it held, and its entries leave the shared maps (no process
+    /// holds it to forget them later).
     pub(super) fn taker_gone(&mut self, why: &str) {
         let Some(mover) = self.mover.take() else {
             return;
@@ -309,6 +342,19 @@ impl Thread {
             for fd in &conn.fds {
                 crate::sys::shutdown_both(fd.as_raw_fd());
             }
+            match conn.kind {
+                Kind::Pair(joined) => {
+                    if let Some(map) = &self.map {
+                        map.forget(&joined);
+                    }
+                }
+                Kind::ClientSocket(r) => {
+                    if let Some(cs) = &self.client_socket {
+                        cs.forget(&r.key, &r.backend, r.server);
+                    }
+                }
+            }
+            self.metrics().closed(CloseReason::Error);
         }
         if cut > 0 || !why.contains("closed") {
             tracing::warn!(
