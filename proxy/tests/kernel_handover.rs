@@ -1,7 +1,7 @@
 //! Kernel-forwarded connections across a takeover: with the same programs and settings, the
 //! new process loads with the old one's maps and adopts its connections, so a session goes
-//! on with its backend (its pid, its temporary table) and the old process exits at once
-//! instead of waiting for its clients; with other settings they drain in the old process.
+//! on with its backend (its pid, its temporary table) and the old process exits instead of
+//! waiting for its clients; with other settings they drain in the old process.
 //! Real PostgreSQL, etcd, BPF and pgbench.
 #![allow(clippy::unwrap_used, reason = "a test: a failed step panics")]
 
@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt, pin_mut};
-use support::loops::{wait_exit, wait_log};
+use support::loops::{wait_exit, wait_log, wait_took_over};
 use support::{Env, ProxyProc, wait_routed};
 
 /// What a session shows of itself: its backend's pid and its temporary table's row.
@@ -79,20 +79,7 @@ async fn copy_both_ways(client: &tokio_postgres::Client) {
 async fn connections_move_on(path: &str, path_flags: &[&str]) {
     let mut env = Env::new().await;
     let pg = support::pg();
-    let bench = |args: &[&str], port: u16| {
-        std::process::Command::new(format!("{}/pgbench", tendril_testkit::PG_BIN))
-            .args(args)
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-            .arg("postgres")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let init = bench(&["-i", "-q", "-s", "1"], pg.port())
-        .wait_with_output()
-        .unwrap();
-    assert!(init.status.success(), "{init:?}");
+    support::pgbench_init(pg.port());
     env.route(Some(("db1", pg.port())), false).await;
     let mut flags = vec!["--drain-timeout", "60s"];
     flags.extend_from_slice(path_flags);
@@ -126,7 +113,7 @@ async fn connections_move_on(path: &str, path_flags: &[&str]) {
         }
     };
     let idle_pids = (pid_of("fresh").await, pid_of("paused").await);
-    let mut run = bench(&["-S", "-c", "8", "-j", "2", "-T", "25"], old.port);
+    let mut run = support::pgbench(&["-S", "-c", "8", "-j", "2", "-T", "25"], old.port);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // pgbench's backends, seen by PostgreSQL itself: the same 8 after every takeover.
     let pgbench_backends = || async {
@@ -151,12 +138,7 @@ async fn connections_move_on(path: &str, path_flags: &[&str]) {
         let mut args = vec!["--listen-address", listen.as_str(), "--takeover"];
         args.extend_from_slice(&flags);
         let new = ProxyProc::start(&env, &format!("m{i}"), &args, &[]);
-        wait_log(
-            &new,
-            "took over: the old proxy stopped accepting",
-            Duration::from_secs(10),
-        )
-        .await;
+        wait_took_over(&new).await;
         assert!(
             new.log_text().contains("on the old proxy's maps"),
             "takeover {i}: not loaded with the old process's maps:\n{}",
@@ -263,12 +245,7 @@ async fn a_taker_with_other_settings_leaves_the_connections_to_drain() {
         "512KiB",
     ];
     let new = ProxyProc::start(&env, "d1", &args, &[]);
-    wait_log(
-        &new,
-        "took over: the old proxy stopped accepting",
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_took_over(&new).await;
     assert!(
         new.log_text()
             .contains("the old proxy runs other kernel programs or settings"),

@@ -12,7 +12,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::loops::{ConnectLoops, wait_exit, wait_log};
+use support::loops::{ConnectLoops, wait_exit, wait_took_over};
 use support::{Env, ProxyProc, backend_port, connect, wait_routed};
 use tendril_testkit::free_port;
 
@@ -58,12 +58,7 @@ async fn the_read_only_listener_moves_with_a_takeover_and_cuts_a_removed_standby
         ],
         &[],
     );
-    wait_log(
-        &new,
-        "took over: the old proxy stopped accepting",
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_took_over(&new).await;
     let status = wait_exit(&mut old, Duration::from_secs(15)).await;
     assert!(status.success(), "old proxy: {status}\n{}", old.log_text());
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::loops::{ConnectLoops, clients, wait_exit, wait_handover, wait_log};
+use support::loops::{ConnectLoops, clients, wait_exit, wait_handover, wait_log, wait_took_over};
 use support::wire::{End, WireClient};
 use support::{Env, ProxyProc, backend_port, connect, wait_routed};
 
@@ -181,12 +181,7 @@ async fn a_taker_that_cannot_route_leaves_the_old_proxy_serving() {
         old.log_text()
     );
     let mut new = ProxyProc::start(&env, "t2", &args, &[]);
-    wait_log(
-        &new,
-        "took over: the old proxy stopped accepting",
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_took_over(&new).await;
     wait_exit(&mut old, Duration::from_secs(10)).await;
     assert!(clients(new.port, 5).await.is_empty());
     assert!(new.child.try_wait().unwrap().is_none());
@@ -238,12 +233,7 @@ async fn a_failover_during_a_takeover_is_fenced_in_both_processes() {
         &["--listen-address", listen.as_str(), "--takeover"],
         &[],
     );
-    wait_log(
-        &new,
-        "took over: the old proxy stopped accepting",
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_took_over(&new).await;
     assert!(new.log_text().contains("same-b"), "{}", new.log_text());
     env.wait_acked("same-b", g1, Duration::from_secs(10)).await;
     let on_new = connect(new.port).await.unwrap();
@@ -415,20 +405,7 @@ fn version_is_printed() {
 async fn three_takeovers_under_pgbench_fail_no_transaction() {
     let mut env = Env::new().await;
     let pg = support::pg();
-    let bench = |args: &[&str], port: u16| {
-        std::process::Command::new(format!("{}/pgbench", tendril_testkit::PG_BIN))
-            .args(args)
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-            .arg("postgres")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let init = bench(&["-i", "-q", "-s", "1"], pg.port())
-        .wait_with_output()
-        .unwrap();
-    assert!(init.status.success(), "{init:?}");
+    support::pgbench_init(pg.port());
     env.route(Some(("db1", pg.port())), false).await;
     for (name, flags) in [
         ("default", &[][..]),
@@ -442,8 +419,8 @@ async fn three_takeovers_under_pgbench_fail_no_transaction() {
         wait_routed(old.port, pg.port(), Duration::from_secs(10)).await;
         let listen = format!("127.0.0.1:{}", old.port);
         let runs = [
-            bench(&["-C", "-S", "-c", "8", "-j", "2", "-T", "8"], old.port),
-            bench(&["-S", "-c", "8", "-j", "2", "-T", "8"], old.port),
+            support::pgbench(&["-C", "-S", "-c", "8", "-j", "2", "-T", "8"], old.port),
+            support::pgbench(&["-S", "-c", "8", "-j", "2", "-T", "8"], old.port),
         ];
         let mut replaced = Vec::new();
         for i in 1..=3 {
@@ -455,12 +432,7 @@ async fn three_takeovers_under_pgbench_fail_no_transaction() {
             let mut args = vec!["--listen-address", listen.as_str(), "--takeover"];
             args.extend_from_slice(flags);
             let new = ProxyProc::start(&env, &format!("{name}{i}"), &args, &[]);
-            wait_log(
-                &new,
-                "took over: the old proxy stopped accepting",
-                Duration::from_secs(10),
-            )
-            .await;
+            wait_took_over(&new).await;
             replaced.push(std::mem::replace(&mut old, new));
         }
         for run in runs {

@@ -144,6 +144,15 @@ impl Control {
     }
 }
 
+/// Removes every trace of a connection from the maps of its path.
+fn forget(kind: Kind, pair: Option<&Sockmap>, cs: Option<&ClientSocket>) {
+    match (kind, pair, cs) {
+        (Kind::Pair(joined), Some(map), _) => map.forget(&joined),
+        (Kind::ClientSocket(r), _, Some(cs)) => cs.forget(&r.key, &r.backend, r.server),
+        _ => {}
+    }
+}
+
 /// Wakes the thread through its eventfd.
 fn wake(fd: RawFd) {
     let one: u64 = 1;
@@ -529,18 +538,7 @@ impl KernelPath {
             adopted: None,
         };
         if let Err(mpsc::SendError(h)) = self.tx.send(handoff) {
-            match h.kind {
-                Kind::Pair(joined) => {
-                    if let Some(map) = &self.pair {
-                        map.forget(&joined);
-                    }
-                }
-                Kind::ClientSocket(r) => {
-                    if let Some(cs) = &self.client_socket {
-                        cs.forget(&r.key, &r.backend, r.server);
-                    }
-                }
-            }
+            forget(h.kind, self.pair.as_deref(), self.client_socket.as_deref());
             for fd in &h.fds {
                 crate::sys::shutdown_both(fd.as_raw_fd());
             }

@@ -84,14 +84,19 @@ pub async fn wait_log(p: &ProxyProc, what: &str, limit: Duration) {
     }
 }
 
-/// Waits until `new` took over from `old`: it logged so, and `old` logged `old_says`.
-pub async fn wait_handover(new: &ProxyProc, old: &ProxyProc, old_says: &str) {
+/// Waits until `new` took over from the proxy it replaces (it logged so).
+pub async fn wait_took_over(new: &ProxyProc) {
     wait_log(
         new,
         "took over: the old proxy stopped accepting",
         Duration::from_secs(10),
     )
     .await;
+}
+
+/// Waits until `new` took over from `old`: it logged so, and `old` logged `old_says`.
+pub async fn wait_handover(new: &ProxyProc, old: &ProxyProc, old_says: &str) {
+    wait_took_over(new).await;
     wait_log(old, old_says, Duration::from_secs(10)).await;
 }
 

@@ -382,6 +382,26 @@ pub async fn finished(child: std::process::Child) -> (std::process::ExitStatus, 
     (out.status, text)
 }
 
+/// pgbench with `args` through 127.0.0.1:`port` as the superuser, its output piped.
+pub fn pgbench(args: &[&str], port: u16) -> Child {
+    Command::new(format!("{}/pgbench", tendril_testkit::PG_BIN))
+        .args(args)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .arg("postgres")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// pgbench's tables (scale 1) in the PostgreSQL on `port`.
+pub fn pgbench_init(port: u16) {
+    let init = pgbench(&["-i", "-q", "-s", "1"], port)
+        .wait_with_output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+}
+
 /// The transactions pgbench's report says it processed (0 when the line is missing).
 pub fn pgbench_processed(report: &str) -> u64 {
     report

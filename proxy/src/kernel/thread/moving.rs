@@ -342,18 +342,11 @@ impl Thread {
             for fd in &conn.fds {
                 crate::sys::shutdown_both(fd.as_raw_fd());
             }
-            match conn.kind {
-                Kind::Pair(joined) => {
-                    if let Some(map) = &self.map {
-                        map.forget(&joined);
-                    }
-                }
-                Kind::ClientSocket(r) => {
-                    if let Some(cs) = &self.client_socket {
-                        cs.forget(&r.key, &r.backend, r.server);
-                    }
-                }
-            }
+            super::super::forget(
+                conn.kind,
+                self.map.as_deref(),
+                self.client_socket.as_deref(),
+            );
             self.metrics().closed(CloseReason::Error);
         }
         if cut > 0 || !why.contains("closed") {
