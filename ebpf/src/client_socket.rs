@@ -18,7 +18,7 @@ use libbpf_rs::libbpf_sys;
 use libbpf_rs::{Link, MapCore, Object};
 
 use crate::ring::{Ring, cookie_and_kind};
-use crate::sockmap::{count_keys, errno, push_queued};
+use crate::sockmap::{cookie_keys, count_keys, errno, keys, push_queued, sockhash_has};
 use crate::sockopt::{cookie, netns_cookie, tcp_byte_counts};
 use crate::{Inherited, Unavailable};
 
@@ -895,6 +895,37 @@ impl ClientSocket {
         let s = server.to_ne_bytes();
         self.delete(self.servers, &s);
         self.delete(self.accepted, &s);
+    }
+
+    /// Routed connections (by server cookie) whose server socket is in no sockhash: left
+    /// behind by a process that ended without forgetting them (killed while it held them),
+    /// or on their way in or out of a route (see [`ClientSocket::forget_orphan`]).
+    pub fn orphans(&self) -> Vec<u64> {
+        cookie_keys(self.replies)
+            .into_iter()
+            .filter(|c| !sockhash_has(self.servers, *c))
+            .collect()
+    }
+
+    /// Removes every trace of a routed connection whose process is gone, known only by its
+    /// server cookie (an orphan that stayed one: the caller checks it twice, a while apart):
+    /// its cookie-keyed entries, and the address-keyed ones it owns.
+    pub fn forget_orphan(&self, server: u64) {
+        let s = server.to_ne_bytes();
+        for map in [
+            self.servers,
+            self.accepted,
+            self.server_acked,
+            self.replies,
+            self.reply_written,
+        ] {
+            self.delete(map, &s);
+        }
+        for (map, len) in [(self.routes, ROUTE_SIZE), (self.backend_routes, 8)] {
+            for key in keys(map, KEY_SIZE) {
+                self.delete_owned(map, &key, len, server);
+            }
+        }
     }
 
     /// Removes every trace of the connection from the maps.

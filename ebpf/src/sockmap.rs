@@ -473,6 +473,24 @@ impl Sockmap {
         }
     }
 
+    /// Sockets whose directions are in the maps while the socket is in no pair of the
+    /// sockhash: left behind by a process that ended without forgetting them (killed while
+    /// it held them), or on their way in or out of a join (see [`Sockmap::forget_socket`]).
+    pub fn orphans(&self) -> Vec<u64> {
+        cookie_keys(self.directions)
+            .into_iter()
+            .filter(|c| !sockhash_has(self.peers, *c))
+            .collect()
+    }
+
+    /// Removes what the maps hold for one socket of a pair whose process is gone (an
+    /// orphan that stayed one: the caller checks it twice, a while apart).
+    pub fn forget_socket(&self, cookie: u64) {
+        for map in [self.peers, self.directions, self.forwarded] {
+            self.delete(map, cookie);
+        }
+    }
+
     /// The direction read from the socket with `cookie`.
     pub fn direction(&self, cookie: u64) -> Option<Direction> {
         let mut raw = [0u8; DIRECTION_SIZE];
@@ -607,6 +625,49 @@ pub(crate) fn count_keys(map: RawFd, key_size: usize) -> usize {
             return n;
         }
     }
+}
+
+/// The keys of `map`, whose keys are `key_size` bytes (at most 64), up to 1<<24 of them.
+pub(crate) fn keys(map: RawFd, key_size: usize) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut next = [0u8; 64];
+    debug_assert!(key_size <= 64);
+    loop {
+        let prev: *const c_void = match out.last() {
+            None => std::ptr::null(),
+            Some(k) => <Vec<u8> as AsRef<[u8]>>::as_ref(k).as_ptr().cast(),
+        };
+        // SAFETY: `prev` is null or a live key of the map's key size; `next` is 64 bytes,
+        // at least the map's key size.
+        let rc = unsafe { libbpf_sys::bpf_map_get_next_key(map, prev, next.as_mut_ptr().cast()) };
+        if rc != 0 || out.len() >= 1 << 24 {
+            return out;
+        }
+        out.push(next[..key_size].to_vec());
+    }
+}
+
+/// The keys of a map keyed by a u64 (a socket cookie).
+pub(crate) fn cookie_keys(map: RawFd) -> Vec<u64> {
+    keys(map, 8)
+        .into_iter()
+        .filter_map(|k| Some(u64::from_ne_bytes(k.try_into().ok()?)))
+        .collect()
+}
+
+/// Whether a sockhash keyed by a u64 holds `key` (a lookup from userspace writes the
+/// socket's cookie).
+pub(crate) fn sockhash_has(map: RawFd, key: u64) -> bool {
+    let mut cookie = [0u8; 8];
+    // SAFETY: the key is 8 bytes and the value buffer 8, a sockhash's sizes here.
+    let rc = unsafe {
+        libbpf_sys::bpf_map_lookup_elem(
+            map,
+            (&key as *const u64).cast(),
+            cookie.as_mut_ptr().cast(),
+        )
+    };
+    rc == 0
 }
 
 /// Entry `i` of a per-CPU array of u64, summed over CPUs (0 when it cannot be read).

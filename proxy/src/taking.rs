@@ -118,6 +118,11 @@ fn adopt_connections(
         refused,
         "the old proxy's connections: handover over"
     );
+    // The old process is gone or going: what it held and never forgot (killed with
+    // connections) would stay in the shared maps for good.
+    if let Some(path) = kernel.upgrade() {
+        path.control().sweep();
+    }
 }
 
 /// The kernel programs a proxy loaded, and which of them on the maps of the process it took

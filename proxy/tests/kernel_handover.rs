@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt, pin_mut};
 use support::loops::{wait_exit, wait_log, wait_took_over};
+use support::wire::{End, WireClient};
 use support::{Env, ProxyProc, wait_routed};
 
 /// What a session shows of itself: its backend's pid and its temporary table's row.
@@ -303,4 +304,52 @@ async fn a_taker_killed_after_taking_the_maps_leaves_the_sessions_working() {
     assert!(status.success(), "{status}");
     copy_both_ways(&client).await;
     assert_eq!(identity(&client).await, before);
+}
+
+/// The old process killed (SIGKILL) while it still holds a kernel-forwarded connection that
+/// was not at rest (its client stopped reading a large result): nothing of it stays in the
+/// maps the new process shares with it. The new process removes what no socket and no
+/// process holds any more, once the old one is gone. PostgreSQL runs on another host (a
+/// network namespace), so that its backend notices the proxy's end at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_old_process_leaves_nothing_in_the_shared_maps() {
+    let ns = tendril_testkit::Netns::create();
+    let pg = tendril_testkit::PgServer::start_in(&ns, &[]);
+    let mut env = Env::new().await;
+    env.route_to(Some(("db1", pg.host(), pg.port())), false)
+        .await;
+    let mut old = ProxyProc::start(&env, "s0", &[], &[]);
+    wait_routed(old.port, pg.port(), Duration::from_secs(15)).await;
+    let listen = format!("127.0.0.1:{}", old.port);
+    let mut stuck =
+        WireClient::connect(format!("127.0.0.1:{}", old.port).parse().unwrap()).unwrap();
+    let (_, end) = stuck.startup("postgres");
+    assert_eq!(end, End::Open);
+    stuck
+        .query("COPY (SELECT repeat('x', 999) FROM generate_series(1, 50000)) TO STDOUT")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(old.path_total("client_socket") >= 1.0, "{}", old.metrics());
+    let args = ["--listen-address", listen.as_str(), "--takeover"];
+    let new = ProxyProc::start(&env, "s1", &args, &[]);
+    wait_took_over(&new).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the connection not at rest stays with the old process:\n{}",
+        old.log_text()
+    );
+    old.child.kill().unwrap();
+    old.child.wait().unwrap();
+    drop(stuck);
+    wait_log(
+        &new,
+        "removed what the process taken over left in the shared maps",
+        Duration::from_secs(10),
+    )
+    .await;
+    let left = tokio::task::block_in_place(|| {
+        support::leftovers_of(&new, ProxyProc::kernel_map_entries, Duration::from_secs(10))
+    });
+    assert_eq!(left, None, "{}", new.log_text());
 }

@@ -106,6 +106,8 @@ enum Command {
     ResumeEvents,
     /// Send the connections at rest on these paths to the taker on this stream.
     Move(std::os::unix::net::UnixStream, Adopts),
+    /// The process taken over is gone: remove what it left in the shared maps.
+    Sweep,
 }
 
 /// The handover's handle on the kernel-path thread. Unlike [`KernelPath`], holding one
@@ -135,6 +137,12 @@ impl Control {
     /// Has the thread read the event ring again.
     pub fn resume_events(&self) {
         self.send(Command::ResumeEvents);
+    }
+
+    /// Has the thread remove, from the maps shared with the process taken over (now gone),
+    /// the entries of connections nobody holds (see `thread::moving`'s sweep).
+    pub fn sweep(&self) {
+        self.send(Command::Sweep);
     }
 
     /// Has the thread send its connections at rest on the paths `adopts` names to the taker

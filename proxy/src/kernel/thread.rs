@@ -61,6 +61,9 @@ pub(super) struct Thread {
     mover: Option<moving::Mover>,
     /// The event ring went to the process that took over: poll every [`POLL`].
     events_yielded: bool,
+    /// Orphans in the maps shared with a process taken over, removed if they still are
+    /// at the instant given (see `moving`'s sweep).
+    sweep: Option<(Instant, moving::Orphans)>,
     last_poll: Instant,
 }
 
@@ -109,6 +112,7 @@ impl Thread {
             next_generation: 0,
             mover: None,
             events_yielded: false,
+            sweep: None,
             last_poll: Instant::now(),
         };
         let input = libc::EPOLLIN as u32;
@@ -448,6 +452,7 @@ impl Thread {
             self.progress_all();
         }
         self.cut_stalled();
+        self.sweep_due();
         if !self.disconnected {
             // Workers gone (all their handles dropped) means the proxy is stopping.
             if let Err(mpsc::TryRecvError::Disconnected) =

@@ -35,6 +35,23 @@ use crate::routing::RoutingTable;
 use tendril_ebpf::client_socket::ReplyMode;
 use tendril_ebpf::sockmap::Mode as PairMode;
 
+/// How long an orphan must stay one before the sweep removes it.
+const SWEEP_AFTER: Duration = Duration::from_secs(1);
+
+/// Orphaned connections in the shared maps, by path (pair sockets' cookies; client-socket
+/// server cookies).
+#[derive(Debug, Default)]
+pub(in crate::kernel) struct Orphans {
+    pair: HashSet<u64>,
+    client_socket: HashSet<u64>,
+}
+
+impl Orphans {
+    fn is_empty(&self) -> bool {
+        self.pair.is_empty() && self.client_socket.is_empty()
+    }
+}
+
 /// The stream to the taker and what it has not answered yet.
 pub(in crate::kernel) struct Mover {
     stream: UnixStream,
@@ -65,6 +82,12 @@ impl Thread {
                 );
             }
             Command::ResumeEvents => self.resume_events(),
+            Command::Sweep => {
+                let orphans = self.orphans();
+                if !orphans.is_empty() {
+                    self.sweep = Some((Instant::now() + SWEEP_AFTER, orphans));
+                }
+            }
             Command::Move(stream, adopts) => {
                 if stream.set_nonblocking(true).is_err()
                     || stream
@@ -90,6 +113,66 @@ impl Thread {
                     last_look: None,
                 });
             }
+        }
+    }
+
+    /// Connections in the maps that no socket and no process holds any more, by path:
+    /// what a process taken over leaves behind when it is killed while it still held kernel
+    /// connections (it did not forget them, and the maps outlive it here). Those this
+    /// thread holds are not orphans, whatever their sockets' state.
+    fn orphans(&self) -> Orphans {
+        let mine = |c: &u64| !self.by_cookie.contains_key(c);
+        Orphans {
+            pair: self
+                .map
+                .as_ref()
+                .map(|m| m.orphans().into_iter().filter(mine).collect())
+                .unwrap_or_default(),
+            client_socket: self
+                .client_socket
+                .as_ref()
+                .map(|cs| cs.orphans().into_iter().filter(mine).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Removes the orphans found [`SWEEP_AFTER`] ago that are orphans still: a connection
+    /// being routed or joined right now is one for an instant (its entries go in before
+    /// its sockets join), never for that long.
+    pub(super) fn sweep_due(&mut self) {
+        if self
+            .sweep
+            .as_ref()
+            .is_none_or(|(at, _)| Instant::now() < *at)
+        {
+            return;
+        }
+        let Some((_, first)) = self.sweep.take() else {
+            return;
+        };
+        let now = self.orphans();
+        let mut removed = 0;
+        if let Some(map) = &self.map {
+            for c in first.pair.iter().filter(|c| now.pair.contains(c)) {
+                map.forget_socket(*c);
+                removed += 1;
+            }
+        }
+        if let Some(cs) = &self.client_socket {
+            for c in first
+                .client_socket
+                .iter()
+                .filter(|c| now.client_socket.contains(c))
+            {
+                cs.forget_orphan(*c);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed what the process taken over left in the shared maps"
+            );
         }
     }
 
