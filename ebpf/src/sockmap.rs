@@ -601,30 +601,7 @@ pub(crate) fn push_queued(fd: RawFd) {
 
 /// Keys in a map whose keys are `key_size` bytes (at most 64).
 pub(crate) fn count_keys(map: RawFd, key_size: usize) -> usize {
-    let mut n = 0;
-    let mut key = [0u8; 64];
-    let mut next = [0u8; 64];
-    let mut first = true;
-    debug_assert!(key_size <= 64);
-    loop {
-        let prev: *const c_void = if first {
-            std::ptr::null()
-        } else {
-            key.as_ptr().cast()
-        };
-        // SAFETY: both key buffers are 64 bytes, at least the map's key size; a null
-        // previous key asks for the first key.
-        let rc = unsafe { libbpf_sys::bpf_map_get_next_key(map, prev, next.as_mut_ptr().cast()) };
-        if rc != 0 {
-            return n;
-        }
-        n += 1;
-        key[..key_size].copy_from_slice(&next[..key_size]);
-        first = false;
-        if n > 1 << 24 {
-            return n;
-        }
-    }
+    keys(map, key_size).len()
 }
 
 /// The keys of `map`, whose keys are `key_size` bytes (at most 64), up to 1<<24 of them.

@@ -375,8 +375,15 @@ fn same_address(bound: SocketAddr, listen: SocketAddr) -> bool {
 /// One line and the descriptors attached to it.
 fn receive(stream: &UnixStream) -> std::io::Result<(String, Vec<OwnedFd>)> {
     let mut buf = [0u8; 1024];
+    let (n, fds) = receive_with_fds(stream, &mut buf)?;
+    let line = String::from_utf8_lossy(&buf[..n]).trim_end().to_owned();
+    Ok((line, fds))
+}
+
+/// One read into `buf` and the descriptors that came with it (at most [`MAX_LISTENERS`]).
+fn receive_with_fds(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     let mut space = nix::cmsg_space!([RawFd; MAX_LISTENERS]);
-    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         stream.as_raw_fd(),
         &mut iov,
@@ -397,9 +404,7 @@ fn receive(stream: &UnixStream) -> std::io::Result<(String, Vec<OwnedFd>)> {
     if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
         return Err(std::io::Error::other("too many descriptors"));
     }
-    let n = msg.bytes;
-    let line = String::from_utf8_lossy(&buf[..n]).trim_end().to_owned();
-    Ok((line, fds))
+    Ok((msg.bytes, fds))
 }
 
 /// Answers takeovers for the proxy listening on `listen` with `listeners` (the read-only

@@ -101,6 +101,25 @@ impl WorkerMetrics {
         self.applied_epoch.store(u64::MAX, Ordering::Release);
     }
 
+    /// Counts a connection the kernel path holds from now on (open, linked, and on the
+    /// client-socket path when `client_socket`).
+    pub fn kernel_held(&self, client_socket: bool) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.linked.fetch_add(1, Ordering::Relaxed);
+        if client_socket {
+            self.kernel_client_socket.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Undoes [`WorkerMetrics::kernel_held`]: closed, or gone to another process.
+    pub fn kernel_released(&self, client_socket: bool) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.linked.fetch_sub(1, Ordering::Relaxed);
+        if client_socket {
+            self.kernel_client_socket.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts a closed connection.
     pub fn closed(&self, reason: CloseReason) {
         let i = CloseReason::ALL

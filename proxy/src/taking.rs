@@ -176,15 +176,15 @@ pub(crate) fn share(k: &kernel::KernelPath) -> Option<handover::KernelShare> {
 }
 
 /// The old process's maps, per object, when it runs exactly the programs this one will
-/// (`mine`): its connections can then move here (see `handover`).
+/// (`mine`, hashed only then): its connections can then move here (see `handover`).
 fn inherit(
     taken: Option<&mut handover::Taken>,
-    mine: Option<&str>,
+    mine: impl FnOnce() -> Option<String>,
 ) -> (Option<Inherited>, Option<Inherited>) {
-    let (Some(taken), Some(mine)) = (taken, mine) else {
+    let Some(taken) = taken else {
         return (None, None);
     };
-    let Some(theirs) = taken.kernel.clone() else {
+    let (Some(theirs), Some(mine)) = (taken.kernel.clone(), mine()) else {
         return (None, None);
     };
     if theirs != mine {
@@ -232,13 +232,16 @@ pub(crate) fn load_programs(
         .filter(|ro| ro.ip() == listen.ip())
         .map(|ro| ro.port());
     let (max, limit) = (config.kernel_max_connections, config.kernel_buffer_limit);
-    let mine = fingerprint(
-        pair.then(|| tendril_ebpf::sockmap::fingerprint(max)),
-        config.kernel_client_socket.then(|| {
-            tendril_ebpf::client_socket::fingerprint(listen, read_only_port, max, limit, limit)
-        }),
-    );
-    let (pair_inherited, cs_inherited) = inherit(taken, mine.as_deref());
+    // Hashed only when an old process offers its maps (the objects are large).
+    let mine = || {
+        fingerprint(
+            pair.then(|| tendril_ebpf::sockmap::fingerprint(max)),
+            config.kernel_client_socket.then(|| {
+                tendril_ebpf::client_socket::fingerprint(listen, read_only_port, max, limit, limit)
+            }),
+        )
+    };
+    let (pair_inherited, cs_inherited) = inherit(taken, mine);
     let mut adopts = kernel::Adopts::default();
     // Under `auto` the pair path is not selectable: its programs stay unloaded.
     let pair_map = if pair {

@@ -2,12 +2,12 @@
 //! the old process shares its kernel maps with a taker that loads the same programs, then
 //! sends it its connections at rest, which arrive here as [`Incoming`] lines.
 
-use std::io::{IoSlice, IoSliceMut, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{IoSlice, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 use super::MAPS;
 
@@ -119,28 +119,8 @@ impl Incoming {
                 return Ok(Some((line, fds)));
             }
             let mut buf = [0u8; 4096];
-            let mut space = nix::cmsg_space!([RawFd; 16]);
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = recvmsg::<()>(
-                self.stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )?;
-            for cmsg in msg.cmsgs()? {
-                if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                    // SAFETY: SCM_RIGHTS installed these descriptors in this process just
-                    // now; nothing else owns them.
-                    self.fds.extend(
-                        raw.into_iter()
-                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                    );
-                }
-            }
-            if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-                return Err(std::io::Error::other("too many descriptors"));
-            }
-            let n = msg.bytes;
+            let (n, fds) = super::receive_with_fds(&self.stream, &mut buf)?;
+            self.fds.extend(fds);
             if n == 0 {
                 return Ok(None);
             }

@@ -339,21 +339,7 @@ impl KernelPath {
         }
         let on_client_socket = matches!(m.kind, Kind::ClientSocket(_));
         let metrics = &self.shared.workers[self.index];
-        let count = |up: bool| {
-            let add = |c: &std::sync::atomic::AtomicU64| {
-                if up {
-                    c.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    c.fetch_sub(1, Ordering::Relaxed);
-                }
-            };
-            add(&metrics.active);
-            add(&metrics.linked);
-            if on_client_socket {
-                add(&metrics.kernel_client_socket);
-            }
-        };
-        count(true);
+        metrics.kernel_held(on_client_socket);
         let (tx, rx) = mpsc::channel();
         let handoff = Handoff {
             fds,
@@ -365,14 +351,14 @@ impl KernelPath {
             adopted: Some(tx),
         };
         if self.tx.send(handoff).is_err() {
-            count(false);
+            metrics.kernel_released(on_client_socket);
             return Err("the kernel path has stopped".into());
         }
         wake(self.wake.as_raw_fd());
         // The thread answers once it holds the connection; if it stops first, the handoff
         // is dropped unread and so is the sender: the old process keeps it then.
         rx.recv().map_err(|_| {
-            count(false);
+            metrics.kernel_released(on_client_socket);
             "the kernel-path thread stopped before it took it".to_owned()
         })
     }
@@ -531,11 +517,8 @@ impl KernelPath {
         };
         tracing::debug!(client = %peer, backend = %backend.addr, path = reason.path(self.pair()).label(), reason = reason.label(), "connection forwarded in the kernel");
         let metrics = &self.shared.workers[self.index];
-        metrics.active.fetch_add(1, Ordering::Relaxed);
-        metrics.linked.fetch_add(1, Ordering::Relaxed);
-        if matches!(kind, Kind::ClientSocket(_)) {
-            metrics.kernel_client_socket.fetch_add(1, Ordering::Relaxed);
-        }
+        let on_client_socket = matches!(kind, Kind::ClientSocket(_));
+        metrics.kernel_held(on_client_socket);
         let handoff = Handoff {
             fds,
             kind,
@@ -550,8 +533,7 @@ impl KernelPath {
             for fd in &h.fds {
                 crate::sys::shutdown_both(fd.as_raw_fd());
             }
-            metrics.active.fetch_sub(1, Ordering::Relaxed);
-            metrics.linked.fetch_sub(1, Ordering::Relaxed);
+            metrics.kernel_released(on_client_socket);
             return Err(AdoptError::Stopped);
         }
         wake(self.wake.as_raw_fd());

@@ -622,13 +622,9 @@ impl Thread {
             }
         };
         let metrics = self.metrics();
-        if matches!(conn.kind, Kind::ClientSocket(_)) {
-            metrics.kernel_client_socket.fetch_sub(1, Ordering::Relaxed);
-        }
+        metrics.kernel_released(matches!(conn.kind, Kind::ClientSocket(_)));
         metrics.bytes_to_backend.fetch_add(up, Ordering::Relaxed);
         metrics.bytes_to_client.fetch_add(down, Ordering::Relaxed);
-        metrics.active.fetch_sub(1, Ordering::Relaxed);
-        metrics.linked.fetch_sub(1, Ordering::Relaxed);
         metrics.closed(reason);
         tracing::debug!(
             client = %conn.peer,

@@ -19,7 +19,6 @@ use std::collections::{HashSet, VecDeque};
 use std::io::{self, IoSlice, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
@@ -350,12 +349,8 @@ impl Thread {
         for c in conn.cookies() {
             self.by_cookie.remove(&c);
         }
-        let metrics = self.metrics();
-        if matches!(conn.kind, Kind::ClientSocket(_)) {
-            metrics.kernel_client_socket.fetch_sub(1, Ordering::Relaxed);
-        }
-        metrics.active.fetch_sub(1, Ordering::Relaxed);
-        metrics.linked.fetch_sub(1, Ordering::Relaxed);
+        self.metrics()
+            .kernel_released(matches!(conn.kind, Kind::ClientSocket(_)));
         tracing::debug!(client = %conn.peer, backend = %conn.backend.addr, "kernel-forwarded connection sent to the new proxy");
         Some(conn)
     }
@@ -402,12 +397,8 @@ impl Thread {
     }
 
     fn take_back(&mut self, conn: Conn) {
-        let metrics = self.metrics();
-        if matches!(conn.kind, Kind::ClientSocket(_)) {
-            metrics.kernel_client_socket.fetch_add(1, Ordering::Relaxed);
-        }
-        metrics.active.fetch_add(1, Ordering::Relaxed);
-        metrics.linked.fetch_add(1, Ordering::Relaxed);
+        self.metrics()
+            .kernel_held(matches!(conn.kind, Kind::ClientSocket(_)));
         self.insert(conn);
     }
 
